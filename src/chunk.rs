@@ -1,0 +1,328 @@
+//! Content-defined chunking (FastCDC 2020) and sha256 digests, streaming: a file of any size
+//! is read once, in order, holding at most one maximum-size chunk beyond the chunker's own
+//! buffer. Successive snapshots of a slowly changing state share most of their chunks, which
+//! is what makes incremental pushes and pulls cheap.
+
+use std::fmt;
+use std::io::Read;
+use std::str::FromStr;
+
+use fastcdc::v2020::{StreamCDC, MAXIMUM_MAX, MINIMUM_MIN};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// A sha256 digest; printed and serialized as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+impl FromStr for Digest {
+    type Err = String;
+
+    /// Accepts exactly 64 lowercase hex digits: digests double as object keys, so anything
+    /// else (upper case, `../`, separators) is refused here, where it enters.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 64
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            let shown: String = s.chars().take(80).collect();
+            return Err(format!(
+                "{shown:?} is not a sha256 (64 lowercase hex digits)"
+            ));
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|e| e.to_string())?;
+        Ok(Digest(out))
+    }
+}
+
+impl Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// FastCDC parameters. They are fixed per repository (in `repository.json`): changing them
+/// would cut every snapshot differently and defeat deduplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkParams {
+    pub min_size: u32,
+    pub avg_size: u32,
+    pub max_size: u32,
+}
+
+impl Default for ChunkParams {
+    fn default() -> Self {
+        ChunkParams {
+            min_size: 256 << 10,
+            avg_size: 1 << 20,
+            max_size: 4 << 20,
+        }
+    }
+}
+
+/// The smallest minimum chunk size accepted: smaller chunks make too many objects.
+pub const MIN_MIN_SIZE: u64 = 4 << 10;
+
+impl ChunkParams {
+    /// Validates sizes; the error names the offending field and says why.
+    pub fn new(min: u64, avg: u64, max: u64) -> Result<Self, (&'static str, String)> {
+        if min < MIN_MIN_SIZE || min > fastcdc::v2020::MINIMUM_MAX as u64 {
+            return Err((
+                "min_size",
+                format!("{min} must be between {MIN_MIN_SIZE} (4KiB) and 1048576 (1MiB)"),
+            ));
+        }
+        if avg <= min || avg > fastcdc::v2020::AVERAGE_MAX as u64 || !avg.is_power_of_two() {
+            return Err((
+                "avg_size",
+                format!("{avg} must be a power of two above min_size ({min}) and at most 4MiB"),
+            ));
+        }
+        if max <= avg || max > MAXIMUM_MAX as u64 {
+            return Err((
+                "max_size",
+                format!("{max} must be above avg_size ({avg}) and at most 16MiB"),
+            ));
+        }
+        debug_assert!(min >= MINIMUM_MIN as u64);
+        Ok(ChunkParams {
+            min_size: min as u32,
+            avg_size: avg as u32,
+            max_size: max as u32,
+        })
+    }
+
+    /// Re-checks parameters that came from outside (a repository.json).
+    pub fn validate(&self) -> Result<(), String> {
+        ChunkParams::new(
+            self.min_size as u64,
+            self.avg_size as u64,
+            self.max_size as u64,
+        )
+        .map(|_| ())
+        .map_err(|(key, reason)| format!("chunking.{key}: {reason}"))
+    }
+}
+
+/// One chunk cut from a stream, not yet hashed.
+pub struct RawChunk {
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// What a whole stream hashed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamSummary {
+    pub size: u64,
+    pub sha256: Digest,
+}
+
+/// Cuts `reader` into chunks, hands each to `sink` in order, and hashes the whole stream.
+/// Blocking: run it on a blocking thread. A `sink` error stops the cut and is returned.
+///
+/// `params` must have been validated ([`ChunkParams::new`]); the chunker panics on values
+/// outside FastCDC's limits, which validation rules out.
+pub fn split<R: Read>(
+    reader: R,
+    params: ChunkParams,
+    mut sink: impl FnMut(RawChunk) -> std::io::Result<()>,
+) -> std::io::Result<StreamSummary> {
+    let mut whole = Sha256::new();
+    let mut size = 0u64;
+    let chunker = StreamCDC::new(reader, params.min_size, params.avg_size, params.max_size);
+    for chunk in chunker {
+        let chunk = chunk.map_err(std::io::Error::from)?;
+        whole.update(&chunk.data);
+        size += chunk.length as u64;
+        sink(RawChunk {
+            offset: chunk.offset,
+            data: chunk.data,
+        })?;
+    }
+    Ok(StreamSummary {
+        size,
+        sha256: Digest(whole.finalize().into()),
+    })
+}
+
+/// A chunk's place in a file, as found by [`index`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSpan {
+    pub sha256: Digest,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Cuts and hashes a whole stream, keeping only the chunk list (for reusing a local file
+/// whose manifest is not known). Blocking.
+pub fn index<R: Read>(reader: R, params: ChunkParams) -> std::io::Result<Vec<ChunkSpan>> {
+    let mut spans = Vec::new();
+    split(reader, params, |c| {
+        spans.push(ChunkSpan {
+            sha256: Digest::of(&c.data),
+            offset: c.offset,
+            len: c.data.len() as u64,
+        });
+        Ok(())
+    })?;
+    Ok(spans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+
+    fn small() -> ChunkParams {
+        ChunkParams::new(4096, 16384, 65536).unwrap()
+    }
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    #[test]
+    fn digest_hex_round_trip_and_rejects_keys() {
+        let d = Digest::of(b"abc");
+        assert_eq!(
+            d.to_hex(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
+        for bad in [
+            "",
+            "../../etc/passwd",
+            &d.to_hex().to_uppercase(),
+            &format!("{}/", &d.to_hex()[..63]),
+        ] {
+            assert!(bad.parse::<Digest>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_stream_within_bounds() {
+        let data = random(1 << 20, 1);
+        let p = small();
+        let mut chunks = Vec::new();
+        let summary = split(&data[..], p, |c| {
+            chunks.push(c);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(summary.size, data.len() as u64);
+        assert_eq!(summary.sha256, Digest::of(&data));
+        let mut offset = 0;
+        for (i, c) in chunks.iter().enumerate() {
+            assert_eq!(c.offset, offset);
+            assert!(c.data.len() <= p.max_size as usize);
+            if i + 1 < chunks.len() {
+                assert!(c.data.len() >= p.min_size as usize);
+            }
+            assert_eq!(
+                &data[offset as usize..offset as usize + c.data.len()],
+                &c.data[..]
+            );
+            offset += c.data.len() as u64;
+        }
+        assert_eq!(offset, data.len() as u64);
+        assert!(
+            chunks.len() > 20,
+            "expected many chunks, got {}",
+            chunks.len()
+        );
+    }
+
+    #[test]
+    fn empty_and_tiny_streams() {
+        let s = split(&b""[..], small(), |_| panic!("no chunk expected")).unwrap();
+        assert_eq!(s.size, 0);
+        assert_eq!(s.sha256, Digest::of(b""));
+        let spans = index(&b"x"[..], small()).unwrap();
+        assert_eq!(
+            spans,
+            vec![ChunkSpan {
+                sha256: Digest::of(b"x"),
+                offset: 0,
+                len: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn an_insertion_only_changes_nearby_chunks() {
+        let a = random(2 << 20, 2);
+        let mut b = a.clone();
+        b.splice(1_000_000..1_000_000, random(100, 3));
+        let ia = index(&a[..], small()).unwrap();
+        let ib = index(&b[..], small()).unwrap();
+        let known: std::collections::HashSet<_> = ia.iter().map(|s| s.sha256).collect();
+        let new_bytes: u64 = ib
+            .iter()
+            .filter(|s| !known.contains(&s.sha256))
+            .map(|s| s.len)
+            .sum();
+        assert!(
+            new_bytes < 4 * 65536,
+            "an insertion of 100 bytes changed {new_bytes} bytes of chunks"
+        );
+    }
+
+    #[test]
+    fn params_are_validated() {
+        assert_eq!(
+            ChunkParams::new(100, 16384, 65536).unwrap_err().0,
+            "min_size"
+        );
+        assert_eq!(
+            ChunkParams::new(4096, 4096, 65536).unwrap_err().0,
+            "avg_size"
+        );
+        assert_eq!(
+            ChunkParams::new(4096, 10000, 65536).unwrap_err().0,
+            "avg_size"
+        );
+        assert_eq!(
+            ChunkParams::new(4096, 16384, 16384).unwrap_err().0,
+            "max_size"
+        );
+        assert_eq!(
+            ChunkParams::new(4096, 16384, 64 << 20).unwrap_err().0,
+            "max_size"
+        );
+        ChunkParams::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,106 @@
+//! The command line: global options, one file per subcommand. Each subcommand returns an
+//! `anyhow::Result`; `main` prints the cause chain once and maps it to an exit code.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, Overrides, ProcessEnv};
+use crate::repo::Repo;
+use crate::store::Store;
+
+mod check_config;
+mod list;
+mod pull;
+mod push;
+mod verify;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "snaprelay",
+    version,
+    about = "Ship openraft snapshots through object storage"
+)]
+pub struct Cli {
+    /// Config file (TOML).
+    #[arg(long, global = true, env = "SNAPRELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Store URL: file:///abs/path, s3://bucket/prefix or memory:// (overrides store.url).
+    #[arg(long, global = true, value_name = "URL")]
+    pub store: Option<String>,
+    /// Cluster id (overrides cluster_id).
+    #[arg(long, global = true, value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish one snapshot, given its envelope meta file.
+    Push(push::Args),
+    /// Fetch the newest (or a chosen) snapshot into a directory, verified.
+    Pull(pull::Args),
+    /// List the snapshots in the store.
+    List(list::Args),
+    /// Re-download and hash every chunk of one, the newest, or all snapshots.
+    Verify(verify::Args),
+    /// Validate and print the effective config (secrets masked).
+    CheckConfig,
+}
+
+impl Cli {
+    fn config(&self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            store_url: self.store.clone(),
+            cluster_id: self.cluster_id.clone(),
+        };
+        Ok(Config::load(
+            self.config.as_deref(),
+            &overrides,
+            &ProcessEnv,
+        )?)
+    }
+}
+
+/// Runs the parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config()?;
+    match &cli.command {
+        Command::Push(args) => push::run(&config, args).await,
+        Command::Pull(args) => pull::run(&config, args).await,
+        Command::List(args) => list::run(&config, args).await,
+        Command::Verify(args) => verify::run(&config, args).await,
+        Command::CheckConfig => check_config::run(&config),
+    }
+}
+
+/// Opens the configured repository, which must exist.
+async fn open_repo(config: &Config) -> anyhow::Result<Repo> {
+    let store = Store::open(&config.store)?;
+    Repo::open(store, &config.cluster_id)
+        .await
+        .with_context(|| format!("opening the repository at {}", config.store.url))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+/// Bytes and MiB/s for human output.
+fn human_rate(bytes: u64, elapsed: std::time::Duration) -> String {
+    let mib = bytes as f64 / (1024.0 * 1024.0);
+    let secs = elapsed.as_secs_f64().max(1e-6);
+    format!("{mib:.1} MiB in {secs:.2}s ({:.0} MiB/s)", mib / secs)
+}

@@ -1,0 +1,58 @@
+//! `snaprelay push <META_FILE>`: publish one committed snapshot.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::progress::Bar;
+use crate::publish::Publisher;
+use crate::repo::Repo;
+use crate::snapdir::Snapshot;
+use crate::store::Store;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The snapshot's envelope (`<name>.meta.json`); its data file sits beside it.
+    pub meta_file: PathBuf,
+    /// Print one JSON object with the result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
+    let snapshot = Snapshot::open(&args.meta_file)?;
+    let store = Store::open(&config.store)?;
+    let repo = Repo::open_or_create(store, &config.cluster_id, config.chunking)
+        .await
+        .with_context(|| format!("opening the repository at {}", config.store.url))?;
+    let bar = Bar::for_terminal("push");
+    let report = Publisher::new(
+        &repo,
+        config.upload.concurrency,
+        config.node_id,
+        bar.as_ref(),
+    )
+    .publish(&snapshot)
+    .await
+    .with_context(|| format!("publishing snapshot {}", snapshot.envelope.last_log_index))?;
+    if args.json {
+        return super::print_json(&report);
+    }
+    if report.already_published {
+        println!(
+            "snapshot {} (term {}) is already published as {}",
+            report.index, report.term, report.manifest
+        );
+    } else {
+        println!(
+            "published snapshot {} (term {}): {} chunks, {} new; uploaded {}",
+            report.index,
+            report.term,
+            report.chunks_total,
+            report.chunks_transferred,
+            super::human_rate(report.bytes_transferred, report.elapsed)
+        );
+    }
+    Ok(())
+}

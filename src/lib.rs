@@ -1,0 +1,33 @@
+//! snaprelay: ship openraft snapshots through object storage.
+//!
+//! The leader's node builds a snapshot once; snaprelay cuts it into content-defined chunks,
+//! uploads the chunks the store lacks and commits a manifest. Followers download only the
+//! chunks they do not already hold, verify every byte, and hand the node a finished file.
+//!
+//! # Layout
+//!
+//! - [`config`]: TOML file → validated [`config::Config`]; errors name the key.
+//! - [`snapdir`]: the snapshot directory contract: envelope meta file + data file.
+//! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
+//! - [`manifest`]: the manifest and repository descriptor formats and their validation.
+//! - [`store`]: store URLs and options → an `object_store` backend.
+//! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
+//! - [`publish`]: leader side: snapshot → missing chunks → manifest.
+//! - [`fetch`]: follower side: manifest → verified file in a target directory.
+//! - [`verify`]: re-download and re-hash what the store holds.
+//! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
+//! - [`cli`]: the `snaprelay` command line, one module per subcommand.
+//! - [`error`]: how failures are classified into exit codes.
+
+pub mod chunk;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod fetch;
+pub mod manifest;
+pub mod progress;
+pub mod publish;
+pub mod repo;
+pub mod snapdir;
+pub mod store;
+pub mod verify;

@@ -1,0 +1,226 @@
+//! Leader side: one committed snapshot → its chunks in the store → its manifest.
+//!
+//! The file is read once, in order, on a blocking thread that cuts chunks and hashes the
+//! whole file; chunk hashing and uploads run `concurrency` at a time. Chunks the store
+//! already holds are not uploaded again. The manifest goes last: it is the commit point, so
+//! abandoning a publish at any moment (error, cancel, SIGKILL) leaves only unreferenced
+//! chunks, which the next attempt reuses and GC eventually removes.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::chunk::{self, Digest, RawChunk};
+use crate::error::{Error, Result};
+use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, MANIFEST_FORMAT};
+use crate::progress::Progress;
+use crate::repo::Repo;
+use crate::snapdir::{SnapdirError, Snapshot};
+
+/// What a publish did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishReport {
+    pub index: u64,
+    pub term: u64,
+    pub size: u64,
+    pub sha256: Option<String>,
+    pub manifest: String,
+    /// True when a manifest for this log id already existed; nothing was uploaded.
+    pub already_published: bool,
+    pub chunks_total: u64,
+    pub chunks_transferred: u64,
+    pub bytes_transferred: u64,
+    #[serde(rename = "elapsed_ms", serialize_with = "as_millis")]
+    pub elapsed: Duration,
+}
+
+pub(crate) fn as_millis<S: serde::Serializer>(
+    d: &Duration,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+pub struct Publisher<'a> {
+    repo: &'a Repo,
+    concurrency: usize,
+    node_id: Option<u64>,
+    progress: &'a dyn Progress,
+}
+
+impl<'a> Publisher<'a> {
+    pub fn new(
+        repo: &'a Repo,
+        concurrency: usize,
+        node_id: Option<u64>,
+        progress: &'a dyn Progress,
+    ) -> Self {
+        Publisher {
+            repo,
+            concurrency: concurrency.max(1),
+            node_id,
+            progress,
+        }
+    }
+
+    /// Publishes `snapshot` unless a manifest for its log id exists already.
+    ///
+    /// Cancel safety: dropping the future stops reading and uploading; nothing becomes
+    /// visible as a snapshot, because the manifest is written last.
+    pub async fn publish(&self, snapshot: &Snapshot) -> Result<PublishReport> {
+        let started = Instant::now();
+        let env = &snapshot.envelope;
+        let (index, term) = env.log_id();
+        if let Some(id) = self.repo.manifest_for(index, term).await? {
+            tracing::info!(index, term, manifest = %id, "already published");
+            return Ok(PublishReport {
+                index,
+                term,
+                size: env.size,
+                sha256: None,
+                manifest: id.to_string(),
+                already_published: true,
+                chunks_total: 0,
+                chunks_transferred: 0,
+                bytes_transferred: 0,
+                elapsed: started.elapsed(),
+            });
+        }
+        let known = self.known_chunks().await;
+
+        let file = File::open(&snapshot.data_path)
+            .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?;
+        let params = self.repo.params();
+        // Two chunks queued ahead of the uploads keep the reader busy without holding more
+        // than `concurrency + 2` chunks in memory.
+        let (tx, rx) = tokio::sync::mpsc::channel::<RawChunk>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            chunk::split(file, params, |c| {
+                tx.blocking_send(c)
+                    .map_err(|_| io::Error::other("upload stopped"))
+            })
+        });
+
+        self.progress.begin(env.size);
+        let transferred = AtomicU64::new(0);
+        let transferred_bytes = AtomicU64::new(0);
+        let chunks =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .map(|raw| self.store_chunk(raw, &known, &transferred, &transferred_bytes))
+                .buffered(self.concurrency)
+                .try_collect::<Vec<ChunkRef>>()
+                .await;
+        // On an upload error the receiver is gone and the reader stops at its next send.
+        let read = reader
+            .await
+            .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
+        let chunks = chunks?;
+        let summary =
+            read.map_err(|e| Error::io(format!("reading {}", snapshot.data_path.display()), e))?;
+        if summary.size != env.size {
+            return Err(Error::Snapdir(SnapdirError::SizeMismatch {
+                meta: snapshot.meta_path.clone(),
+                data: snapshot.data_path.clone(),
+                expected: env.size,
+                actual: summary.size,
+            }));
+        }
+
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            cluster_id: self.repo.cluster_id().to_owned(),
+            last_log_index: index,
+            last_log_term: term,
+            raft_meta: env.raft_meta.clone(),
+            size: summary.size,
+            sha256: summary.sha256,
+            chunks,
+            created_at: Utc::now(),
+            publisher: PublisherInfo {
+                node_id: self.node_id,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            signature: None,
+        };
+        let id = self.repo.put_manifest(&manifest).await?;
+        self.progress.finish();
+        let report = PublishReport {
+            index,
+            term,
+            size: summary.size,
+            sha256: Some(summary.sha256.to_hex()),
+            manifest: id.to_string(),
+            already_published: false,
+            chunks_total: manifest.chunks.len() as u64,
+            chunks_transferred: transferred.into_inner(),
+            bytes_transferred: transferred_bytes.into_inner(),
+            elapsed: started.elapsed(),
+        };
+        tracing::info!(
+            index,
+            term,
+            bytes = report.size,
+            chunks = report.chunks_total,
+            chunks_uploaded = report.chunks_transferred,
+            bytes_uploaded = report.bytes_transferred,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "published"
+        );
+        Ok(report)
+    }
+
+    /// Chunks the newest manifest names exist (a manifest exists only when its chunks do),
+    /// so they need no `head`. Anything unreadable here only costs extra `head` requests.
+    async fn known_chunks(&self) -> HashSet<Digest> {
+        let newest = match self.repo.newest_manifest(None).await {
+            Ok(Some(id)) => id,
+            Ok(None) => return HashSet::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list manifests; checking every chunk");
+                return HashSet::new();
+            }
+        };
+        match self.repo.read_manifest(&newest).await {
+            Ok(m) => m.unique_chunks(),
+            Err(e) => {
+                tracing::warn!(manifest = %newest, error = %e, "cannot read the newest manifest; checking every chunk");
+                HashSet::new()
+            }
+        }
+    }
+
+    async fn store_chunk(
+        &self,
+        raw: RawChunk,
+        known: &HashSet<Digest>,
+        transferred: &AtomicU64,
+        transferred_bytes: &AtomicU64,
+    ) -> Result<ChunkRef> {
+        let len = raw.data.len() as u64;
+        let data = Bytes::from(raw.data);
+        let (sha, data) = tokio::task::spawn_blocking(move || (Digest::of(&data), data))
+            .await
+            .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;
+        let present = known.contains(&sha) || self.repo.chunk_size(&sha).await? == Some(len);
+        if !present {
+            self.repo.put_chunk(&sha, data).await?;
+            transferred.fetch_add(1, Ordering::Relaxed);
+            transferred_bytes.fetch_add(len, Ordering::Relaxed);
+            tracing::debug!(chunk = %sha, offset = raw.offset, len, "uploaded chunk");
+        }
+        self.progress.advance(len);
+        Ok(ChunkRef {
+            sha256: sha,
+            len,
+            stored_len: len,
+            encoding: Encoding::Identity,
+        })
+    }
+}

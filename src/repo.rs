@@ -1,0 +1,505 @@
+//! The repository: one cluster's snapshots under one store prefix. This is the only module
+//! that knows object keys:
+//!
+//! ```text
+//! <prefix>/repository.json
+//! <prefix>/manifests/<index:020>-<term:020>-<sha256[..16]>.json
+//! <prefix>/chunks/<sha256[..2]>/<sha256>
+//! ```
+//!
+//! Manifests are immutable and written last (create-only), so a manifest exists only when
+//! every chunk it names does. There is no mutable "latest" pointer: the newest snapshot is
+//! the greatest manifest key.
+
+use std::fmt;
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::chunk::{ChunkParams, Digest};
+use crate::error::{Error, Result};
+use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES, REPOSITORY_FORMAT};
+use crate::store::Store;
+
+const REPOSITORY_KEY: &str = "repository.json";
+const MANIFESTS: &str = "manifests";
+const CHUNKS: &str = "chunks";
+/// repository.json is a few hundred bytes; anything much larger is not ours.
+const MAX_REPOSITORY_BYTES: u64 = 64 << 10;
+
+/// A manifest's identity, parsed from (and printed as) its key's file name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ManifestId {
+    pub index: u64,
+    pub term: u64,
+    /// First 16 hex digits of the snapshot's sha256.
+    pub sha_prefix: String,
+}
+
+impl ManifestId {
+    pub fn of(m: &Manifest) -> ManifestId {
+        ManifestId {
+            index: m.last_log_index,
+            term: m.last_log_term,
+            sha_prefix: m.sha256.to_hex()[..16].to_owned(),
+        }
+    }
+
+    /// Parses `<index:020>-<term:020>-<sha16>.json`; `None` for anything else.
+    pub fn parse(name: &str) -> Option<ManifestId> {
+        let stem = name.strip_suffix(".json")?;
+        let mut parts = stem.split('-');
+        let (index, term, sha) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some()
+            || index.len() != 20
+            || term.len() != 20
+            || sha.len() != 16
+            || !index
+                .bytes()
+                .chain(term.bytes())
+                .all(|b| b.is_ascii_digit())
+            || !sha
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        Some(ManifestId {
+            index: index.parse().ok()?,
+            term: term.parse().ok()?,
+            sha_prefix: sha.to_owned(),
+        })
+    }
+
+    pub fn file_name(&self) -> String {
+        format!(
+            "{:020}-{:020}-{}.json",
+            self.index, self.term, self.sha_prefix
+        )
+    }
+}
+
+impl fmt::Display for ManifestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file_name())
+    }
+}
+
+/// A listed manifest with the store's metadata.
+#[derive(Debug, Clone)]
+pub struct ManifestEntry {
+    pub id: ManifestId,
+    pub stored_size: u64,
+}
+
+/// An opened repository whose cluster id has been checked.
+#[derive(Debug, Clone)]
+pub struct Repo {
+    store: Store,
+    descriptor: Repository,
+}
+
+fn store_err<'k>(
+    op: &'static str,
+    key: &'k Path,
+) -> impl FnOnce(object_store::Error) -> Error + 'k {
+    move |source| Error::Store {
+        op,
+        key: key.to_string(),
+        source,
+    }
+}
+
+impl Repo {
+    /// Opens an existing repository and checks that it belongs to `cluster_id`.
+    pub async fn open(store: Store, cluster_id: &str) -> Result<Repo> {
+        match Self::read_descriptor(&store).await? {
+            Some(descriptor) => Self::checked(store, descriptor, cluster_id),
+            None => Err(Error::NoRepository {
+                location: store.url.to_string(),
+            }),
+        }
+    }
+
+    /// Opens the repository, creating `repository.json` if the prefix has none. Two
+    /// processes racing to create it agree through the create-only write.
+    pub async fn open_or_create(
+        store: Store,
+        cluster_id: &str,
+        params: ChunkParams,
+    ) -> Result<Repo> {
+        if let Some(descriptor) = Self::read_descriptor(&store).await? {
+            return Self::checked(store, descriptor, cluster_id);
+        }
+        let descriptor = Repository {
+            format: REPOSITORY_FORMAT,
+            cluster_id: cluster_id.to_owned(),
+            chunking: params,
+            created_at: Utc::now(),
+        };
+        let key = store.key(REPOSITORY_KEY);
+        let body = serde_json::to_vec_pretty(&descriptor).expect("Repository serializes");
+        match put_create(&store, &key, body.into()).await {
+            Ok(()) => {
+                tracing::info!(store = %store.url, cluster_id, "created repository");
+                Ok(Repo { store, descriptor })
+            }
+            Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => Box::pin(Self::open(store, cluster_id)).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    fn checked(store: Store, descriptor: Repository, cluster_id: &str) -> Result<Repo> {
+        if descriptor.cluster_id != cluster_id {
+            return Err(Error::ClusterMismatch {
+                location: store.url.to_string(),
+                expected: cluster_id.to_owned(),
+                found: descriptor.cluster_id,
+            });
+        }
+        Ok(Repo { store, descriptor })
+    }
+
+    async fn read_descriptor(store: &Store) -> Result<Option<Repository>> {
+        let key = store.key(REPOSITORY_KEY);
+        let bytes = match get_limited(store, &key, MAX_REPOSITORY_BYTES).await {
+            Ok(b) => b,
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => return Ok(None),
+            Err(e @ Error::ObjectTooLarge { .. }) => {
+                return Err(Error::InvalidRepository {
+                    location: store.url.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let invalid = |reason: String| Error::InvalidRepository {
+            location: store.url.to_string(),
+            reason,
+        };
+        let descriptor: Repository =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        descriptor.validate().map_err(invalid)?;
+        Ok(Some(descriptor))
+    }
+
+    pub fn descriptor(&self) -> &Repository {
+        &self.descriptor
+    }
+
+    pub fn params(&self) -> ChunkParams {
+        self.descriptor.chunking
+    }
+
+    pub fn cluster_id(&self) -> &str {
+        &self.descriptor.cluster_id
+    }
+
+    pub fn location(&self) -> String {
+        self.store.url.to_string()
+    }
+
+    fn manifest_key(&self, id: &ManifestId) -> Path {
+        self.store.key(&format!("{MANIFESTS}/{}", id.file_name()))
+    }
+
+    fn chunk_key(&self, sha: &Digest) -> Path {
+        let hex = sha.to_hex();
+        self.store.key(&format!("{CHUNKS}/{}/{hex}", &hex[..2]))
+    }
+
+    /// Manifests with an index greater than `after` (all if `None`), oldest first. Keys under
+    /// `manifests/` that are not manifest names are skipped with a warning.
+    pub async fn list_manifests(&self, after: Option<u64>) -> Result<Vec<ManifestEntry>> {
+        let prefix = self.store.key(MANIFESTS);
+        let listing = match after {
+            // Every key of index `after` starts with "<after:020>-"; '.' sorts after '-', so
+            // the offset skips them and everything older, and nothing newer.
+            Some(after) => self.store.backend.list_with_offset(
+                Some(&prefix),
+                &self.store.key(&format!("{MANIFESTS}/{after:020}.")),
+            ),
+            None => self.store.backend.list(Some(&prefix)),
+        };
+        let metas: Vec<_> = listing
+            .try_collect()
+            .await
+            .map_err(store_err("list", &prefix))?;
+        let mut entries = Vec::with_capacity(metas.len());
+        for meta in metas {
+            let name = meta.location.filename().unwrap_or_default();
+            match ManifestId::parse(name) {
+                Some(id) if after.is_none_or(|a| id.index > a) => entries.push(ManifestEntry {
+                    id,
+                    stored_size: meta.size,
+                }),
+                Some(_) => {}
+                None => {
+                    tracing::warn!(key = %meta.location, "ignoring an object under manifests/ that is not a manifest")
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(entries)
+    }
+
+    /// The newest manifest with an index greater than `after`, if any.
+    pub async fn newest_manifest(&self, after: Option<u64>) -> Result<Option<ManifestId>> {
+        Ok(self.list_manifests(after).await?.pop().map(|e| e.id))
+    }
+
+    /// The manifest at `index` (the greatest key if several were published for it).
+    pub async fn find_manifest(&self, index: u64) -> Result<ManifestId> {
+        let after = index.checked_sub(1);
+        self.list_manifests(after)
+            .await?
+            .into_iter()
+            .filter(|e| e.id.index == index)
+            .map(|e| e.id)
+            .next_back()
+            .ok_or(Error::SnapshotNotFound { index })
+    }
+
+    /// The manifest for exactly this log id, if one was published.
+    pub async fn manifest_for(&self, index: u64, term: u64) -> Result<Option<ManifestId>> {
+        Ok(self
+            .list_manifests(index.checked_sub(1))
+            .await?
+            .into_iter()
+            .filter(|e| e.id.index == index && e.id.term == term)
+            .map(|e| e.id)
+            .next_back())
+    }
+
+    /// Reads and validates a manifest: size limit, JSON, format, cluster id, consistency
+    /// with its key and with the repository's chunking parameters.
+    pub async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest> {
+        let key = self.manifest_key(id);
+        let invalid = |reason: String| Error::InvalidManifest {
+            key: key.to_string(),
+            reason,
+        };
+        let bytes = get_limited(&self.store, &key, MAX_MANIFEST_BYTES).await?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not a manifest: {e}")))?;
+        if manifest.cluster_id != self.descriptor.cluster_id {
+            return Err(Error::ClusterMismatch {
+                location: key.to_string(),
+                expected: self.descriptor.cluster_id.clone(),
+                found: manifest.cluster_id,
+            });
+        }
+        if ManifestId::of(&manifest) != *id {
+            return Err(invalid(format!(
+                "its content (index {}, term {}, sha256 {}) does not match its name",
+                manifest.last_log_index, manifest.last_log_term, manifest.sha256
+            )));
+        }
+        manifest
+            .validate(&self.descriptor.chunking)
+            .map_err(invalid)?;
+        Ok(manifest)
+    }
+
+    /// Commits a manifest. Create-only: an existing manifest of the same name is the same
+    /// snapshot (same log id and content hash) and is left untouched.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
+        let id = ManifestId::of(manifest);
+        let key = self.manifest_key(&id);
+        let body = serde_json::to_vec_pretty(manifest).expect("Manifest serializes");
+        match put_create(&self.store, &key, body.into()).await {
+            Ok(())
+            | Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => Ok(id),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes a manifest (GC and tests).
+    pub async fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
+        let key = self.manifest_key(id);
+        match self.store.backend.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("delete", &key)(e)),
+        }
+    }
+
+    /// Whether the chunk exists, and its stored size.
+    pub async fn chunk_size(&self, sha: &Digest) -> Result<Option<u64>> {
+        let key = self.chunk_key(sha);
+        match self.store.backend.head(&key).await {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err("head", &key)(e)),
+        }
+    }
+
+    /// Uploads a chunk. Chunks are content-addressed, so an overwrite writes the same bytes.
+    pub async fn put_chunk(&self, sha: &Digest, data: Bytes) -> Result<()> {
+        let key = self.chunk_key(sha);
+        self.store
+            .backend
+            .put(&key, PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(store_err("put", &key))
+    }
+
+    /// Downloads a chunk and verifies its length and sha256 (hashing on a blocking thread).
+    /// Never returns bytes that do not hash to `sha`.
+    pub async fn get_chunk(&self, sha: &Digest, expected_len: u64) -> Result<Bytes> {
+        let key = self.chunk_key(sha);
+        let corrupt = |reason: String| Error::ChunkCorrupt {
+            sha256: sha.to_hex(),
+            reason,
+        };
+        let bytes = match get_limited(&self.store, &key, expected_len).await {
+            Ok(bytes) => bytes,
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {
+                return Err(Error::ChunkMissing {
+                    sha256: sha.to_hex(),
+                })
+            }
+            Err(Error::ObjectTooLarge { size, limit, .. }) => {
+                return Err(corrupt(format!(
+                    "stored object is {size} bytes, the manifest says {limit}"
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if bytes.len() as u64 != expected_len {
+            return Err(corrupt(format!(
+                "stored object is {} bytes, the manifest says {expected_len}",
+                bytes.len()
+            )));
+        }
+        let (actual, bytes) = tokio::task::spawn_blocking(move || (Digest::of(&bytes), bytes))
+            .await
+            .map_err(|e| Error::io("hashing task", std::io::Error::other(e)))?;
+        if actual != *sha {
+            return Err(corrupt(format!("its content hashes to {actual}")));
+        }
+        Ok(bytes)
+    }
+
+    /// Deletes a chunk (GC and tests). Missing is fine.
+    pub async fn delete_chunk(&self, sha: &Digest) -> Result<()> {
+        let key = self.chunk_key(sha);
+        match self.store.backend.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("delete", &key)(e)),
+        }
+    }
+
+    /// Writes raw bytes where a manifest or chunk lives: for tests that plant damage.
+    #[doc(hidden)]
+    pub async fn put_raw_manifest(&self, id: &ManifestId, body: Bytes) -> Result<()> {
+        let key = self.manifest_key(id);
+        self.store
+            .backend
+            .put(&key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(store_err("put", &key))
+    }
+
+    #[doc(hidden)]
+    pub async fn put_raw_chunk(&self, sha: &Digest, body: Bytes) -> Result<()> {
+        self.put_chunk(sha, body).await
+    }
+}
+
+async fn put_create(store: &Store, key: &Path, body: Bytes) -> Result<()> {
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.backend.put_opts(key, body.clone().into(), opts).await {
+        Ok(_) => Ok(()),
+        // A store without conditional writes still gets the object; the design does not
+        // depend on create-only semantics (keys are content-derived), it only prefers them.
+        Err(object_store::Error::NotImplemented { .. }) => store
+            .backend
+            .put(key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(store_err("put", key)),
+        Err(e) => Err(store_err("put", key)(e)),
+    }
+}
+
+/// Reads a whole object of at most `limit` bytes. A larger object is refused after a `head`
+/// (and again if the body grows past the limit), so a hostile store cannot make us allocate.
+async fn get_limited(store: &Store, key: &Path, limit: u64) -> Result<Bytes> {
+    let result = store
+        .backend
+        .get(key)
+        .await
+        .map_err(store_err("get", key))?;
+    let size = result.meta.size;
+    let too_large = |size: u64| Error::ObjectTooLarge {
+        key: key.to_string(),
+        size,
+        limit,
+    };
+    if size > limit {
+        return Err(too_large(size));
+    }
+    let bytes = result.bytes().await.map_err(store_err("get", key))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_names() {
+        let id = ManifestId {
+            index: 42,
+            term: 3,
+            sha_prefix: "0123456789abcdef".into(),
+        };
+        let name = id.file_name();
+        assert_eq!(
+            name,
+            "00000000000000000042-00000000000000000003-0123456789abcdef.json"
+        );
+        assert_eq!(ManifestId::parse(&name), Some(id));
+        for bad in [
+            "x.json",
+            "00000000000000000042-00000000000000000003-0123456789abcdef",
+            "00000000000000000042-00000000000000000003-0123456789ABCDEF.json",
+            "0000000000000000042-00000000000000000003-0123456789abcdef.json",
+            "00000000000000000042-00000000000000000003-0123456789abcdef-x.json",
+            "99999999999999999999-00000000000000000003-0123456789abcdef.json",
+        ] {
+            assert_eq!(ManifestId::parse(bad), None, "{bad}");
+        }
+        // Key order is log-id order.
+        let a =
+            ManifestId::parse("00000000000000000009-00000000000000000005-0000000000000000.json")
+                .unwrap();
+        let b =
+            ManifestId::parse("00000000000000000010-00000000000000000001-0000000000000000.json")
+                .unwrap();
+        assert!(a < b && a.file_name() < b.file_name());
+    }
+}

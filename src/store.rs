@@ -1,0 +1,327 @@
+//! Store URLs and their settings → an `object_store` backend plus the key prefix under which
+//! one cluster's repository lives. Supported: `file:///abs/path` (the embedded default,
+//! fsync on), `s3://bucket/prefix` (AWS, MinIO, SeaweedFS and other S3-compatible stores),
+//! and `memory://` (unit tests only: it lives as long as the process).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
+
+use crate::config::{ConfigError, Secret};
+
+/// Where a repository lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    File(PathBuf),
+    S3 { bucket: String, prefix: String },
+    Memory,
+}
+
+impl StoreUrl {
+    /// Parses and validates a store URL; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<StoreUrl, String> {
+        if text == "memory://" || text == "memory:///" {
+            return Ok(StoreUrl::Memory);
+        }
+        // The URL parser resolves "." and ".." segments; refuse them before it can.
+        if text.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(format!(
+                "{text:?} must not contain '.' or '..' path segments"
+            ));
+        }
+        let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+        match url.scheme() {
+            "file" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(format!(
+                        "{text:?} has a host part; write file:///absolute/path (three slashes)"
+                    ));
+                }
+                let path = url
+                    .to_file_path()
+                    .map_err(|_| format!("{text:?} is not an absolute file path"))?;
+                Ok(StoreUrl::File(path))
+            }
+            "s3" => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(
+                        "s3:// URLs must not carry credentials; use the config or AWS_* variables"
+                            .into(),
+                    );
+                }
+                let bucket = url.host_str().unwrap_or_default().to_owned();
+                let valid_bucket = (3..=63).contains(&bucket.len())
+                    && bucket
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+                if !valid_bucket {
+                    return Err(format!(
+                        "{text:?}: bucket name {bucket:?} must be 3 to 63 characters of a-z 0-9 . -"
+                    ));
+                }
+                if url.query().is_some() || url.fragment().is_some() {
+                    return Err(format!(
+                        "{text:?}: options go in the [store] section, not in the URL"
+                    ));
+                }
+                let prefix = url.path().trim_matches('/').to_owned();
+                if prefix.contains("//") {
+                    return Err(format!("{text:?}: prefix has an empty path segment"));
+                }
+                Ok(StoreUrl::S3 { bucket, prefix })
+            }
+            "http" | "https" => Err(format!(
+                "{text:?}: for an S3-compatible server write s3://bucket/prefix and set store.endpoint = \"{}://{}\"",
+                url.scheme(),
+                url.host_str().unwrap_or("host")
+            )),
+            other => Err(format!(
+                "{text:?}: unsupported scheme {other:?} (use file:///path, s3://bucket/prefix or memory://)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::File(path) => write!(f, "file://{}", path.display()),
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StoreUrl::Memory => f.write_str("memory://"),
+        }
+    }
+}
+
+/// S3 client settings; empty for other stores.
+#[derive(Debug, Clone, Default)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub allow_http: bool,
+    pub path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+    /// Further `object_store` S3 options, keys already validated.
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    pub url: StoreUrl,
+    /// file:// only: fsync every object before it becomes visible.
+    pub fsync: bool,
+    pub s3: S3Settings,
+    /// Limit for one request, body included (one chunk or manifest).
+    pub request_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_retries: usize,
+    pub retry_timeout: Duration,
+}
+
+impl StoreSettings {
+    /// Settings with defaults for a URL (used by tests and tools).
+    pub fn for_url(url: StoreUrl) -> StoreSettings {
+        StoreSettings {
+            url,
+            fsync: true,
+            s3: S3Settings {
+                region: "us-east-1".into(),
+                path_style: true,
+                ..S3Settings::default()
+            },
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Options that snaprelay sets through its own keys; giving them in `options` too would be
+/// ambiguous, and some (credentials) must not be written in a plain options table.
+const OWN_KEYS: &[(AmazonS3ConfigKey, &str)] = &[
+    (AmazonS3ConfigKey::Bucket, "store.url"),
+    (AmazonS3ConfigKey::Endpoint, "store.endpoint"),
+    (AmazonS3ConfigKey::Region, "store.region"),
+    (AmazonS3ConfigKey::AccessKeyId, "store.access_key_id"),
+    (
+        AmazonS3ConfigKey::SecretAccessKey,
+        "store.secret_access_key",
+    ),
+    (AmazonS3ConfigKey::Token, "store.session_token"),
+    (
+        AmazonS3ConfigKey::VirtualHostedStyleRequest,
+        "store.path_style",
+    ),
+];
+
+/// Checks an extra S3 option key: it must be one `object_store` knows, and not one that
+/// has its own snaprelay key.
+pub fn validate_s3_option(key: &str) -> Result<(), String> {
+    let parsed = AmazonS3ConfigKey::from_str(key)
+        .map_err(|_| format!("{key:?} is not an S3 option object_store knows"))?;
+    if let Some((_, own)) = OWN_KEYS.iter().find(|(k, _)| *k == parsed) {
+        return Err(format!("set it with {own} instead"));
+    }
+    Ok(())
+}
+
+/// An opened store: the backend and the prefix of the repository inside it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub backend: Arc<dyn ObjectStore>,
+    pub prefix: Path,
+    pub url: StoreUrl,
+}
+
+impl Store {
+    /// Builds the backend. Nothing is sent over the network yet.
+    pub fn open(settings: &StoreSettings) -> Result<Store, ConfigError> {
+        let (backend, prefix): (Arc<dyn ObjectStore>, Path) = match &settings.url {
+            StoreUrl::Memory => (Arc::new(InMemory::new()), Path::default()),
+            StoreUrl::File(path) => {
+                std::fs::create_dir_all(path).map_err(|e| {
+                    ConfigError::invalid(
+                        "store.url",
+                        format!("cannot create {}: {e}", path.display()),
+                    )
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(path)
+                    .map_err(|e| ConfigError::invalid("store.url", e.to_string()))?
+                    .with_fsync(settings.fsync);
+                (Arc::new(fs), Path::default())
+            }
+            StoreUrl::S3 { bucket, prefix } => {
+                let s3 = &settings.s3;
+                let mut b = AmazonS3Builder::new()
+                    .with_bucket_name(bucket)
+                    .with_region(&s3.region)
+                    .with_allow_http(s3.allow_http)
+                    .with_virtual_hosted_style_request(!s3.path_style)
+                    .with_client_options(
+                        ClientOptions::new()
+                            .with_timeout(settings.request_timeout)
+                            .with_connect_timeout(settings.connect_timeout)
+                            .with_allow_http(s3.allow_http),
+                    )
+                    .with_retry(RetryConfig {
+                        backoff: BackoffConfig::default(),
+                        max_retries: settings.max_retries,
+                        retry_timeout: settings.retry_timeout,
+                    });
+                if let Some(endpoint) = &s3.endpoint {
+                    b = b.with_endpoint(endpoint);
+                }
+                if let (Some(id), Some(secret)) = (&s3.access_key_id, &s3.secret_access_key) {
+                    b = b
+                        .with_access_key_id(id)
+                        .with_secret_access_key(secret.expose());
+                }
+                if let Some(token) = &s3.session_token {
+                    b = b.with_token(token.expose());
+                }
+                for (key, value) in &s3.options {
+                    let key = AmazonS3ConfigKey::from_str(key).map_err(|_| {
+                        ConfigError::invalid(format!("store.options.{key}"), "unknown S3 option")
+                    })?;
+                    b = b.with_config(key, value);
+                }
+                // The builder's own messages can be unhelpful ("builder error"); they never
+                // contain credentials, and the key names what to look at.
+                let s3 = b
+                    .build()
+                    .map_err(|e| ConfigError::invalid("store", format!("S3 client: {e}")))?;
+                let prefix = Path::parse(prefix).map_err(|e| {
+                    ConfigError::invalid("store.url", format!("invalid prefix: {e}"))
+                })?;
+                (Arc::new(s3), prefix)
+            }
+        };
+        Ok(Store {
+            backend,
+            prefix,
+            url: settings.url.clone(),
+        })
+    }
+
+    /// The full key of `relative` (which must be a valid key) under this store's prefix.
+    pub fn key(&self, relative: &str) -> Path {
+        let relative = Path::from(relative);
+        Path::from_iter(self.prefix.parts().chain(relative.parts()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(StoreUrl::parse("memory://").unwrap(), StoreUrl::Memory);
+        assert_eq!(
+            StoreUrl::parse("file:///var/lib/x").unwrap(),
+            StoreUrl::File("/var/lib/x".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://bkt/a/b/").unwrap(),
+            StoreUrl::S3 {
+                bucket: "bkt".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("s3://bkt/a/b").unwrap().to_string(),
+            "s3://bkt/a/b"
+        );
+        for bad in [
+            "file://host/x",
+            "s3://Bad_Bucket/x",
+            "s3://bkt/../x",
+            "s3://key:secret@bkt/x",
+            "http://127.0.0.1:8333/bkt",
+            "ftp://x",
+            "nonsense",
+        ] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad}");
+        }
+        let e = StoreUrl::parse("s3://key:hunter2@bkt/x").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn option_keys() {
+        assert!(validate_s3_option("aws_unsigned_payload").is_ok());
+        assert!(validate_s3_option("nope").is_err());
+        assert!(validate_s3_option("aws_secret_access_key")
+            .unwrap_err()
+            .contains("store.secret_access_key"));
+    }
+
+    #[test]
+    fn keys_are_prefixed() {
+        let mut s = StoreSettings::for_url(StoreUrl::S3 {
+            bucket: "bkt".into(),
+            prefix: "p/q".into(),
+        });
+        s.s3.access_key_id = Some("a".into());
+        s.s3.secret_access_key = Some(Secret::new("b"));
+        let store = Store::open(&s).unwrap();
+        assert_eq!(
+            store.key("manifests/x.json").as_ref(),
+            "p/q/manifests/x.json"
+        );
+        let mem = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        assert_eq!(mem.key("repository.json").as_ref(), "repository.json");
+    }
+}
