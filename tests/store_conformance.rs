@@ -1,0 +1,275 @@
+//! One conformance suite for the repository, run against every store: `memory://`, a
+//! `file://` directory, and the real S3 server (SeaweedFS) that `scripts/test.sh` starts.
+//! Each check is a behaviour the rest of snaprelay relies on.
+
+mod support;
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use snaprelay::chunk::{ChunkParams, Digest};
+use snaprelay::error::Error;
+use snaprelay::fetch::{Fetcher, ReuseSource};
+use snaprelay::progress::Silent;
+use snaprelay::publish::Publisher;
+use snaprelay::repo::{ManifestId, Repo};
+use snaprelay::snapdir::Snapshot;
+use snaprelay::store::{Store, StoreSettings, StoreUrl};
+
+fn small_params() -> ChunkParams {
+    ChunkParams::new(16 << 10, 64 << 10, 256 << 10).unwrap()
+}
+
+async fn suite(settings: StoreSettings) {
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::open(&settings).unwrap();
+
+    // An empty prefix is not a repository; opening it says so.
+    match Repo::open(store.clone(), "alpha").await {
+        Err(Error::NoRepository { .. }) => {}
+        other => panic!("expected NoRepository, got {other:?}"),
+    }
+
+    // First push creates repository.json; later opens read its parameters, not the caller's.
+    let repo = Repo::open_or_create(store.clone(), "alpha", small_params())
+        .await
+        .unwrap();
+    assert_eq!(repo.params(), small_params());
+    let again = Repo::open_or_create(store.clone(), "alpha", ChunkParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        again.params(),
+        small_params(),
+        "repository.json pins the chunking"
+    );
+
+    // Another cluster's prefix is refused.
+    match Repo::open(store.clone(), "beta").await {
+        Err(e @ Error::ClusterMismatch { .. }) => {
+            assert_eq!(e.class().exit_code(), 2);
+            assert!(e.to_string().contains("\"alpha\""), "{e}");
+        }
+        other => panic!("expected ClusterMismatch, got {other:?}"),
+    }
+
+    // Chunks: absent, put, present with its size, verified get, idempotent overwrite.
+    let body = Bytes::from_static(b"some chunk bytes");
+    let sha = Digest::of(&body);
+    assert_eq!(repo.chunk_size(&sha).await.unwrap(), None);
+    assert!(matches!(
+        repo.get_chunk(&sha, body.len() as u64).await,
+        Err(Error::ChunkMissing { .. })
+    ));
+    repo.put_chunk(&sha, body.clone()).await.unwrap();
+    repo.put_chunk(&sha, body.clone()).await.unwrap();
+    assert_eq!(
+        repo.chunk_size(&sha).await.unwrap(),
+        Some(body.len() as u64)
+    );
+    assert_eq!(repo.get_chunk(&sha, body.len() as u64).await.unwrap(), body);
+    // A chunk whose bytes do not match its key is never returned.
+    let liar = Digest::of(b"other bytes");
+    repo.put_raw_chunk(&liar, body.clone()).await.unwrap();
+    match repo.get_chunk(&liar, body.len() as u64).await {
+        Err(e @ Error::ChunkCorrupt { .. }) => assert!(e.to_string().contains(&liar.to_hex())),
+        other => panic!("expected ChunkCorrupt, got {other:?}"),
+    }
+    // A stored object longer than the manifest says is refused without reading it whole.
+    assert!(matches!(
+        repo.get_chunk(&sha, 3).await,
+        Err(Error::ChunkCorrupt { .. })
+    ));
+    repo.delete_chunk(&liar).await.unwrap();
+    repo.delete_chunk(&liar).await.unwrap();
+    assert_eq!(repo.chunk_size(&liar).await.unwrap(), None);
+
+    // Publish three snapshots out of order; listing returns them in log-id order.
+    let snaps = work.path().join("snaps");
+    let base = vec![7u8; 300 << 10];
+    let mut varied = base.clone();
+    varied.extend_from_slice(&[1u8; 100 << 10]);
+    let mut reports = Vec::new();
+    for (index, term, data) in [
+        (12u64, 1u64, base.clone()),
+        (5, 1, vec![3u8; 1000]),
+        (30, 2, varied.clone()),
+    ] {
+        let meta = support::write_snapshot(&snaps, index, term, &data);
+        let snapshot = Snapshot::open(&meta).unwrap();
+        let report = Publisher::new(&repo, 4, Some(1), &Silent)
+            .publish(&snapshot)
+            .await
+            .unwrap();
+        assert!(!report.already_published);
+        assert_eq!(report.size, data.len() as u64);
+        reports.push(report);
+    }
+    // The third snapshot shares its first 300 KiB with the first: those chunks are not sent.
+    assert!(
+        reports[2].bytes_transferred < varied.len() as u64,
+        "{:?}",
+        reports[2]
+    );
+
+    let listed: Vec<(u64, u64)> = repo
+        .list_manifests(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| (e.id.index, e.id.term))
+        .collect();
+    assert_eq!(listed, vec![(5, 1), (12, 1), (30, 2)]);
+    let after: Vec<u64> = repo
+        .list_manifests(Some(12))
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id.index)
+        .collect();
+    assert_eq!(after, vec![30], "listing after 12 skips 12 and older");
+    assert_eq!(repo.newest_manifest(None).await.unwrap().unwrap().index, 30);
+    assert_eq!(
+        repo.newest_manifest(Some(30)).await.unwrap(),
+        None,
+        "nothing newer than 30"
+    );
+    assert_eq!(repo.find_manifest(12).await.unwrap().index, 12);
+    assert!(repo.manifest_for(12, 1).await.unwrap().is_some());
+    assert!(repo.manifest_for(12, 2).await.unwrap().is_none());
+    assert!(matches!(
+        repo.find_manifest(13).await,
+        Err(Error::SnapshotNotFound { index: 13 })
+    ));
+
+    // Pushing a published log id again is a no-op.
+    let meta = support::write_snapshot(&snaps, 12, 1, &base);
+    let report = Publisher::new(&repo, 4, Some(1), &Silent)
+        .publish(&Snapshot::open(&meta).unwrap())
+        .await
+        .unwrap();
+    assert!(report.already_published);
+
+    // Manifests are create-only: writing the same manifest again keeps the first.
+    let id = repo.find_manifest(30).await.unwrap();
+    let manifest = repo.read_manifest(&id).await.unwrap();
+    let mut altered = manifest.clone();
+    altered.publisher.node_id = Some(99);
+    assert_eq!(repo.put_manifest(&altered).await.unwrap(), id);
+    assert_eq!(
+        repo.read_manifest(&id).await.unwrap().publisher.node_id,
+        Some(1)
+    );
+
+    // Objects under manifests/ that are not manifest names are ignored by listing.
+    store
+        .backend
+        .put(
+            &store.key("manifests/README.txt"),
+            Bytes::from_static(b"hello").into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(repo.list_manifests(None).await.unwrap().len(), 3);
+
+    // Fetch: the file arrives whole, verified, in the directory contract.
+    let target = work.path().join("pulled");
+    let report = Fetcher::new(&repo, 4, &Silent)
+        .fetch(&manifest, &target, &[])
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&report.data).unwrap(), varied);
+    assert_eq!(report.chunks_transferred, manifest.chunks.len() as u64);
+    let pulled = Snapshot::open(&report.meta).unwrap();
+    assert_eq!(pulled.envelope.log_id(), (30, 2));
+    assert_eq!(pulled.envelope.raft_meta, manifest.raft_meta);
+    assert!(
+        support::entries(&target)
+            .iter()
+            .all(|n| !n.starts_with('.')),
+        "{:?}",
+        support::entries(&target)
+    );
+
+    // Fetching again with the pulled file as a local source downloads nothing.
+    let source = ReuseSource::from_manifest(report.data.clone(), &manifest);
+    let again = Fetcher::new(&repo, 4, &Silent)
+        .fetch(&manifest, &target, &[source])
+        .await
+        .unwrap();
+    assert_eq!(again.chunks_transferred, 0);
+    assert_eq!(again.bytes_reused, varied.len() as u64);
+    assert_eq!(std::fs::read(&again.data).unwrap(), varied);
+
+    // Every chunk a manifest names is in the store (the publish order guarantees it).
+    let listed_chunks: HashSet<String> = store
+        .backend
+        .list(Some(&store.key("chunks")))
+        .map_ok(|m| m.location.filename().unwrap().to_owned())
+        .try_collect()
+        .await
+        .unwrap();
+    for id in repo.list_manifests(None).await.unwrap() {
+        for c in repo.read_manifest(&id.id).await.unwrap().chunks {
+            assert!(
+                listed_chunks.contains(&c.sha256.to_hex()),
+                "{} lacks {}",
+                id.id,
+                c.sha256
+            );
+        }
+    }
+
+    // A manifest whose content does not match its name is refused.
+    let wrong = ManifestId {
+        index: 31,
+        ..id.clone()
+    };
+    repo.put_raw_manifest(&wrong, serde_json::to_vec(&manifest).unwrap().into())
+        .await
+        .unwrap();
+    match repo.read_manifest(&wrong).await {
+        Err(e @ Error::InvalidManifest { .. }) => {
+            assert!(e.to_string().contains("does not match its name"), "{e}")
+        }
+        other => panic!("expected InvalidManifest, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn conformance_memory() {
+    suite(StoreSettings::for_url(StoreUrl::Memory)).await;
+}
+
+#[tokio::test]
+async fn conformance_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    suite(StoreSettings::for_url(StoreUrl::parse(&url).unwrap())).await;
+}
+
+#[tokio::test]
+async fn conformance_s3() {
+    let Some(s3) = support::s3("conformance_s3") else {
+        return;
+    };
+    suite(s3.settings(&support::unique("conformance"))).await;
+}
+
+/// An unreachable S3 endpoint is reported as such (exit code 3), quickly.
+#[tokio::test]
+async fn unreachable_store_is_classified() {
+    let mut settings = StoreSettings::for_url(StoreUrl::parse("s3://nobody-home/x").unwrap());
+    // Port 9 (discard) on loopback: nothing listens there.
+    settings.s3.endpoint = Some("http://127.0.0.1:9".into());
+    settings.s3.allow_http = true;
+    settings.s3.access_key_id = Some("k".into());
+    settings.s3.secret_access_key = Some(snaprelay::config::Secret::new("s"));
+    settings.max_retries = 0;
+    let store = Store::open(&settings).unwrap();
+    let err = Repo::open(store, "alpha").await.unwrap_err();
+    assert_eq!(err.class().exit_code(), 3, "{err}");
+    assert!(err.is_transient());
+}

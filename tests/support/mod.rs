@@ -1,0 +1,249 @@
+//! Shared helpers for the flow tests: stores (file, memory, and the real S3 server that
+//! `scripts/test.sh` starts), snapshot files written in the directory contract, and running
+//! the real `snaprelay` binary.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+use snaprelay::config::Secret;
+use snaprelay::store::{StoreSettings, StoreUrl};
+
+/// The real S3 server, if the environment names one (scripts/test.sh does).
+pub struct S3 {
+    pub endpoint: String,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// The S3 test server, or `None` with a message saying how to enable the tests. Under
+/// `SNAPRELAY_TEST_S3_REQUIRED=1` (CI) a missing server fails the test instead.
+pub fn s3(test: &str) -> Option<S3> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    match (
+        var("SNAPRELAY_TEST_S3_ENDPOINT"),
+        var("SNAPRELAY_TEST_S3_BUCKET"),
+        var("AWS_ACCESS_KEY_ID"),
+        var("AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Some(endpoint), Some(bucket), Some(key_id), Some(secret)) => Some(S3 {
+            endpoint,
+            bucket,
+            key_id,
+            secret,
+        }),
+        _ => {
+            let msg = format!(
+                "{test}: no S3 server configured; run scripts/test.sh (it starts SeaweedFS on \
+                 loopback) or set SNAPRELAY_TEST_S3_ENDPOINT, SNAPRELAY_TEST_S3_BUCKET, \
+                 AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            );
+            if var("SNAPRELAY_TEST_S3_REQUIRED").as_deref() == Some("1") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED {msg}");
+            None
+        }
+    }
+}
+
+/// A key prefix no other test (or earlier run) uses.
+pub fn unique(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{name}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl S3 {
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    pub fn settings(&self, prefix: &str) -> StoreSettings {
+        let mut s = StoreSettings::for_url(StoreUrl::parse(&self.url(prefix)).unwrap());
+        s.s3.endpoint = Some(self.endpoint.clone());
+        s.s3.allow_http = true;
+        s.s3.access_key_id = Some(self.key_id.clone());
+        s.s3.secret_access_key = Some(Secret::new(self.secret.clone()));
+        s
+    }
+
+    /// A config file for the CLI (credentials come from the AWS_* environment).
+    pub fn config_file(&self, dir: &Path, prefix: &str, cluster: &str, extra: &str) -> PathBuf {
+        let path = dir.join(format!("{}.toml", unique("cfg")));
+        std::fs::write(
+            &path,
+            format!(
+                "cluster_id = \"{cluster}\"\n[store]\nurl = \"{}\"\nendpoint = \"{}\"\nallow_http = true\n{extra}",
+                self.url(prefix),
+                self.endpoint
+            ),
+        )
+        .unwrap();
+        path
+    }
+}
+
+/// Where a CLI test keeps its store: how to point the binary at it.
+pub struct Target {
+    pub args: Vec<String>,
+    pub settings: StoreSettings,
+    pub cluster: String,
+}
+
+impl Target {
+    /// A fresh file:// store under `dir`, with optional extra config (e.g. `[chunking]`).
+    pub fn file(dir: &Path, cluster: &str, extra: &str) -> Target {
+        let store = dir.join(unique("store"));
+        let url = format!("file://{}", store.display());
+        let cfg = dir.join(format!("{}.toml", unique("cfg")));
+        std::fs::write(
+            &cfg,
+            format!("cluster_id = \"{cluster}\"\n[store]\nurl = \"{url}\"\n{extra}"),
+        )
+        .unwrap();
+        Target {
+            args: vec!["--config".into(), cfg.display().to_string()],
+            settings: StoreSettings::for_url(StoreUrl::parse(&url).unwrap()),
+            cluster: cluster.into(),
+        }
+    }
+
+    /// A fresh prefix on the S3 test server.
+    pub fn s3(s3: &S3, dir: &Path, cluster: &str, extra: &str) -> Target {
+        let prefix = unique("t");
+        let cfg = s3.config_file(dir, &prefix, cluster, extra);
+        Target {
+            args: vec!["--config".into(), cfg.display().to_string()],
+            settings: s3.settings(&prefix),
+            cluster: cluster.into(),
+        }
+    }
+
+    /// Runs `snaprelay <global args> <args>`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_snaprelay"));
+        cmd.args(&self.args).args(args);
+        cmd.output().expect("running snaprelay")
+    }
+
+    /// Runs and expects success; returns stdout parsed as JSON.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "snaprelay {args:?} failed ({:?}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout of {args:?} is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub async fn repo(&self) -> snaprelay::repo::Repo {
+        let store = snaprelay::store::Store::open(&self.settings).unwrap();
+        snaprelay::repo::Repo::open(store, &self.cluster)
+            .await
+            .unwrap()
+    }
+
+    pub fn store(&self) -> snaprelay::store::Store {
+        snaprelay::store::Store::open(&self.settings).unwrap()
+    }
+}
+
+/// Writes a data file and its envelope in the snapshot directory contract; returns the
+/// meta file's path.
+pub fn write_snapshot(dir: &Path, index: u64, term: u64, data: &[u8]) -> PathBuf {
+    write_snapshot_with(dir, index, term, |f| f.write_all(data))
+}
+
+/// Writes `size` pseudo-random bytes (seeded) as a snapshot, streaming in 1 MiB blocks.
+pub fn write_random_snapshot(dir: &Path, index: u64, term: u64, size: u64, seed: u64) -> PathBuf {
+    write_snapshot_with(dir, index, term, |f| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut block = vec![0u8; 1 << 20];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            rng.fill_bytes(&mut block[..n]);
+            f.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    })
+}
+
+pub fn write_snapshot_with(
+    dir: &Path,
+    index: u64,
+    term: u64,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let data_name = format!("node-{index}-{term}.snap");
+    let data_path = dir.join(&data_name);
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&data_path).unwrap());
+    fill(&mut w).unwrap();
+    w.into_inner().unwrap().sync_all().unwrap();
+    let size = std::fs::metadata(&data_path).unwrap().len();
+    let meta = serde_json::json!({
+        "format": 1,
+        "last_log_index": index,
+        "last_log_term": term,
+        "data": data_name,
+        "size": size,
+        "raft_meta": {"last_log_id": {"leader_id": {"term": term, "node_id": 1}, "index": index},
+                      "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}}},
+    });
+    let meta_path = dir.join(format!("node-{index}-{term}.meta.json"));
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    meta_path
+}
+
+/// sha256 of a file, streaming.
+pub fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Every entry of a directory (hidden ones included), sorted.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
