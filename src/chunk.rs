@@ -7,6 +7,7 @@ use std::fmt;
 use std::io::Read;
 use std::str::FromStr;
 
+use bytes::Bytes;
 use fastcdc::v2020::{StreamCDC, MAXIMUM_MAX, MINIMUM_MIN};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -139,17 +140,10 @@ impl ChunkParams {
 /// One chunk cut from a stream, not yet hashed.
 pub struct RawChunk {
     pub offset: u64,
-    pub data: Vec<u8>,
+    pub data: Bytes,
 }
 
-/// What a whole stream hashed to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StreamSummary {
-    pub size: u64,
-    pub sha256: Digest,
-}
-
-/// Cuts `reader` into chunks, hands each to `sink` in order, and hashes the whole stream.
+/// Cuts `reader` into chunks and hands each to `sink` in order; returns the stream's size.
 /// Blocking: run it on a blocking thread. A `sink` error stops the cut and is returned.
 ///
 /// `params` must have been validated ([`ChunkParams::new`]); the chunker panics on values
@@ -158,23 +152,59 @@ pub fn split<R: Read>(
     reader: R,
     params: ChunkParams,
     mut sink: impl FnMut(RawChunk) -> std::io::Result<()>,
-) -> std::io::Result<StreamSummary> {
-    let mut whole = Sha256::new();
+) -> std::io::Result<u64> {
     let mut size = 0u64;
     let chunker = StreamCDC::new(reader, params.min_size, params.avg_size, params.max_size);
     for chunk in chunker {
         let chunk = chunk.map_err(std::io::Error::from)?;
-        whole.update(&chunk.data);
         size += chunk.length as u64;
         sink(RawChunk {
             offset: chunk.offset,
-            data: chunk.data,
+            data: Bytes::from(chunk.data),
         })?;
     }
-    Ok(StreamSummary {
-        size,
-        sha256: Digest(whole.finalize().into()),
-    })
+    Ok(size)
+}
+
+/// The sha256 of a whole file, computed on a thread of its own from the pieces fed to it in
+/// order. sha256 is sequential, so this is the one pass that cannot be spread over cores;
+/// giving it its own thread overlaps it with cutting, chunk hashing and I/O instead of
+/// adding to them.
+pub struct WholeFileHasher {
+    tx: std::sync::mpsc::SyncSender<Bytes>,
+    thread: std::thread::JoinHandle<Digest>,
+}
+
+impl WholeFileHasher {
+    pub fn spawn() -> std::io::Result<WholeFileHasher> {
+        // A few chunks of slack keep both sides busy; the bound keeps memory flat.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+        let thread = std::thread::Builder::new()
+            .name("whole-file-sha256".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for piece in rx {
+                    h.update(&piece);
+                }
+                Digest(h.finalize().into())
+            })?;
+        Ok(WholeFileHasher { tx, thread })
+    }
+
+    /// Feeds the next piece of the file (blocks while the hasher is behind).
+    pub fn feed(&self, piece: Bytes) {
+        // The receiver lives until `finish`, so a send cannot fail while `self` exists.
+        let _ = self.tx.send(piece);
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        drop(self.tx);
+        // The thread only hashes; it cannot panic short of memory exhaustion.
+        self.thread
+            .join()
+            .expect("whole-file hasher thread panicked")
+    }
 }
 
 /// A chunk's place in a file, as found by [`index`].
@@ -238,13 +268,15 @@ mod tests {
         let data = random(1 << 20, 1);
         let p = small();
         let mut chunks = Vec::new();
-        let summary = split(&data[..], p, |c| {
+        let hasher = WholeFileHasher::spawn().unwrap();
+        let size = split(&data[..], p, |c| {
+            hasher.feed(c.data.clone());
             chunks.push(c);
             Ok(())
         })
         .unwrap();
-        assert_eq!(summary.size, data.len() as u64);
-        assert_eq!(summary.sha256, Digest::of(&data));
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(hasher.finish(), Digest::of(&data));
         let mut offset = 0;
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.offset, offset);
@@ -268,9 +300,9 @@ mod tests {
 
     #[test]
     fn empty_and_tiny_streams() {
-        let s = split(&b""[..], small(), |_| panic!("no chunk expected")).unwrap();
-        assert_eq!(s.size, 0);
-        assert_eq!(s.sha256, Digest::of(b""));
+        let size = split(&b""[..], small(), |_| panic!("no chunk expected")).unwrap();
+        assert_eq!(size, 0);
+        assert_eq!(WholeFileHasher::spawn().unwrap().finish(), Digest::of(b""));
         let spans = index(&b"x"[..], small()).unwrap();
         assert_eq!(
             spans,

@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 
-use crate::chunk::{ChunkSpan, Digest};
+use crate::chunk::{ChunkSpan, Digest, WholeFileHasher};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkRef, Manifest};
 use crate::progress::Progress;
@@ -202,11 +201,12 @@ impl<'a> Fetcher<'a> {
         self.progress.begin(manifest.size);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(2);
         let writer_file = file.clone();
+        let hasher =
+            WholeFileHasher::spawn().map_err(|e| Error::io("starting the file hasher", e))?;
         let writer = tokio::task::spawn_blocking(move || -> io::Result<(Digest, Counts)> {
-            let mut whole = Sha256::new();
             let mut counts = Counts::default();
             while let Some(piece) = rx.blocking_recv() {
-                whole.update(&piece.bytes);
+                hasher.feed(piece.bytes.clone());
                 let len = piece.bytes.len() as u64;
                 match piece.origin {
                     Origin::InPlace => {}
@@ -226,7 +226,7 @@ impl<'a> Fetcher<'a> {
                 }
             }
             writer_file.sync_all()?;
-            Ok((Digest(whole.finalize().into()), counts))
+            Ok((hasher.finish(), counts))
         });
 
         let sent = futures::stream::iter(manifest.offsets())

@@ -12,7 +12,6 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use chrono::Utc;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
@@ -98,14 +97,18 @@ impl<'a> Publisher<'a> {
         let file = File::open(&snapshot.data_path)
             .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?;
         let params = self.repo.params();
+        let hasher = chunk::WholeFileHasher::spawn()
+            .map_err(|e| Error::io("starting the file hasher", e))?;
         // Two chunks queued ahead of the uploads keep the reader busy without holding more
         // than `concurrency + 2` chunks in memory.
         let (tx, rx) = tokio::sync::mpsc::channel::<RawChunk>(2);
         let reader = tokio::task::spawn_blocking(move || {
-            chunk::split(file, params, |c| {
+            let size = chunk::split(file, params, |c| {
+                hasher.feed(c.data.clone());
                 tx.blocking_send(c)
                     .map_err(|_| io::Error::other("upload stopped"))
-            })
+            });
+            (size, hasher.finish())
         });
 
         self.progress.begin(env.size);
@@ -118,18 +121,18 @@ impl<'a> Publisher<'a> {
                 .try_collect::<Vec<ChunkRef>>()
                 .await;
         // On an upload error the receiver is gone and the reader stops at its next send.
-        let read = reader
+        let (read, sha256) = reader
             .await
             .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
         let chunks = chunks?;
-        let summary =
+        let size =
             read.map_err(|e| Error::io(format!("reading {}", snapshot.data_path.display()), e))?;
-        if summary.size != env.size {
+        if size != env.size {
             return Err(Error::Snapdir(SnapdirError::SizeMismatch {
                 meta: snapshot.meta_path.clone(),
                 data: snapshot.data_path.clone(),
                 expected: env.size,
-                actual: summary.size,
+                actual: size,
             }));
         }
 
@@ -139,8 +142,8 @@ impl<'a> Publisher<'a> {
             last_log_index: index,
             last_log_term: term,
             raft_meta: env.raft_meta.clone(),
-            size: summary.size,
-            sha256: summary.sha256,
+            size,
+            sha256,
             chunks,
             created_at: Utc::now(),
             publisher: PublisherInfo {
@@ -154,8 +157,8 @@ impl<'a> Publisher<'a> {
         let report = PublishReport {
             index,
             term,
-            size: summary.size,
-            sha256: Some(summary.sha256.to_hex()),
+            size,
+            sha256: Some(sha256.to_hex()),
             manifest: id.to_string(),
             already_published: false,
             chunks_total: manifest.chunks.len() as u64,
@@ -204,7 +207,7 @@ impl<'a> Publisher<'a> {
         transferred_bytes: &AtomicU64,
     ) -> Result<ChunkRef> {
         let len = raw.data.len() as u64;
-        let data = Bytes::from(raw.data);
+        let data = raw.data;
         let (sha, data) = tokio::task::spawn_blocking(move || (Digest::of(&data), data))
             .await
             .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;

@@ -1,0 +1,97 @@
+//! A `push` killed with SIGKILL in the middle of a large snapshot leaves no visible snapshot
+//! (the manifest is the commit point), and the next push completes it, uploading only the
+//! chunks that had not made it into the store.
+
+mod support;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use support::Target;
+
+async fn stored_chunks(target: &Target) -> u64 {
+    let store = target.store();
+    store
+        .backend
+        .list(Some(&store.key("chunks")))
+        .try_fold(0u64, |n, _| async move { Ok(n + 1) })
+        .await
+        .unwrap()
+}
+
+async fn killed_push_resumes(target: Target, size: u64) {
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let meta = support::write_random_snapshot(&work.path().join("leader"), 500, 4, size, 99);
+    let expected_chunks = size / (1 << 20);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+        .args(&target.args)
+        .args(["push", meta.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill once a tenth of the chunks are in, so that the kill lands mid-upload.
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("push finished ({status}) before it could be killed; use a larger snapshot");
+        }
+        if stored_chunks(&target).await >= expected_chunks / 10 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "push made no progress"
+        );
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status}");
+
+    // Nothing is visible as a snapshot.
+    let repo = target.repo().await;
+    assert!(repo.list_manifests(None).await.unwrap().is_empty());
+    let listed = target.json(&["list", "--json"]);
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 0);
+    let to = work.path().join("follower");
+    let out = target.run(&["pull", "--to", to.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", support::stderr(&out));
+    assert!(support::stderr(&out).contains("holds no snapshot"));
+    assert!(support::entries(&to).is_empty());
+
+    // The second push sends exactly the chunks that are not there yet.
+    let already = stored_chunks(&target).await;
+    let pushed = target.json(&["push", meta.to_str().unwrap(), "--json"]);
+    let total = pushed["chunks_total"].as_u64().unwrap();
+    let sent = pushed["chunks_transferred"].as_u64().unwrap();
+    assert!(
+        already > 0 && already < total,
+        "{already} of {total} chunks were stored before the kill"
+    );
+    assert_eq!(sent, total - already, "{pushed}");
+
+    let pulled = target.json(&["pull", "--to", to.to_str().unwrap(), "--json"]);
+    assert_eq!(
+        support::sha256_file(std::path::Path::new(pulled["data"].as_str().unwrap())),
+        support::sha256_file(&meta.with_file_name("node-500-4.snap"))
+    );
+}
+
+#[tokio::test]
+async fn killed_push_on_file_store_leaves_no_manifest_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    killed_push_resumes(Target::file(dir.path(), "crash", ""), 768 << 20).await;
+}
+
+#[tokio::test]
+async fn killed_push_on_s3_leaves_no_manifest_and_resumes() {
+    let Some(s3) = support::s3("killed_push_on_s3_leaves_no_manifest_and_resumes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    killed_push_resumes(Target::s3(&s3, dir.path(), "crash", ""), 512 << 20).await;
+}
