@@ -35,5 +35,5 @@ eval "$(bash "$S3" env)"
 export SNAPRELAY_TEST_S3_REQUIRED=1
 
 rc=0
-cargo test "$@" || rc=$?
+cargo test --workspace "$@" || rc=$?
 exit "$rc"

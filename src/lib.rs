@@ -7,7 +7,8 @@
 //! # Layout
 //!
 //! - [`config`]: TOML file → validated [`config::Config`]; errors name the key.
-//! - [`snapdir`]: the snapshot directory contract: envelope meta file + data file.
+//! - [`snapdir`], [`ipc`]: the contracts shared with the node, from the `snaprelay-contract`
+//!   crate (the snapshot directory layout and the hook protocol).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
 //! - [`store`]: store URLs and options → an `object_store` backend.
@@ -28,6 +29,7 @@ pub mod manifest;
 pub mod progress;
 pub mod publish;
 pub mod repo;
-pub mod snapdir;
 pub mod store;
 pub mod verify;
+
+pub use snaprelay_contract::{ipc, snapdir};

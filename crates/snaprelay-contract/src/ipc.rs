@@ -1,0 +1,409 @@
+//! The IPC hook protocol between a node (server) and its sidecar (client), over a Unix
+//! domain socket owned by the node.
+//!
+//! Framing: one JSON object per line (`\n`-terminated, UTF-8), at most [`MAX_LINE`] bytes
+//! including the newline. Each request gets exactly one response line, in order; a client
+//! may send several requests on one connection. Every frame carries `"v": 1`.
+//!
+//! ```text
+//! → {"v":1,"op":"status"}
+//! ← {"v":1,"ok":true,"result":{"node_id":2,"role":"follower","leader":1,"term":3,...}}
+//! → {"v":1,"op":"trigger_snapshot"}
+//! ← {"v":1,"ok":true,"result":{"queued":true}}
+//! → {"v":1,"op":"save_snapshot","envelope":{...},"path":"/var/lib/kv/snapshots/.incoming/x.bin","sha256":"…"}
+//! ← {"v":1,"ok":true,"result":{"outcome":"staged","snapshot":{"term":3,"index":1200}}}
+//! ← {"v":1,"ok":false,"error":{"code":"bad_request","message":"line 1: expected value at column 1"}}
+//! ```
+//!
+//! A malformed or oversized line gets an error response and the connection stays usable
+//! (an oversized line is skipped up to its newline).
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::snapdir::Envelope;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// Longest accepted line, newline included.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// A raft log id, as the protocol carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LogIdRef {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl fmt::Display for LogIdRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.term, self.index)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// What the node is: role, leader, term, applied and snapshot log ids.
+    Status {},
+    /// Queue a snapshot build (answered at once; watch the directory for the result).
+    TriggerSnapshot {},
+    /// Hand the node a verified snapshot to adopt.
+    SaveSnapshot {
+        envelope: Envelope,
+        /// Absolute path of the verified data file, in the node's incoming directory.
+        path: String,
+        /// sha256 of the data file (64 hex digits), for the node to check if it wants to.
+        sha256: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Leader,
+    Follower,
+    Learner,
+    Candidate,
+    Shutdown,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Learner => "learner",
+            Role::Candidate => "candidate",
+            Role::Shutdown => "shutdown",
+        };
+        f.write_str(s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub node_id: u64,
+    pub role: Role,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub last_applied: Option<LogIdRef>,
+    /// Last log id covered by the node's current snapshot.
+    pub snapshot: Option<LogIdRef>,
+    /// Last purged log id.
+    pub purged: Option<LogIdRef>,
+    pub snapshot_dir: String,
+    pub incoming_dir: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveOutcome {
+    /// The snapshot is now the node's current snapshot.
+    Adopted,
+    /// Kept; it becomes current once the node has applied up to its index.
+    Staged,
+    /// Not newer than what the node has; ignored.
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaveResult {
+    pub outcome: SaveOutcome,
+    /// The node's current snapshot after the call.
+    pub snapshot: Option<LogIdRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerResult {
+    pub queued: bool,
+}
+
+/// Machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not a valid request.
+    BadRequest,
+    /// The line is longer than [`MAX_LINE`].
+    TooLarge,
+    /// The request's `v` is not one this node speaks.
+    UnsupportedVersion,
+    /// The request is valid but cannot be served now (e.g. trigger on a shut-down node).
+    Unavailable,
+    /// The node failed to serve it.
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// A request line: `{"v":1,"op":...,...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub v: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// A response line: `{"v":1,"ok":true,"result":...}` or `{"v":1,"ok":false,"error":...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl ResponseFrame {
+    pub fn ok(result: &impl Serialize) -> ResponseFrame {
+        ResponseFrame {
+            v: VERSION,
+            ok: true,
+            // Serializing the protocol's own result types cannot fail (no maps with
+            // non-string keys, no custom serializers that error).
+            result: Some(serde_json::to_value(result).expect("result serializes")),
+            error: None,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> ResponseFrame {
+        ResponseFrame {
+            v: VERSION,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("line longer than {MAX_LINE} bytes")]
+    TooLarge,
+    #[error("invalid frame: {0}")]
+    Invalid(String),
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    Version(u32),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The error response a server sends for this frame error, if the connection can go on.
+    pub fn response(&self) -> Option<ResponseFrame> {
+        match self {
+            FrameError::TooLarge => {
+                Some(ResponseFrame::error(ErrorCode::TooLarge, self.to_string()))
+            }
+            FrameError::Invalid(_) => Some(ResponseFrame::error(
+                ErrorCode::BadRequest,
+                self.to_string(),
+            )),
+            FrameError::Version(_) => Some(ResponseFrame::error(
+                ErrorCode::UnsupportedVersion,
+                self.to_string(),
+            )),
+            FrameError::Closed | FrameError::Io(_) => None,
+        }
+    }
+}
+
+/// Reads one line of at most [`MAX_LINE`] bytes. An oversized line is consumed up to its
+/// newline and reported as [`FrameError::TooLarge`], so the stream stays in sync.
+pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, FrameError> {
+    let mut line = Vec::new();
+    let mut oversized = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            if line.is_empty() && !oversized {
+                return Err(FrameError::Closed);
+            }
+            // A last line without newline: treat as a frame.
+            break;
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !oversized {
+            if line.len() + take > MAX_LINE {
+                oversized = true;
+                line.clear();
+            } else {
+                line.extend_from_slice(&buf[..take]);
+            }
+        }
+        reader.consume(take);
+        if done {
+            break;
+        }
+    }
+    if oversized {
+        return Err(FrameError::TooLarge);
+    }
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    Ok(line)
+}
+
+/// Parses a request line, checking the version.
+pub fn parse_request(line: &[u8]) -> Result<Request, FrameError> {
+    // Look at the version first, so that a future client gets "unsupported version" rather
+    // than a confusing field error.
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(line).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    let v = value
+        .remove("v")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| FrameError::Invalid("missing numeric field \"v\"".into()))?;
+    if v != VERSION as u64 {
+        return Err(FrameError::Version(v.min(u32::MAX as u64) as u32));
+    }
+    // Without "v", the rest is exactly a `Request`, whose unknown fields are refused.
+    serde_json::from_value(serde_json::Value::Object(value))
+        .map_err(|e| FrameError::Invalid(e.to_string()))
+}
+
+/// Parses a response line, checking the version.
+pub fn parse_response(line: &[u8]) -> Result<ResponseFrame, FrameError> {
+    let frame: ResponseFrame =
+        serde_json::from_slice(line).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    if frame.v != VERSION {
+        return Err(FrameError::Version(frame.v));
+    }
+    Ok(frame)
+}
+
+/// Writes one frame and its newline, and flushes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    frame: &impl Serialize,
+) -> Result<(), FrameError> {
+    let mut line = serde_json::to_vec(frame).map_err(|e| FrameError::Invalid(e.to_string()))?;
+    line.push(b'\n');
+    writer.write_all(&line).await?;
+    writer.flush().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip() {
+        let envelope = Envelope {
+            format: 1,
+            last_log_index: 9,
+            last_log_term: 2,
+            data: "x.bin".into(),
+            size: 3,
+            raft_meta: serde_json::json!({}),
+        };
+        for request in [
+            Request::Status {},
+            Request::TriggerSnapshot {},
+            Request::SaveSnapshot {
+                envelope,
+                path: "/a/x.bin".into(),
+                sha256: "00".repeat(32),
+            },
+        ] {
+            let line = serde_json::to_vec(&RequestFrame {
+                v: VERSION,
+                request: request.clone(),
+            })
+            .unwrap();
+            assert_eq!(parse_request(&line).unwrap(), request);
+        }
+        assert_eq!(
+            serde_json::to_string(&RequestFrame {
+                v: 1,
+                request: Request::Status {}
+            })
+            .unwrap(),
+            r#"{"v":1,"op":"status"}"#
+        );
+    }
+
+    #[test]
+    fn bad_requests() {
+        assert!(matches!(
+            parse_request(b"not json"),
+            Err(FrameError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"op":"status"}"#),
+            Err(FrameError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"v":2,"op":"status"}"#),
+            Err(FrameError::Version(2))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"v":1,"op":"reboot"}"#),
+            Err(FrameError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_request(br#"{"v":1,"op":"status","x":1}"#),
+            Err(FrameError::Invalid(_))
+        ));
+        let resp = FrameError::Invalid("x".into()).response().unwrap();
+        assert!(!resp.ok);
+        assert_eq!(resp.error.unwrap().code, ErrorCode::BadRequest);
+    }
+
+    #[tokio::test]
+    async fn oversized_line_is_skipped_and_stream_stays_in_sync() {
+        let mut input = vec![b'a'; MAX_LINE + 10];
+        input.push(b'\n');
+        input.extend_from_slice(b"{\"v\":1,\"op\":\"status\"}\n");
+        let mut reader = tokio::io::BufReader::new(&input[..]);
+        assert!(matches!(
+            read_line(&mut reader).await,
+            Err(FrameError::TooLarge)
+        ));
+        let line = read_line(&mut reader).await.unwrap();
+        assert_eq!(parse_request(&line).unwrap(), Request::Status {});
+        assert!(matches!(
+            read_line(&mut reader).await,
+            Err(FrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn responses() {
+        let ok = ResponseFrame::ok(&TriggerResult { queued: true });
+        let line = serde_json::to_vec(&ok).unwrap();
+        assert_eq!(parse_response(&line).unwrap(), ok);
+        let status = Status {
+            node_id: 1,
+            role: Role::Leader,
+            leader: Some(1),
+            term: 2,
+            last_applied: Some(LogIdRef { term: 2, index: 10 }),
+            snapshot: None,
+            purged: None,
+            snapshot_dir: "/s".into(),
+            incoming_dir: "/s/.incoming".into(),
+        };
+        let v = serde_json::to_value(&status).unwrap();
+        assert_eq!(v["role"], "leader");
+        assert_eq!(serde_json::from_value::<Status>(v).unwrap(), status);
+    }
+}

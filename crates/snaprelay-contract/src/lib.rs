@@ -1,0 +1,12 @@
+//! The contracts between an openraft node and its snaprelay sidecar, with no dependency on
+//! object storage, file watching or the daemon, so that both sides (and nodes written in
+//! other languages, through the documented formats) can share them.
+//!
+//! # Layout
+//!
+//! - [`snapdir`]: the snapshot directory: envelope meta file + data file, how they are
+//!   committed, which names are never read.
+//! - [`ipc`]: the hook protocol: one JSON request per line, one JSON response per line.
+
+pub mod ipc;
+pub mod snapdir;
