@@ -73,6 +73,46 @@ pub struct Config {
     pub chunking: ChunkParams,
     pub upload: Transfer,
     pub download: Transfer,
+    /// The node this sidecar serves (needed by `run`).
+    pub node: Option<NodeConfig>,
+    pub daemon: DaemonConfig,
+}
+
+/// How to reach the node's hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The Unix socket the node's hook listens on.
+    pub hook_socket: PathBuf,
+    /// Overrides the snapshot directory the node reports in `status`.
+    pub snapshot_dir: Option<PathBuf>,
+    /// Overrides the incoming directory the node reports in `status`.
+    pub incoming_dir: Option<PathBuf>,
+    /// Limit for one hook request (a `save_snapshot` waits for the node's adoption).
+    pub hook_timeout: Duration,
+}
+
+/// The `run` loop's timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// How often the node's role and the store's newest manifest are checked.
+    pub poll_interval: Duration,
+    /// Leader: how often the snapshot directory is rescanned besides file events.
+    pub rescan_interval: Duration,
+    /// Leader: ask the node to build a snapshot this often (off when unset).
+    pub trigger_interval: Option<Duration>,
+    /// Longest wait between retries after failures.
+    pub max_backoff: Duration,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            poll_interval: Duration::from_secs(1),
+            rescan_interval: Duration::from_secs(30),
+            trigger_interval: None,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +164,27 @@ struct RawConfig {
     upload: RawTransfer,
     #[serde(default)]
     download: RawTransfer,
+    node: Option<RawNode>,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    hook_socket: Option<PathBuf>,
+    snapshot_dir: Option<PathBuf>,
+    incoming_dir: Option<PathBuf>,
+    hook_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    poll_interval: Option<String>,
+    rescan_interval: Option<String>,
+    trigger_interval: Option<String>,
+    max_backoff: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +274,8 @@ impl Config {
         let chunking = chunk_params(&raw.chunking)?;
         let upload = transfer("upload", &raw.upload)?;
         let download = transfer("download", &raw.download)?;
+        let node = raw.node.map(node_config).transpose()?;
+        let daemon = daemon_config(raw.daemon)?;
         Ok(Config {
             cluster_id,
             node_id: raw.node_id,
@@ -220,6 +283,8 @@ impl Config {
             chunking,
             upload,
             download,
+            node,
+            daemon,
         })
     }
 
@@ -280,6 +345,35 @@ impl Config {
             "\n[upload]\nconcurrency = {}\n\n[download]\nconcurrency = {}\n",
             self.upload.concurrency, self.download.concurrency
         ));
+        let d = |v: Duration| q(&humantime::format_duration(v).to_string());
+        if let Some(node) = &self.node {
+            out.push_str(&format!(
+                "\n[node]\nhook_socket = {}\n",
+                q(&node.hook_socket.display().to_string())
+            ));
+            if let Some(dir) = &node.snapshot_dir {
+                out.push_str(&format!(
+                    "snapshot_dir = {}\n",
+                    q(&dir.display().to_string())
+                ));
+            }
+            if let Some(dir) = &node.incoming_dir {
+                out.push_str(&format!(
+                    "incoming_dir = {}\n",
+                    q(&dir.display().to_string())
+                ));
+            }
+            out.push_str(&format!("hook_timeout = {}\n", d(node.hook_timeout)));
+        }
+        out.push_str(&format!(
+            "\n[daemon]\npoll_interval = {}\nrescan_interval = {}\nmax_backoff = {}\n",
+            d(self.daemon.poll_interval),
+            d(self.daemon.rescan_interval),
+            d(self.daemon.max_backoff)
+        ));
+        if let Some(t) = self.daemon.trigger_interval {
+            out.push_str(&format!("trigger_interval = {}\n", d(t)));
+        }
         out
     }
 }
@@ -423,26 +517,6 @@ fn store_settings(raw: RawStore, overrides: &Overrides, env: &dyn Env) -> Result
         S3Settings::default()
     };
 
-    let duration = |key: &str, value: Option<String>, default: Duration| -> Result<Duration> {
-        match value {
-            None => Ok(default),
-            Some(text) => {
-                let d = humantime::parse_duration(&text).map_err(|e| {
-                    ConfigError::invalid(
-                        format!("store.{key}"),
-                        format!("{text:?} is not a duration like \"30s\": {e}"),
-                    )
-                })?;
-                if d.is_zero() {
-                    return Err(ConfigError::invalid(
-                        format!("store.{key}"),
-                        "must be greater than zero",
-                    ));
-                }
-                Ok(d)
-            }
-        }
-    };
     let max_retries = raw.max_retries.unwrap_or(3);
     if max_retries > 20 {
         return Err(ConfigError::invalid(
@@ -465,7 +539,11 @@ fn store_settings(raw: RawStore, overrides: &Overrides, env: &dyn Env) -> Result
             Duration::from_secs(5),
         )?,
         max_retries: max_retries as usize,
-        retry_timeout: duration("retry_timeout", raw.retry_timeout, Duration::from_secs(30))?,
+        retry_timeout: duration(
+            "store.retry_timeout",
+            raw.retry_timeout,
+            Duration::from_secs(30),
+        )?,
     })
 }
 
@@ -502,6 +580,83 @@ fn secret_value(
         }
         (None, None) => Ok(env.map(Secret::new)),
     }
+}
+
+/// Parses an optional duration like "2s" under `key`; zero is refused.
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(text) => {
+            let d = humantime::parse_duration(&text).map_err(|e| {
+                ConfigError::invalid(key, format!("{text:?} is not a duration like \"30s\": {e}"))
+            })?;
+            if d.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than zero"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn absolute(key: &str, path: PathBuf) -> Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("{} must be an absolute path", path.display()),
+        ))
+    }
+}
+
+fn node_config(raw: RawNode) -> Result<NodeConfig> {
+    let hook_socket = raw
+        .hook_socket
+        .ok_or_else(|| ConfigError::invalid("node.hook_socket", "is required in [node]"))?;
+    Ok(NodeConfig {
+        hook_socket: absolute("node.hook_socket", hook_socket)?,
+        snapshot_dir: raw
+            .snapshot_dir
+            .map(|p| absolute("node.snapshot_dir", p))
+            .transpose()?,
+        incoming_dir: raw
+            .incoming_dir
+            .map(|p| absolute("node.incoming_dir", p))
+            .transpose()?,
+        hook_timeout: duration(
+            "node.hook_timeout",
+            raw.hook_timeout,
+            Duration::from_secs(60),
+        )?,
+    })
+}
+
+fn daemon_config(raw: RawDaemon) -> Result<DaemonConfig> {
+    let default = DaemonConfig::default();
+    let config = DaemonConfig {
+        poll_interval: duration(
+            "daemon.poll_interval",
+            raw.poll_interval,
+            default.poll_interval,
+        )?,
+        rescan_interval: duration(
+            "daemon.rescan_interval",
+            raw.rescan_interval,
+            default.rescan_interval,
+        )?,
+        trigger_interval: raw
+            .trigger_interval
+            .map(|t| duration("daemon.trigger_interval", Some(t), Duration::ZERO))
+            .transpose()?,
+        max_backoff: duration("daemon.max_backoff", raw.max_backoff, default.max_backoff)?,
+    };
+    if config.max_backoff < config.poll_interval {
+        return Err(ConfigError::invalid(
+            "daemon.max_backoff",
+            "must not be shorter than daemon.poll_interval",
+        ));
+    }
+    Ok(config)
 }
 
 fn parse_size(key: &str, value: &Size) -> Result<u64> {
@@ -731,6 +886,33 @@ mod tests {
         );
         let both = format!("{text}secret_access_key = \"x\"\n");
         assert!(err(&both).starts_with("store.secret_access_key: give either"));
+    }
+
+    #[test]
+    fn node_and_daemon_sections() {
+        let c = load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[node]\nhook_socket = \"/run/kv/hook.sock\"\n\
+             [daemon]\npoll_interval = \"500ms\"\ntrigger_interval = \"10m\"\n",
+        )
+        .unwrap();
+        let node = c.node.unwrap();
+        assert_eq!(node.hook_socket, PathBuf::from("/run/kv/hook.sock"));
+        assert_eq!(c.daemon.poll_interval, Duration::from_millis(500));
+        assert_eq!(c.daemon.trigger_interval, Some(Duration::from_secs(600)));
+        let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[node]\nhook_socket = \"rel.sock\"\n");
+        assert!(
+            e.starts_with("node.hook_socket: rel.sock must be an absolute path"),
+            "{e}"
+        );
+        let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[node]\n");
+        assert!(e.starts_with("node.hook_socket: is required"), "{e}");
+        let e = err(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\npoll_interval = \"0s\"\n",
+        );
+        assert!(
+            e.starts_with("daemon.poll_interval: must be greater than zero"),
+            "{e}"
+        );
     }
 
     #[test]

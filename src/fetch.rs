@@ -69,6 +69,52 @@ impl ReuseSource {
     }
 }
 
+/// Reuse sources for a fetch into `dir`: its newest `limit` committed snapshots, with their
+/// chunk lists from their manifest when the store has one for the same log id, otherwise
+/// found by cutting the file again with the repository's parameters (a snapshot the node
+/// built itself). Unreadable snapshots are skipped with a warning.
+pub async fn local_sources(repo: &Repo, dir: &Path, limit: usize) -> Result<Vec<ReuseSource>> {
+    let scan =
+        snapdir::scan(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    for rejected in &scan.rejected {
+        tracing::warn!(error = %rejected, "not reusing an unreadable snapshot");
+    }
+    let mut sources = Vec::new();
+    for local in scan.snapshots.iter().rev().take(limit) {
+        let (index, term) = local.envelope.log_id();
+        let manifest = match repo.manifest_for(index, term).await? {
+            Some(id) => repo.read_manifest(&id).await.ok(),
+            None => None,
+        };
+        let chunks = match manifest {
+            Some(m) if m.size == local.envelope.size => {
+                ReuseSource::from_manifest(local.data_path.clone(), &m).chunks
+            }
+            _ => {
+                let path = local.data_path.clone();
+                let params = repo.params();
+                let cut = tokio::task::spawn_blocking(move || {
+                    File::open(&path).and_then(|f| crate::chunk::index(f, params))
+                })
+                .await
+                .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
+                match cut {
+                    Ok(chunks) => chunks,
+                    Err(e) => {
+                        tracing::warn!(path = %local.data_path.display(), error = %e, "cannot read a local snapshot for reuse");
+                        continue;
+                    }
+                }
+            }
+        };
+        sources.push(ReuseSource {
+            path: local.data_path.clone(),
+            chunks,
+        });
+    }
+    Ok(sources)
+}
+
 /// Where a chunk's bytes came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {

@@ -11,6 +11,7 @@
 //!   crate (the snapshot directory layout and the hook protocol).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
+//! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
@@ -18,18 +19,23 @@
 //! - [`verify`]: re-download and re-hash what the store holds.
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
+//! - [`daemon`]: `snaprelay run`: role tracking, publishing as leader, adopting as follower.
+//! - [`watch`]: snapshot directory events, debounced.
 //! - [`error`]: how failures are classified into exit codes.
 
 pub mod chunk;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod fetch;
 pub mod manifest;
+pub mod node;
 pub mod progress;
 pub mod publish;
 pub mod repo;
 pub mod store;
 pub mod verify;
+pub mod watch;
 
 pub use snaprelay_contract::{ipc, snapdir};

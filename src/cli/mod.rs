@@ -14,6 +14,7 @@ mod check_config;
 mod list;
 mod pull;
 mod push;
+mod run;
 mod verify;
 
 #[derive(Debug, Parser)]
@@ -39,6 +40,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The log level when SNAPRELAY_LOG does not say: the daemon reports each stage at
+    /// info; one-shot commands print their result and log only warnings.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Run => "info",
+            _ => "warn",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -57,6 +69,8 @@ pub enum Command {
     Verify(verify::Args),
     /// Validate and print the effective config (secrets masked).
     CheckConfig,
+    /// Run the sidecar next to a node (needs [node] in the config) until SIGTERM/SIGINT.
+    Run,
 }
 
 impl Cli {
@@ -82,6 +96,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(args) => list::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
         Command::CheckConfig => check_config::run(&config),
+        Command::Run => run::run(&config).await,
     }
 }
 

@@ -1,16 +1,13 @@
 //! `snaprelay pull --to DIR`: the newest (or a chosen) snapshot into DIR, verified, reusing
 //! chunks of the snapshots DIR already holds.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::chunk;
 use crate::config::Config;
-use crate::fetch::{Fetcher, ReuseSource};
+use crate::fetch::{self, Fetcher};
 use crate::progress::Bar;
-use crate::repo::Repo;
-use crate::snapdir;
 
 /// How many of DIR's newest snapshots are offered as chunk sources.
 const REUSE_LOCAL_SNAPSHOTS: usize = 2;
@@ -38,7 +35,9 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             .ok_or(crate::error::Error::NoSnapshots)?,
     };
     let manifest = repo.read_manifest(&id).await?;
-    let sources = local_sources(&repo, &args.to).await?;
+    let sources = fetch::local_sources(&repo, &args.to, REUSE_LOCAL_SNAPSHOTS)
+        .await
+        .with_context(|| format!("reading {}", args.to.display()))?;
     let bar = Bar::for_terminal("pull");
     let report = Fetcher::new(&repo, config.download.concurrency, bar.as_ref())
         .fetch(&manifest, &args.to, &sources)
@@ -58,41 +57,4 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         super::human_rate(report.bytes_transferred, report.elapsed)
     );
     Ok(())
-}
-
-/// The newest snapshots already in `dir`, with their chunk lists: from their manifest when
-/// the store has one for the same log id, otherwise by cutting the file again.
-async fn local_sources(repo: &Repo, dir: &Path) -> anyhow::Result<Vec<ReuseSource>> {
-    let scan = snapdir::scan(dir).with_context(|| format!("reading {}", dir.display()))?;
-    for rejected in &scan.rejected {
-        tracing::warn!(error = %rejected, "not reusing an unreadable snapshot");
-    }
-    let mut sources = Vec::new();
-    for local in scan.snapshots.iter().rev().take(REUSE_LOCAL_SNAPSHOTS) {
-        let (index, term) = local.envelope.log_id();
-        let listed = repo.manifest_for(index, term).await?;
-        let from_manifest = match listed {
-            Some(id) => repo.read_manifest(&id).await.ok(),
-            None => None,
-        };
-        let source = match from_manifest {
-            Some(m) if m.size == local.envelope.size => {
-                ReuseSource::from_manifest(local.data_path.clone(), &m)
-            }
-            _ => {
-                let path = local.data_path.clone();
-                let params = repo.params();
-                let chunks = tokio::task::spawn_blocking(move || {
-                    std::fs::File::open(&path).and_then(|f| chunk::index(f, params))
-                })
-                .await??;
-                ReuseSource {
-                    path: local.data_path.clone(),
-                    chunks,
-                }
-            }
-        };
-        sources.push(source);
-    }
-    Ok(sources)
 }

@@ -1,0 +1,404 @@
+//! `snaprelay run`: the sidecar loop. It learns the node's role from the hook's `status`
+//! (polled), and
+//!
+//! - as leader, publishes every committed snapshot in the node's directory that is newer
+//!   than what the store holds (file events plus periodic rescans; optionally asks the node
+//!   to build one every `trigger_interval`);
+//! - as follower or learner, fetches the newest manifest that is newer than the node's
+//!   snapshot into the node's incoming directory, verified, and hands it over with
+//!   `save_snapshot`.
+//!
+//! Every step is safe to abandon at any await (the manifest is the store's commit point; a
+//! fetch's staging file is hidden and resumed next time), so shutdown simply stops waiting.
+//! Failures are retried with exponential backoff and jitter; the loop never exits on a
+//! transient error.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rand::Rng;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, NodeConfig};
+use crate::error::Error;
+use crate::fetch::{self, Fetcher};
+use crate::ipc::{Role, Status};
+use crate::node::HookClient;
+use crate::progress::Silent;
+use crate::publish::Publisher;
+use crate::repo::{ManifestId, Repo};
+use crate::snapdir::{self, Snapshot};
+use crate::store::Store;
+use crate::watch::DirWatcher;
+
+/// Local snapshots offered as chunk sources to a follower's fetch.
+const REUSE_LOCAL_SNAPSHOTS: usize = 2;
+
+pub struct Daemon {
+    config: Config,
+    node_config: NodeConfig,
+    node: HookClient,
+    store: Store,
+    repo: Option<Repo>,
+    role: Option<Role>,
+    watcher: Option<DirWatcher>,
+    /// Leader: newest log id (index, term) known to be in the store.
+    published: Option<(u64, u64)>,
+    /// Follower: the manifest last handed to the node, not to be fetched again.
+    handed: Option<ManifestId>,
+    backoff: Backoff,
+}
+
+impl Daemon {
+    pub fn new(config: Config) -> anyhow::Result<Daemon> {
+        let node_config = config
+            .node
+            .clone()
+            .context("[node] with hook_socket is required for `run`")?;
+        let node = HookClient::new(&node_config.hook_socket, node_config.hook_timeout);
+        let store = Store::open(&config.store)?;
+        let backoff = Backoff::new(config.daemon.poll_interval, config.daemon.max_backoff);
+        Ok(Daemon {
+            config,
+            node_config,
+            node,
+            store,
+            repo: None,
+            role: None,
+            watcher: None,
+            published: None,
+            handed: None,
+            backoff,
+        })
+    }
+
+    /// Runs until `cancel` fires. Returns an error only for problems no retry can fix
+    /// (another cluster's store, an invalid repository).
+    pub async fn run(mut self, cancel: CancellationToken) -> anyhow::Result<()> {
+        tracing::info!(
+            store = %self.config.store.url,
+            hook = %self.node_config.hook_socket.display(),
+            cluster_id = %self.config.cluster_id,
+            "snaprelay started"
+        );
+        let daemon = self.config.daemon.clone();
+        let mut poll = tokio::time::interval(daemon.poll_interval);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut rescan = tokio::time::interval(daemon.rescan_interval);
+        rescan.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut trigger = daemon.trigger_interval.map(|t| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + t, t);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            i
+        });
+        loop {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = poll.tick() => self.step(&cancel).await,
+                _ = changed(&mut self.watcher) => self.publish_pending(&cancel).await,
+                _ = rescan.tick(), if self.role == Some(Role::Leader) => self.publish_pending(&cancel).await,
+                _ = tick(&mut trigger), if self.role == Some(Role::Leader) => self.trigger().await,
+            };
+            match outcome {
+                Ok(()) => {
+                    if let Some((failures, since)) = self.backoff.reset() {
+                        tracing::info!(failures, down_ms = since.as_millis() as u64, "recovered");
+                    }
+                }
+                Err(e) if is_fatal(&e) => {
+                    tracing::error!(error = %format!("{e:#}"), "giving up");
+                    return Err(e);
+                }
+                Err(e) => {
+                    let wait = self.backoff.failed();
+                    if self.backoff.failures == 1 {
+                        tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
+                    } else {
+                        tracing::debug!(error = %format!("{e:#}"), failures = self.backoff.failures, retry_in_ms = wait.as_millis() as u64, "still failing");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!("snaprelay stopped");
+        Ok(())
+    }
+
+    /// One poll: ask the node what it is, then do that role's work.
+    async fn step(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let status = self.node.status().await?;
+        if self.role != Some(status.role) {
+            tracing::info!(role = %status.role, node_id = status.node_id, term = status.term, "node role");
+            self.role = Some(status.role);
+            self.published = None;
+            self.handed = None;
+        }
+        match status.role {
+            Role::Leader => {
+                if self.watcher.is_none() {
+                    let dir = self.snapshot_dir(&status);
+                    match DirWatcher::new(&dir) {
+                        Ok(w) => self.watcher = Some(w),
+                        // Rescans still find snapshots; events only make it prompt.
+                        Err(e) => {
+                            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the snapshot directory; relying on rescans")
+                        }
+                    }
+                }
+                self.publish_pending(cancel).await
+            }
+            Role::Follower | Role::Learner => {
+                self.watcher = None;
+                self.follow(&status, cancel).await
+            }
+            Role::Candidate | Role::Shutdown => {
+                self.watcher = None;
+                Ok(())
+            }
+        }
+    }
+
+    fn snapshot_dir(&self, status: &Status) -> PathBuf {
+        self.node_config
+            .snapshot_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&status.snapshot_dir))
+    }
+
+    fn incoming_dir(&self, status: &Status) -> PathBuf {
+        self.node_config
+            .incoming_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&status.incoming_dir))
+    }
+
+    /// Leader: publish the node's newest committed snapshot if the store lacks it.
+    async fn publish_pending(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        if self.role != Some(Role::Leader) {
+            return Ok(());
+        }
+        let dir = match (&self.watcher, &self.node_config.snapshot_dir) {
+            (Some(w), _) => w.dir().to_owned(),
+            (None, Some(dir)) => dir.clone(),
+            (None, None) => self.snapshot_dir(&self.node.status().await?),
+        };
+        let scan = snapdir::scan(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for rejected in &scan.rejected {
+            tracing::warn!(error = %rejected, "skipping a snapshot that does not follow the directory contract");
+        }
+        let Some(newest) = scan.snapshots.last() else {
+            return Ok(());
+        };
+        let log_id = newest.envelope.log_id();
+        if self.published.is_some_and(|p| p >= log_id) {
+            return Ok(());
+        }
+        let repo = self.repo_for_publish().await?;
+        // A newer manifest (from a previous leader) supersedes this one: nothing to do.
+        if let Some(id) = repo
+            .newest_manifest(Some(log_id.0.saturating_sub(1)))
+            .await?
+        {
+            if (id.index, id.term) >= log_id {
+                self.published = Some((id.index, id.term));
+                return Ok(());
+            }
+        }
+        let snapshot = newest.clone();
+        let publisher = Publisher::new(
+            &repo,
+            self.config.upload.concurrency,
+            self.config.node_id,
+            &Silent,
+        );
+        let report = tokio::select! {
+            // Abandoning a publish leaves only unreferenced chunks: the manifest is last.
+            _ = cancel.cancelled() => return Ok(()),
+            r = publisher.publish(&snapshot) => r.with_context(|| format!("publishing snapshot {}", log_id.0))?,
+        };
+        if !report.already_published {
+            tracing::info!(
+                stage = "publish",
+                index = report.index,
+                bytes = report.size,
+                uploaded = report.bytes_transferred,
+                elapsed_ms = report.elapsed.as_millis() as u64,
+                "snapshot published"
+            );
+        }
+        self.published = Some(log_id);
+        Ok(())
+    }
+
+    /// The repository, created on the leader's first publish. (A cheap clone: the store
+    /// handle is shared.)
+    async fn repo_for_publish(&mut self) -> anyhow::Result<Repo> {
+        if self.repo.is_none() {
+            let repo = Repo::open_or_create(
+                self.store.clone(),
+                &self.config.cluster_id,
+                self.config.chunking,
+            )
+            .await?;
+            self.repo = Some(repo);
+        }
+        Ok(self.repo.clone().expect("set above"))
+    }
+
+    /// Follower: fetch and hand over the newest snapshot newer than the node's.
+    async fn follow(&mut self, status: &Status, cancel: &CancellationToken) -> anyhow::Result<()> {
+        if self.repo.is_none() {
+            match Repo::open(self.store.clone(), &self.config.cluster_id).await {
+                Ok(repo) => self.repo = Some(repo),
+                // Nothing published yet: the leader's sidecar creates the repository.
+                Err(Error::NoRepository { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let repo = self.repo.as_ref().expect("set above");
+        let after = status.snapshot.map(|s| s.index);
+        let Some(id) = repo.newest_manifest(after).await? else {
+            return Ok(());
+        };
+        if self.handed.as_ref() == Some(&id) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let manifest = repo.read_manifest(&id).await?;
+        let incoming = self.incoming_dir(status);
+        let snapshot_dir = self.snapshot_dir(status);
+        let mut sources = fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
+        sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
+        let fetcher = Fetcher::new(repo, self.config.download.concurrency, &Silent);
+        let report = tokio::select! {
+            // An abandoned fetch leaves only the hidden staging file, resumed next time.
+            _ = cancel.cancelled() => return Ok(()),
+            r = fetcher.fetch(&manifest, &incoming, &sources) => r.with_context(|| format!("fetching snapshot {}", id.index))?,
+        };
+        tracing::info!(
+            stage = "fetch",
+            index = report.index,
+            bytes = report.size,
+            downloaded = report.bytes_transferred,
+            reused = report.bytes_reused,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "snapshot fetched and verified"
+        );
+        let envelope = Snapshot::open(&report.meta)?.envelope;
+        let saved = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = self.node.save_snapshot(envelope, &report.data, &report.sha256) => r?,
+        };
+        // The node moved the data file away if it kept it; what is left is ours to remove.
+        let _ = std::fs::remove_file(&report.meta);
+        let _ = std::fs::remove_file(&report.data);
+        tracing::info!(
+            stage = "adopt",
+            index = report.index,
+            outcome = ?saved.outcome,
+            bytes = report.size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot handed to the node"
+        );
+        self.handed = Some(id);
+        Ok(())
+    }
+
+    async fn trigger(&mut self) -> anyhow::Result<()> {
+        let result = self.node.trigger_snapshot().await?;
+        tracing::info!(queued = result.queued, "asked the node for a snapshot");
+        Ok(())
+    }
+}
+
+/// Errors that retrying cannot fix: the operator must change the config or the store.
+fn is_fatal(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<Error>(),
+            Some(
+                Error::ClusterMismatch { .. } | Error::InvalidRepository { .. } | Error::Config(_)
+            )
+        )
+    })
+}
+
+async fn changed(watcher: &mut Option<DirWatcher>) {
+    match watcher {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff with jitter, from `base` up to `max`.
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    next: Duration,
+    failures: u32,
+    since: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Backoff {
+        Backoff {
+            base,
+            max,
+            next: base,
+            failures: 0,
+            since: None,
+        }
+    }
+
+    /// Records a failure; returns how long to wait (±50% jitter, so that sidecars that
+    /// failed together do not retry together).
+    fn failed(&mut self) -> Duration {
+        self.failures += 1;
+        self.since.get_or_insert_with(Instant::now);
+        let wait = self
+            .next
+            .mul_f64(rand::rng().random_range(0.5..1.5))
+            .min(self.max);
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    /// Records a success; returns the failures it ends, if any.
+    fn reset(&mut self) -> Option<(u32, Duration)> {
+        self.next = self.base;
+        let failures = std::mem::take(&mut self.failures);
+        self.since.take().map(|since| (failures, since.elapsed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8));
+        let waits: Vec<Duration> = (0..6).map(|_| b.failed()).collect();
+        assert!(waits[0] >= Duration::from_millis(500) && waits[0] <= Duration::from_millis(1500));
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(8)));
+        assert!(waits[5] >= Duration::from_secs(4), "{waits:?}");
+        let (failures, _) = b.reset().unwrap();
+        assert_eq!(failures, 6);
+        assert!(b.reset().is_none());
+        assert!(b.failed() <= Duration::from_millis(1500));
+    }
+}

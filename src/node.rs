@@ -1,0 +1,142 @@
+//! The node as the daemon sees it: a client of the node's IPC hook (protocol in
+//! [`crate::ipc`]). One connection per request keeps the client stateless: a node that
+//! restarts between two requests is simply reached again.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::BufReader;
+use tokio::net::UnixStream;
+
+use crate::ipc::{self, ErrorCode, Request, RequestFrame, SaveResult, Status, TriggerResult};
+use crate::snapdir::Envelope;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("node hook at {socket} is unreachable: {source}")]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node hook at {socket} did not answer within {timeout:?}")]
+    Timeout { socket: PathBuf, timeout: Duration },
+    #[error("node hook at {socket} broke the protocol: {reason}")]
+    Protocol { socket: PathBuf, reason: String },
+    #[error("node refused {op}: {code:?}: {message}")]
+    Refused {
+        op: &'static str,
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl HookError {
+    /// Worth retrying later: the node may be restarting or busy.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            HookError::Unreachable { .. } | HookError::Timeout { .. } => true,
+            HookError::Refused { code, .. } => {
+                matches!(code, ErrorCode::Unavailable | ErrorCode::Internal)
+            }
+            HookError::Protocol { .. } => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HookClient {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl HookClient {
+    pub fn new(socket: impl Into<PathBuf>, timeout: Duration) -> HookClient {
+        HookClient {
+            socket: socket.into(),
+            timeout,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn status(&self) -> Result<Status, HookError> {
+        self.call("status", Request::Status {}).await
+    }
+
+    pub async fn trigger_snapshot(&self) -> Result<TriggerResult, HookError> {
+        self.call("trigger_snapshot", Request::TriggerSnapshot {})
+            .await
+    }
+
+    /// Hands the node a verified snapshot; waits for its answer (adoption can take a while).
+    pub async fn save_snapshot(
+        &self,
+        envelope: Envelope,
+        path: &Path,
+        sha256: &str,
+    ) -> Result<SaveResult, HookError> {
+        let request = Request::SaveSnapshot {
+            envelope,
+            path: path.display().to_string(),
+            sha256: sha256.to_owned(),
+        };
+        self.call("save_snapshot", request).await
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        op: &'static str,
+        request: Request,
+    ) -> Result<T, HookError> {
+        let exchange = async {
+            let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
+                HookError::Unreachable {
+                    socket: self.socket.clone(),
+                    source,
+                }
+            })?;
+            let (read, mut write) = stream.into_split();
+            let protocol = |reason: String| HookError::Protocol {
+                socket: self.socket.clone(),
+                reason,
+            };
+            ipc::write_frame(
+                &mut write,
+                &RequestFrame {
+                    v: ipc::VERSION,
+                    request,
+                },
+            )
+            .await
+            .map_err(|e| protocol(e.to_string()))?;
+            let mut reader = BufReader::new(read);
+            let line = ipc::read_line(&mut reader).await.map_err(|e| match e {
+                ipc::FrameError::Io(source) => HookError::Unreachable {
+                    socket: self.socket.clone(),
+                    source,
+                },
+                other => protocol(other.to_string()),
+            })?;
+            let frame = ipc::parse_response(&line).map_err(|e| protocol(e.to_string()))?;
+            match (frame.ok, frame.result, frame.error) {
+                (true, Some(result), _) => serde_json::from_value(result)
+                    .map_err(|e| protocol(format!("unexpected {op} result: {e}"))),
+                (false, _, Some(error)) => Err(HookError::Refused {
+                    op,
+                    code: error.code,
+                    message: error.message,
+                }),
+                _ => Err(protocol("response has neither result nor error".into())),
+            }
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| HookError::Timeout {
+                socket: self.socket.clone(),
+                timeout: self.timeout,
+            })?
+    }
+}
