@@ -8,7 +8,9 @@ use std::io::Read;
 use std::str::FromStr;
 
 use bytes::Bytes;
-use fastcdc::v2020::{StreamCDC, MAXIMUM_MAX, MINIMUM_MIN};
+use fastcdc::v2020::{
+    cut_gear, get_gear_with_seed, logarithm2, Normalization, MASKS, MAXIMUM_MAX, MINIMUM_MIN,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -143,27 +145,98 @@ pub struct RawChunk {
     pub data: Bytes,
 }
 
+/// FastCDC 2020 cut-point parameters, derived exactly as `fastcdc::v2020::StreamCDC` does
+/// for normalization level 1, so chunk boundaries are the crate's.
+struct Cutter {
+    min: usize,
+    avg: usize,
+    max: usize,
+    mask_s: u64,
+    mask_l: u64,
+    gear: Box<[u64; 256]>,
+    gear_ls: Box<[u64; 256]>,
+}
+
+impl Cutter {
+    fn new(params: ChunkParams) -> Cutter {
+        let bits = logarithm2(params.avg_size);
+        let normalization = Normalization::Level1.bits();
+        let (gear, gear_ls) = get_gear_with_seed(0);
+        Cutter {
+            min: params.min_size as usize,
+            avg: params.avg_size as usize,
+            max: params.max_size as usize,
+            mask_s: MASKS[(bits + normalization) as usize],
+            mask_l: MASKS[(bits - normalization) as usize],
+            gear,
+            gear_ls,
+        }
+    }
+
+    /// Length of the chunk at the start of `data` (`data` holds at least `max` bytes, or
+    /// the rest of the stream).
+    fn cut(&self, data: &[u8]) -> usize {
+        let (_, len) = cut_gear(
+            data,
+            self.min,
+            self.avg,
+            self.max,
+            self.mask_s,
+            self.mask_l,
+            self.mask_s << 1,
+            self.mask_l << 1,
+            &self.gear,
+            &self.gear_ls,
+        );
+        len
+    }
+}
+
 /// Cuts `reader` into chunks and hands each to `sink` in order; returns the stream's size.
 /// Blocking: run it on a blocking thread. A `sink` error stops the cut and is returned.
 ///
-/// `params` must have been validated ([`ChunkParams::new`]); the chunker panics on values
-/// outside FastCDC's limits, which validation rules out.
+/// Reads into one buffer of twice the maximum chunk size and cuts every complete chunk in
+/// it before refilling, so each byte is read once and copied once (into its chunk).
+/// `params` must have been validated ([`ChunkParams::new`]).
 pub fn split<R: Read>(
-    reader: R,
+    mut reader: R,
     params: ChunkParams,
     mut sink: impl FnMut(RawChunk) -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
-    let mut size = 0u64;
-    let chunker = StreamCDC::new(reader, params.min_size, params.avg_size, params.max_size);
-    for chunk in chunker {
-        let chunk = chunk.map_err(std::io::Error::from)?;
-        size += chunk.length as u64;
-        sink(RawChunk {
-            offset: chunk.offset,
-            data: Bytes::from(chunk.data),
-        })?;
+    let cutter = Cutter::new(params);
+    let mut buf = vec![0u8; 2 * cutter.max];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut offset = 0u64;
+    let mut eof = false;
+    loop {
+        // Cut while a whole maximum-size window is buffered (or the stream has ended).
+        while end - start >= cutter.max || (eof && end > start) {
+            let len = cutter.cut(&buf[start..end]);
+            sink(RawChunk {
+                offset,
+                data: Bytes::copy_from_slice(&buf[start..start + len]),
+            })?;
+            start += len;
+            offset += len as u64;
+        }
+        if eof {
+            return Ok(offset);
+        }
+        buf.copy_within(start..end, 0);
+        end -= start;
+        start = 0;
+        while end < buf.len() {
+            match reader.read(&mut buf[end..]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
-    Ok(size)
 }
 
 /// The sha256 of a whole file, computed on a thread of its own from the pieces fed to it in
@@ -296,6 +369,44 @@ mod tests {
             "expected many chunks, got {}",
             chunks.len()
         );
+    }
+
+    /// The splitter cuts exactly where fastcdc's own streaming chunker does, whatever the
+    /// read sizes, so chunk identity never depends on how the file was read.
+    #[test]
+    fn cuts_match_fastcdc_stream_cdc() {
+        struct Dribble<'a>(&'a [u8], usize);
+        impl Read for Dribble<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = out.len().min(self.1).min(self.0.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        for (len, seed) in [(0usize, 1u64), (5000, 2), (70_000, 3), (3 << 20, 4)] {
+            let data = random(len, seed);
+            for p in [
+                small(),
+                ChunkParams::new(64 << 10, 256 << 10, 1 << 20).unwrap(),
+            ] {
+                let expected: Vec<(u64, usize)> =
+                    fastcdc::v2020::StreamCDC::new(&data[..], p.min_size, p.avg_size, p.max_size)
+                        .map(|c| c.unwrap())
+                        .map(|c| (c.offset, c.length))
+                        .collect();
+                for read_size in [1000, 65536, usize::MAX] {
+                    let mut got = Vec::new();
+                    let size = split(Dribble(&data, read_size), p, |c| {
+                        got.push((c.offset, c.data.len()));
+                        Ok(())
+                    })
+                    .unwrap();
+                    assert_eq!(size, len as u64);
+                    assert_eq!(got, expected, "len {len} read {read_size}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -196,6 +196,7 @@ struct RawStore {
     region: Option<String>,
     allow_http: Option<bool>,
     path_style: Option<bool>,
+    sign_payload: Option<bool>,
     access_key_id: Option<String>,
     access_key_id_file: Option<PathBuf>,
     secret_access_key: Option<String>,
@@ -308,6 +309,7 @@ impl Config {
                 out.push_str(&format!("region = {}\n", q(&s3.region)));
                 out.push_str(&format!("allow_http = {}\n", s3.allow_http));
                 out.push_str(&format!("path_style = {}\n", s3.path_style));
+                out.push_str(&format!("sign_payload = {}\n", s3.sign_payload));
                 let shown = |v: &Option<Secret>| match v {
                     Some(_) => q("********"),
                     None => q("(not set)"),
@@ -419,6 +421,7 @@ fn store_settings(raw: RawStore, overrides: &Overrides, env: &dyn Env) -> Result
             ("region", raw.region.is_some()),
             ("allow_http", raw.allow_http.is_some()),
             ("path_style", raw.path_style.is_some()),
+            ("sign_payload", raw.sign_payload.is_some()),
             (
                 "access_key_id",
                 raw.access_key_id.is_some() || raw.access_key_id_file.is_some(),
@@ -508,6 +511,7 @@ fn store_settings(raw: RawStore, overrides: &Overrides, env: &dyn Env) -> Result
             region,
             allow_http,
             path_style: raw.path_style.unwrap_or(true),
+            sign_payload: raw.sign_payload.unwrap_or(false),
             access_key_id,
             secret_access_key,
             session_token,
@@ -858,7 +862,7 @@ mod tests {
     fn unknown_s3_option_is_an_error() {
         let e = err("cluster_id = \"a\"\n[store]\nurl = \"s3://bkt\"\noptions = { aws_frobnicate = \"1\" }\n");
         assert!(e.starts_with("store.options.aws_frobnicate:"), "{e}");
-        load("cluster_id = \"a\"\n[store]\nurl = \"s3://bkt\"\noptions = { aws_unsigned_payload = \"true\" }\n").unwrap();
+        load("cluster_id = \"a\"\n[store]\nurl = \"s3://bkt\"\noptions = { aws_sse_kms_key_id = \"k\" }\n").unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! abandoning a publish at any moment (error, cancel, SIGKILL) leaves only unreferenced
 //! chunks, which the next attempt reuses and GC eventually removes.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -92,7 +92,9 @@ impl<'a> Publisher<'a> {
                 elapsed: started.elapsed(),
             });
         }
-        let known = self.known_chunks().await;
+        // One listing tells which chunks need no upload: those of earlier snapshots and those
+        // a killed push left behind.
+        let present = self.repo.list_chunks().await?;
 
         let file = File::open(&snapshot.data_path)
             .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?;
@@ -116,7 +118,7 @@ impl<'a> Publisher<'a> {
         let transferred_bytes = AtomicU64::new(0);
         let chunks =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-                .map(|raw| self.store_chunk(raw, &known, &transferred, &transferred_bytes))
+                .map(|raw| self.store_chunk(raw, &present, &transferred, &transferred_bytes))
                 .buffered(self.concurrency)
                 .try_collect::<Vec<ChunkRef>>()
                 .await;
@@ -179,30 +181,10 @@ impl<'a> Publisher<'a> {
         Ok(report)
     }
 
-    /// Chunks the newest manifest names exist (a manifest exists only when its chunks do),
-    /// so they need no `head`. Anything unreadable here only costs extra `head` requests.
-    async fn known_chunks(&self) -> HashSet<Digest> {
-        let newest = match self.repo.newest_manifest(None).await {
-            Ok(Some(id)) => id,
-            Ok(None) => return HashSet::new(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list manifests; checking every chunk");
-                return HashSet::new();
-            }
-        };
-        match self.repo.read_manifest(&newest).await {
-            Ok(m) => m.unique_chunks(),
-            Err(e) => {
-                tracing::warn!(manifest = %newest, error = %e, "cannot read the newest manifest; checking every chunk");
-                HashSet::new()
-            }
-        }
-    }
-
     async fn store_chunk(
         &self,
         raw: RawChunk,
-        known: &HashSet<Digest>,
+        present: &HashMap<Digest, u64>,
         transferred: &AtomicU64,
         transferred_bytes: &AtomicU64,
     ) -> Result<ChunkRef> {
@@ -211,8 +193,7 @@ impl<'a> Publisher<'a> {
         let (sha, data) = tokio::task::spawn_blocking(move || (Digest::of(&data), data))
             .await
             .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;
-        let present = known.contains(&sha) || self.repo.chunk_size(&sha).await? == Some(len);
-        if !present {
+        if present.get(&sha) != Some(&len) {
             self.repo.put_chunk(&sha, data).await?;
             transferred.fetch_add(1, Ordering::Relaxed);
             transferred_bytes.fetch_add(len, Ordering::Relaxed);

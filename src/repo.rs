@@ -335,6 +335,35 @@ impl Repo {
         }
     }
 
+    /// Every chunk in the store with its stored size: one listing instead of a `head` per
+    /// chunk (a listing page names a thousand chunks). Objects under `chunks/` that are not
+    /// chunk keys are skipped.
+    pub async fn list_chunks(&self) -> Result<std::collections::HashMap<Digest, u64>> {
+        let prefix = self.store.key(CHUNKS);
+        let mut stream = self.store.backend.list(Some(&prefix));
+        let mut chunks = std::collections::HashMap::new();
+        while let Some(meta) = stream
+            .try_next()
+            .await
+            .map_err(store_err("list", &prefix))?
+        {
+            let parsed = meta
+                .location
+                .filename()
+                .and_then(|name| name.parse::<Digest>().ok())
+                .filter(|d| self.chunk_key(d) == meta.location);
+            match parsed {
+                Some(d) => {
+                    chunks.insert(d, meta.size);
+                }
+                None => {
+                    tracing::debug!(key = %meta.location, "ignoring an object under chunks/ that is not a chunk")
+                }
+            }
+        }
+        Ok(chunks)
+    }
+
     /// Whether the chunk exists, and its stored size.
     pub async fn chunk_size(&self, sha: &Digest) -> Result<Option<u64>> {
         let key = self.chunk_key(sha);
@@ -415,11 +444,6 @@ impl Repo {
             .await
             .map(|_| ())
             .map_err(store_err("put", &key))
-    }
-
-    #[doc(hidden)]
-    pub async fn put_raw_chunk(&self, sha: &Digest, body: Bytes) -> Result<()> {
-        self.put_chunk(sha, body).await
     }
 }
 
