@@ -133,6 +133,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The request is valid but cannot be served now (e.g. trigger on a shut-down node).
     Unavailable,
+    /// The peer is not allowed to use this socket (its uid is not on the node's allow list);
+    /// the node closes the connection after this response.
+    Forbidden,
     /// The node failed to serve it.
     Internal,
 }

@@ -1,0 +1,356 @@
+//! The openraft glue: [`RaftNode`] serves the hook's requests from a `Raft<C, SM>`, and
+//! [`LeaderFlag`] tells the application's snapshot builder whether this node leads.
+//!
+//! `save_snapshot` follows the adoption protocol of OPENRAFT.md. Replacing the state machine's
+//! snapshot behind openraft's back is not noticed (no meta update, no purge), so adoption goes
+//! through openraft's own snapshot build:
+//!
+//! 1. `L` not newer than `metrics.snapshot` → `stale`.
+//! 2. `with_state_machine` → [`AdoptSnapshot::force_save_snapshot`] stages the file, in order
+//!    with `apply`. `Stale` from the state machine → `stale`.
+//! 3. `L.index <= last_applied` → `trigger().snapshot()`; the state machine's
+//!    `try_create_snapshot_builder` finds the staged snapshot adoptable and returns it as the
+//!    build; openraft records its meta and purges logs. Wait (bounded) until
+//!    `metrics.snapshot >= L` → `adopted`.
+//! 4. `L.index > last_applied` → `staged` at once; a task waits until the node has applied
+//!    `L`, then does step 3. Adopting before that could purge logs not yet applied.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::alias::{CommittedLeaderIdOf, LogIdOf};
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::metrics::WaitError;
+use openraft::storage::RaftStateMachine;
+use openraft::vote::{leader_id_adv, leader_id_std, RaftCommittedLeaderId, RaftTerm};
+use openraft::{LogId, LogIdOptionExt, Raft, RaftTypeConfig, ServerState};
+use snaprelay_contract::ipc::{LogIdRef, Role, SaveOutcome, SaveResult};
+use tokio::time::Instant;
+
+use crate::adopt::{AdoptSnapshot, Incoming, StageOutcome};
+use crate::node::{Node, NodeError, NodeState};
+
+/// How long `save_snapshot` waits for openraft to record an adoptable snapshot.
+const DEFAULT_ADOPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a staged snapshot waits for the node to apply up to its index.
+const DEFAULT_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+/// A trigger is dropped while a build is running; trigger again this often while waiting.
+const RETRIGGER_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The term of a committed leader id, as the protocol's `u64`. Implemented for openraft's
+/// two leader-id modes (`leader_id_adv`, the default, and `leader_id_std`) with terms that
+/// convert into `u64`; an application with its own leader id implements it too.
+pub trait CommittedTerm {
+    fn term_u64(&self) -> u64;
+}
+
+impl<T, N> CommittedTerm for leader_id_adv::LeaderId<T, N>
+where
+    T: RaftTerm + Into<u64>,
+    N: openraft::NodeId,
+{
+    fn term_u64(&self) -> u64 {
+        self.term.into()
+    }
+}
+
+impl<T> CommittedTerm for leader_id_std::CommittedLeaderId<T>
+where
+    T: RaftTerm + Into<u64>,
+{
+    fn term_u64(&self) -> u64 {
+        self.term.into()
+    }
+}
+
+/// An openraft log id as the protocol carries it.
+pub fn log_id_ref<CLID>(log_id: &LogId<CLID>) -> LogIdRef
+where
+    CLID: RaftCommittedLeaderId + CommittedTerm,
+{
+    LogIdRef {
+        term: log_id.committed_leader_id().term_u64(),
+        index: log_id.index(),
+    }
+}
+
+fn role(state: ServerState) -> Role {
+    match state {
+        ServerState::Learner => Role::Learner,
+        ServerState::Follower => Role::Follower,
+        ServerState::Candidate => Role::Candidate,
+        ServerState::Leader => Role::Leader,
+        ServerState::Shutdown => Role::Shutdown,
+    }
+}
+
+/// The hook's [`Node`] for an openraft node.
+pub struct RaftNode<C, SM>
+where
+    C: RaftTypeConfig,
+    SM: RaftStateMachine<C>,
+{
+    raft: Raft<C, SM>,
+    adopt_timeout: Duration,
+    catch_up_timeout: Duration,
+}
+
+impl<C, SM> RaftNode<C, SM>
+where
+    C: RaftTypeConfig,
+    SM: RaftStateMachine<C>,
+{
+    pub fn new(raft: Raft<C, SM>) -> RaftNode<C, SM> {
+        RaftNode {
+            raft,
+            adopt_timeout: DEFAULT_ADOPT_TIMEOUT,
+            catch_up_timeout: DEFAULT_CATCH_UP_TIMEOUT,
+        }
+    }
+
+    /// How long `save_snapshot` waits for an adoptable snapshot to become current before it
+    /// answers `staged` (default 30 s).
+    pub fn with_adopt_timeout(mut self, timeout: Duration) -> RaftNode<C, SM> {
+        self.adopt_timeout = timeout;
+        self
+    }
+
+    /// How long a snapshot staged ahead of `last_applied` waits for the node to catch up
+    /// before the hook stops waiting (default 10 min). It stays staged either way: the next
+    /// build adopts it.
+    pub fn with_catch_up_timeout(mut self, timeout: Duration) -> RaftNode<C, SM> {
+        self.catch_up_timeout = timeout;
+        self
+    }
+}
+
+fn fatal<E: std::fmt::Display>(e: E) -> NodeError {
+    NodeError::Unavailable(e.to_string())
+}
+
+impl<C, SM> RaftNode<C, SM>
+where
+    C: RaftTypeConfig,
+    C::NodeId: Into<u64>,
+    C::Term: Into<u64>,
+    CommittedLeaderIdOf<C>: CommittedTerm,
+    SM: RaftStateMachine<C> + AdoptSnapshot,
+{
+    fn current_snapshot(&self) -> Option<LogIdRef> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .snapshot
+            .as_ref()
+            .map(log_id_ref)
+    }
+
+    fn result(&self, outcome: SaveOutcome) -> SaveResult {
+        SaveResult {
+            outcome,
+            snapshot: self.current_snapshot(),
+        }
+    }
+}
+
+/// Triggers builds until openraft's snapshot covers `target` or `timeout` passes; returns
+/// whether it does.
+async fn adopt<C, SM>(
+    raft: &Raft<C, SM>,
+    target: LogIdRef,
+    timeout: Duration,
+) -> Result<bool, NodeError>
+where
+    C: RaftTypeConfig,
+    SM: RaftStateMachine<C>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        raft.trigger().snapshot().await.map_err(fatal)?;
+        let wait = RETRIGGER_INTERVAL.min(deadline.saturating_duration_since(Instant::now()));
+        let covered = raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.snapshot.index() >= Some(target.index),
+                format!("snapshot covers {target}"),
+            )
+            .await;
+        match covered {
+            Ok(_) => return Ok(true),
+            Err(WaitError::Timeout(..)) if Instant::now() < deadline => continue,
+            Err(WaitError::Timeout(..)) => return Ok(false),
+            Err(e @ WaitError::ShuttingDown) => return Err(fatal(e)),
+        }
+    }
+}
+
+impl<C, SM> Node for RaftNode<C, SM>
+where
+    C: RaftTypeConfig,
+    C::NodeId: Into<u64>,
+    C::Term: Into<u64>,
+    CommittedLeaderIdOf<C>: CommittedTerm,
+    SM: RaftStateMachine<C> + AdoptSnapshot,
+{
+    fn state(&self) -> NodeState {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let as_ref = |id: &Option<LogIdOf<C>>| id.as_ref().map(log_id_ref);
+        NodeState {
+            node_id: m.id.clone().into(),
+            role: role(m.state),
+            leader: m.current_leader.clone().map(Into::into),
+            term: m.current_term.into(),
+            last_applied: as_ref(&m.last_applied),
+            snapshot: as_ref(&m.snapshot),
+            purged: as_ref(&m.purged),
+        }
+    }
+
+    async fn trigger_snapshot(&self) -> Result<(), NodeError> {
+        self.raft.trigger().snapshot().await.map_err(fatal)
+    }
+
+    async fn save_snapshot(&self, incoming: Incoming) -> Result<SaveResult, NodeError> {
+        let target = incoming.log_id();
+        if self
+            .current_snapshot()
+            .is_some_and(|s| s.index >= target.index)
+        {
+            return Ok(self.result(SaveOutcome::Stale));
+        }
+
+        let staged = self
+            .raft
+            .with_state_machine(move |sm: &mut SM| {
+                Box::pin(async move { sm.force_save_snapshot(incoming).await })
+            })
+            .await
+            .map_err(fatal)?
+            .map_err(|e| NodeError::Internal(format!("staging snapshot {target}: {e}")))?;
+        if staged == StageOutcome::Stale {
+            return Ok(self.result(SaveOutcome::Stale));
+        }
+
+        let applied = self.raft.metrics().borrow_watched().last_applied.index();
+        if applied >= Some(target.index) {
+            if adopt(&self.raft, target, self.adopt_timeout).await? {
+                tracing::info!(snapshot = %target, "adopted the leader's snapshot");
+                return Ok(self.result(SaveOutcome::Adopted));
+            }
+            tracing::warn!(
+                snapshot = %target,
+                timeout_s = self.adopt_timeout.as_secs(),
+                "staged snapshot not adopted in time; the next snapshot build adopts it"
+            );
+            return Ok(self.result(SaveOutcome::Staged));
+        }
+
+        // Not applied that far yet: adopting now could purge logs the node has not applied.
+        let raft = self.raft.clone();
+        let (catch_up, adopt_timeout) = (self.catch_up_timeout, self.adopt_timeout);
+        tokio::spawn(async move {
+            let caught_up = raft
+                .wait(Some(catch_up))
+                .applied_index_at_least(Some(target.index), format!("applied {target}"))
+                .await;
+            if let Err(e) = caught_up {
+                tracing::warn!(snapshot = %target, error = %e, "staged snapshot: node did not catch up");
+                return;
+            }
+            match adopt(&raft, target, adopt_timeout).await {
+                Ok(true) => {
+                    tracing::info!(snapshot = %target, "adopted the leader's staged snapshot")
+                }
+                Ok(false) => {
+                    tracing::warn!(snapshot = %target, "staged snapshot not adopted in time")
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot = %target, error = %e, "staged snapshot not adopted")
+                }
+            }
+        });
+        tracing::info!(snapshot = %target, applied = ?applied, "staged the leader's snapshot until applied catches up");
+        Ok(self.result(SaveOutcome::Staged))
+    }
+}
+
+/// "Is this node the leader?", kept current from openraft's metrics: cheap enough to read in
+/// `try_create_snapshot_builder`. Create it before the state machine (which keeps a clone),
+/// then [`LeaderFlag::track`] the `Raft` built from it.
+#[derive(Debug, Clone, Default)]
+pub struct LeaderFlag(Arc<AtomicBool>);
+
+impl LeaderFlag {
+    pub fn new() -> LeaderFlag {
+        LeaderFlag::default()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
+    pub fn set(&self, leader: bool) {
+        self.0.store(leader, Ordering::Release);
+    }
+
+    /// Follows `raft`'s server state until it shuts down (the flag then reads `false`).
+    /// It lags the state change by a moment; the builder's decision tolerates that (a new
+    /// leader may defer one build; a deposed one may build one more).
+    pub fn track<C, SM>(&self, raft: &Raft<C, SM>) -> tokio::task::JoinHandle<()>
+    where
+        C: RaftTypeConfig,
+        SM: RaftStateMachine<C>,
+    {
+        let mut metrics = raft.metrics();
+        let flag = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let leading = metrics.borrow_watched().state == ServerState::Leader;
+                flag.set(leading);
+                if metrics.changed().await.is_err() {
+                    flag.set(false);
+                    return;
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ids_convert_in_both_leader_id_modes() {
+        let adv = LogId::new(
+            leader_id_adv::LeaderId::<u64, u64> {
+                term: 4,
+                node_id: 2,
+            },
+            17,
+        );
+        assert_eq!(log_id_ref(&adv), LogIdRef { term: 4, index: 17 });
+        let std = LogId::new(leader_id_std::CommittedLeaderId::<u32>::new(5), 9);
+        assert_eq!(log_id_ref(&std), LogIdRef { term: 5, index: 9 });
+    }
+
+    #[test]
+    fn server_states_map_to_roles() {
+        assert_eq!(role(ServerState::Leader), Role::Leader);
+        assert_eq!(role(ServerState::Follower), Role::Follower);
+        assert_eq!(role(ServerState::Learner), Role::Learner);
+        assert_eq!(role(ServerState::Candidate), Role::Candidate);
+        assert_eq!(role(ServerState::Shutdown), Role::Shutdown);
+    }
+
+    #[test]
+    fn leader_flag_is_shared_between_clones() {
+        let flag = LeaderFlag::new();
+        let seen_by_state_machine = flag.clone();
+        assert!(!seen_by_state_machine.is_leader());
+        flag.set(true);
+        assert!(seen_by_state_machine.is_leader());
+    }
+}

@@ -1,0 +1,473 @@
+//! [`SnapshotDir`]: the node's side of the snapshot directory contract (DESIGN §1).
+//!
+//! The node is the only writer of its snapshot directory; the sidecar writes only into the
+//! incoming directory (default `<dir>/.incoming`, same filesystem, so adoption is a rename).
+//! Every snapshot is committed the same way, whether built locally, received through
+//! replication or adopted from the leader: the data file is complete and fsynced under its
+//! final name first, then the envelope is written (temp file, fsync, rename): the envelope is
+//! the commit marker. A crash leaves at worst a data file without an envelope, or a hidden
+//! temp or staging file, which nobody reads and [`SnapshotDir::remove_leftovers`] removes.
+//!
+//! All functions do blocking file I/O; call them from `spawn_blocking` when they may take
+//! long (writing a large snapshot).
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use snaprelay_contract::ipc::LogIdRef;
+use snaprelay_contract::snapdir::{
+    self, commit_envelope, Envelope, SnapdirError, Snapshot, ENVELOPE_FORMAT,
+};
+
+use crate::adopt::Incoming;
+
+/// Prefix of the file a staged (not yet adopted) snapshot waits under.
+const STAGED_PREFIX: &str = ".staged-";
+/// Name of the default incoming directory, inside the snapshot directory.
+pub const INCOMING_DIR: &str = ".incoming";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotDirError {
+    #[error(transparent)]
+    Contract(#[from] SnapdirError),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("snapshot meta for {log_id} cannot be serialized: {reason}")]
+    Meta { log_id: LogIdRef, reason: String },
+}
+
+impl From<SnapshotDirError> for io::Error {
+    fn from(e: SnapshotDirError) -> io::Error {
+        match e {
+            SnapshotDirError::Io { ref source, .. } => io::Error::new(source.kind(), e),
+            e => io::Error::other(e),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SnapshotDirError>;
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SnapshotDirError {
+    let path = path.to_owned();
+    move |source| SnapshotDirError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A node's snapshot directory and its incoming directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    dir: PathBuf,
+    incoming: PathBuf,
+}
+
+/// Distinguishes temp files of concurrent writers in one process.
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl SnapshotDir {
+    /// Opens `dir`, with the incoming directory `dir/.incoming`, creating both if needed.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<SnapshotDir> {
+        let dir = dir.into();
+        let incoming = dir.join(INCOMING_DIR);
+        SnapshotDir::with_incoming(dir, incoming)
+    }
+
+    /// Opens `dir` with an incoming directory elsewhere (it must be on the same filesystem),
+    /// creating both if needed. Both paths are made canonical.
+    pub fn with_incoming(
+        dir: impl Into<PathBuf>,
+        incoming: impl Into<PathBuf>,
+    ) -> Result<SnapshotDir> {
+        let (dir, incoming) = (dir.into(), incoming.into());
+        fs::create_dir_all(&dir).map_err(io_err("creating snapshot directory", &dir))?;
+        fs::create_dir_all(&incoming).map_err(io_err("creating incoming directory", &incoming))?;
+        Ok(SnapshotDir {
+            dir: dir.canonicalize().map_err(io_err("resolving", &dir))?,
+            incoming: incoming
+                .canonicalize()
+                .map_err(io_err("resolving", &incoming))?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn incoming_dir(&self) -> &Path {
+        &self.incoming
+    }
+
+    /// Writes a complete file under a hidden temp name in the snapshot directory and fsyncs
+    /// it; returns its path. Use it to receive a snapshot from the leader (replication)
+    /// before [`SnapshotDir::commit_file`].
+    pub fn write_temp(
+        &self,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<PathBuf> {
+        let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .dir
+            .join(format!(".snaprelay-{}-{seq}.tmp", std::process::id()));
+        let result = (|| {
+            let mut out = BufWriter::new(File::create(&path)?);
+            write(&mut out)?;
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("writing snapshot data", &path)(e));
+        }
+        Ok(path)
+    }
+
+    /// Writes the snapshot at `log_id`: data through `write`, then the envelope carrying
+    /// `raft_meta` (the application's openraft `SnapshotMeta`). If a snapshot at `log_id`
+    /// is already committed, it is kept and returned: two snapshots at one log id hold the
+    /// same state.
+    pub fn write(
+        &self,
+        log_id: LogIdRef,
+        raft_meta: &impl Serialize,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<Snapshot> {
+        let raft_meta = serde_json::to_value(raft_meta).map_err(|e| SnapshotDirError::Meta {
+            log_id,
+            reason: e.to_string(),
+        })?;
+        if let Some(existing) = self.committed(log_id)? {
+            return Ok(existing);
+        }
+        let temp = self.write_temp(write)?;
+        self.commit_file(&temp, log_id, raft_meta)
+    }
+
+    /// Commits a complete, fsynced file of this filesystem (a staged or received snapshot) as
+    /// the snapshot at `log_id`: renames it to the data name, then writes the envelope with
+    /// `raft_meta` verbatim. If a snapshot at `log_id` is already committed, it is returned
+    /// and `file` removed (unless `file` is that snapshot's own data file).
+    pub fn commit_file(
+        &self,
+        file: &Path,
+        log_id: LogIdRef,
+        raft_meta: serde_json::Value,
+    ) -> Result<Snapshot> {
+        if let Some(existing) = self.committed(log_id)? {
+            if !same_file(file, &existing.data_path) {
+                self.discard(file)?;
+            }
+            return Ok(existing);
+        }
+        let (data_name, meta_name) = snapdir::file_names(log_id.index, log_id.term);
+        let data_path = self.dir.join(&data_name);
+        rename_durable(file, &data_path)
+            .map_err(io_err("moving snapshot data into place", file))?;
+        let size = fs::metadata(&data_path)
+            .map_err(io_err("reading snapshot data", &data_path))?
+            .len();
+        let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
+            last_log_index: log_id.index,
+            last_log_term: log_id.term,
+            data: data_name,
+            size,
+            raft_meta,
+        };
+        let meta_path = commit_envelope(&self.dir, &meta_name, &envelope)?;
+        Ok(Snapshot {
+            meta_path,
+            data_path,
+            envelope,
+        })
+    }
+
+    /// The committed snapshot at `log_id`, if there is one.
+    pub fn committed(&self, log_id: LogIdRef) -> Result<Option<Snapshot>> {
+        let (_, meta_name) = snapdir::file_names(log_id.index, log_id.term);
+        let meta_path = self.dir.join(meta_name);
+        if !meta_path.exists() {
+            return Ok(None);
+        }
+        Ok(Some(Snapshot::open(&meta_path)?))
+    }
+
+    /// Moves an incoming file to this directory's staging name for its log id; returns the
+    /// staged path. A staged file is hidden: nobody reads it until it is committed.
+    pub fn stage(&self, incoming: &Incoming) -> Result<PathBuf> {
+        let log_id = incoming.log_id();
+        let staged = self.dir.join(format!(
+            "{STAGED_PREFIX}{:020}-{:020}.bin",
+            log_id.index, log_id.term
+        ));
+        rename_durable(&incoming.path, &staged).map_err(io_err("staging", &incoming.path))?;
+        Ok(staged)
+    }
+
+    /// Removes a staged or temp file that will not be committed. A missing file is fine.
+    pub fn discard(&self, path: &Path) -> Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// All committed snapshots, oldest first. Meta files that cannot be used are skipped
+    /// with a warning.
+    pub fn list(&self) -> Result<Vec<Snapshot>> {
+        let scan = snapdir::scan(&self.dir).map_err(io_err("listing", &self.dir))?;
+        for rejected in &scan.rejected {
+            tracing::warn!(error = %rejected, "ignoring unusable snapshot meta file");
+        }
+        Ok(scan.snapshots)
+    }
+
+    /// The newest committed snapshot: what `get_current_snapshot` serves after a restart.
+    pub fn newest(&self) -> Result<Option<Snapshot>> {
+        Ok(self.list()?.pop())
+    }
+
+    /// Removes all but the newest `keep` committed snapshots (at least one is always kept);
+    /// returns the removed ones. The envelope goes first, so a crash between the two removals
+    /// leaves an orphan data file, never an envelope without data.
+    pub fn prune(&self, keep: usize) -> Result<Vec<Snapshot>> {
+        let mut snapshots = self.list()?;
+        let keep = keep.max(1);
+        if snapshots.len() <= keep {
+            return Ok(Vec::new());
+        }
+        let removed: Vec<Snapshot> = snapshots.drain(..snapshots.len() - keep).collect();
+        for snapshot in &removed {
+            self.discard(&snapshot.meta_path)?;
+            self.discard(&snapshot.data_path)?;
+        }
+        Ok(removed)
+    }
+
+    /// Removes what an interrupted run left behind: staged files (the sidecar sends the
+    /// snapshot again) and temp files. Call it at startup, before anything is written.
+    pub fn remove_leftovers(&self) -> Result<usize> {
+        let entries = fs::read_dir(&self.dir).map_err(io_err("listing", &self.dir))?;
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(io_err("listing", &self.dir))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let leftover = name.starts_with(STAGED_PREFIX) || name.ends_with(".tmp");
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if leftover && is_file {
+                self.discard(&entry.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Whether two paths name the same file (both must exist to be the same).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Renames `from` to `to` (same filesystem) and fsyncs the target directory, so that the
+/// rename survives a power loss.
+fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to)?;
+    snapdir::sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(index: u64) -> LogIdRef {
+        LogIdRef { term: 2, index }
+    }
+
+    fn meta(index: u64) -> serde_json::Value {
+        serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}})
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn written_snapshot_is_committed_in_the_contract_layout() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path().join("snapshots")).unwrap();
+        assert!(dir.incoming_dir().is_dir());
+        let snapshot = dir
+            .write(id(7), &meta(7), |w| w.write_all(b"state at 7"))
+            .unwrap();
+        assert_eq!(fs::read(&snapshot.data_path).unwrap(), b"state at 7");
+        assert_eq!(snapshot.envelope.size, 10);
+        assert_eq!(snapshot.envelope.raft_meta, meta(7));
+        assert_eq!(snapshot.envelope.log_id(), (7, 2));
+        // The daemon's reader sees exactly this snapshot, and no temp file is left.
+        let scan = snapdir::scan(dir.path()).unwrap();
+        assert_eq!(scan.snapshots, vec![snapshot.clone()]);
+        assert!(scan.rejected.is_empty());
+        let (data, meta_name) = snapdir::file_names(7, 2);
+        assert_eq!(
+            names(dir.path()),
+            vec![".incoming".to_string(), data, meta_name]
+        );
+        assert_eq!(dir.newest().unwrap(), Some(snapshot));
+    }
+
+    #[test]
+    fn writing_an_existing_log_id_keeps_the_committed_snapshot() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        let first = dir.write(id(7), &meta(7), |w| w.write_all(b"one")).unwrap();
+        let called = std::cell::Cell::new(false);
+        let again = dir
+            .write(id(7), &meta(7), |w| {
+                called.set(true);
+                w.write_all(b"other")
+            })
+            .unwrap();
+        assert_eq!(again, first);
+        assert!(!called.get(), "the data is not written twice");
+        assert_eq!(fs::read(&first.data_path).unwrap(), b"one");
+    }
+
+    #[test]
+    fn failed_write_leaves_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        let err = dir
+            .write(id(7), &meta(7), |w| {
+                w.write_all(b"half")?;
+                Err(io::Error::other("disk on fire"))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        assert_eq!(names(dir.path()), vec![".incoming".to_string()]);
+        assert_eq!(dir.newest().unwrap(), None);
+    }
+
+    #[test]
+    fn incoming_file_is_staged_then_committed_with_the_leaders_meta() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        let path = dir.incoming_dir().join("from-leader.bin");
+        fs::write(&path, b"leader bytes").unwrap();
+        let incoming = Incoming {
+            envelope: Envelope {
+                format: 1,
+                last_log_index: 9,
+                last_log_term: 2,
+                data: "whatever.bin".into(),
+                size: 12,
+                raft_meta: meta(9),
+            },
+            path: path.clone(),
+            sha256: "00".repeat(32),
+        };
+        let staged = dir.stage(&incoming).unwrap();
+        assert!(!path.exists());
+        assert!(staged
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(".staged-"));
+        assert_eq!(
+            dir.newest().unwrap(),
+            None,
+            "a staged file is not a snapshot"
+        );
+        let snapshot = dir
+            .commit_file(
+                &staged,
+                incoming.log_id(),
+                incoming.envelope.raft_meta.clone(),
+            )
+            .unwrap();
+        assert!(!staged.exists());
+        assert_eq!(fs::read(&snapshot.data_path).unwrap(), b"leader bytes");
+        assert_eq!(snapshot.envelope.raft_meta, meta(9));
+        assert_eq!(snapshot.envelope.data, snapdir::file_names(9, 2).0);
+        assert_eq!(dir.newest().unwrap(), Some(snapshot));
+    }
+
+    #[test]
+    fn committing_the_current_data_file_again_keeps_it() {
+        // openraft may hand the current snapshot back (restore at startup): committing a
+        // snapshot's own data file again must not delete it.
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        let first = dir.write(id(7), &meta(7), |w| w.write_all(b"one")).unwrap();
+        let again = dir.commit_file(&first.data_path, id(7), meta(7)).unwrap();
+        assert_eq!(again, first);
+        assert_eq!(fs::read(&first.data_path).unwrap(), b"one");
+        // A different file for an already committed log id is dropped.
+        let received = dir.write_temp(|w| w.write_all(b"one")).unwrap();
+        assert_eq!(dir.commit_file(&received, id(7), meta(7)).unwrap(), first);
+        assert!(!received.exists());
+    }
+
+    #[test]
+    fn prune_keeps_the_newest() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        for index in [30, 10, 20] {
+            dir.write(id(index), &meta(index), |w| w.write_all(b"x"))
+                .unwrap();
+        }
+        let removed = dir.prune(2).unwrap();
+        let removed: Vec<u64> = removed.iter().map(|s| s.envelope.last_log_index).collect();
+        assert_eq!(removed, vec![10]);
+        let left: Vec<u64> = dir
+            .list()
+            .unwrap()
+            .iter()
+            .map(|s| s.envelope.last_log_index)
+            .collect();
+        assert_eq!(left, vec![20, 30]);
+        assert_eq!(dir.prune(0).unwrap().len(), 1, "keep 0 still keeps one");
+        assert_eq!(dir.newest().unwrap().unwrap().envelope.last_log_index, 30);
+        assert_eq!(names(dir.path()).len(), 3, ".incoming, one data, one meta");
+    }
+
+    #[test]
+    fn leftovers_are_removed_and_snapshots_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        let kept = dir.write(id(5), &meta(5), |w| w.write_all(b"x")).unwrap();
+        fs::write(
+            dir.path()
+                .join(".staged-00000000000000000009-00000000000000000002.bin"),
+            b"s",
+        )
+        .unwrap();
+        fs::write(dir.path().join(".snaprelay-1-1.tmp"), b"t").unwrap();
+        fs::write(dir.incoming_dir().join("sidecar.partial"), b"p").unwrap();
+        assert_eq!(dir.remove_leftovers().unwrap(), 2);
+        assert_eq!(dir.list().unwrap(), vec![kept]);
+        assert!(
+            dir.incoming_dir().join("sidecar.partial").exists(),
+            "the incoming directory is the sidecar's"
+        );
+    }
+}
