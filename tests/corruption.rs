@@ -74,9 +74,7 @@ async fn flipped_byte(target: &Target, work: &Path) {
         .unwrap()
         .to_vec();
     bytes[1000] ^= 0x01;
-    repo.put_raw_chunk(&chunk.sha256, bytes.into())
-        .await
-        .unwrap();
+    repo.put_chunk(&chunk.sha256, bytes.into()).await.unwrap();
     pull_fails(target, work, 1, &[&hex, "corrupt", "hashes to"]);
 
     // verify names the chunk and the manifest that uses it, and exits 1.
@@ -113,7 +111,7 @@ async fn truncated_chunk(target: &Target, work: &Path) {
         .bytes()
         .await
         .unwrap();
-    repo.put_raw_chunk(&chunk.sha256, bytes.slice(..bytes.len() - 1))
+    repo.put_chunk(&chunk.sha256, bytes.slice(..bytes.len() - 1))
         .await
         .unwrap();
     pull_fails(target, work, 1, &[&hex, "bytes, the manifest says"]);

@@ -1,0 +1,165 @@
+//! End to end with real processes: `kv-node` (the example openraft application) and
+//! `snaprelay run` sidecars, over loopback, against the file store and SeaweedFS.
+//!
+//! Each scenario says what an operator would check: the followers end up with the leader's
+//! snapshot (same log id, same bytes), built nothing themselves, and purged their logs.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::cluster::{Cluster, StoreSection};
+
+/// Logs kept behind a snapshot; small, so that purging is visible.
+const KEEP: u64 = 10;
+/// Node arguments: no automatic snapshots (the test asks the leader), few logs kept.
+fn node_args() -> Vec<String> {
+    vec![
+        "--snapshot-policy-logs".into(),
+        "1000000".into(),
+        "--max-in-snapshot-log-to-keep".into(),
+        KEEP.to_string(),
+    ]
+}
+
+fn log_id(v: &Value) -> Option<(u64, u64)> {
+    Some((v["term"].as_u64()?, v["index"].as_u64()?))
+}
+
+/// Asks `leader` for a snapshot and waits until it has one newer than `after`.
+async fn leader_snapshot(c: &Cluster, leader: u64, after: Option<(u64, u64)>) -> (u64, u64) {
+    c.post(leader, "/snapshot", json!({})).await;
+    c.wait_for("the leader's snapshot", Duration::from_secs(30), || async {
+        log_id(&c.metrics(leader).await["snapshot"]).filter(|s| Some(*s) > after)
+    })
+    .await
+}
+
+/// Waits until `follower` reports `snapshot`, then checks what an operator would.
+async fn assert_adopted(c: &Cluster, leader: u64, follower: u64, snapshot: (u64, u64)) {
+    c.wait_for(
+        &format!("node {follower} to adopt snapshot {snapshot:?}"),
+        Duration::from_secs(30),
+        || async {
+            (log_id(&c.metrics(follower).await["snapshot"]) == Some(snapshot)).then_some(())
+        },
+    )
+    .await;
+    let m = c.metrics(follower).await;
+    assert_eq!(
+        m["snapshots_built_locally"], 0,
+        "node {follower} built a snapshot itself: {m}"
+    );
+    assert!(m["snapshots_adopted"].as_u64().unwrap() >= 1, "{m}");
+    // Logs are purged by the normal policy once openraft records the snapshot.
+    c.wait_for(
+        &format!("node {follower} to purge its logs"),
+        Duration::from_secs(10),
+        || async {
+            let m = c.metrics(follower).await;
+            log_id(&m["purged"])
+                .is_some_and(|(_, i)| i + KEEP >= snapshot.1)
+                .then_some(())
+        },
+    )
+    .await;
+    let lm = c.metrics(leader).await;
+    let leader_file = lm["snapshot_path"].as_str().expect("leader snapshot path");
+    let follower_file = m["snapshot_path"].as_str().expect("follower snapshot path");
+    assert_eq!(
+        std::fs::read(leader_file).unwrap(),
+        std::fs::read(follower_file).unwrap(),
+        "node {follower}'s snapshot differs from the leader's"
+    );
+    // Nothing unfinished is visible in the node's snapshot directory.
+    let dir = Path::new(m["snapshot_dir"].as_str().unwrap());
+    for name in support::entries(dir) {
+        assert!(!name.ends_with(".partial"), "{name} in {}", dir.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_adopt_leader_snapshot_learner_joins_and_leader_fails_over() {
+    let work = tempfile::tempdir().unwrap();
+    let args = node_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = Cluster::start(3, StoreSection::file(&work.path().join("store")), &args).await;
+
+    // 1. The leader's snapshot reaches both followers.
+    c.write_keys("a", 300, 100).await;
+    let leader = c.leader(1).await.unwrap();
+    let first = leader_snapshot(&c, leader, None).await;
+    for f in (1..=3).filter(|&i| i != leader) {
+        assert_adopted(&c, leader, f, first).await;
+    }
+    assert!(c.sidecar_log(leader).contains("snapshot published"));
+
+    // 2. A new learner catches up through openraft's own replication of the adopted
+    //    snapshot, then adopts later snapshots through its sidecar.
+    c.spawn_node(4);
+    let addr = c.node(4).addr.clone();
+    c.start_sidecar(4);
+    c.post(leader, "/add-learner", json!({"id": 4, "addr": addr}))
+        .await;
+    c.wait_for(
+        "the learner to catch up",
+        Duration::from_secs(30),
+        || async { (log_id(&c.metrics(4).await["last_applied"]) >= Some(first)).then_some(()) },
+    )
+    .await;
+    c.write_keys("b", 100, 100).await;
+    let second = leader_snapshot(&c, leader, Some(first)).await;
+    for f in (1..=4).filter(|&i| i != leader) {
+        assert_adopted(&c, leader, f, second).await;
+    }
+
+    // 3. Failover: stop the leader; the new leader's sidecar publishes the next snapshot and
+    //    the remaining followers adopt it.
+    c.kill_sidecar(leader);
+    c.kill_node(leader);
+    let survivors: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    let new_leader = c
+        .wait_for("a new leader", Duration::from_secs(30), || async {
+            c.leader(survivors[0]).await.filter(|l| *l != leader)
+        })
+        .await;
+    c.write_keys("c", 100, 100).await;
+    let third = leader_snapshot(&c, new_leader, Some(second)).await;
+    for f in survivors
+        .iter()
+        .copied()
+        .chain([4])
+        .filter(|&i| i != new_leader)
+    {
+        assert_adopted(&c, new_leader, f, third).await;
+    }
+    assert!(c.sidecar_log(new_leader).contains("snapshot published"));
+
+    // 4. SIGTERM stops every sidecar cleanly within a few seconds.
+    for id in survivors.iter().copied().chain([4]) {
+        let (took, status) = c.stop_sidecar(id);
+        assert!(status.success(), "sidecar {id} exited with {status}");
+        assert!(
+            took < Duration::from_secs(5),
+            "sidecar {id} took {took:?} to stop"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_adopt_leader_snapshot_through_s3() {
+    let Some(s3) = support::s3("followers_adopt_leader_snapshot_through_s3") else {
+        return;
+    };
+    let args = node_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Cluster::start(3, StoreSection::s3(&s3, &support::unique("e2e")), &args).await;
+    c.write_keys("k", 300, 1000).await;
+    let leader = c.leader(1).await.unwrap();
+    let snap = leader_snapshot(&c, leader, None).await;
+    for f in (1..=3).filter(|&i| i != leader) {
+        assert_adopted(&c, leader, f, snap).await;
+    }
+}

@@ -1,0 +1,379 @@
+//! A real cluster for end-to-end tests: `kv-node` processes (the example openraft
+//! application, talking HTTP over loopback) and `snaprelay run` sidecars, each a separate
+//! process with its own directory, socket and log file. Everything is killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The `kv-node` binary, built on demand when the workspace build did not build it.
+pub fn kv_node_bin() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_snaprelay"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    let bin = dir.join("kv-node");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "snaprelay-example-kv", "--bin", "kv-node"])
+            .status()
+            .expect("running cargo build for kv-node");
+        assert!(status.success(), "building kv-node failed");
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+}
+
+pub struct Sidecar {
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// How the sidecars reach the store: the `[store]` section of their config.
+#[derive(Clone)]
+pub struct StoreSection(pub String);
+
+impl StoreSection {
+    pub fn file(dir: &Path) -> StoreSection {
+        StoreSection(format!("[store]\nurl = \"file://{}\"\n", dir.display()))
+    }
+
+    pub fn s3(s3: &super::S3, prefix: &str) -> StoreSection {
+        StoreSection(format!(
+            "[store]\nurl = \"{}\"\nendpoint = \"{}\"\nallow_http = true\n",
+            s3.url(prefix),
+            s3.endpoint
+        ))
+    }
+}
+
+pub struct Cluster {
+    pub work: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    pub sidecars: Vec<Option<Sidecar>>,
+    pub store: StoreSection,
+    /// Extra kv-node arguments (snapshot policy and the like).
+    pub node_args: Vec<String>,
+    pub http: reqwest::Client,
+}
+
+impl Cluster {
+    /// Starts `n` nodes, forms a cluster of all of them, and starts a sidecar per node.
+    pub async fn start(n: u64, store: StoreSection, node_args: &[&str]) -> Cluster {
+        let work = tempfile::Builder::new()
+            .prefix("snaprelay-e2e-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap();
+        let mut cluster = Cluster {
+            work,
+            nodes: Vec::new(),
+            sidecars: Vec::new(),
+            store,
+            node_args: node_args.iter().map(|s| s.to_string()).collect(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        for id in 1..=n {
+            cluster.spawn_node(id);
+        }
+        for node in &cluster.nodes {
+            cluster.wait_http(node).await;
+        }
+        cluster.post(1, "/init", json!({})).await;
+        for id in 2..=n {
+            let addr = cluster.nodes[id as usize - 1].addr.clone();
+            cluster
+                .post(1, "/add-learner", json!({"id": id, "addr": addr}))
+                .await;
+        }
+        let members: Vec<u64> = (1..=n).collect();
+        cluster
+            .post(1, "/change-membership", json!({"members": members}))
+            .await;
+        for id in 1..=n {
+            cluster.start_sidecar(id);
+        }
+        cluster
+    }
+
+    /// Spawns a kv-node process (not yet a member).
+    pub fn spawn_node(&mut self, id: u64) -> &Node {
+        let dir = self.work.path().join(format!("node{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let socket = dir.join("hook.sock");
+        let log = dir.join("node.log");
+        let child = Command::new(kv_node_bin())
+            .args(["--id", &id.to_string(), "--http", &addr])
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--hook-socket")
+            .arg(&socket)
+            .args(&self.node_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning kv-node");
+        self.nodes.push(Node {
+            id,
+            addr,
+            dir,
+            socket,
+            log,
+            child: Some(child),
+        });
+        self.nodes.last().unwrap()
+    }
+
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("no such node")
+    }
+
+    /// Writes the sidecar's config and starts `snaprelay run` for node `id`.
+    pub fn start_sidecar(&mut self, id: u64) {
+        let node = self.node(id);
+        let dir = node.dir.join("sidecar");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("snaprelay.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "cluster_id = \"e2e\"\nnode_id = {id}\n{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"60s\"\n\
+                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n",
+                self.store.0,
+                node.socket.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("sidecar-{}.log", super::unique("run")));
+        let child = Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("SNAPRELAY_LOG", "info,snaprelay=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning snaprelay run");
+        let slot = id as usize - 1;
+        if self.sidecars.len() <= slot {
+            self.sidecars.resize_with(slot + 1, || None);
+        }
+        self.sidecars[slot] = Some(Sidecar {
+            config,
+            log,
+            child: Some(child),
+        });
+    }
+
+    /// SIGKILLs node `id`'s sidecar.
+    pub fn kill_sidecar(&mut self, id: u64) {
+        if let Some(Some(s)) = self.sidecars.get_mut(id as usize - 1) {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// SIGTERMs node `id`'s sidecar and returns how long it took to exit, and its status.
+    pub fn stop_sidecar(&mut self, id: u64) -> (Duration, std::process::ExitStatus) {
+        let s = self.sidecars[id as usize - 1].as_mut().expect("no sidecar");
+        let mut child = s.child.take().expect("sidecar not running");
+        let started = Instant::now();
+        sigterm(child.id());
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (started.elapsed(), status);
+            }
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("sidecar {id} did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill_node(&mut self, id: u64) {
+        let node = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn wait_http(&self, node: &Node) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self
+                .http
+                .get(format!("http://{}/metrics", node.addr))
+                .send()
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.fail(&format!("node {} did not start serving HTTP", node.id));
+    }
+
+    /// POSTs JSON to node `id`, retrying while the cluster settles; returns the response.
+    pub async fn post(&self, id: u64, path: &str, body: Value) -> Value {
+        let url = format!("http://{}{path}", self.node(id).addr);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.http.post(&url).json(&body).send().await {
+                Ok(r) if r.status().is_success() => return r.json().await.unwrap_or(Value::Null),
+                Ok(r) => last = format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.fail(&format!("POST {url} {body} kept failing: {last}"))
+    }
+
+    pub async fn metrics(&self, id: u64) -> Value {
+        let url = format!("http://{}/metrics", self.node(id).addr);
+        match self.http.get(&url).send().await {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    /// The id of the current leader, as node `via` sees it.
+    pub async fn leader(&self, via: u64) -> Option<u64> {
+        self.metrics(via).await["leader"].as_u64()
+    }
+
+    /// Writes `count` keys through whichever node leads.
+    pub async fn write_keys(&self, prefix: &str, count: usize, value_len: usize) {
+        let value = "v".repeat(value_len);
+        let live: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect();
+        let mut via = live[0];
+        for i in 0..count {
+            if let Some(l) = self.leader(via).await {
+                if live.contains(&l) {
+                    via = l;
+                }
+            }
+            self.post(
+                via,
+                "/write",
+                json!({"key": format!("{prefix}{i:06}"), "value": value}),
+            )
+            .await;
+        }
+    }
+
+    /// Waits until `check` returns a value, failing with every process's log tail after
+    /// `timeout`.
+    pub async fn wait_for<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(v) = check().await {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.fail(&format!("timed out after {timeout:?} waiting for {what}"));
+    }
+
+    /// Panics with the tails of all logs, so a failure explains itself.
+    pub fn fail(&self, why: &str) -> ! {
+        let mut out = format!("{why}\n");
+        let mut logs: Vec<&Path> = self.nodes.iter().map(|n| n.log.as_path()).collect();
+        logs.extend(self.sidecars.iter().flatten().map(|s| s.log.as_path()));
+        for log in logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(25).collect();
+            out.push_str(&format!("---- {} ----\n", log.display()));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        panic!("{out}");
+    }
+
+    /// Every line of node `id`'s sidecar logs (all runs).
+    pub fn sidecar_log(&self, id: u64) -> String {
+        let dir = self.node(id).dir.join("sidecar");
+        let mut text = String::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "log") {
+                text.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+            }
+        }
+        text
+    }
+}
+
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) on a child we spawned and have not reaped; no memory is involved.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for s in self.sidecars.iter_mut().flatten() {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
