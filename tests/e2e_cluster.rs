@@ -163,3 +163,118 @@ async fn followers_adopt_leader_snapshot_through_s3() {
         assert_adopted(&c, leader, f, snap).await;
     }
 }
+
+/// A follower that is behind the snapshot (its `last_applied` < the snapshot's index) is
+/// answered `staged`; it adopts the snapshot once it has caught up, without building one.
+#[tokio::test(flavor = "multi_thread")]
+async fn lagging_follower_stages_then_adopts() {
+    let work = tempfile::tempdir().unwrap();
+    // Keep every log, so that the lagging follower catches up by replication of logs (not
+    // of the leader's snapshot) and the staged snapshot is what it adopts.
+    let args = [
+        "--snapshot-policy-logs",
+        "1000000",
+        "--max-in-snapshot-log-to-keep",
+        "100000",
+    ];
+    let c = Cluster::start(3, StoreSection::file(&work.path().join("store")), &args).await;
+    c.write_keys("a", 20, 10).await;
+    let leader = c.leader(1).await.unwrap();
+    let lagging = (1..=3).find(|&i| i != leader).unwrap();
+    c.post(lagging, "/admin/isolate", json!({"isolated": true}))
+        .await;
+    c.write_keys("b", 100, 10).await;
+    let snap = leader_snapshot(&c, leader, None).await;
+
+    c.wait_for(
+        "the lagging follower's sidecar to stage the snapshot",
+        Duration::from_secs(30),
+        || async {
+            c.sidecar_log(lagging)
+                .contains("outcome=Staged")
+                .then_some(())
+        },
+    )
+    .await;
+    let m = c.metrics(lagging).await;
+    assert!(log_id(&m["last_applied"]) < Some(snap), "{m}");
+    assert_ne!(
+        log_id(&m["snapshot"]),
+        Some(snap),
+        "adopted before catching up: {m}"
+    );
+
+    c.post(lagging, "/admin/isolate", json!({"isolated": false}))
+        .await;
+    c.wait_for(
+        "the lagging follower to adopt after catching up",
+        Duration::from_secs(60),
+        || async { (log_id(&c.metrics(lagging).await["snapshot"]) == Some(snap)).then_some(()) },
+    )
+    .await;
+    let m = c.metrics(lagging).await;
+    assert_eq!(m["snapshots_built_locally"], 0, "{m}");
+    assert_eq!(m["snapshots_adopted"], 1, "{m}");
+    let leader_file = c.metrics(leader).await["snapshot_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        std::fs::read(leader_file).unwrap(),
+        std::fs::read(m["snapshot_path"].as_str().unwrap()).unwrap()
+    );
+}
+
+/// Killing a follower's sidecar in the middle of a fetch is harmless: the node never sees a
+/// partial file, and the restarted sidecar converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn follower_sidecar_killed_mid_fetch_converges() {
+    let work = tempfile::tempdir().unwrap();
+    let args = node_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = Cluster::start(3, StoreSection::file(&work.path().join("store")), &args).await;
+    // About 60 MiB of state, so that a fetch takes long enough to be interrupted.
+    c.write_keys("big", 300, 200 * 1024).await;
+    let leader = c.leader(1).await.unwrap();
+    let victim = (1..=3).find(|&i| i != leader).unwrap();
+    let incoming =
+        std::path::PathBuf::from(c.metrics(victim).await["incoming_dir"].as_str().unwrap());
+    c.post(leader, "/snapshot", json!({})).await;
+
+    // Kill the sidecar as soon as its staging file appears.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if support::entries(&incoming)
+            .iter()
+            .any(|n| n.ends_with(".partial"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fetch started; {}",
+            c.sidecar_log(victim)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    c.kill_sidecar(victim);
+    let m = c.metrics(victim).await;
+    assert_eq!(
+        m["snapshots_adopted"], 0,
+        "the node adopted before the fetch finished: {m}"
+    );
+    let snap_dir = Path::new(m["snapshot_dir"].as_str().unwrap()).to_owned();
+    assert!(support::entries(&snap_dir)
+        .iter()
+        .all(|n| !n.ends_with(".partial")));
+
+    c.start_sidecar(victim);
+    let snap = log_id(&c.metrics(leader).await["snapshot"]).unwrap();
+    assert_adopted(&c, leader, victim, snap).await;
+    assert_eq!(c.metrics(victim).await["snapshots_adopted"], 1);
+    let left: Vec<String> = support::entries(&incoming)
+        .into_iter()
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "staging files left behind: {left:?}");
+}

@@ -18,6 +18,8 @@
 //! lease has not been established yet (or no leader at all) is retried for a few seconds.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -52,6 +54,9 @@ pub struct App {
     pub raft: Raft,
     pub store: StoreView,
     pub snapshots: SnapshotDir,
+    /// Fault injection for tests: while set, this node refuses raft RPCs, as if cut off
+    /// from the network, so a test can make a follower fall behind on purpose.
+    pub isolated: Arc<AtomicBool>,
 }
 
 pub fn router(app: App) -> Router {
@@ -69,7 +74,12 @@ pub fn router(app: App) -> Router {
         .route("/change-membership", post(change_membership))
         .route("/snapshot", post(trigger_snapshot))
         .route("/metrics", get(metrics))
-        .with_state(app)
+        .route("/admin/isolate", post(isolate))
+        .with_state(app.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            app,
+            refuse_raft_while_isolated,
+        ))
 }
 
 /// An error answer: status and a JSON body with at least `error`.
@@ -90,6 +100,33 @@ impl IntoResponse for ApiError {
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 // ---- raft RPCs ----
+
+/// Answers raft RPCs with 503 while the node is isolated (see [`App::isolated`]).
+async fn refuse_raft_while_isolated(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> HttpResponse {
+    if app.isolated.load(Ordering::Relaxed) && request.uri().path().starts_with("/raft/") {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "isolated").into_response();
+    }
+    next.run(request).await
+}
+
+#[derive(Debug, Deserialize)]
+struct IsolateRequest {
+    isolated: bool,
+}
+
+/// `POST /admin/isolate {"isolated": true|false}`: fault injection for tests.
+async fn isolate(
+    State(app): State<App>,
+    Json(req): Json<IsolateRequest>,
+) -> Json<serde_json::Value> {
+    app.isolated.store(req.isolated, Ordering::Relaxed);
+    tracing::warn!(isolated = req.isolated, "raft RPCs isolation changed");
+    Json(json!({ "isolated": req.isolated }))
+}
 
 async fn raft_append(
     State(app): State<App>,

@@ -105,6 +105,7 @@ pub async fn run(
         raft: raft.clone(),
         store,
         snapshots,
+        isolated: Default::default(),
     };
     tracing::info!(id = config.id, http = %config.http, hook = %config.hook_socket.display(), "node running");
 
