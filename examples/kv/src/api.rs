@@ -43,6 +43,9 @@ use crate::{NodeId, Raft, Request, TypeConfig};
 
 /// How long a write waits for a leader (election, lease) before giving up.
 const WRITE_RETRY_FOR: Duration = Duration::from_secs(10);
+/// Largest append-entries batch or client write accepted (values may be large; openraft
+/// batches at most `max_payload_entries` entries per request).
+const MAX_RPC_BYTES: usize = 256 << 20;
 /// Largest snapshot a node accepts through replication.
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 
@@ -61,14 +64,17 @@ pub struct App {
 
 pub fn router(app: App) -> Router {
     Router::new()
-        .route("/raft/append", post(raft_append))
+        .route(
+            "/raft/append",
+            post(raft_append).layer(DefaultBodyLimit::max(MAX_RPC_BYTES)),
+        )
         .route("/raft/vote", post(raft_vote))
         .route(
             "/raft/snapshot",
             post(raft_snapshot).layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES)),
         )
         .route("/init", post(init))
-        .route("/write", post(write))
+        .route("/write", post(write).layer(DefaultBodyLimit::max(MAX_RPC_BYTES)))
         .route("/read", get(read))
         .route("/add-learner", post(add_learner))
         .route("/change-membership", post(change_membership))

@@ -63,6 +63,9 @@ pub async fn run(
         election_timeout_max: 2000,
         // One request carries a whole snapshot.
         install_snapshot_timeout: 30_000,
+        // Entries per append request: bounded so that a batch of large values stays well
+        // under the HTTP body limit.
+        max_payload_entries: 64,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_policy_logs),
         // Keep enough log behind a snapshot that a follower being sent a snapshot, or one a
         // little behind, can still catch up from the log.

@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Propagation benchmark: how long from the leader's snapshot meta file appearing to the
+last follower answering `adopted`, on SeaweedFS, with a 1 s sidecar poll interval.
+
+Starts a 3-node cluster of the example application (`kv-node`, release build) with one
+`snaprelay run` sidecar per node (JSON logs), loads state through the HTTP API, and per
+round: rewrites the state (every value new: a full snapshot) or 1% of the values (an
+incremental snapshot), asks the leader for a snapshot, and measures
+
+    t0 = mtime of the leader's new <name>.meta.json     (the commit marker)
+    t1 = timestamp of each follower sidecar's "snapshot handed to the node" line with
+         outcome Adopted
+    propagation = max(t1) - t0
+
+Usage: scripts/bench_propagation.py [--sizes 64MiB,1GiB] [--rounds 3] [--out FILE]
+"""
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release")
+VALUE_BYTES = 1 << 20  # one value per MiB of state
+
+
+def parse_size(text):
+    units = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+    for u, m in units.items():
+        if text.endswith(u):
+            return int(float(text[: -len(u)]) * m)
+    return int(text)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(addr, path, body=None, timeout=120):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{addr}{path}", data=data,
+                                 headers={"content-type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        text = r.read()
+        return json.loads(text) if text else None
+
+
+def retry(what, fn, timeout=120):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            r = fn()
+            if r is not None and r is not False:
+                return r
+        except Exception as e:
+            last = e
+        time.sleep(0.05)
+    raise SystemExit(f"bench: timed out waiting for {what} ({last})")
+
+
+def random_value(n):
+    # base64 of random bytes: JSON-safe, incompressible, exactly n characters.
+    return base64.b64encode(os.urandom(n * 3 // 4 + 3)).decode()[:n]
+
+
+def s3_env():
+    subprocess.run(["bash", "scripts/s3-server.sh", "install"], cwd=ROOT, check=True)
+    subprocess.run(["bash", "scripts/s3-server.sh", "start"], cwd=ROOT, check=True)
+    out = subprocess.run(["bash", "scripts/s3-server.sh", "env"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    env = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            k, _, v = line[len("export "):].partition("=")
+            env[k] = v.strip("'\"")
+    return env
+
+
+def adopted_times(log_path, index):
+    """Timestamps of 'snapshot handed to the node' lines for `index` with outcome Adopted."""
+    times = []
+    try:
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                fields = ev.get("fields", {})
+                if (fields.get("message") == "snapshot handed to the node"
+                        and fields.get("index") == index and fields.get("outcome") == "Adopted"):
+                    ts = ev["timestamp"].replace("Z", "+00:00")
+                    times.append(dt.datetime.fromisoformat(ts).timestamp())
+    except FileNotFoundError:
+        pass
+    return times
+
+
+def fetched_bytes(log_path, index):
+    with open(log_path) as f:
+        for line in f:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            fields = ev.get("fields", {})
+            if fields.get("message") == "snapshot fetched and verified" and fields.get("index") == index:
+                return fields.get("downloaded", 0)
+    return None
+
+
+class Cluster:
+    def __init__(self, work, env, prefix):
+        self.work, self.procs, self.nodes = work, [], {}
+        for i in (1, 2, 3):
+            d = os.path.join(work, f"node{i}")
+            os.makedirs(d)
+            addr = f"127.0.0.1:{free_port()}"
+            sock = os.path.join(d, "hook.sock")
+            self.procs.append(subprocess.Popen(
+                [os.path.join(BIN, "kv-node"), "--id", str(i), "--http", addr, "--dir", d,
+                 "--hook-socket", sock, "--snapshot-policy-logs", "1000000",
+                 "--max-in-snapshot-log-to-keep", "4", "--keep-snapshots", "2"],
+                stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "node.log"), "w")))
+            self.nodes[i] = {"addr": addr, "dir": d, "sock": sock}
+        for n in self.nodes.values():
+            retry("node start", lambda n=n: http(n["addr"], "/metrics"))
+        retry("init", lambda: http(self.nodes[1]["addr"], "/init", {}) or True)
+        for i in (2, 3):
+            retry("add learner", lambda i=i: http(self.nodes[1]["addr"], "/add-learner",
+                                                  {"id": i, "addr": self.nodes[i]["addr"]}) or True)
+        retry("membership", lambda: http(self.nodes[1]["addr"], "/change-membership",
+                                         {"members": [1, 2, 3]}) or True)
+        for i, n in self.nodes.items():
+            cfg = os.path.join(n["dir"], "snaprelay.toml")
+            with open(cfg, "w") as f:
+                f.write(f'cluster_id = "bench"\nnode_id = {i}\n[store]\n'
+                        f'url = "s3://{env["SNAPRELAY_TEST_S3_BUCKET"]}/{prefix}"\n'
+                        f'endpoint = "{env["SNAPRELAY_TEST_S3_ENDPOINT"]}"\nallow_http = true\n'
+                        f'[node]\nhook_socket = "{n["sock"]}"\n[daemon]\npoll_interval = "1s"\n')
+            n["log"] = os.path.join(n["dir"], "snaprelay.log")
+            penv = dict(os.environ, **env)
+            self.procs.append(subprocess.Popen(
+                [os.path.join(BIN, "snaprelay"), "--config", cfg, "--log-format", "json", "run"],
+                stdout=subprocess.DEVNULL, stderr=open(n["log"], "w"), env=penv))
+        self.leader = retry("leader", lambda: http(self.nodes[1]["addr"], "/metrics").get("leader"))
+
+    def write(self, key, value):
+        retry("write", lambda: http(self.nodes[self.leader]["addr"], "/write",
+                                    {"key": key, "value": value}) or True)
+
+    def snapshot_round(self, timeout=600):
+        leader = self.nodes[self.leader]
+        snapdir = os.path.join(leader["dir"], "snapshots")
+        before = set(os.listdir(snapdir))
+        http(leader["addr"], "/snapshot", {})
+        snap = retry("leader snapshot", lambda: (lambda m: m["snapshot"] if m["snapshot"] and
+                     m["snapshot"]["index"] > self.last_index else None)(http(leader["addr"], "/metrics")),
+                     timeout=timeout)
+        self.last_index = snap["index"]
+        meta = retry("leader meta file", lambda: next(
+            (os.path.join(snapdir, n) for n in os.listdir(snapdir)
+             if n.endswith(".meta.json") and n not in before and not n.startswith(".")), None))
+        t0 = os.stat(meta).st_mtime
+        followers = [i for i in self.nodes if i != self.leader]
+        ends = retry("followers adopt", lambda: (lambda ts: ts if all(ts) else None)(
+            [max(adopted_times(self.nodes[i]["log"], snap["index"]), default=None) for i in followers]),
+            timeout=timeout)
+        moved = [fetched_bytes(self.nodes[i]["log"], snap["index"]) for i in followers]
+        return max(ends) - t0, snap, moved
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="64MiB,1GiB")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, ".tools", "bench", "propagation.md"))
+    args = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bins", "-p", "snaprelay",
+                    "-p", "snaprelay-example-kv"], cwd=ROOT, check=True)
+    env = s3_env()
+    rows = []
+    try:
+        for size_text in args.sizes.split(","):
+            size = parse_size(size_text)
+            keys = max(1, size // VALUE_BYTES)
+            work = tempfile.mkdtemp(prefix="snaprelay-prop-", dir=os.path.join(ROOT, ".tools"))
+            cluster = Cluster(work, env, f"bench-prop/{int(time.time())}-{size_text}")
+            cluster.last_index = 0
+            try:
+                print(f"== {size_text}: loading {keys} values of {VALUE_BYTES} bytes", flush=True)
+                for k in range(keys):
+                    cluster.write(f"k{k:06}", random_value(VALUE_BYTES))
+                for kind in ("full", "incremental"):
+                    for r in range(args.rounds):
+                        if kind == "full":
+                            for k in range(keys):
+                                cluster.write(f"k{k:06}", random_value(VALUE_BYTES))
+                        else:
+                            step = max(1, keys // max(1, keys // 100))
+                            for k in range(0, keys, step)[: max(1, keys // 100)]:
+                                cluster.write(f"k{k:06}", random_value(VALUE_BYTES))
+                        took, snap, moved = cluster.snapshot_round()
+                        mib = [round((m or 0) / 1048576, 1) for m in moved]
+                        print(f"   {size_text} {kind:<11} round {r + 1}: index {snap['index']}: "
+                              f"{took:.2f}s (followers downloaded {mib} MiB)", flush=True)
+                        rows.append({"size": size_text, "kind": kind, "round": r + 1,
+                                     "seconds": took, "downloaded_mib": mib})
+            finally:
+                cluster.stop()
+                shutil.rmtree(work, ignore_errors=True)
+    finally:
+        subprocess.run(["bash", "scripts/s3-server.sh", "stop"], cwd=ROOT)
+    lines = ["| size | snapshot | median s (meta file → last follower adopted) | rounds (s) | MiB downloaded per follower (median) |",
+             "|---|---|---:|---|---:|"]
+    for size_text in args.sizes.split(","):
+        for kind in ("full", "incremental"):
+            rs = [r for r in rows if r["size"] == size_text and r["kind"] == kind]
+            if not rs:
+                continue
+            med = statistics.median(r["seconds"] for r in rs)
+            dl = statistics.median(x for r in rs for x in r["downloaded_mib"])
+            each = ", ".join("%.2f" % r["seconds"] for r in rs)
+            lines.append(f"| {size_text} | {kind} | {med:.2f} | {each} | {dl:.1f} |")
+    report = "\n".join(lines)
+    print("\n" + report)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
