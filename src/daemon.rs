@@ -26,11 +26,11 @@ use crate::error::Error;
 use crate::fetch::{self, Fetcher};
 use crate::ipc::{Role, Status};
 use crate::node::HookClient;
-use crate::progress::Silent;
 use crate::publish::Publisher;
 use crate::repo::{ManifestId, Repo};
 use crate::snapdir::{self, Snapshot};
 use crate::store::Store;
+use crate::systemd::Supervisor;
 use crate::watch::DirWatcher;
 
 /// Local snapshots offered as chunk sources to a follower's fetch.
@@ -49,6 +49,9 @@ pub struct Daemon {
     /// Follower: the manifest last handed to the node, not to be fetched again.
     handed: Option<ManifestId>,
     backoff: Backoff,
+    supervisor: Supervisor,
+    /// What the operator sees in `systemctl status`.
+    last_event: String,
 }
 
 impl Daemon {
@@ -71,6 +74,8 @@ impl Daemon {
             published: None,
             handed: None,
             backoff,
+            supervisor: Supervisor::from_env(),
+            last_event: String::new(),
         })
     }
 
@@ -83,6 +88,11 @@ impl Daemon {
             cluster_id = %self.config.cluster_id,
             "snaprelay started"
         );
+        let watchdog = self.supervisor.spawn_watchdog(cancel.clone());
+        if !self.wait_ready(&cancel).await? {
+            self.supervisor.stopping();
+            return Ok(());
+        }
         let daemon = self.config.daemon.clone();
         let mut poll = tokio::time::interval(daemon.poll_interval);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -101,6 +111,8 @@ impl Daemon {
                 _ = rescan.tick(), if self.role == Some(Role::Leader) => self.publish_pending(&cancel).await,
                 _ = tick(&mut trigger), if self.role == Some(Role::Leader) => self.trigger().await,
             };
+            // Finishing a step, even a failed one, shows the loop is not stuck.
+            self.supervisor.alive();
             match outcome {
                 Ok(()) => {
                     if let Some((failures, since)) = self.backoff.reset() {
@@ -125,8 +137,63 @@ impl Daemon {
                 }
             }
         }
+        self.supervisor.stopping();
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         tracing::info!("snaprelay stopped");
         Ok(())
+    }
+
+    /// Waits until the store and the node's hook both answer, then tells systemd
+    /// `READY=1`. Returns false if cancelled first; an error only for a fatal problem.
+    async fn wait_ready(&mut self, cancel: &CancellationToken) -> anyhow::Result<bool> {
+        loop {
+            let probe = async {
+                Repo::exists(&self.store)
+                    .await
+                    .with_context(|| format!("probing the store at {}", self.config.store.url))?;
+                let status = self.node.status().await?;
+                anyhow::Ok(status)
+            };
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => return Ok(false),
+                r = probe => r,
+            };
+            self.supervisor.alive();
+            match outcome {
+                Ok(status) => {
+                    self.backoff.reset();
+                    self.supervisor.ready(&format!(
+                        "ready: node {} is {}, store {}",
+                        status.node_id, status.role, self.config.store.url
+                    ));
+                    tracing::info!(node_id = status.node_id, role = %status.role, "ready");
+                    return Ok(true);
+                }
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    let wait = self.backoff.failed();
+                    if self.backoff.failures == 1 {
+                        tracing::warn!(error = %format!("{e:#}"), "not ready yet; retrying");
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn report(&mut self, event: String) {
+        let role = self
+            .role
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        self.last_event = event;
+        self.supervisor
+            .status(&format!("{role}; {}", self.last_event));
     }
 
     /// One poll: ask the node what it is, then do that role's work.
@@ -135,6 +202,8 @@ impl Daemon {
         if self.role != Some(status.role) {
             tracing::info!(role = %status.role, node_id = status.node_id, term = status.term, "node role");
             self.role = Some(status.role);
+            let event = std::mem::take(&mut self.last_event);
+            self.report(event);
             self.published = None;
             self.handed = None;
         }
@@ -210,11 +279,12 @@ impl Daemon {
             }
         }
         let snapshot = newest.clone();
+        let progress = self.supervisor.progress();
         let publisher = Publisher::new(
             &repo,
             self.config.upload.concurrency,
             self.config.node_id,
-            &Silent,
+            &progress,
         );
         let report = tokio::select! {
             // Abandoning a publish leaves only unreferenced chunks: the manifest is last.
@@ -232,6 +302,7 @@ impl Daemon {
             );
         }
         self.published = Some(log_id);
+        self.report(format!("published {} (term {})", log_id.0, log_id.1));
         Ok(())
     }
 
@@ -274,7 +345,8 @@ impl Daemon {
         let snapshot_dir = self.snapshot_dir(status);
         let mut sources = fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
         sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
-        let fetcher = Fetcher::new(repo, self.config.download.concurrency, &Silent);
+        let progress = self.supervisor.progress();
+        let fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress);
         let report = tokio::select! {
             // An abandoned fetch leaves only the hidden staging file, resumed next time.
             _ = cancel.cancelled() => return Ok(()),
@@ -305,6 +377,7 @@ impl Daemon {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot handed to the node"
         );
+        self.report(format!("{:?} {} (term {})", saved.outcome, id.index, id.term).to_lowercase());
         self.handed = Some(id);
         Ok(())
     }

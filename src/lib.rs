@@ -20,6 +20,7 @@
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
 //! - [`daemon`]: `snaprelay run`: role tracking, publishing as leader, adopting as follower.
+//! - [`systemd`]: sd_notify readiness, status, stopping and a progress-driven watchdog.
 //! - [`watch`]: snapshot directory events, debounced.
 //! - [`error`]: how failures are classified into exit codes.
 
@@ -35,6 +36,7 @@ pub mod progress;
 pub mod publish;
 pub mod repo;
 pub mod store;
+pub mod systemd;
 pub mod verify;
 pub mod watch;
 

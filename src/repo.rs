@@ -155,6 +155,11 @@ impl Repo {
         }
     }
 
+    /// Whether the store answers and holds a repository (probing reachability at start).
+    pub async fn exists(store: &Store) -> Result<bool> {
+        Ok(Self::read_descriptor(store).await?.is_some())
+    }
+
     fn checked(store: Store, descriptor: Repository, cluster_id: &str) -> Result<Repo> {
         if descriptor.cluster_id != cluster_id {
             return Err(Error::ClusterMismatch {

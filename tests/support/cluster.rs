@@ -86,6 +86,15 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` nodes, forms a cluster of all of them, and starts a sidecar per node.
     pub async fn start(n: u64, store: StoreSection, node_args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::start_nodes(n, store, node_args).await;
+        for id in 1..=n {
+            cluster.start_sidecar(id);
+        }
+        cluster
+    }
+
+    /// Starts `n` nodes and forms a cluster of all of them, without sidecars.
+    pub async fn start_nodes(n: u64, store: StoreSection, node_args: &[&str]) -> Cluster {
         let work = tempfile::Builder::new()
             .prefix("snaprelay-e2e-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -163,6 +172,11 @@ impl Cluster {
 
     /// Writes the sidecar's config and starts `snaprelay run` for node `id`.
     pub fn start_sidecar(&mut self, id: u64) {
+        self.start_sidecar_with_env(id, &[]);
+    }
+
+    /// Like [`Cluster::start_sidecar`], with extra environment variables.
+    pub fn start_sidecar_with_env(&mut self, id: u64, env: &[(&str, &str)]) {
         let node = self.node(id);
         let dir = node.dir.join("sidecar");
         std::fs::create_dir_all(&dir).unwrap();
@@ -183,6 +197,7 @@ impl Cluster {
             .arg(&config)
             .arg("run")
             .env("SNAPRELAY_LOG", "info,snaprelay=debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
