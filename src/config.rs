@@ -76,6 +76,28 @@ pub struct Config {
     /// The node this sidecar serves (needed by `run`).
     pub node: Option<NodeConfig>,
     pub daemon: DaemonConfig,
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: what GC keeps; the leader's sidecar runs it after each publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Newest snapshots kept in the store.
+    pub keep_last: usize,
+    /// Unreferenced chunks younger than this (store clock) are kept.
+    pub grace: Duration,
+    /// Whether `snaprelay run` collects garbage after publishing.
+    pub gc_after_publish: bool,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_last: 3,
+            grace: Duration::from_secs(3600),
+            gc_after_publish: true,
+        }
+    }
 }
 
 /// How to reach the node's hook.
@@ -167,6 +189,16 @@ struct RawConfig {
     node: Option<RawNode>,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    keep_last: Option<i64>,
+    grace: Option<String>,
+    gc_after_publish: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,6 +309,7 @@ impl Config {
         let download = transfer("download", &raw.download)?;
         let node = raw.node.map(node_config).transpose()?;
         let daemon = daemon_config(raw.daemon)?;
+        let retention = retention_config(raw.retention)?;
         Ok(Config {
             cluster_id,
             node_id: raw.node_id,
@@ -286,6 +319,7 @@ impl Config {
             download,
             node,
             daemon,
+            retention,
         })
     }
 
@@ -376,6 +410,12 @@ impl Config {
         if let Some(t) = self.daemon.trigger_interval {
             out.push_str(&format!("trigger_interval = {}\n", d(t)));
         }
+        out.push_str(&format!(
+            "\n[retention]\nkeep_last = {}\ngrace = {}\ngc_after_publish = {}\n",
+            self.retention.keep_last,
+            d(self.retention.grace),
+            self.retention.gc_after_publish
+        ));
         out
     }
 }
@@ -632,6 +672,27 @@ fn node_config(raw: RawNode) -> Result<NodeConfig> {
             raw.hook_timeout,
             Duration::from_secs(60),
         )?,
+    })
+}
+
+fn retention_config(raw: RawRetention) -> Result<RetentionConfig> {
+    let default = RetentionConfig::default();
+    let keep_last = raw.keep_last.unwrap_or(default.keep_last as i64);
+    if !(1..=10_000).contains(&keep_last) {
+        return Err(ConfigError::invalid(
+            "retention.keep_last",
+            format!("must be between 1 and 10000 (got {keep_last})"),
+        ));
+    }
+    let grace = match raw.grace {
+        // Zero is allowed here: an operator cleaning up by hand may want it.
+        Some(text) if text.trim() == "0" || text.trim() == "0s" => Duration::ZERO,
+        other => duration("retention.grace", other, default.grace)?,
+    };
+    Ok(RetentionConfig {
+        keep_last: keep_last as usize,
+        grace,
+        gc_after_publish: raw.gc_after_publish.unwrap_or(default.gc_after_publish),
     })
 }
 

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, NodeConfig};
 use crate::error::Error;
 use crate::fetch::{self, Fetcher};
+use crate::gc::{self, Retention};
 use crate::ipc::{Role, Status};
 use crate::node::HookClient;
 use crate::publish::Publisher;
@@ -303,6 +304,9 @@ impl Daemon {
         }
         self.published = Some(log_id);
         self.report(format!("published {} (term {})", log_id.0, log_id.1));
+        if self.config.retention.gc_after_publish {
+            self.collect_garbage(&repo, log_id, cancel).await?;
+        }
         Ok(())
     }
 
@@ -380,6 +384,29 @@ impl Daemon {
         self.report(format!("{:?} {} (term {})", saved.outcome, id.index, id.term).to_lowercase());
         self.handed = Some(id);
         Ok(())
+    }
+
+    /// Retention after a publish, in the same task, so GC never races this sidecar's own
+    /// uploads. The snapshot just published (the node's current one) is pinned.
+    async fn collect_garbage(
+        &mut self,
+        repo: &Repo,
+        current: (u64, u64),
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let retention = Retention {
+            keep_last: self.config.retention.keep_last,
+            pinned: vec![current],
+            grace: self.config.retention.grace,
+        };
+        tokio::select! {
+            // Stopping between deletions leaves a valid repository (manifests go first).
+            _ = cancel.cancelled() => Ok(()),
+            r = gc::collect(repo, &retention, true, self.config.upload.concurrency) => {
+                r.context("collecting garbage")?;
+                Ok(())
+            }
+        }
     }
 
     async fn trigger(&mut self) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
+//! - [`gc`]: retention: old manifests, then unreferenced chunks past a grace period.
 //! - [`verify`]: re-download and re-hash what the store holds.
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
@@ -30,7 +31,9 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod fetch;
+pub mod gc;
 pub mod manifest;
+pub mod metrics;
 pub mod node;
 pub mod progress;
 pub mod publish;

@@ -20,7 +20,7 @@ use crate::chunk::{self, Digest, RawChunk};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, MANIFEST_FORMAT};
 use crate::progress::Progress;
-use crate::repo::Repo;
+use crate::repo::{Repo, StoredChunk};
 use crate::snapdir::{SnapdirError, Snapshot};
 
 /// What a publish did.
@@ -138,6 +138,8 @@ impl<'a> Publisher<'a> {
             }));
         }
 
+        self.restore_vanished(snapshot, &chunks).await?;
+
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             cluster_id: self.repo.cluster_id().to_owned(),
@@ -181,10 +183,58 @@ impl<'a> Publisher<'a> {
         Ok(report)
     }
 
+    /// A GC running elsewhere (an operator's `snaprelay gc`, a deposed leader) may have
+    /// deleted an old, unreferenced chunk this publish counted as present. Listing once more
+    /// just before the manifest — the commit point — and re-sending what vanished keeps the
+    /// rule that a manifest exists only when all its chunks do.
+    async fn restore_vanished(&self, snapshot: &Snapshot, chunks: &[ChunkRef]) -> Result<()> {
+        let present = self.repo.list_chunks().await?;
+        let mut offset = 0u64;
+        let mut missing = Vec::new();
+        for c in chunks {
+            if present.get(&c.sha256).map(|p| p.size) != Some(c.len) {
+                missing.push((offset, c.clone()));
+            }
+            offset += c.len;
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            chunks = missing.len(),
+            "chunks vanished during the publish (a concurrent GC?); sending them again"
+        );
+        let file = std::sync::Arc::new(
+            File::open(&snapshot.data_path)
+                .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?,
+        );
+        for (offset, c) in missing {
+            let file = file.clone();
+            let path = snapshot.data_path.clone();
+            let data = tokio::task::spawn_blocking(move || -> Result<bytes::Bytes> {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; c.len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| Error::io(format!("re-reading {}", path.display()), e))?;
+                if Digest::of(&buf) != c.sha256 {
+                    return Err(Error::io(
+                        format!("re-reading {}", path.display()),
+                        io::Error::other("the snapshot file changed during the publish"),
+                    ));
+                }
+                Ok(buf.into())
+            })
+            .await
+            .map_err(|e| Error::io("re-reading task", io::Error::other(e)))??;
+            self.repo.put_chunk(&c.sha256, data).await?;
+        }
+        Ok(())
+    }
+
     async fn store_chunk(
         &self,
         raw: RawChunk,
-        present: &HashMap<Digest, u64>,
+        present: &HashMap<Digest, StoredChunk>,
         transferred: &AtomicU64,
         transferred_bytes: &AtomicU64,
     ) -> Result<ChunkRef> {
@@ -193,7 +243,7 @@ impl<'a> Publisher<'a> {
         let (sha, data) = tokio::task::spawn_blocking(move || (Digest::of(&data), data))
             .await
             .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;
-        if present.get(&sha) != Some(&len) {
+        if present.get(&sha).map(|c| c.size) != Some(len) {
             self.repo.put_chunk(&sha, data).await?;
             transferred.fetch_add(1, Ordering::Relaxed);
             transferred_bytes.fetch_add(len, Ordering::Relaxed);

@@ -27,6 +27,8 @@ use crate::store::Store;
 const REPOSITORY_KEY: &str = "repository.json";
 const MANIFESTS: &str = "manifests";
 const CHUNKS: &str = "chunks";
+/// A scratch object GC writes to read the store's clock.
+const CLOCK_KEY: &str = "gc-clock";
 /// repository.json is a few hundred bytes; anything much larger is not ours.
 const MAX_REPOSITORY_BYTES: u64 = 64 << 10;
 
@@ -86,6 +88,14 @@ impl fmt::Display for ManifestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.file_name())
     }
+}
+
+/// A chunk as the store lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredChunk {
+    pub size: u64,
+    /// The store's own timestamp (GC measures its grace period from it, not our clock).
+    pub last_modified: chrono::DateTime<Utc>,
 }
 
 /// A listed manifest with the store's metadata.
@@ -343,7 +353,7 @@ impl Repo {
     /// Every chunk in the store with its stored size: one listing instead of a `head` per
     /// chunk (a listing page names a thousand chunks). Objects under `chunks/` that are not
     /// chunk keys are skipped.
-    pub async fn list_chunks(&self) -> Result<std::collections::HashMap<Digest, u64>> {
+    pub async fn list_chunks(&self) -> Result<std::collections::HashMap<Digest, StoredChunk>> {
         let prefix = self.store.key(CHUNKS);
         let mut stream = self.store.backend.list(Some(&prefix));
         let mut chunks = std::collections::HashMap::new();
@@ -359,7 +369,13 @@ impl Repo {
                 .filter(|d| self.chunk_key(d) == meta.location);
             match parsed {
                 Some(d) => {
-                    chunks.insert(d, meta.size);
+                    chunks.insert(
+                        d,
+                        StoredChunk {
+                            size: meta.size,
+                            last_modified: meta.last_modified,
+                        },
+                    );
                 }
                 None => {
                     tracing::debug!(key = %meta.location, "ignoring an object under chunks/ that is not a chunk")
@@ -367,6 +383,26 @@ impl Repo {
             }
         }
         Ok(chunks)
+    }
+
+    /// The store's idea of "now": the last-modified time of a scratch object written just
+    /// now. GC compares chunk ages with it, so a skewed local clock cannot make it delete
+    /// young chunks.
+    pub async fn store_now(&self) -> Result<chrono::DateTime<Utc>> {
+        let key = self.store.key(CLOCK_KEY);
+        let body = Utc::now().to_rfc3339();
+        self.store
+            .backend
+            .put(&key, PutPayload::from(body))
+            .await
+            .map_err(store_err("put", &key))?;
+        let meta = self
+            .store
+            .backend
+            .head(&key)
+            .await
+            .map_err(store_err("head", &key))?;
+        Ok(meta.last_modified)
     }
 
     /// Whether the chunk exists, and its stored size.

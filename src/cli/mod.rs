@@ -11,6 +11,7 @@ use crate::repo::Repo;
 use crate::store::Store;
 
 mod check_config;
+mod gc;
 mod list;
 mod pull;
 mod push;
@@ -67,6 +68,8 @@ pub enum Command {
     List(list::Args),
     /// Re-download and hash every chunk of one, the newest, or all snapshots.
     Verify(verify::Args),
+    /// Show what retention would delete; delete with --apply.
+    Gc(gc::Args),
     /// Validate and print the effective config (secrets masked).
     CheckConfig,
     /// Run the sidecar next to a node (needs [node] in the config) until SIGTERM/SIGINT.
@@ -95,6 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull(args) => pull::run(&config, args).await,
         Command::List(args) => list::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
+        Command::Gc(args) => gc::run(&config, args).await,
         Command::CheckConfig => check_config::run(&config),
         Command::Run => run::run(&config).await,
     }

@@ -1,0 +1,198 @@
+//! Retention: `snaprelay gc` deletes old manifests and then the chunks no kept manifest
+//! references (once past the grace period), never a chunk a kept snapshot needs, and a push
+//! that races a GC still commits a complete snapshot.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rand::{RngCore, SeedableRng};
+use support::Target;
+
+const CHUNKING: &str =
+    "[chunking]\nmin_size = \"16KiB\"\navg_size = \"64KiB\"\nmax_size = \"256KiB\"\n";
+
+/// Writes snapshot `index`: 4 MiB whose content drifts a little from index to index.
+fn write_generation(dir: &Path, index: u64) -> std::path::PathBuf {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut data = vec![0u8; 4 << 20];
+    rng.fill_bytes(&mut data);
+    for g in 0..index {
+        let mut r = rand::rngs::StdRng::seed_from_u64(100 + g);
+        let at = (r.next_u64() as usize) % (data.len() - 100_000);
+        r.fill_bytes(&mut data[at..at + 100_000]);
+    }
+    support::write_snapshot(dir, index, 1, &data)
+}
+
+async fn stored_chunks(target: &Target) -> HashSet<String> {
+    target
+        .repo()
+        .await
+        .list_chunks()
+        .await
+        .unwrap()
+        .keys()
+        .map(|d| d.to_hex())
+        .collect()
+}
+
+async fn referenced(target: &Target) -> HashSet<String> {
+    let repo = target.repo().await;
+    let mut set = HashSet::new();
+    for e in repo.list_manifests(None).await.unwrap() {
+        for c in repo.read_manifest(&e.id).await.unwrap().chunks {
+            set.insert(c.sha256.to_hex());
+        }
+    }
+    set
+}
+
+async fn retention(target: Target) {
+    let work = tempfile::tempdir().unwrap();
+    for index in 1..=5 {
+        let meta = write_generation(&work.path().join("leader"), index);
+        target.json(&["push", meta.to_str().unwrap(), "--json"]);
+    }
+    let before = stored_chunks(&target).await;
+
+    // A dry run deletes nothing but says what it would.
+    let dry = target.json(&["gc", "--keep-last", "2", "--grace", "0s", "--json"]);
+    assert_eq!(
+        dry["manifests_deleted"].as_array().unwrap().len(),
+        3,
+        "{dry}"
+    );
+    assert!(dry["chunks_deleted"].as_u64().unwrap() > 0, "{dry}");
+    assert_eq!(stored_chunks(&target).await, before);
+    assert_eq!(
+        target.json(&["list", "--json"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+
+    // Within the grace period, unreferenced chunks stay (they may belong to a push).
+    let young = target.json(&[
+        "gc",
+        "--apply",
+        "--keep-last",
+        "4",
+        "--grace",
+        "1h",
+        "--json",
+    ]);
+    assert_eq!(young["manifests_deleted"].as_array().unwrap().len(), 1);
+    assert_eq!(young["chunks_deleted"], 0, "{young}");
+    assert!(young["chunks_in_grace"].as_u64().unwrap() > 0, "{young}");
+
+    // Applied: two snapshots remain, complete, and the store holds exactly their chunks.
+    let done = target.json(&[
+        "gc",
+        "--apply",
+        "--keep-last",
+        "2",
+        "--grace",
+        "0s",
+        "--json",
+    ]);
+    assert!(done["applied"].as_bool().unwrap());
+    let listed = target.json(&["list", "--json"]);
+    let indexes: Vec<u64> = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(indexes, vec![4, 5]);
+    let verified = target.json(&["verify", "--all", "--json"]);
+    assert_eq!(
+        verified["bad_chunks"].as_array().unwrap().len(),
+        0,
+        "{verified}"
+    );
+    assert_eq!(
+        stored_chunks(&target).await,
+        referenced(&target).await,
+        "the store holds exactly the kept chunks"
+    );
+    assert!(stored_chunks(&target).await.len() < before.len());
+    for index in ["4", "5"] {
+        let to = work.path().join(format!("pull-{index}"));
+        target.json(&[
+            "pull",
+            "--index",
+            index,
+            "--to",
+            to.to_str().unwrap(),
+            "--json",
+        ]);
+    }
+}
+
+#[tokio::test]
+async fn gc_keeps_what_retention_says_on_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    retention(Target::file(dir.path(), "gc", CHUNKING)).await;
+}
+
+#[tokio::test]
+async fn gc_keeps_what_retention_says_on_s3() {
+    let Some(s3) = support::s3("gc_keeps_what_retention_says_on_s3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    retention(Target::s3(&s3, dir.path(), "gc", CHUNKING)).await;
+}
+
+/// The most aggressive GC (keep 1, no grace) running while pushes reuse old chunks: every
+/// manifest that exists afterwards is complete.
+#[tokio::test]
+async fn push_racing_gc_still_commits_complete_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::file(dir.path(), "race", CHUNKING);
+    let leader = dir.path().join("leader");
+    target.json(&[
+        "push",
+        write_generation(&leader, 1).to_str().unwrap(),
+        "--json",
+    ]);
+    for index in 2..=8 {
+        let meta = write_generation(&leader, index);
+        let bin = env!("CARGO_BIN_EXE_snaprelay");
+        // Both run at once: the GC deletes chunks the push found present and reuses.
+        let push = std::process::Command::new(bin)
+            .args(&target.args)
+            .args(["push", meta.to_str().unwrap(), "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let gc = std::process::Command::new(bin)
+            .args(&target.args)
+            .args(["gc", "--apply", "--keep-last", "1", "--grace", "0s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (push, gc) = (push.wait_with_output(), gc.wait_with_output());
+        let (push, gc) = (push.unwrap(), gc.unwrap());
+        assert!(push.status.success(), "{}", support::stderr(&push));
+        if support::stderr(&push).contains("vanished") {
+            eprintln!("round {index}: the GC deleted chunks the push reused; the push re-sent them");
+        }
+        assert!(gc.status.success(), "{}", support::stderr(&gc));
+        // Races that GC won show up as re-sent chunks, never as a broken snapshot.
+        let verified = target.json(&["verify", "--all", "--json"]);
+        assert_eq!(
+            verified["bad_chunks"].as_array().unwrap().len(),
+            0,
+            "round {index}: {verified}"
+        );
+        let to = dir.path().join(format!("pull-{index}"));
+        let pulled = target.json(&["pull", "--to", to.to_str().unwrap(), "--json"]);
+        assert!(pulled["index"].as_u64().unwrap() >= index - 1);
+    }
+}
