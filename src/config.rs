@@ -77,6 +77,15 @@ pub struct Config {
     pub node: Option<NodeConfig>,
     pub daemon: DaemonConfig,
     pub retention: RetentionConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: the optional HTTP listener for /metrics, /healthz and /readyz.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: Option<std::net::SocketAddr>,
+    /// /readyz fails on a follower more than this many log indexes behind the store.
+    pub max_lag: Option<u64>,
 }
 
 /// `[retention]`: what GC keeps; the leader's sidecar runs it after each publish.
@@ -124,6 +133,8 @@ pub struct DaemonConfig {
     pub trigger_interval: Option<Duration>,
     /// Longest wait between retries after failures.
     pub max_backoff: Duration,
+    /// Where `run` records its last results for `snaprelay status` (off when unset).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -133,6 +144,7 @@ impl Default for DaemonConfig {
             rescan_interval: Duration::from_secs(30),
             trigger_interval: None,
             max_backoff: Duration::from_secs(30),
+            state_dir: None,
         }
     }
 }
@@ -191,6 +203,15 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+    max_lag: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +238,7 @@ struct RawDaemon {
     rescan_interval: Option<String>,
     trigger_interval: Option<String>,
     max_backoff: Option<String>,
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -310,6 +332,21 @@ impl Config {
         let node = raw.node.map(node_config).transpose()?;
         let daemon = daemon_config(raw.daemon)?;
         let retention = retention_config(raw.retention)?;
+        let metrics = MetricsConfig {
+            listen: raw
+                .metrics
+                .listen
+                .map(|text| {
+                    text.parse().map_err(|_| {
+                        ConfigError::invalid(
+                            "metrics.listen",
+                            format!("{text:?} is not an address like \"127.0.0.1:9464\""),
+                        )
+                    })
+                })
+                .transpose()?,
+            max_lag: raw.metrics.max_lag,
+        };
         Ok(Config {
             cluster_id,
             node_id: raw.node_id,
@@ -320,6 +357,7 @@ impl Config {
             node,
             daemon,
             retention,
+            metrics,
         })
     }
 
@@ -410,12 +448,24 @@ impl Config {
         if let Some(t) = self.daemon.trigger_interval {
             out.push_str(&format!("trigger_interval = {}\n", d(t)));
         }
+        if let Some(dir) = &self.daemon.state_dir {
+            out.push_str(&format!("state_dir = {}\n", q(&dir.display().to_string())));
+        }
         out.push_str(&format!(
             "\n[retention]\nkeep_last = {}\ngrace = {}\ngc_after_publish = {}\n",
             self.retention.keep_last,
             d(self.retention.grace),
             self.retention.gc_after_publish
         ));
+        if let Some(listen) = self.metrics.listen {
+            out.push_str(&format!(
+                "\n[metrics]\nlisten = {}\n",
+                q(&listen.to_string())
+            ));
+            if let Some(lag) = self.metrics.max_lag {
+                out.push_str(&format!("max_lag = {lag}\n"));
+            }
+        }
         out
     }
 }
@@ -714,6 +764,10 @@ fn daemon_config(raw: RawDaemon) -> Result<DaemonConfig> {
             .map(|t| duration("daemon.trigger_interval", Some(t), Duration::ZERO))
             .transpose()?,
         max_backoff: duration("daemon.max_backoff", raw.max_backoff, default.max_backoff)?,
+        state_dir: raw
+            .state_dir
+            .map(|p| absolute("daemon.state_dir", p))
+            .transpose()?,
     };
     if config.max_backoff < config.poll_interval {
         return Err(ConfigError::invalid(
@@ -802,6 +856,31 @@ mod tests {
         let config = load(text).expect("the shipped example config must be valid");
         assert_eq!(config.cluster_id, "kv-prod");
         assert_eq!(config.upload.concurrency, 8);
+    }
+
+    /// Every shipped config parses. The S3 one names secret files that exist only under
+    /// systemd, so it is checked with those keys pointed at a temporary file.
+    #[test]
+    fn shipped_configs_parse() {
+        let file = load(include_str!("../config/node-file.toml")).unwrap();
+        assert!(matches!(file.store.url, StoreUrl::File(_)));
+        assert!(file.node.is_some() && file.metrics.listen.is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("s");
+        std::fs::write(&secret, "x\n").unwrap();
+        let text = include_str!("../config/node-s3.toml")
+            .replace(
+                "/run/credentials/snaprelay@node1.service/s3-key-id",
+                secret.to_str().unwrap(),
+            )
+            .replace(
+                "/run/credentials/snaprelay@node1.service/s3-secret",
+                secret.to_str().unwrap(),
+            );
+        let s3 = load(&text).unwrap();
+        assert!(matches!(s3.store.url, StoreUrl::S3 { .. }));
+        assert_eq!(s3.store.s3.secret_access_key.unwrap().expose(), "x");
+        assert_eq!(s3.retention.keep_last, 3);
     }
 
     #[test]

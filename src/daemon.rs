@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::fetch::{self, Fetcher};
 use crate::gc::{self, Retention};
 use crate::ipc::{Role, Status};
+use crate::metrics::{self, FailureReason, Health, Metrics};
 use crate::node::HookClient;
 use crate::publish::Publisher;
 use crate::repo::{ManifestId, Repo};
@@ -33,6 +34,28 @@ use crate::snapdir::{self, Snapshot};
 use crate::store::Store;
 use crate::systemd::Supervisor;
 use crate::watch::DirWatcher;
+
+/// What `run` last did, for `snaprelay status` (written to `daemon.state_dir/state.json`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DaemonState {
+    pub pid: u32,
+    pub role: Option<String>,
+    pub last_event: Option<String>,
+    pub last_event_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl DaemonState {
+    pub const FILE: &'static str = "state.json";
+
+    /// Reads the state a daemon left in `dir`, if any.
+    pub fn read(dir: &std::path::Path) -> Option<DaemonState> {
+        let bytes = std::fs::read(dir.join(Self::FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
 
 /// Local snapshots offered as chunk sources to a follower's fetch.
 const REUSE_LOCAL_SNAPSHOTS: usize = 2;
@@ -51,8 +74,11 @@ pub struct Daemon {
     handed: Option<ManifestId>,
     backoff: Backoff,
     supervisor: Supervisor,
+    metrics: Metrics,
+    health: Health,
     /// What the operator sees in `systemctl status`.
     last_event: String,
+    state: DaemonState,
 }
 
 impl Daemon {
@@ -64,6 +90,10 @@ impl Daemon {
         let node = HookClient::new(&node_config.hook_socket, node_config.hook_timeout);
         let store = Store::open(&config.store)?;
         let backoff = Backoff::new(config.daemon.poll_interval, config.daemon.max_backoff);
+        // A step may legitimately wait out a hook timeout and a full backoff; longer than
+        // that without progress (transfers report progress per chunk) means stuck.
+        let stuck_after = (node_config.hook_timeout + config.daemon.max_backoff) * 2;
+        let health = Health::new(stuck_after, config.metrics.max_lag);
         Ok(Daemon {
             config,
             node_config,
@@ -75,8 +105,14 @@ impl Daemon {
             published: None,
             handed: None,
             backoff,
-            supervisor: Supervisor::from_env(),
+            supervisor: Supervisor::from_env(health.clone()),
+            metrics: Metrics::new(),
+            health,
             last_event: String::new(),
+            state: DaemonState {
+                pid: std::process::id(),
+                ..DaemonState::default()
+            },
         })
     }
 
@@ -90,6 +126,19 @@ impl Daemon {
             "snaprelay started"
         );
         let watchdog = self.supervisor.spawn_watchdog(cancel.clone());
+        let server = match self.config.metrics.listen {
+            Some(listen) => {
+                let listener = metrics::bind(listen).await?;
+                tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+                Some(tokio::spawn(metrics::serve(
+                    listener,
+                    self.metrics.clone(),
+                    self.health.clone(),
+                    cancel.clone().cancelled_owned(),
+                )))
+            }
+            None => None,
+        };
         if !self.wait_ready(&cancel).await? {
             self.supervisor.stopping();
             return Ok(());
@@ -125,6 +174,8 @@ impl Daemon {
                     return Err(e);
                 }
                 Err(e) => {
+                    self.report_error(&e);
+                    self.record_failure(&e);
                     let wait = self.backoff.failed();
                     if self.backoff.failures == 1 {
                         tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
@@ -141,6 +192,9 @@ impl Daemon {
         self.supervisor.stopping();
         if let Some(w) = watchdog {
             w.abort();
+        }
+        if let Some(server) = server {
+            let _ = server.await;
         }
         tracing::info!("snaprelay stopped");
         Ok(())
@@ -192,17 +246,82 @@ impl Daemon {
             .role
             .map(|r| r.to_string())
             .unwrap_or_else(|| "unknown".into());
+        self.supervisor.status(&format!("{role}; {event}"));
+        let now = chrono::Utc::now();
+        self.state.role = Some(role);
+        if !event.is_empty() {
+            self.state.last_event = Some(event.clone());
+            self.state.last_event_at = Some(now);
+        }
         self.last_event = event;
-        self.supervisor
-            .status(&format!("{role}; {}", self.last_event));
+        self.save_state();
+    }
+
+    /// Feeds a failed step into metrics and readiness.
+    fn record_failure(&self, err: &anyhow::Error) {
+        if let Some(kind) = metrics::store_error_kind(err) {
+            self.metrics.store_error(kind);
+            self.health.store_reachable(false);
+        }
+        if err
+            .chain()
+            .any(|c| c.downcast_ref::<crate::node::HookError>().is_some())
+        {
+            self.health.hook_reachable(false);
+        }
+        let corrupt = err.chain().any(|c| {
+            matches!(
+                c.downcast_ref::<Error>(),
+                Some(
+                    Error::ChunkCorrupt { .. }
+                        | Error::FileCorrupt { .. }
+                        | Error::ChunkMissing { .. }
+                )
+            )
+        });
+        if corrupt {
+            self.metrics.verification_failure();
+        }
+        let reason = FailureReason::of(err);
+        match self.role {
+            Some(Role::Leader) => self.metrics.publish_failed(reason),
+            Some(Role::Follower | Role::Learner) => self.metrics.fetch_failed(reason),
+            _ => {}
+        }
+    }
+
+    fn report_error(&mut self, err: &anyhow::Error) {
+        self.state.last_error = Some(format!("{err:#}"));
+        self.state.last_error_at = Some(chrono::Utc::now());
+        self.save_state();
+    }
+
+    /// Best effort: `status` is a convenience, never a reason to stop working.
+    fn save_state(&mut self) {
+        let Some(dir) = &self.config.daemon.state_dir else {
+            return;
+        };
+        self.state.updated_at = Some(chrono::Utc::now());
+        let written = std::fs::create_dir_all(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let json = serde_json::to_vec_pretty(&self.state).map_err(|e| e.to_string())?;
+                snapdir::write_atomic(&dir.join(DaemonState::FILE), &json)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "cannot record the daemon state");
+        }
     }
 
     /// One poll: ask the node what it is, then do that role's work.
     async fn step(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
         let status = self.node.status().await?;
+        self.health.hook_reachable(true);
         if self.role != Some(status.role) {
             tracing::info!(role = %status.role, node_id = status.node_id, term = status.term, "node role");
             self.role = Some(status.role);
+            self.metrics.role(&status.role.to_string());
             let event = std::mem::take(&mut self.last_event);
             self.report(event);
             self.published = None;
@@ -301,7 +420,16 @@ impl Daemon {
                 elapsed_ms = report.elapsed.as_millis() as u64,
                 "snapshot published"
             );
+            self.metrics.published(
+                report.index,
+                report.size,
+                report.bytes_transferred,
+                report.chunks_transferred,
+                report.chunks_total - report.chunks_transferred,
+                report.elapsed,
+            );
         }
+        self.health.store_reachable(true);
         self.published = Some(log_id);
         self.report(format!("published {} (term {})", log_id.0, log_id.1));
         if self.config.retention.gc_after_publish {
@@ -337,7 +465,13 @@ impl Daemon {
         }
         let repo = self.repo.as_ref().expect("set above");
         let after = status.snapshot.map(|s| s.index);
-        let Some(id) = repo.newest_manifest(after).await? else {
+        let newest = repo.newest_manifest(after).await?;
+        self.health.store_reachable(true);
+        let newest_index = newest.as_ref().map(|id| id.index).or(after);
+        self.metrics.follower_position(after, newest_index);
+        self.health
+            .lag(newest_index.map(|n| n.saturating_sub(after.unwrap_or(0))));
+        let Some(id) = newest else {
             return Ok(());
         };
         if self.handed.as_ref() == Some(&id) {
@@ -365,6 +499,14 @@ impl Daemon {
             elapsed_ms = report.elapsed.as_millis() as u64,
             "snapshot fetched and verified"
         );
+        self.metrics.fetched(
+            report.index,
+            report.size,
+            report.bytes_transferred,
+            report.chunks_transferred,
+            report.chunks_reused,
+            report.elapsed,
+        );
         let envelope = Snapshot::open(&report.meta)?.envelope;
         let saved = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -381,7 +523,9 @@ impl Daemon {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "snapshot handed to the node"
         );
-        self.report(format!("{:?} {} (term {})", saved.outcome, id.index, id.term).to_lowercase());
+        let outcome = format!("{:?}", saved.outcome).to_lowercase();
+        self.metrics.adopted(id.index, &outcome);
+        self.report(format!("{outcome} {} (term {})", id.index, id.term));
         self.handed = Some(id);
         Ok(())
     }
@@ -403,7 +547,12 @@ impl Daemon {
             // Stopping between deletions leaves a valid repository (manifests go first).
             _ = cancel.cancelled() => Ok(()),
             r = gc::collect(repo, &retention, true, self.config.upload.concurrency) => {
-                r.context("collecting garbage")?;
+                let report = r.context("collecting garbage")?;
+                self.metrics.gc_deleted(
+                    report.manifests_deleted.len() as u64,
+                    report.chunks_deleted,
+                    report.bytes_deleted,
+                );
                 Ok(())
             }
         }

@@ -125,8 +125,29 @@ impl Error {
     }
 }
 
+/// The HTTP status behind a store error, when the backend reports one only in its message.
+/// object_store classifies 403/404 for gets and puts but not for listings, which come back
+/// as `Generic` errors saying "status code: 403 Forbidden"; without this, bad credentials
+/// would look like an unreachable store.
+pub fn http_status(err: &object_store::Error) -> Option<u16> {
+    let text = err.to_string();
+    let at = text.find("status code: ")? + "status code: ".len();
+    text.get(at..at + 3)?.parse().ok()
+}
+
+/// Whether a store error means "not allowed" (bad credentials or missing permission).
+pub fn is_denied(err: &object_store::Error) -> bool {
+    matches!(
+        err,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) || matches!(http_status(err), Some(401 | 403))
+}
+
 fn store_error_class(err: &object_store::Error) -> ErrorClass {
     use object_store::Error as E;
+    if is_denied(err) {
+        return ErrorClass::Usage;
+    }
     match err {
         E::NotFound { .. } | E::AlreadyExists { .. } | E::Precondition { .. } => ErrorClass::Data,
         E::PermissionDenied { .. }
@@ -143,6 +164,9 @@ fn store_error_class(err: &object_store::Error) -> ErrorClass {
 /// does not know (argument parsing aside) count as data problems.
 pub fn classify(err: &anyhow::Error) -> ErrorClass {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<crate::cli::ProbeFailed>() {
+            return e.class;
+        }
         if let Some(e) = cause.downcast_ref::<Error>() {
             return e.class();
         }

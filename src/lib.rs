@@ -11,6 +11,7 @@
 //!   crate (the snapshot directory layout and the hook protocol).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
+//! - [`metrics`]: Prometheus metrics, /healthz and /readyz, and the HTTP server for them.
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.

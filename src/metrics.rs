@@ -192,10 +192,13 @@ pub fn store_error_kind(err: &anyhow::Error) -> Option<&'static str> {
             Some(Error::Store { source, .. }) => Some(source),
             _ => cause.downcast_ref::<E>(),
         })?;
+    if crate::error::is_denied(store_error) {
+        return Some("permission");
+    }
     Some(match store_error {
         E::NotFound { .. } => "not_found",
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => "permission",
-        E::Generic { .. } | E::JoinError { .. } => "unreachable",
+        // How the HTTP backends report connection failures, timeouts and server errors.
+        E::Generic { .. } => "unreachable",
         _ => "other",
     })
 }
@@ -239,7 +242,6 @@ struct Inner {
     role: Labelled<Gauge>,
 }
 
-#[derive(Default)]
 struct Position {
     role: &'static str,
     node: Option<u64>,
@@ -263,7 +265,11 @@ impl Metrics {
         let duration = || Histogram::new(DURATION_BUCKETS);
         let mut inner = Inner {
             registry: Registry::with_prefix("snaprelay"),
-            position: Mutex::new(Position::default()),
+            position: Mutex::new(Position {
+                role: "unknown",
+                node: None,
+                newest: None,
+            }),
             publishes: Counter::default(),
             publish_failures: Family::default(),
             publish_bytes: Counter::default(),
@@ -979,8 +985,8 @@ mod tests {
                 1.0,
             ),
             ("snaprelay_publish_duration_seconds_bucket{le=\"2.5\"}", 2.0),
-            ("snaprelay_fetch_duration_seconds_bucket{le=\"60.0\"}", 0.0),
-            ("snaprelay_fetch_duration_seconds_bucket{le=\"120.0\"}", 1.0),
+            ("snaprelay_fetch_duration_seconds_bucket{le=\"60\"}", 0.0),
+            ("snaprelay_fetch_duration_seconds_bucket{le=\"120\"}", 1.0),
             ("snaprelay_fetch_duration_seconds_bucket{le=\"+Inf\"}", 1.0),
         ];
         for (series, value) in expect {

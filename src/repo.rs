@@ -27,6 +27,8 @@ use crate::store::Store;
 const REPOSITORY_KEY: &str = "repository.json";
 const MANIFESTS: &str = "manifests";
 const CHUNKS: &str = "chunks";
+/// Where `check-config` writes and deletes its scratch objects.
+const PROBE_PREFIX: &str = "probe";
 /// A scratch object GC writes to read the store's clock.
 const CLOCK_KEY: &str = "gc-clock";
 /// repository.json is a few hundred bytes; anything much larger is not ours.
@@ -168,6 +170,54 @@ impl Repo {
     /// Whether the store answers and holds a repository (probing reachability at start).
     pub async fn exists(store: &Store) -> Result<bool> {
         Ok(Self::read_descriptor(store).await?.is_some())
+    }
+
+    /// Tries each operation snaprelay needs on a scratch key under the prefix: list, put,
+    /// get, delete. Returns each operation with the S3 permission it needs and its outcome.
+    pub async fn probe(store: &Store) -> Vec<(&'static str, &'static str, Result<()>)> {
+        let key = store.key(&format!(
+            "{PROBE_PREFIX}/{}-{}",
+            std::process::id(),
+            Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        let body = Bytes::from_static(b"snaprelay probe");
+        let mut out = Vec::new();
+        let listed = store
+            .backend
+            .list_with_delimiter(Some(&store.prefix))
+            .await
+            .map(|_| ())
+            .map_err(store_err("list", &store.prefix));
+        out.push(("list", "s3:ListBucket", listed));
+        let put = store
+            .backend
+            .put(&key, body.clone().into())
+            .await
+            .map(|_| ())
+            .map_err(store_err("put", &key));
+        let wrote = put.is_ok();
+        out.push(("put", "s3:PutObject", put));
+        if wrote {
+            let got = match store.backend.get(&key).await {
+                Ok(r) => match r.bytes().await {
+                    Ok(b) if b == body => Ok(()),
+                    Ok(_) => Err(Error::InvalidRepository {
+                        location: key.to_string(),
+                        reason: "read back different bytes than written".into(),
+                    }),
+                    Err(e) => Err(store_err("get", &key)(e)),
+                },
+                Err(e) => Err(store_err("get", &key)(e)),
+            };
+            out.push(("get", "s3:GetObject", got));
+            let deleted = store
+                .backend
+                .delete(&key)
+                .await
+                .map_err(store_err("delete", &key));
+            out.push(("delete", "s3:DeleteObject", deleted));
+        }
+        out
     }
 
     fn checked(store: Store, descriptor: Repository, cluster_id: &str) -> Result<Repo> {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Health;
 use crate::progress::Progress;
 
 #[derive(Clone)]
@@ -19,6 +20,7 @@ pub struct Supervisor {
 }
 
 struct Inner {
+    health: Health,
     started: Instant,
     /// Milliseconds since `started` at the last sign of progress.
     last_progress_ms: AtomicU64,
@@ -27,9 +29,10 @@ struct Inner {
 
 impl Supervisor {
     /// Reads `NOTIFY_SOCKET` / `WATCHDOG_USEC` as systemd sets them.
-    pub fn from_env() -> Supervisor {
+    pub fn from_env(health: Health) -> Supervisor {
         Supervisor {
             inner: Arc::new(Inner {
+                health,
                 started: Instant::now(),
                 last_progress_ms: AtomicU64::new(0),
                 watchdog: sd_notify::watchdog_enabled(),
@@ -58,6 +61,7 @@ impl Supervisor {
 
     /// Marks progress: the main loop finished a step, or a transfer moved a chunk.
     pub fn alive(&self) {
+        self.inner.health.loop_progress();
         let ms = self.inner.started.elapsed().as_millis() as u64;
         self.inner.last_progress_ms.store(ms, Ordering::Relaxed);
     }

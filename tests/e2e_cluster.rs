@@ -96,6 +96,55 @@ async fn followers_adopt_leader_snapshot_learner_joins_and_leader_fails_over() {
     }
     assert!(c.sidecar_log(leader).contains("snapshot published"));
 
+    // What an operator scrapes and asks: metrics, health, readiness, `snaprelay status`.
+    assert!(c.sidecar_metric(leader, "snaprelay_publishes_total").await >= Some(1.0));
+    assert_eq!(
+        c.sidecar_metric(leader, "snaprelay_role{role=\"leader\"}")
+            .await,
+        Some(1.0)
+    );
+    for f in (1..=3).filter(|&i| i != leader) {
+        // The sidecar counts the adoption when the node's answer arrives, a moment after
+        // the node itself reports the snapshot.
+        c.wait_for(
+            "the follower's sidecar metrics",
+            Duration::from_secs(10),
+            || async {
+                let fetched = c.sidecar_metric(f, "snaprelay_fetches_total").await >= Some(1.0);
+                let adopted = c
+                    .sidecar_metric(f, "snaprelay_adoptions_total{outcome=\"adopted\"}")
+                    .await
+                    >= Some(1.0);
+                let lag = c.sidecar_metric(f, "snaprelay_follower_lag").await == Some(0.0);
+                (fetched && adopted && lag).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(c.sidecar_http(f, "/healthz").await.0, 200);
+        assert_eq!(
+            c.sidecar_http(f, "/readyz").await,
+            (200, "ok\n".to_string())
+        );
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+            .arg("--config")
+            .arg(&c.sidecar(f).config)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", support::stderr(&out));
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status["node"]["role"], "follower", "{status}");
+        assert_eq!(status["lag"], 0, "{status}");
+        assert_eq!(status["newest_index"], first.1, "{status}");
+        assert!(
+            status["daemon"]["last_event"]
+                .as_str()
+                .unwrap()
+                .starts_with("adopted"),
+            "{status}"
+        );
+    }
+
     // 2. A new learner catches up through openraft's own replication of the adopted
     //    snapshot, then adopts later snapshots through its sidecar.
     c.spawn_node(4);
@@ -140,7 +189,16 @@ async fn followers_adopt_leader_snapshot_learner_joins_and_leader_fails_over() {
     // 4. SIGTERM stops every sidecar cleanly within a few seconds.
     for id in survivors.iter().copied().chain([4]) {
         let (took, status) = c.stop_sidecar(id);
-        assert!(status.success(), "sidecar {id} exited with {status}");
+        assert!(
+            status.success(),
+            "sidecar {id} exited with {status}: {}",
+            c.sidecar_log(id)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
         assert!(
             took < Duration::from_secs(5),
             "sidecar {id} took {took:?} to stop"

@@ -181,7 +181,9 @@ async fn push_racing_gc_still_commits_complete_snapshots() {
         let (push, gc) = (push.unwrap(), gc.unwrap());
         assert!(push.status.success(), "{}", support::stderr(&push));
         if support::stderr(&push).contains("vanished") {
-            eprintln!("round {index}: the GC deleted chunks the push reused; the push re-sent them");
+            eprintln!(
+                "round {index}: the GC deleted chunks the push reused; the push re-sent them"
+            );
         }
         assert!(gc.status.success(), "{}", support::stderr(&gc));
         // Races that GC won show up as re-sent chunks, never as a broken snapshot.

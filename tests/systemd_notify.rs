@@ -77,5 +77,8 @@ async fn notify_sequence_ready_status_watchdog_stopping() {
         "{got:?}"
     );
     // READY=1 came before anything else but WATCHDOG pets.
-    assert!(got[..ready].iter().all(|m| m == "WATCHDOG=1"), "{got:?}");
+    assert!(
+        got[..ready].iter().all(|m| m.trim() == "WATCHDOG=1"),
+        "{got:?}"
+    );
 }

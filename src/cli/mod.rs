@@ -11,11 +11,13 @@ use crate::repo::Repo;
 use crate::store::Store;
 
 mod check_config;
+pub use check_config::ProbeFailed;
 mod gc;
 mod list;
 mod pull;
 mod push;
 mod run;
+mod status;
 mod verify;
 
 #[derive(Debug, Parser)]
@@ -68,10 +70,13 @@ pub enum Command {
     List(list::Args),
     /// Re-download and hash every chunk of one, the newest, or all snapshots.
     Verify(verify::Args),
+    /// The node, the store, the lag between them, and what the daemon last did.
+    Status(status::Args),
     /// Show what retention would delete; delete with --apply.
     Gc(gc::Args),
-    /// Validate and print the effective config (secrets masked).
-    CheckConfig,
+    /// Validate and print the effective config (secrets masked), then probe the store and
+    /// the node's hook.
+    CheckConfig(check_config::Args),
     /// Run the sidecar next to a node (needs [node] in the config) until SIGTERM/SIGINT.
     Run,
 }
@@ -99,7 +104,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(args) => list::run(&config, args).await,
         Command::Verify(args) => verify::run(&config, args).await,
         Command::Gc(args) => gc::run(&config, args).await,
-        Command::CheckConfig => check_config::run(&config),
+        Command::Status(args) => status::run(&config, args).await,
+        Command::CheckConfig(args) => check_config::run(&config, args).await,
         Command::Run => run::run(&config).await,
     }
 }

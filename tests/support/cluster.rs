@@ -51,6 +51,8 @@ impl Node {
 
 pub struct Sidecar {
     pub config: PathBuf,
+    /// Where its /metrics, /healthz and /readyz are served.
+    pub metrics: String,
     pub log: PathBuf,
     child: Option<Child>,
 }
@@ -127,9 +129,6 @@ impl Cluster {
         cluster
             .post(1, "/change-membership", json!({"members": members}))
             .await;
-        for id in 1..=n {
-            cluster.start_sidecar(id);
-        }
         cluster
     }
 
@@ -181,13 +180,16 @@ impl Cluster {
         let dir = node.dir.join("sidecar");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("snaprelay.toml");
+        let metrics = format!("127.0.0.1:{}", free_port());
         std::fs::write(
             &config,
             format!(
                 "cluster_id = \"e2e\"\nnode_id = {id}\n{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"60s\"\n\
-                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n",
+                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\nstate_dir = \"{}\"\n\
+                 [metrics]\nlisten = \"{metrics}\"\n",
                 self.store.0,
-                node.socket.display()
+                node.socket.display(),
+                dir.join("state").display()
             ),
         )
         .unwrap();
@@ -208,6 +210,7 @@ impl Cluster {
         }
         self.sidecars[slot] = Some(Sidecar {
             config,
+            metrics,
             log,
             child: Some(child),
         });
@@ -353,6 +356,30 @@ impl Cluster {
             }
         }
         panic!("{out}");
+    }
+
+    pub fn sidecar(&self, id: u64) -> &Sidecar {
+        self.sidecars[id as usize - 1].as_ref().expect("no sidecar")
+    }
+
+    /// GETs a path from node `id`'s sidecar HTTP listener: (status, body).
+    pub async fn sidecar_http(&self, id: u64, path: &str) -> (u16, String) {
+        let url = format!("http://{}{path}", self.sidecar(id).metrics);
+        match self.http.get(&url).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// The value of a metric sample (exact name with labels) in node `id`'s sidecar.
+    pub async fn sidecar_metric(&self, id: u64, sample: &str) -> Option<f64> {
+        let (_, text) = self.sidecar_http(id, "/metrics").await;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Every line of node `id`'s sidecar logs (all runs).

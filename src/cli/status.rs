@@ -1,0 +1,145 @@
+//! `snaprelay status`: one screen for an operator — the node (from its hook), the store
+//! (newest snapshot, usage), the lag between them, and what the daemon last did.
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::daemon::DaemonState;
+use crate::ipc::Status;
+use crate::node::HookClient;
+use crate::repo::Repo;
+use crate::store::Store;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    node: Option<Status>,
+    node_error: Option<String>,
+    store: String,
+    store_error: Option<String>,
+    newest_index: Option<u64>,
+    newest_term: Option<u64>,
+    manifests: Option<u64>,
+    chunks: Option<u64>,
+    stored_bytes: Option<u64>,
+    /// Newest index in the store minus the node's snapshot index.
+    lag: Option<u64>,
+    daemon: Option<DaemonState>,
+}
+
+pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
+    let (node, node_error) = match &config.node {
+        Some(n) => match HookClient::new(&n.hook_socket, std::time::Duration::from_secs(5))
+            .status()
+            .await
+        {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e.to_string())),
+        },
+        None => (None, Some("no [node] in the config".into())),
+    };
+    let mut report = Report {
+        node,
+        node_error,
+        store: config.store.url.to_string(),
+        store_error: None,
+        newest_index: None,
+        newest_term: None,
+        manifests: None,
+        chunks: None,
+        stored_bytes: None,
+        lag: None,
+        daemon: config
+            .daemon
+            .state_dir
+            .as_deref()
+            .and_then(DaemonState::read),
+    };
+    let store_part = async {
+        let repo = Repo::open(Store::open(&config.store)?, &config.cluster_id).await?;
+        let manifests = repo.list_manifests(None).await?;
+        let chunks = repo.list_chunks().await?;
+        anyhow::Ok((manifests, chunks))
+    };
+    match store_part.await {
+        Ok((manifests, chunks)) => {
+            report.manifests = Some(manifests.len() as u64);
+            if let Some(newest) = manifests.last() {
+                report.newest_index = Some(newest.id.index);
+                report.newest_term = Some(newest.id.term);
+            }
+            report.chunks = Some(chunks.len() as u64);
+            report.stored_bytes = Some(
+                manifests.iter().map(|m| m.stored_size).sum::<u64>()
+                    + chunks.values().map(|c| c.size).sum::<u64>(),
+            );
+        }
+        Err(e) => report.store_error = Some(format!("{e:#}")),
+    }
+    if let (Some(newest), Some(node)) = (report.newest_index, &report.node) {
+        report.lag = Some(newest.saturating_sub(node.snapshot.map(|s| s.index).unwrap_or(0)));
+    }
+    if args.json {
+        return super::print_json(&report);
+    }
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    match (&report.node, &report.node_error) {
+        (Some(n), _) => println!(
+            "node      {} ({}), term {}, leader {}, applied {}, snapshot {}",
+            n.node_id,
+            n.role,
+            n.term,
+            opt(n.leader),
+            n.last_applied
+                .map(|l| l.index.to_string())
+                .unwrap_or_else(|| "-".into()),
+            n.snapshot
+                .map(|l| l.index.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (None, Some(e)) => println!("node      UNREACHABLE: {e}"),
+        (None, None) => {}
+    }
+    match &report.store_error {
+        None => println!(
+            "store     {}: newest snapshot {} (term {}), {} manifest(s), {} chunk(s), {:.1} MiB",
+            report.store,
+            opt(report.newest_index),
+            opt(report.newest_term),
+            opt(report.manifests),
+            opt(report.chunks),
+            report.stored_bytes.unwrap_or(0) as f64 / 1048576.0
+        ),
+        Some(e) => println!("store     {}: ERROR: {e}", report.store),
+    }
+    if let Some(lag) = report.lag {
+        println!("lag       {lag} log index(es) behind the store's newest snapshot");
+    }
+    match &report.daemon {
+        Some(d) => {
+            println!(
+                "daemon    pid {}, role {}, last: {} ({})",
+                d.pid,
+                d.role.as_deref().unwrap_or("-"),
+                d.last_event.as_deref().unwrap_or("-"),
+                d.last_event_at
+                    .map(|t| t.to_rfc3339())
+                    .unwrap_or_else(|| "-".into())
+            );
+            if let Some(err) = &d.last_error {
+                println!(
+                    "          last error ({}): {err}",
+                    d.last_error_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                );
+            }
+        }
+        None => println!("daemon    (no state recorded; set daemon.state_dir)"),
+    }
+    Ok(())
+}
