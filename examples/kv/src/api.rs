@@ -74,7 +74,10 @@ pub fn router(app: App) -> Router {
             post(raft_snapshot).layer(DefaultBodyLimit::max(MAX_SNAPSHOT_BYTES)),
         )
         .route("/init", post(init))
-        .route("/write", post(write).layer(DefaultBodyLimit::max(MAX_RPC_BYTES)))
+        .route(
+            "/write",
+            post(write).layer(DefaultBodyLimit::max(MAX_RPC_BYTES)),
+        )
         .route("/read", get(read))
         .route("/add-learner", post(add_learner))
         .route("/change-membership", post(change_membership))
