@@ -21,13 +21,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvcluster import free_port, http, retry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
@@ -40,36 +41,6 @@ def parse_size(text):
         if text.endswith(u):
             return int(float(text[: -len(u)]) * m)
     return int(text)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(addr, path, body=None, timeout=120):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{addr}{path}", data=data,
-                                 headers={"content-type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        text = r.read()
-        return json.loads(text) if text else None
-
-
-def retry(what, fn, timeout=120):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            r = fn()
-            if r is not None and r is not False:
-                return r
-        except Exception as e:
-            last = e
-        time.sleep(0.05)
-    raise SystemExit(f"bench: timed out waiting for {what} ({last})")
 
 
 def random_value(n):

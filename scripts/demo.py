@@ -12,47 +12,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvcluster import free_port, http, retry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")
 KEYS = int(os.environ.get("DEMO_KEYS", "2000"))
 VALUE = "x" * int(os.environ.get("DEMO_VALUE_BYTES", "1000"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(addr, path, body=None, timeout=10):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(f"http://{addr}{path}", data=data,
-                                 headers={"content-type": "application/json"},
-                                 method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        text = r.read()
-        return json.loads(text) if text else None
-
-
-def retry(what, fn, timeout=30):
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            result = fn()
-            if result is not None and result is not False:
-                return result
-        except Exception as e:  # the cluster is still settling
-            last = e
-        time.sleep(0.1)
-    raise SystemExit(f"demo: timed out waiting for {what} ({last})")
 
 
 def main():
