@@ -166,7 +166,21 @@ impl<'a> Fetcher<'a> {
             snapdir::file_names(manifest.last_log_index, manifest.last_log_term);
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let staging = dir.join(format!(".{data_name}.partial"));
-        let result = self.assemble(manifest, &staging, sources).await;
+        // Chunks copied from the node's own snapshot are covered by the whole-file sha256
+        // rather than hashed one by one (they do not arrive from anywhere; hashing them
+        // twice cost a core-second per GiB). If the whole file then fails, a local copy was
+        // damaged: assemble again, checking every local chunk.
+        let result = match self.assemble(manifest, &staging, sources, false).await {
+            Err(Error::FileCorrupt { .. }) if !sources.is_empty() => {
+                tracing::warn!(
+                    index = manifest.last_log_index,
+                    "a local chunk copy was damaged; fetching again with every local chunk verified"
+                );
+                let _ = fs::remove_file(&staging);
+                self.assemble(manifest, &staging, sources, true).await
+            }
+            other => other,
+        };
         let counts = match result {
             Ok(counts) => counts,
             Err(e) => {
@@ -228,6 +242,7 @@ impl<'a> Fetcher<'a> {
         manifest: &Manifest,
         staging: &Path,
         sources: &[ReuseSource],
+        verify_local: bool,
     ) -> Result<Counts> {
         let staging_err = |e| Error::io(format!("staging file {}", staging.display()), e);
         // A staging file of the right size may hold verified chunks from a killed attempt.
@@ -276,7 +291,9 @@ impl<'a> Fetcher<'a> {
         });
 
         let sent = futures::stream::iter(manifest.offsets())
-            .map(|(offset, c)| self.obtain(c, offset, resumable.then_some(&file), &local))
+            .map(|(offset, c)| {
+                self.obtain(c, offset, resumable.then_some(&file), &local, verify_local)
+            })
             .buffered(self.concurrency)
             .map_ok(|piece| {
                 self.progress.advance(piece.bytes.len() as u64);
@@ -317,11 +334,12 @@ impl<'a> Fetcher<'a> {
         offset: u64,
         staging: Option<&Arc<File>>,
         local: &HashMap<Digest, Located>,
+        verify_local: bool,
     ) -> Result<Piece> {
         let sha = chunk.sha256;
         let len = chunk.len;
         if let Some(file) = staging {
-            if let Some(bytes) = read_verified(file.clone(), offset, len, sha).await {
+            if let Some(bytes) = read_chunk(file.clone(), offset, len, Some(sha)).await {
                 return Ok(Piece {
                     offset,
                     bytes,
@@ -330,7 +348,8 @@ impl<'a> Fetcher<'a> {
             }
         }
         if let Some(found) = local.get(&sha) {
-            if let Some(bytes) = read_verified(found.file.clone(), found.offset, len, sha).await {
+            let expect = verify_local.then_some(sha);
+            if let Some(bytes) = read_chunk(found.file.clone(), found.offset, len, expect).await {
                 return Ok(Piece {
                     offset,
                     bytes,
@@ -382,12 +401,19 @@ fn index_sources(sources: &[ReuseSource], manifest: &Manifest) -> HashMap<Digest
     found
 }
 
-/// Reads `len` bytes at `offset` and returns them only if they hash to `sha`.
-async fn read_verified(file: Arc<File>, offset: u64, len: u64, sha: Digest) -> Option<Bytes> {
+/// Reads `len` bytes at `offset`; with `expect`, returns them only if they hash to it.
+async fn read_chunk(
+    file: Arc<File>,
+    offset: u64,
+    len: u64,
+    expect: Option<Digest>,
+) -> Option<Bytes> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset).ok()?;
-        (Digest::of(&buf) == sha).then(|| Bytes::from(buf))
+        expect
+            .is_none_or(|sha| Digest::of(&buf) == sha)
+            .then(|| Bytes::from(buf))
     })
     .await
     .ok()

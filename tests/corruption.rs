@@ -284,3 +284,43 @@ fn usage_errors_exit_2() {
         "{text}"
     );
 }
+
+/// A local copy that was damaged on disk is never passed on: the whole-file check catches
+/// it, and the fetch is redone checking every local chunk, downloading the damaged one.
+#[tokio::test]
+async fn damaged_local_copy_is_not_passed_on() {
+    let work = tempfile::tempdir().unwrap();
+    let target = Target::file(work.path(), "local", SMALL_CHUNKS);
+    let leader = work.path().join("leader");
+    let mut data = vec![0u8; SIZE as usize];
+    rand::RngCore::fill_bytes(
+        &mut <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3),
+        &mut data,
+    );
+    let first = support::write_snapshot(&leader, 10, 1, &data);
+    target.json(&["push", first.to_str().unwrap(), "--json"]);
+    let to = work.path().join("to");
+    let pulled = target.json(&["pull", "--to", to.to_str().unwrap(), "--json"]);
+
+    // The next snapshot changes only its first bytes; the rest is shared.
+    data[..1000].fill(7);
+    let second = support::write_snapshot(&leader, 11, 1, &data);
+    target.json(&["push", second.to_str().unwrap(), "--json"]);
+    // Damage the follower's copy of the first snapshot in the middle.
+    let local = std::path::PathBuf::from(pulled["data"].as_str().unwrap());
+    let mut bytes = std::fs::read(&local).unwrap();
+    bytes[SIZE as usize / 2] ^= 0xff;
+    std::fs::write(&local, &bytes).unwrap();
+
+    let out = target.run(&["pull", "--to", to.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    assert!(
+        support::stderr(&out).contains("local chunk copy was damaged"),
+        "{}",
+        support::stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let data_path = std::path::Path::new(report["data"].as_str().unwrap());
+    assert_eq!(std::fs::read(data_path).unwrap(), data);
+    assert!(report["chunks_reused"].as_u64().unwrap() > 0);
+}
