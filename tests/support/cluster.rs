@@ -208,6 +208,12 @@ impl Cluster {
         if self.sidecars.len() <= slot {
             self.sidecars.resize_with(slot + 1, || None);
         }
+        // Never leave a replaced sidecar running behind the harness's back.
+        if let Some(old) = self.sidecars[slot].as_mut().and_then(|s| s.child.take()) {
+            let mut old = old;
+            let _ = old.kill();
+            let _ = old.wait();
+        }
         self.sidecars[slot] = Some(Sidecar {
             config,
             metrics,
