@@ -224,7 +224,7 @@ impl<'a> Fetcher<'a> {
             meta,
             elapsed: started.elapsed(),
         };
-        tracing::info!(
+        tracing::debug!(
             index = report.index,
             term = report.term,
             bytes = report.size,

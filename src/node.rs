@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
-use crate::ipc::{self, ErrorCode, Request, RequestFrame, SaveResult, Status, TriggerResult};
+use crate::ipc::{self, ErrorCode, Request, SaveResult, Status, TriggerResult};
 use crate::snapdir::Envelope;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,24 +103,15 @@ impl HookClient {
                 socket: self.socket.clone(),
                 reason,
             };
-            ipc::write_frame(
-                &mut write,
-                &RequestFrame {
-                    v: ipc::VERSION,
-                    request,
-                },
-            )
-            .await
-            .map_err(|e| protocol(e.to_string()))?;
-            let mut reader = BufReader::new(read);
-            let line = ipc::read_line(&mut reader).await.map_err(|e| match e {
-                ipc::FrameError::Io(source) => HookError::Unreachable {
-                    socket: self.socket.clone(),
-                    source,
-                },
-                other => protocol(other.to_string()),
-            })?;
-            let frame = ipc::parse_response(&line).map_err(|e| protocol(e.to_string()))?;
+            let frame = ipc::exchange(&mut BufReader::new(read), &mut write, request)
+                .await
+                .map_err(|e| match e {
+                    ipc::FrameError::Io(source) => HookError::Unreachable {
+                        socket: self.socket.clone(),
+                        source,
+                    },
+                    other => protocol(other.to_string()),
+                })?;
             match (frame.ok, frame.result, frame.error) {
                 (true, Some(result), _) => serde_json::from_value(result)
                     .map_err(|e| protocol(format!("unexpected {op} result: {e}"))),

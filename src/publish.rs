@@ -78,7 +78,7 @@ impl<'a> Publisher<'a> {
         let env = &snapshot.envelope;
         let (index, term) = env.log_id();
         if let Some(id) = self.repo.manifest_for(index, term).await? {
-            tracing::info!(index, term, manifest = %id, "already published");
+            tracing::debug!(index, term, manifest = %id, "already published");
             return Ok(PublishReport {
                 index,
                 term,
@@ -170,7 +170,7 @@ impl<'a> Publisher<'a> {
             bytes_transferred: transferred_bytes.into_inner(),
             elapsed: started.elapsed(),
         };
-        tracing::info!(
+        tracing::debug!(
             index,
             term,
             bytes = report.size,

@@ -304,6 +304,29 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// One request/response exchange on an open connection: writes `request` as a frame, reads
+/// one line and parses it as a response. The client side of the protocol in one call.
+pub async fn exchange<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    request: Request,
+) -> Result<ResponseFrame, FrameError>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    write_frame(
+        writer,
+        &RequestFrame {
+            v: VERSION,
+            request,
+        },
+    )
+    .await?;
+    let line = read_line(reader).await?;
+    parse_response(&line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snaprelay_contract::ipc::{
-    parse_response, read_line, write_frame, ErrorCode, LogIdRef, Request, RequestFrame,
-    ResponseFrame, Role, SaveOutcome, SaveResult, Status, MAX_LINE, VERSION,
+    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, ResponseFrame, Role,
+    SaveOutcome, SaveResult, Status, MAX_LINE,
 };
 use snaprelay_contract::snapdir::Envelope;
 use snaprelay_hook::{HookConfig, HookError, HookServer, Incoming, Node, NodeError, NodeState};
@@ -175,16 +175,11 @@ impl Client {
     }
 
     async fn call(&mut self, request: Request) -> ResponseFrame {
-        write_frame(
-            &mut self.writer,
-            &RequestFrame {
-                v: VERSION,
-                request,
-            },
-        )
-        .await
-        .unwrap();
-        self.response().await
+        let exchange = exchange(&mut self.reader, &mut self.writer, request);
+        tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("a response in time")
+            .unwrap()
     }
 
     /// Whether the server closed the connection (EOF without another line).

@@ -23,8 +23,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use snaprelay_example_kv::api::MetricsView;
 use snaprelay_hook::ipc::{
-    parse_response, read_line, write_frame, ErrorCode, LogIdRef, Request, RequestFrame,
-    ResponseFrame, Role, SaveOutcome, SaveResult, Status, VERSION,
+    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, ResponseFrame, Role,
+    SaveOutcome, SaveResult, Status,
 };
 use snaprelay_hook::snapdir::{self, Snapshot};
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -246,16 +246,11 @@ impl HookClient {
     }
 
     async fn call(&mut self, request: Request) -> ResponseFrame {
-        write_frame(
-            &mut self.writer,
-            &RequestFrame {
-                v: VERSION,
-                request,
-            },
-        )
-        .await
-        .unwrap();
-        self.response().await
+        let exchange = exchange(&mut self.reader, &mut self.writer, request);
+        tokio::time::timeout(Duration::from_secs(45), exchange)
+            .await
+            .expect("a hook response in time")
+            .unwrap()
     }
 
     async fn status(&mut self) -> Status {
