@@ -82,6 +82,22 @@ def adopted_times(log_path, index):
     return times
 
 
+def stage_lines(log_path, index):
+    """{message: (timestamp, elapsed_ms)} of the per-stage lines for `index`."""
+    out = {}
+    with open(log_path) as f:
+        for line in f:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            fields = ev.get("fields", {})
+            if fields.get("index") == index and "stage" in fields:
+                ts = dt.datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+                out[fields["stage"]] = (ts, fields.get("elapsed_ms"))
+    return out
+
+
 def fetched_bytes(log_path, index):
     with open(log_path) as f:
         for line in f:
@@ -153,6 +169,14 @@ class Cluster:
             [max(adopted_times(self.nodes[i]["log"], snap["index"]), default=None) for i in followers]),
             timeout=timeout)
         moved = [fetched_bytes(self.nodes[i]["log"], snap["index"]) for i in followers]
+        # Where the time went: when each stage line was logged (s after t0) and how long the
+        # stage itself took (ms), for the leader's publish and each follower's fetch/adopt.
+        stages = {"leader": stage_lines(leader["log"], snap["index"])}
+        for i in followers:
+            stages[f"node{i}"] = stage_lines(self.nodes[i]["log"], snap["index"])
+        self.breakdown = "; ".join(
+            f"{who} " + ", ".join(f"{st} at +{ts - t0:.2f}s ({ms} ms)" for st, (ts, ms) in lines.items())
+            for who, lines in stages.items())
         return max(ends) - t0, snap, moved
 
     def stop(self):
@@ -199,6 +223,7 @@ def main():
                         mib = [round((m or 0) / 1048576, 1) for m in moved]
                         print(f"   {size_text} {kind:<11} round {r + 1}: index {snap['index']}: "
                               f"{took:.2f}s (followers downloaded {mib} MiB)", flush=True)
+                        print(f"      {cluster.breakdown}", flush=True)
                         rows.append({"size": size_text, "kind": kind, "round": r + 1,
                                      "seconds": took, "downloaded_mib": mib})
             finally:

@@ -3,193 +3,16 @@
 //! buffer. Successive snapshots of a slowly changing state share most of their chunks, which
 //! is what makes incremental pushes and pulls cheap.
 
-use std::fmt;
 use std::io::Read;
-use std::str::FromStr;
 
 use bytes::Bytes;
-use fastcdc::v2020::{
-    cut_gear, get_gear_with_seed, logarithm2, Normalization, MASKS, MAXIMUM_MAX, MINIMUM_MIN,
-};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-
-/// A sha256 digest; printed and serialized as 64 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest(pub [u8; 32]);
-
-impl Digest {
-    pub fn of(bytes: &[u8]) -> Digest {
-        Digest(Sha256::digest(bytes).into())
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({})", self.to_hex())
-    }
-}
-
-impl FromStr for Digest {
-    type Err = String;
-
-    /// Accepts exactly 64 lowercase hex digits: digests double as object keys, so anything
-    /// else (upper case, `../`, separators) is refused here, where it enters.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.len() != 64
-            || !s
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            let shown: String = s.chars().take(80).collect();
-            return Err(format!(
-                "{shown:?} is not a sha256 (64 lowercase hex digits)"
-            ));
-        }
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(|e| e.to_string())?;
-        Ok(Digest(out))
-    }
-}
-
-impl Serialize for Digest {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
-    }
-}
-
-impl<'de> Deserialize<'de> for Digest {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// FastCDC parameters. They are fixed per repository (in `repository.json`): changing them
-/// would cut every snapshot differently and defeat deduplication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ChunkParams {
-    pub min_size: u32,
-    pub avg_size: u32,
-    pub max_size: u32,
-}
-
-impl Default for ChunkParams {
-    fn default() -> Self {
-        ChunkParams {
-            min_size: 256 << 10,
-            avg_size: 1 << 20,
-            max_size: 4 << 20,
-        }
-    }
-}
-
-/// The smallest minimum chunk size accepted: smaller chunks make too many objects.
-pub const MIN_MIN_SIZE: u64 = 4 << 10;
-
-impl ChunkParams {
-    /// Validates sizes; the error names the offending field and says why.
-    pub fn new(min: u64, avg: u64, max: u64) -> Result<Self, (&'static str, String)> {
-        if min < MIN_MIN_SIZE || min > fastcdc::v2020::MINIMUM_MAX as u64 {
-            return Err((
-                "min_size",
-                format!("{min} must be between {MIN_MIN_SIZE} (4KiB) and 1048576 (1MiB)"),
-            ));
-        }
-        if avg <= min || avg > fastcdc::v2020::AVERAGE_MAX as u64 || !avg.is_power_of_two() {
-            return Err((
-                "avg_size",
-                format!("{avg} must be a power of two above min_size ({min}) and at most 4MiB"),
-            ));
-        }
-        if max <= avg || max > MAXIMUM_MAX as u64 {
-            return Err((
-                "max_size",
-                format!("{max} must be above avg_size ({avg}) and at most 16MiB"),
-            ));
-        }
-        debug_assert!(min >= MINIMUM_MIN as u64);
-        Ok(ChunkParams {
-            min_size: min as u32,
-            avg_size: avg as u32,
-            max_size: max as u32,
-        })
-    }
-
-    /// Re-checks parameters that came from outside (a repository.json).
-    pub fn validate(&self) -> Result<(), String> {
-        ChunkParams::new(
-            self.min_size as u64,
-            self.avg_size as u64,
-            self.max_size as u64,
-        )
-        .map(|_| ())
-        .map_err(|(key, reason)| format!("chunking.{key}: {reason}"))
-    }
-}
+pub use snaprelay_contract::chunking::{ChunkParams, Cutter, Digest, MIN_MIN_SIZE};
 
 /// One chunk cut from a stream, not yet hashed.
 pub struct RawChunk {
     pub offset: u64,
     pub data: Bytes,
-}
-
-/// FastCDC 2020 cut-point parameters, derived exactly as `fastcdc::v2020::StreamCDC` does
-/// for normalization level 1, so chunk boundaries are the crate's.
-struct Cutter {
-    min: usize,
-    avg: usize,
-    max: usize,
-    mask_s: u64,
-    mask_l: u64,
-    gear: Box<[u64; 256]>,
-    gear_ls: Box<[u64; 256]>,
-}
-
-impl Cutter {
-    fn new(params: ChunkParams) -> Cutter {
-        let bits = logarithm2(params.avg_size);
-        let normalization = Normalization::Level1.bits();
-        let (gear, gear_ls) = get_gear_with_seed(0);
-        Cutter {
-            min: params.min_size as usize,
-            avg: params.avg_size as usize,
-            max: params.max_size as usize,
-            mask_s: MASKS[(bits + normalization) as usize],
-            mask_l: MASKS[(bits - normalization) as usize],
-            gear,
-            gear_ls,
-        }
-    }
-
-    /// Length of the chunk at the start of `data` (`data` holds at least `max` bytes, or
-    /// the rest of the stream).
-    fn cut(&self, data: &[u8]) -> usize {
-        let (_, len) = cut_gear(
-            data,
-            self.min,
-            self.avg,
-            self.max,
-            self.mask_s,
-            self.mask_l,
-            self.mask_s << 1,
-            self.mask_l << 1,
-            &self.gear,
-            &self.gear_ls,
-        );
-        len
-    }
 }
 
 /// Cuts `reader` into chunks and hands each to `sink` in order; returns the stream's size.
@@ -204,13 +27,13 @@ pub fn split<R: Read>(
     mut sink: impl FnMut(RawChunk) -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
     let cutter = Cutter::new(params);
-    let mut buf = vec![0u8; 2 * cutter.max];
+    let mut buf = vec![0u8; 2 * cutter.max()];
     let (mut start, mut end) = (0usize, 0usize);
     let mut offset = 0u64;
     let mut eof = false;
     loop {
         // Cut while a whole maximum-size window is buffered (or the stream has ended).
-        while end - start >= cutter.max || (eof && end > start) {
+        while end - start >= cutter.max() || (eof && end > start) {
             let len = cutter.cut(&buf[start..end]);
             sink(RawChunk {
                 offset,
@@ -319,24 +142,6 @@ mod tests {
     }
 
     #[test]
-    fn digest_hex_round_trip_and_rejects_keys() {
-        let d = Digest::of(b"abc");
-        assert_eq!(
-            d.to_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        assert_eq!(d.to_hex().parse::<Digest>().unwrap(), d);
-        for bad in [
-            "",
-            "../../etc/passwd",
-            &d.to_hex().to_uppercase(),
-            &format!("{}/", &d.to_hex()[..63]),
-        ] {
-            assert!(bad.parse::<Digest>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn chunks_cover_the_stream_within_bounds() {
         let data = random(1 << 20, 1);
         let p = small();
@@ -442,30 +247,5 @@ mod tests {
             new_bytes < 4 * 65536,
             "an insertion of 100 bytes changed {new_bytes} bytes of chunks"
         );
-    }
-
-    #[test]
-    fn params_are_validated() {
-        assert_eq!(
-            ChunkParams::new(100, 16384, 65536).unwrap_err().0,
-            "min_size"
-        );
-        assert_eq!(
-            ChunkParams::new(4096, 4096, 65536).unwrap_err().0,
-            "avg_size"
-        );
-        assert_eq!(
-            ChunkParams::new(4096, 10000, 65536).unwrap_err().0,
-            "avg_size"
-        );
-        assert_eq!(
-            ChunkParams::new(4096, 16384, 16384).unwrap_err().0,
-            "max_size"
-        );
-        assert_eq!(
-            ChunkParams::new(4096, 16384, 64 << 20).unwrap_err().0,
-            "max_size"
-        );
-        ChunkParams::default().validate().unwrap();
     }
 }

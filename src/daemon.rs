@@ -417,6 +417,7 @@ impl Daemon {
                 index = report.index,
                 bytes = report.size,
                 uploaded = report.bytes_transferred,
+                chunk_index = report.chunk_index,
                 elapsed_ms = report.elapsed.as_millis() as u64,
                 "snapshot published"
             );

@@ -75,6 +75,17 @@ pub enum Error {
         actual: String,
     },
 
+    #[error(
+        "snapshot data file {data} does not match its chunk index {index} at offset {offset} ({len} bytes): {reason}; refusing to publish it"
+    )]
+    IndexMismatch {
+        data: std::path::PathBuf,
+        index: std::path::PathBuf,
+        offset: u64,
+        len: u64,
+        reason: String,
+    },
+
     #[error("store {op} {key}: {source}")]
     Store {
         op: &'static str,

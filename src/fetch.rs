@@ -199,6 +199,7 @@ impl<'a> Fetcher<'a> {
                 data: data_name.clone(),
                 size: manifest.size,
                 raft_meta: manifest.raft_meta.clone(),
+                chunk_index: None,
             };
             Ok(snapdir::commit_envelope(dir, &meta_name, &envelope)?)
         })();

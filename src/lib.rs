@@ -7,8 +7,9 @@
 //! # Layout
 //!
 //! - [`config`]: TOML file → validated [`config::Config`]; errors name the key.
-//! - [`snapdir`], [`ipc`]: the contracts shared with the node, from the `snaprelay-contract`
-//!   crate (the snapshot directory layout and the hook protocol).
+//! - [`snapdir`], [`ipc`], [`chunking`]: the contracts shared with the node, from the
+//!   `snaprelay-contract` crate (the snapshot directory layout, the hook protocol, and the
+//!   chunking and chunk index both sides agree on).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
 //! - [`metrics`]: Prometheus metrics, /healthz and /readyz, and the HTTP server for them.
@@ -44,4 +45,4 @@ pub mod systemd;
 pub mod verify;
 pub mod watch;
 
-pub use snaprelay_contract::{ipc, snapdir};
+pub use snaprelay_contract::{chunking, ipc, snapdir};

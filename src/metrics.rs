@@ -143,7 +143,8 @@ impl FailureReason {
                     | Error::ObjectTooLarge { .. }
                     | Error::ChunkMissing { .. }
                     | Error::ChunkCorrupt { .. }
-                    | Error::FileCorrupt { .. } => FailureReason::Corrupt,
+                    | Error::FileCorrupt { .. }
+                    | Error::IndexMismatch { .. } => FailureReason::Corrupt,
                     Error::Config(_)
                     | Error::ClusterMismatch { .. }
                     | Error::NoRepository { .. }

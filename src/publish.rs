@@ -1,15 +1,21 @@
 //! Leader side: one committed snapshot → its chunks in the store → its manifest.
 //!
-//! The file is read once, in order, on a blocking thread that cuts chunks and hashes the
-//! whole file; chunk hashing and uploads run `concurrency` at a time. Chunks the store
-//! already holds are not uploaded again. The manifest goes last: it is the commit point, so
-//! abandoning a publish at any moment (error, cancel, SIGKILL) leaves only unreferenced
-//! chunks, which the next attempt reuses and GC eventually removes.
+//! When the node wrote a chunk index beside the snapshot (the hook library does), the
+//! publisher reads only the chunks the store lacks, checks each against the index and
+//! uploads it; the rest of the file is never read. Otherwise the file is read once, in
+//! order, on a blocking thread that cuts chunks and hashes the whole file; chunk hashing
+//! and uploads run `concurrency` at a time. Either way, chunks the store already holds are
+//! not uploaded again, and the manifest goes last: it is the commit point, so abandoning a
+//! publish at any moment (error, cancel, SIGKILL) leaves only unreferenced chunks, which
+//! the next attempt reuses and GC eventually removes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -22,6 +28,7 @@ use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, 
 use crate::progress::Progress;
 use crate::repo::{Repo, StoredChunk};
 use crate::snapdir::{SnapdirError, Snapshot};
+use snaprelay_contract::chunking::ChunkIndex;
 
 /// What a publish did.
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +38,8 @@ pub struct PublishReport {
     pub size: u64,
     pub sha256: Option<String>,
     pub manifest: String,
+    /// True when the node's chunk index was used: only the chunks the store lacked were read.
+    pub chunk_index: bool,
     /// True when a manifest for this log id already existed; nothing was uploaded.
     pub already_published: bool,
     pub chunks_total: u64,
@@ -52,6 +61,14 @@ pub struct Publisher<'a> {
     concurrency: usize,
     node_id: Option<u64>,
     progress: &'a dyn Progress,
+    use_index: bool,
+}
+
+/// Counters shared by the uploads of one publish.
+#[derive(Default)]
+struct Sent {
+    chunks: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl<'a> Publisher<'a> {
@@ -66,7 +83,15 @@ impl<'a> Publisher<'a> {
             concurrency: concurrency.max(1),
             node_id,
             progress,
+            use_index: true,
         }
+    }
+
+    /// Whether to use the chunk index a node wrote beside the snapshot (default: yes). With
+    /// `false`, the publisher cuts and hashes the file itself.
+    pub fn use_chunk_index(mut self, yes: bool) -> Self {
+        self.use_index = yes;
+        self
     }
 
     /// Publishes `snapshot` unless a manifest for its log id exists already.
@@ -77,7 +102,26 @@ impl<'a> Publisher<'a> {
         let started = Instant::now();
         let env = &snapshot.envelope;
         let (index, term) = env.log_id();
-        if let Some(id) = self.repo.manifest_for(index, term).await? {
+        let sent = Sent::default();
+        let node_index = match self.use_index {
+            true => self.usable_index(snapshot).await,
+            false => None,
+        };
+        // Independent work, run together: is it published already, which chunks does the
+        // store hold (one listing covers earlier snapshots and chunks a killed push left
+        // behind), and, with the node's index, sending the chunks that are new.
+        let early = async {
+            match &node_index {
+                Some(node_index) => self.send_new(snapshot, node_index, &sent).await,
+                None => Ok(HashMap::new()),
+            }
+        };
+        let (existing, present, early) = tokio::join!(
+            self.repo.manifest_for(index, term),
+            self.repo.list_chunks(),
+            early
+        );
+        if let Some(id) = existing? {
             tracing::debug!(index, term, manifest = %id, "already published");
             return Ok(PublishReport {
                 index,
@@ -85,6 +129,7 @@ impl<'a> Publisher<'a> {
                 size: env.size,
                 sha256: None,
                 manifest: id.to_string(),
+                chunk_index: false,
                 already_published: true,
                 chunks_total: 0,
                 chunks_transferred: 0,
@@ -92,51 +137,21 @@ impl<'a> Publisher<'a> {
                 elapsed: started.elapsed(),
             });
         }
-        // One listing tells which chunks need no upload: those of earlier snapshots and those
-        // a killed push left behind.
-        let present = self.repo.list_chunks().await?;
-
-        let file = File::open(&snapshot.data_path)
-            .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?;
-        let params = self.repo.params();
-        let hasher = chunk::WholeFileHasher::spawn()
-            .map_err(|e| Error::io("starting the file hasher", e))?;
-        // Two chunks queued ahead of the uploads keep the reader busy without holding more
-        // than `concurrency + 2` chunks in memory.
-        let (tx, rx) = tokio::sync::mpsc::channel::<RawChunk>(2);
-        let reader = tokio::task::spawn_blocking(move || {
-            let size = chunk::split(file, params, |c| {
-                hasher.feed(c.data.clone());
-                tx.blocking_send(c)
-                    .map_err(|_| io::Error::other("upload stopped"))
-            });
-            (size, hasher.finish())
-        });
-
+        let mut present = present?;
+        present.extend(early?);
         self.progress.begin(env.size);
-        let transferred = AtomicU64::new(0);
-        let transferred_bytes = AtomicU64::new(0);
-        let chunks =
-            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
-                .map(|raw| self.store_chunk(raw, &present, &transferred, &transferred_bytes))
-                .buffered(self.concurrency)
-                .try_collect::<Vec<ChunkRef>>()
-                .await;
-        // On an upload error the receiver is gone and the reader stops at its next send.
-        let (read, sha256) = reader
-            .await
-            .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
-        let chunks = chunks?;
-        let size =
-            read.map_err(|e| Error::io(format!("reading {}", snapshot.data_path.display()), e))?;
-        if size != env.size {
-            return Err(Error::Snapdir(SnapdirError::SizeMismatch {
-                meta: snapshot.meta_path.clone(),
-                data: snapshot.data_path.clone(),
-                expected: env.size,
-                actual: size,
-            }));
-        }
+        let used_index = node_index.is_some();
+        let (chunks, sha256) = match node_index {
+            Some(NodeIndex { index, .. }) => {
+                let sha256 = index.sha256;
+                let chunks = self
+                    .upload_indexed(snapshot, index, &present, &sent)
+                    .await?;
+                (chunks, sha256)
+            }
+            None => self.upload_cut(snapshot, &present, &sent).await?,
+        };
+        let size = env.size;
 
         self.restore_vanished(snapshot, &chunks).await?;
 
@@ -164,10 +179,11 @@ impl<'a> Publisher<'a> {
             size,
             sha256: Some(sha256.to_hex()),
             manifest: id.to_string(),
+            chunk_index: used_index,
             already_published: false,
             chunks_total: manifest.chunks.len() as u64,
-            chunks_transferred: transferred.into_inner(),
-            bytes_transferred: transferred_bytes.into_inner(),
+            chunks_transferred: sent.chunks.into_inner(),
+            bytes_transferred: sent.bytes.into_inner(),
             elapsed: started.elapsed(),
         };
         tracing::debug!(
@@ -181,6 +197,198 @@ impl<'a> Publisher<'a> {
             "published"
         );
         Ok(report)
+    }
+
+    /// The node's chunk index for `snapshot`, if it names one that this publish can trust
+    /// and use; otherwise `None`, after saying why.
+    async fn usable_index(&self, snapshot: &Snapshot) -> Option<NodeIndex> {
+        let path = snapshot.chunk_index_path()?;
+        let data = snapshot.data_path.clone();
+        let size = snapshot.envelope.size;
+        let this = snapshot.clone();
+        let read = tokio::task::spawn_blocking(move || -> Result<NodeIndex, String> {
+            let index = ChunkIndex::read(&path, size).map_err(|e| e.to_string())?;
+            // The data file is immutable once committed; one written after its index is not
+            // what the index describes.
+            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified());
+            match (modified(&data), modified(&path)) {
+                (Ok(d), Ok(i)) if d > i => Err(format!(
+                    "data file {} was modified after its chunk index {}",
+                    data.display(),
+                    path.display()
+                )),
+                (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
+                _ => Ok(NodeIndex {
+                    previous: previous_chunks(&this, index.chunking),
+                    index,
+                }),
+            }
+        })
+        .await;
+        let reason = match read {
+            Ok(Ok(node)) if node.index.chunking == self.repo.params() => return Some(node),
+            Ok(Ok(node)) => format!(
+                "it was cut with {:?}, the repository cuts with {:?}",
+                node.index.chunking,
+                self.repo.params()
+            ),
+            Ok(Err(reason)) => reason,
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            index = snapshot.envelope.last_log_index,
+            "not using the node's chunk index ({reason}); cutting the file instead"
+        );
+        None
+    }
+
+    /// Sends the chunks the node's previous snapshot did not have, which are almost surely
+    /// new, without waiting for the store's listing: a HEAD each, and an upload where the
+    /// store lacks it. Returns the store's sizes of the chunks it now holds. Sends nothing
+    /// when there is no previous snapshot to tell or most chunks look new (the listing is
+    /// cheaper than a HEAD per chunk then).
+    async fn send_new(
+        &self,
+        snapshot: &Snapshot,
+        node: &NodeIndex,
+        sent: &Sent,
+    ) -> Result<HashMap<Digest, StoredChunk>> {
+        let mut seen = HashSet::new();
+        let mut offset = 0u64;
+        let mut new = Vec::new();
+        for &(sha256, len) in &node.index.chunks {
+            if !node.previous.contains(&sha256) && seen.insert(sha256) {
+                new.push((sha256, offset, len));
+            }
+            offset += len;
+        }
+        if node.previous.is_empty() || new.len() * 4 > node.index.chunks.len() {
+            return Ok(HashMap::new());
+        }
+        let path = &snapshot.data_path;
+        let file = Arc::new(
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+        );
+        let index_path = snapshot.chunk_index_path().unwrap_or_default();
+        futures::stream::iter(new)
+            .map(|(sha256, offset, len)| {
+                let file = file.clone();
+                let index_path = &index_path;
+                async move {
+                    if self.repo.chunk_size(&sha256).await? != Some(len) {
+                        let data =
+                            read_indexed(file, path, index_path, sha256, offset, len).await?;
+                        self.repo.put_chunk(&sha256, data).await?;
+                        sent.chunks.fetch_add(1, Ordering::Relaxed);
+                        sent.bytes.fetch_add(len, Ordering::Relaxed);
+                        tracing::debug!(chunk = %sha256, offset, len, "uploaded new chunk");
+                    }
+                    // Stands in for the listing's entry; only the size is consulted.
+                    let stored = StoredChunk {
+                        size: len,
+                        last_modified: Utc::now(),
+                    };
+                    Ok((sha256, stored))
+                }
+            })
+            .buffer_unordered(self.concurrency)
+            .try_collect()
+            .await
+    }
+
+    /// Uploads the chunks of `index` that the store lacks, reading only those from the file
+    /// and checking each against the index; returns the manifest's chunk list.
+    async fn upload_indexed(
+        &self,
+        snapshot: &Snapshot,
+        index: ChunkIndex,
+        present: &HashMap<Digest, StoredChunk>,
+        sent: &Sent,
+    ) -> Result<Vec<ChunkRef>> {
+        let path = &snapshot.data_path;
+        let file = Arc::new(
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?,
+        );
+        let index_path = snapshot.chunk_index_path().unwrap_or_default();
+        let mut offset = 0u64;
+        let spans = index.chunks.into_iter().map(|(sha256, len)| {
+            offset += len;
+            (sha256, offset - len, len)
+        });
+        futures::stream::iter(spans)
+            .map(|(sha256, offset, len)| {
+                let file = file.clone();
+                let index_path = &index_path;
+                async move {
+                    if present.get(&sha256).map(|c| c.size) != Some(len) {
+                        let data =
+                            read_indexed(file, path, index_path, sha256, offset, len).await?;
+                        self.repo.put_chunk(&sha256, data).await?;
+                        sent.chunks.fetch_add(1, Ordering::Relaxed);
+                        sent.bytes.fetch_add(len, Ordering::Relaxed);
+                        tracing::debug!(chunk = %sha256, offset, len, "uploaded chunk");
+                    }
+                    self.progress.advance(len);
+                    Ok(ChunkRef {
+                        sha256,
+                        len,
+                        stored_len: len,
+                        encoding: Encoding::Identity,
+                    })
+                }
+            })
+            .buffered(self.concurrency)
+            .try_collect()
+            .await
+    }
+
+    /// Reads the whole file in order, cutting and hashing it, and uploads the chunks the
+    /// store lacks; returns the manifest's chunk list and the file's sha256.
+    async fn upload_cut(
+        &self,
+        snapshot: &Snapshot,
+        present: &HashMap<Digest, StoredChunk>,
+        sent: &Sent,
+    ) -> Result<(Vec<ChunkRef>, Digest)> {
+        let env = &snapshot.envelope;
+        let file = File::open(&snapshot.data_path)
+            .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?;
+        let params = self.repo.params();
+        let hasher = chunk::WholeFileHasher::spawn()
+            .map_err(|e| Error::io("starting the file hasher", e))?;
+        // Two chunks queued ahead of the uploads keep the reader busy without holding more
+        // than `concurrency + 2` chunks in memory.
+        let (tx, rx) = tokio::sync::mpsc::channel::<RawChunk>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let size = chunk::split(file, params, |c| {
+                hasher.feed(c.data.clone());
+                tx.blocking_send(c)
+                    .map_err(|_| io::Error::other("upload stopped"))
+            });
+            (size, hasher.finish())
+        });
+        let chunks =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+                .map(|raw| self.store_chunk(raw, present, sent))
+                .buffered(self.concurrency)
+                .try_collect::<Vec<ChunkRef>>()
+                .await;
+        // On an upload error the receiver is gone and the reader stops at its next send.
+        let (read, sha256) = reader
+            .await
+            .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
+        let chunks = chunks?;
+        let size =
+            read.map_err(|e| Error::io(format!("reading {}", snapshot.data_path.display()), e))?;
+        if size != env.size {
+            return Err(Error::Snapdir(SnapdirError::SizeMismatch {
+                meta: snapshot.meta_path.clone(),
+                data: snapshot.data_path.clone(),
+                expected: env.size,
+                actual: size,
+            }));
+        }
+        Ok((chunks, sha256))
     }
 
     /// A GC running elsewhere (an operator's `snaprelay gc`, a deposed leader) may have
@@ -235,8 +443,7 @@ impl<'a> Publisher<'a> {
         &self,
         raw: RawChunk,
         present: &HashMap<Digest, StoredChunk>,
-        transferred: &AtomicU64,
-        transferred_bytes: &AtomicU64,
+        sent: &Sent,
     ) -> Result<ChunkRef> {
         let len = raw.data.len() as u64;
         let data = raw.data;
@@ -245,8 +452,8 @@ impl<'a> Publisher<'a> {
             .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;
         if present.get(&sha).map(|c| c.size) != Some(len) {
             self.repo.put_chunk(&sha, data).await?;
-            transferred.fetch_add(1, Ordering::Relaxed);
-            transferred_bytes.fetch_add(len, Ordering::Relaxed);
+            sent.chunks.fetch_add(1, Ordering::Relaxed);
+            sent.bytes.fetch_add(len, Ordering::Relaxed);
             tracing::debug!(chunk = %sha, offset = raw.offset, len, "uploaded chunk");
         }
         self.progress.advance(len);
@@ -257,4 +464,72 @@ impl<'a> Publisher<'a> {
             encoding: Encoding::Identity,
         })
     }
+}
+
+/// The node's chunk index of a snapshot, and the chunks of the node's previous indexed
+/// snapshot in the same directory (empty if there is none).
+struct NodeIndex {
+    index: ChunkIndex,
+    previous: HashSet<Digest>,
+}
+
+/// The chunks of the newest snapshot older than `snapshot` in its directory that has a
+/// usable chunk index cut with `chunking`: what the previous publish most likely sent.
+/// Best effort: any problem gives an empty set, which only turns the shortcut off.
+fn previous_chunks(snapshot: &Snapshot, chunking: chunk::ChunkParams) -> HashSet<Digest> {
+    let dir = snapshot.meta_path.parent().unwrap_or(Path::new("."));
+    let Ok(scan) = crate::snapdir::scan(dir) else {
+        return HashSet::new();
+    };
+    scan.snapshots
+        .iter()
+        .rev()
+        .filter(|s| s.envelope.log_id() < snapshot.envelope.log_id())
+        .filter_map(|s| Some((s.chunk_index_path()?, s.envelope.size)))
+        .find_map(|(path, size)| ChunkIndex::read(&path, size).ok())
+        .filter(|index| index.chunking == chunking)
+        .map(|index| index.chunks.into_iter().map(|(sha, _)| sha).collect())
+        .unwrap_or_default()
+}
+
+/// Reads one indexed chunk from the data file and checks it against the index.
+async fn read_indexed(
+    file: Arc<File>,
+    data: &Path,
+    index: &Path,
+    sha256: Digest,
+    offset: u64,
+    len: u64,
+) -> Result<bytes::Bytes> {
+    let mismatch = |reason: String| Error::IndexMismatch {
+        data: data.to_owned(),
+        index: index.to_owned(),
+        offset,
+        len,
+        reason,
+    };
+    let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+        // `len` is at most the index's max_size (16 MiB at most), checked when it was read.
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    })
+    .await
+    .map_err(|e| Error::io("reading task", io::Error::other(e)))?;
+    let buf = match read {
+        Ok(buf) => buf,
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            return Err(mismatch("the file ends before this chunk".into()))
+        }
+        Err(e) => return Err(Error::io(format!("reading {}", data.display()), e)),
+    };
+    let (actual, buf) = tokio::task::spawn_blocking(move || (Digest::of(&buf), buf))
+        .await
+        .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;
+    if actual != sha256 {
+        return Err(mismatch(format!(
+            "the bytes hash to {actual}, the index says {sha256}"
+        )));
+    }
+    Ok(buf.into())
 }

@@ -18,6 +18,9 @@ pub struct Args {
     /// Print one JSON object with the result.
     #[arg(long)]
     pub json: bool,
+    /// Cut and hash the data file here even if the node wrote a chunk index beside it.
+    #[arg(long)]
+    pub no_chunk_index: bool,
 }
 
 pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
@@ -33,6 +36,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         config.node_id,
         bar.as_ref(),
     )
+    .use_chunk_index(!args.no_chunk_index)
     .publish(&snapshot)
     .await
     .with_context(|| format!("publishing snapshot {}", snapshot.envelope.last_log_index))?;

@@ -219,6 +219,29 @@ pub fn write_snapshot_with(
     meta_path
 }
 
+/// Writes `data` as the snapshot at `index`/`term` the way a node using the hook library
+/// does: through `SnapshotDir::write`, which writes the chunk index (cut with `chunking`)
+/// beside the data file. Returns the meta file's path.
+pub fn write_node_snapshot(
+    dir: &Path,
+    index: u64,
+    term: u64,
+    data: &[u8],
+    chunking: Option<snaprelay::chunk::ChunkParams>,
+) -> PathBuf {
+    let snapshots = snaprelay_hook::SnapshotDir::open(dir)
+        .unwrap()
+        .with_chunk_index(chunking)
+        .unwrap();
+    let log_id = snaprelay::ipc::LogIdRef { term, index };
+    let raft_meta = serde_json::json!({"last_log_id": {"leader_id": {"term": term, "node_id": 1}, "index": index},
+                                       "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}}});
+    snapshots
+        .write(log_id, &raft_meta, |w| w.write_all(data))
+        .unwrap()
+        .meta_path
+}
+
 /// sha256 of a file, streaming.
 pub fn sha256_file(path: &Path) -> String {
     let mut f = std::fs::File::open(path).unwrap();

@@ -340,6 +340,7 @@ mod tests {
             data: "x.bin".into(),
             size: 3,
             raft_meta: serde_json::json!({}),
+            chunk_index: None,
         };
         for request in [
             Request::Status {},

@@ -6,7 +6,10 @@
 //!
 //! - [`snapdir`]: the snapshot directory: envelope meta file + data file, how they are
 //!   committed, which names are never read.
+//! - [`chunking`]: content-defined chunking and sha256 digests, the same on both sides,
+//!   and the chunk index a node writes beside its snapshot.
 //! - [`ipc`]: the hook protocol: one JSON request per line, one JSON response per line.
 
+pub mod chunking;
 pub mod ipc;
 pub mod snapdir;

@@ -63,6 +63,10 @@ pub struct Envelope {
     pub size: u64,
     /// openraft's `SnapshotMeta` as serde JSON, carried verbatim.
     pub raft_meta: serde_json::Value,
+    /// File name (no directory) of the data file's chunk index
+    /// ([`crate::chunking::ChunkIndex`]) in the same directory, if the node wrote one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_index: Option<String>,
 }
 
 impl Envelope {
@@ -78,7 +82,14 @@ impl Envelope {
                 self.format
             ));
         }
-        validate_data_name(&self.data)
+        validate_data_name(&self.data)?;
+        if let Some(index) = &self.chunk_index {
+            validate_data_name(index).map_err(|e| format!("chunk_index: {e}"))?;
+            if *index == self.data {
+                return Err(format!("chunk_index {index:?} names the data file"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -105,8 +116,17 @@ pub fn is_ignored(name: &str) -> bool {
 
 /// The canonical file names snaprelay uses for a snapshot it writes: `(data, meta)`.
 pub fn file_names(index: u64, term: u64) -> (String, String) {
-    let stem = format!("snapshot-{index:020}-{term:020}");
+    let stem = stem(index, term);
     (format!("{stem}.bin"), format!("{stem}{META_SUFFIX}"))
+}
+
+/// The canonical name of a snapshot's chunk index.
+pub fn index_file_name(index: u64, term: u64) -> String {
+    format!("{}{}", stem(index, term), crate::chunking::INDEX_SUFFIX)
+}
+
+fn stem(index: u64, term: u64) -> String {
+    format!("snapshot-{index:020}-{term:020}")
 }
 
 /// A committed snapshot found in a directory.
@@ -118,6 +138,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Where the envelope says the chunk index is, if it names one.
+    pub fn chunk_index_path(&self) -> Option<PathBuf> {
+        let name = self.envelope.chunk_index.as_ref()?;
+        Some(self.meta_path.parent().unwrap_or(Path::new(".")).join(name))
+    }
+
     /// Reads an envelope and checks that its data file is there and complete.
     pub fn open(meta_path: &Path) -> Result<Snapshot> {
         let envelope = read_envelope(meta_path)?;
@@ -262,6 +288,7 @@ mod tests {
             data: data.into(),
             size,
             raft_meta: serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}}),
+            chunk_index: None,
         }
     }
 

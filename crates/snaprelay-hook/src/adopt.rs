@@ -136,6 +136,7 @@ mod tests {
             data: "x.bin".into(),
             size,
             raft_meta: serde_json::json!({"last_log_id": null}),
+            chunk_index: None,
         }
     }
 

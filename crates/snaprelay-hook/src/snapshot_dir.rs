@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
+use snaprelay_contract::chunking::{ChunkIndex, ChunkParams, IndexingWriter};
 use snaprelay_contract::ipc::LogIdRef;
 use snaprelay_contract::snapdir::{
     self, commit_envelope, Envelope, SnapdirError, Snapshot, ENVELOPE_FORMAT,
@@ -69,6 +70,8 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Snapsh
 pub struct SnapshotDir {
     dir: PathBuf,
     incoming: PathBuf,
+    /// Chunking of the index written beside each locally built snapshot; `None` writes none.
+    index: Option<ChunkParams>,
 }
 
 /// Distinguishes temp files of concurrent writers in one process.
@@ -96,7 +99,28 @@ impl SnapshotDir {
             incoming: incoming
                 .canonicalize()
                 .map_err(io_err("resolving", &incoming))?,
+            index: Some(ChunkParams::default()),
         })
+    }
+
+    /// Sets the chunking of the chunk index written beside every snapshot built with
+    /// [`SnapshotDir::write`] (default: snaprelay's default chunking), or turns the index
+    /// off with `None`.
+    ///
+    /// The index is cut and hashed from the bytes as they are written, so the sidecar can
+    /// publish a snapshot by reading only the chunks the store lacks. It must use the
+    /// repository's chunking (`[chunking]` in the sidecar's config) to be used; with other
+    /// parameters the sidecar ignores it and cuts the file itself.
+    pub fn with_chunk_index(mut self, params: Option<ChunkParams>) -> Result<SnapshotDir> {
+        if let Some(p) = params {
+            p.validate().map_err(|reason| SnapshotDirError::Io {
+                action: "configuring the chunk index of",
+                path: self.dir.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, reason),
+            })?;
+        }
+        self.index = params;
+        Ok(self)
     }
 
     pub fn path(&self) -> &Path {
@@ -114,24 +138,48 @@ impl SnapshotDir {
         &self,
         write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     ) -> Result<PathBuf> {
+        Ok(self.write_temp_indexed(None, write)?.0)
+    }
+
+    /// [`SnapshotDir::write_temp`], indexing the bytes on the way when `index` is set.
+    fn write_temp_indexed(
+        &self,
+        index: Option<ChunkParams>,
+        write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> Result<(PathBuf, Option<ChunkIndex>)> {
         let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
             .join(format!(".snaprelay-{}-{seq}.tmp", std::process::id()));
         let result = (|| {
-            let mut out = BufWriter::new(File::create(&path)?);
-            write(&mut out)?;
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()
+            let file = File::create(&path)?;
+            let (file, index) = match index {
+                Some(params) => {
+                    let mut out = BufWriter::new(IndexingWriter::new(file, params));
+                    write(&mut out)?;
+                    let (file, index) = out.into_inner().map_err(|e| e.into_error())?.finish();
+                    (file, Some(index))
+                }
+                None => {
+                    let mut out = BufWriter::new(file);
+                    write(&mut out)?;
+                    (out.into_inner().map_err(|e| e.into_error())?, None)
+                }
+            };
+            file.sync_all()?;
+            Ok(index)
         })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&path);
-            return Err(io_err("writing snapshot data", &path)(e));
+        match result {
+            Ok(index) => Ok((path, index)),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(io_err("writing snapshot data", &path)(e))
+            }
         }
-        Ok(path)
     }
 
-    /// Writes the snapshot at `log_id`: data through `write`, then the envelope carrying
+    /// Writes the snapshot at `log_id`: data through `write`, then its chunk index (unless
+    /// turned off, see [`SnapshotDir::with_chunk_index`]), then the envelope carrying
     /// `raft_meta` (the application's openraft `SnapshotMeta`). If a snapshot at `log_id`
     /// is already committed, it is kept and returned: two snapshots at one log id hold the
     /// same state.
@@ -148,8 +196,8 @@ impl SnapshotDir {
         if let Some(existing) = self.committed(log_id)? {
             return Ok(existing);
         }
-        let temp = self.write_temp(write)?;
-        self.commit_file(&temp, log_id, raft_meta)
+        let (temp, index) = self.write_temp_indexed(self.index, write)?;
+        self.commit(&temp, log_id, raft_meta, index)
     }
 
     /// Commits a complete, fsynced file of this filesystem (a staged or received snapshot) as
@@ -161,6 +209,18 @@ impl SnapshotDir {
         file: &Path,
         log_id: LogIdRef,
         raft_meta: serde_json::Value,
+    ) -> Result<Snapshot> {
+        self.commit(file, log_id, raft_meta, None)
+    }
+
+    /// Commits data, then the index (if any), then the envelope: the envelope names the
+    /// index only once both files are durable.
+    fn commit(
+        &self,
+        file: &Path,
+        log_id: LogIdRef,
+        raft_meta: serde_json::Value,
+        index: Option<ChunkIndex>,
     ) -> Result<Snapshot> {
         if let Some(existing) = self.committed(log_id)? {
             if !same_file(file, &existing.data_path) {
@@ -175,6 +235,14 @@ impl SnapshotDir {
         let size = fs::metadata(&data_path)
             .map_err(io_err("reading snapshot data", &data_path))?
             .len();
+        let chunk_index = match index {
+            Some(index) => {
+                let name = snapdir::index_file_name(log_id.index, log_id.term);
+                snapdir::write_atomic(&self.dir.join(&name), &index.to_json())?;
+                Some(name)
+            }
+            None => None,
+        };
         let envelope = Envelope {
             format: ENVELOPE_FORMAT,
             last_log_index: log_id.index,
@@ -182,6 +250,7 @@ impl SnapshotDir {
             data: data_name,
             size,
             raft_meta,
+            chunk_index,
         };
         let meta_path = commit_envelope(&self.dir, &meta_name, &envelope)?;
         Ok(Snapshot {
@@ -249,6 +318,9 @@ impl SnapshotDir {
         for snapshot in &removed {
             self.discard(&snapshot.meta_path)?;
             self.discard(&snapshot.data_path)?;
+            if let Some(index) = snapshot.chunk_index_path() {
+                self.discard(&index)?;
+            }
         }
         Ok(removed)
     }
@@ -327,11 +399,55 @@ mod tests {
         assert_eq!(scan.snapshots, vec![snapshot.clone()]);
         assert!(scan.rejected.is_empty());
         let (data, meta_name) = snapdir::file_names(7, 2);
+        let index_name = snapdir::index_file_name(7, 2);
         assert_eq!(
             names(dir.path()),
-            vec![".incoming".to_string(), data, meta_name]
+            vec![".incoming".to_string(), data, index_name.clone(), meta_name]
+        );
+        // The chunk index describes exactly the bytes written.
+        assert_eq!(snapshot.envelope.chunk_index, Some(index_name));
+        let index = ChunkIndex::read(&snapshot.chunk_index_path().unwrap(), 10).unwrap();
+        assert_eq!(
+            index,
+            snaprelay_contract::chunking::index_reader(&b"state at 7"[..], ChunkParams::default())
+                .unwrap()
         );
         assert_eq!(dir.newest().unwrap(), Some(snapshot));
+    }
+
+    #[test]
+    fn the_chunk_index_can_be_turned_off_or_recut() {
+        let root = tempfile::tempdir().unwrap();
+        let off = SnapshotDir::open(root.path().join("off"))
+            .unwrap()
+            .with_chunk_index(None)
+            .unwrap();
+        let snapshot = off.write(id(7), &meta(7), |w| w.write_all(b"x")).unwrap();
+        assert_eq!(snapshot.envelope.chunk_index, None);
+        assert_eq!(names(off.path()).len(), 3, ".incoming, data, meta");
+
+        let small = ChunkParams::new(4096, 16384, 65536).unwrap();
+        let recut = SnapshotDir::open(root.path().join("recut"))
+            .unwrap()
+            .with_chunk_index(Some(small))
+            .unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let snapshot = recut
+            .write(id(7), &meta(7), |w| w.write_all(&data))
+            .unwrap();
+        let index = ChunkIndex::read(&snapshot.chunk_index_path().unwrap(), 300_000).unwrap();
+        assert_eq!(index.chunking, small);
+        assert!(index.chunks.len() > 4, "{}", index.chunks.len());
+
+        let bad = ChunkParams {
+            min_size: 1,
+            ..small
+        };
+        let err = SnapshotDir::open(root.path().join("bad"))
+            .unwrap()
+            .with_chunk_index(Some(bad))
+            .unwrap_err();
+        assert!(err.to_string().contains("min_size"), "{err}");
     }
 
     #[test]
@@ -380,6 +496,7 @@ mod tests {
                 data: "whatever.bin".into(),
                 size: 12,
                 raft_meta: meta(9),
+                chunk_index: None,
             },
             path: path.clone(),
             sha256: "00".repeat(32),
@@ -447,7 +564,11 @@ mod tests {
         assert_eq!(left, vec![20, 30]);
         assert_eq!(dir.prune(0).unwrap().len(), 1, "keep 0 still keeps one");
         assert_eq!(dir.newest().unwrap().unwrap().envelope.last_log_index, 30);
-        assert_eq!(names(dir.path()).len(), 3, ".incoming, one data, one meta");
+        assert_eq!(
+            names(dir.path()).len(),
+            4,
+            ".incoming, one data, its index, one meta"
+        );
     }
 
     #[test]

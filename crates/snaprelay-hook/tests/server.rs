@@ -207,6 +207,7 @@ fn envelope(index: u64, size: u64) -> Envelope {
         data: format!("snapshot-{index}.bin"),
         size,
         raft_meta: serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}}),
+        chunk_index: None,
     }
 }
 

@@ -615,6 +615,7 @@ mod tests {
                 data: "x.bin".into(),
                 size: bytes.len() as u64,
                 raft_meta: serde_json::to_value(&built.meta).unwrap(),
+                chunk_index: None,
             },
             path,
             sha256: "00".repeat(32),

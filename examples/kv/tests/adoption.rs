@@ -368,10 +368,17 @@ async fn followers_adopt_the_leaders_snapshot_through_the_hook() {
             "node {id}: the current snapshot is byte-identical to the leader's"
         );
         // The follower now holds the snapshot in the directory contract, with the
-        // leader's envelope: a follower that becomes leader publishes the same thing.
+        // leader's envelope: a follower that becomes leader publishes the same thing. (The
+        // leader's chunk index stays with the leader; an adopted snapshot has none.)
         let committed = snapdir::scan(&follower.dir.join("snapshots")).unwrap();
         let own = committed.snapshots.last().expect("a committed snapshot");
-        assert_eq!(own.envelope, newest.envelope, "node {id}");
+        assert_eq!(own.envelope.chunk_index, None, "node {id}");
+        assert!(newest.envelope.chunk_index.is_some(), "the leader indexes");
+        let leaders = snapdir::Envelope {
+            chunk_index: None,
+            ..newest.envelope.clone()
+        };
+        assert_eq!(own.envelope, leaders, "node {id}");
     }
 
     // -- older_snapshot_is_stale
