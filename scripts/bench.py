@@ -6,14 +6,20 @@ Usage:
                      [--snaprelay BIN [--rev-label REV]] [--scratch DIR] [--keep-scratch]
                      [--no-drop-caches] [--min-free-gib 15] [--server-wait 300] [--no-alt-ports]
 
-Per size it generates a random snapshot A (8 MiB blocks from os.urandom) and a snapshot B
-that differs from A by ~1% of its bytes (8 scattered overwrites + 2 insertions, evenly
-spread, new random bytes; log index A+1), then runs rounds. Inside a round the compared
-commands run back to back and their order rotates from round to round:
+Per size it generates a random state A (8 MiB blocks from os.urandom) and a state B that
+differs from A by ~1% of its bytes (8 scattered overwrites + 2 insertions, evenly spread,
+new random bytes; log index A+1), and has "the node" write both as snapshots the way an
+application using the hook library does: through `SnapshotDir::write` (the hook crate's
+`write_snapshot` example), which writes the data, its chunk index and the envelope. That
+write is timed once per size, with and without the index (its cost to the node). Then it
+runs rounds; inside a round the compared commands run back to back and their order rotates
+from round to round:
 
- 1. S3 upload   snaprelay push A (fresh prefix)  | aws s3 cp        | rclone copyto
+ 1. S3 upload   snaprelay push A (fresh prefix)  | snaprelay push --no-chunk-index A |
+                aws s3 cp                        | rclone copyto
  2. S3 download snaprelay pull A (empty dir)     | aws s3 cp (back) | rclone copyto (back)
- 3. incremental snaprelay push B onto A's prefix | snaprelay push B to a fresh prefix;
+ 3. incremental snaprelay push B onto A's prefix | snaprelay push B to a fresh prefix |
+                snaprelay push --no-chunk-index B onto the --no-chunk-index A's prefix;
                 then pull B into a dir that already holds A (A pulled there untimed)
  4. file://     snaprelay push B to a fresh file store | sh -c 'cp B DEST && sync';
                 then snaprelay pull B from that store into an empty dir
@@ -371,6 +377,10 @@ def ensure_tools(args) -> dict:
         tools["snaprelay"] = str(REPO / "target" / "release" / "snaprelay")
     if not os.access(tools["snaprelay"], os.X_OK):
         raise SystemExit(f"snaprelay binary {tools['snaprelay']} is not executable")
+    # The node side: SnapshotDir::write from the hook library, as a small program.
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "snaprelay-hook", "--example",
+                    "write_snapshot"], cwd=REPO, check=True)
+    tools["write_snapshot"] = str(REPO / "target" / "release" / "examples" / "write_snapshot")
     return tools
 
 
@@ -578,13 +588,6 @@ class Server:
 # snapshot files
 
 
-def write_meta(data: Path, index: int, size: int) -> Path:
-    meta = data.with_name(data.stem + ".meta.json")
-    meta.write_text(json.dumps({"format": 1, "last_log_index": index, "last_log_term": TERM,
-                                "data": data.name, "size": size, "raft_meta": {}}))
-    return meta
-
-
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -755,7 +758,7 @@ class Bench:
         # snaprelay, aws and rclone; B in full; B's delta: ~4x size), plus the largest local
         # set at one time (incremental pull dir with A and B, or file store + pulled copy: 2x
         # size), plus slack. Cleanup deletes and vacuums, so rounds do not add up.
-        return 6 * size + GiB
+        return 7 * size + GiB
 
     def ensure_space(self, need: int, what: str) -> bool:
         floor = int(self.args.min_free_gib * GiB)
@@ -781,21 +784,40 @@ class Bench:
     def run_size(self, size: int, rounds: int) -> None:
         label = fmt_size(size)
         gen = self.scratch / f"gen-{label}"
-        if not self.ensure_space(2 * size + size // 50 + self.round_need(size), f"all {label} rounds (generation)"):
+        # Generation peaks at five copies (two states, two node snapshots, the unindexed
+        # timing copy); the rounds then run with the two node snapshots kept.
+        if not self.ensure_space(max(5 * size, 2 * size + self.round_need(size)) + size // 50,
+                                 f"all {label} rounds (generation)"):
             return
         rmtree(gen)
         gen.mkdir(parents=True)
-        a_data = gen / "snapshot-a.bin"
-        b_data = gen / "snapshot-b.bin"
+        a_state = gen / "state-a.bin"
+        b_state = gen / "state-b.bin"
         t0 = time.monotonic()
-        generate_random(a_data, size)
+        generate_random(a_state, size)
         plan = edit_plan(size)
-        b_size = generate_modified(a_data, b_data, plan)
-        a_meta = write_meta(a_data, A_INDEX, size)
-        b_meta = write_meta(b_data, B_INDEX, b_size)
+        b_size = generate_modified(a_state, b_state, plan)
         edited = sum(length for _, _, length in plan)
         log(f"generated {label}: A {size} B, B {b_size} B ({len(plan)} edits, {edited} B = "
             f"{100 * edited / size:.2f}% new) in {time.monotonic() - t0:.1f}s")
+        # The node writes both snapshots through SnapshotDir (data + chunk index + envelope);
+        # A's write is timed with and without the index, which is what the index costs it.
+        node = gen / "node"
+        ws = self.tools["write_snapshot"]
+        plain = gen / "node-no-index"
+        for pos, (tool, extra) in enumerate(rotate([("SnapshotDir+index", []),
+                                                    ("SnapshotDir", ["--no-chunk-index"])], 0)):
+            rmtree(plain)
+            self.runner.measure(size=size, rnd=0, group="node", op="node-write", tool=tool,
+                                cmd=[ws, str(node if not extra else plain), str(A_INDEX), str(TERM),
+                                     str(a_state), *extra], env=self.file_env, pos=pos)
+        rmtree(plain)
+        run_quiet([ws, str(node), str(B_INDEX), str(TERM), str(b_state)])
+        a_state.unlink()
+        b_state.unlink()
+        stem = lambda i: node / f"snapshot-{i:020}-{TERM:020}"  # noqa: E731
+        a_data, a_meta = stem(A_INDEX).with_suffix(".bin"), Path(f"{stem(A_INDEX)}.meta.json")
+        b_data, b_meta = stem(B_INDEX).with_suffix(".bin"), Path(f"{stem(B_INDEX)}.meta.json")
         self.files = {"a_data": a_data, "a_meta": a_meta, "b_data": b_data, "b_meta": b_meta,
                       "b_size": b_size}
         try:
@@ -830,6 +852,10 @@ class Bench:
             "snaprelay": lambda pos: M(size=size, rnd=rnd, group="s3", op="upload", tool="snaprelay",
                                        cmd=self.sr_s3(f"{pre}/sr", "push", str(f["a_meta"]), "--json"),
                                        env=self.sr_env, pos=pos, parse_json=True),
+            "snaprelay-cut": lambda pos: M(size=size, rnd=rnd, group="s3", op="upload", tool="snaprelay-cut",
+                                           cmd=self.sr_s3(f"{pre}/sr-cut", "push", str(f["a_meta"]), "--json",
+                                                          "--no-chunk-index"),
+                                           env=self.sr_env, pos=pos, parse_json=True),
             "aws": lambda pos: M(size=size, rnd=rnd, group="s3", op="upload", tool="aws",
                                  cmd=self.aws("s3", "cp", "--only-show-errors", str(f["a_data"]),
                                               f"s3://{BUCKET}/{pre}/aws.bin"),
@@ -906,6 +932,12 @@ class Bench:
                                       cmd=self.sr_s3(f"{pre}/full-b", "push", str(f["b_meta"]), "--json"),
                                       env=self.sr_env, pos=pos, parse_json=True),
             }
+            if up.get("snaprelay-cut", {}).get("ok"):
+                incr["incremental-cut"] = lambda pos: M(
+                    size=size, rnd=rnd, group="incremental", op="push-incremental", tool="snaprelay-cut",
+                    nbytes=b_size, cmd=self.sr_s3(f"{pre}/sr-cut", "push", str(f["b_meta"]), "--json",
+                                                  "--no-chunk-index"),
+                    env=self.sr_env, pos=pos, parse_json=True)
             res = {}
             for pos, k in enumerate(rotate(list(incr), rnd - 1)):
                 res[k] = incr[k](pos)
@@ -1096,10 +1128,11 @@ def render_report(records: list[dict], info: dict, skipped: list[str], notes: li
     def by_round(size, op, tool):
         return {r["round"]: r for r in rows(size, op, tool)}
 
-    ops = [("upload", "S3 upload (new snapshot A)", ["snaprelay", "aws", "rclone"]),
+    ops = [("node-write", "node writes A through SnapshotDir (once per size)", ["SnapshotDir+index", "SnapshotDir"]),
+           ("upload", "S3 upload (new snapshot A)", ["snaprelay", "snaprelay-cut", "aws", "rclone"]),
            ("download", "S3 download (empty dir)", ["snaprelay", "aws", "rclone"]),
            ("push-full-new", "S3 push B to fresh prefix (full)", ["snaprelay"]),
-           ("push-incremental", "S3 push B onto A's prefix (incremental)", ["snaprelay"]),
+           ("push-incremental", "S3 push B onto A's prefix (incremental)", ["snaprelay", "snaprelay-cut"]),
            ("pull-incremental", "S3 pull B into dir holding A (incremental)", ["snaprelay"]),
            ("push-file", "file:// push B vs cp+sync", ["snaprelay", "cp+sync"]),
            ("pull-file", "file:// pull B (empty dir)", ["snaprelay"])]
@@ -1138,15 +1171,19 @@ def render_report(records: list[dict], info: dict, skipped: list[str], notes: li
     ratio_defs = [
         ("push_vs_aws", "snaprelay push / aws upload (throughput)", ("upload", "snaprelay", "upload", "aws"), 1.0),
         ("push_vs_rclone", "snaprelay push / rclone upload", ("upload", "snaprelay", "upload", "rclone"), 1.5),
+        ("push_cut_vs_aws", "snaprelay push --no-chunk-index / aws upload",
+         ("upload", "snaprelay-cut", "upload", "aws"), None),
         ("pull_vs_aws", "snaprelay pull / aws download", ("download", "snaprelay", "download", "aws"), None),
         ("pull_vs_rclone", "snaprelay pull / rclone download", ("download", "snaprelay", "download", "rclone"), 1.0),
         ("incr_speedup", "incremental push speedup (full push B time / incremental push B time)",
          ("push-incremental", "snaprelay", "push-full-new", "snaprelay"), 20.0),
+        ("incr_cut_speedup", "incremental push speedup with --no-chunk-index (push A time / push B time)",
+         ("push-incremental", "snaprelay-cut", "upload", "snaprelay-cut"), None),
         ("incr_pull_speedup", "incremental pull speedup (full pull of A time / incremental pull of B time)",
          ("pull-incremental", "snaprelay", "download", "snaprelay"), None),
         ("file_vs_cp", "file:// push / cp+sync (throughput)", ("push-file", "snaprelay", "push-file", "cp+sync"), 0.5),
     ]
-    rounds_all = sorted({r["round"] for r in recs})
+    rounds_all = sorted({r["round"] for r in recs if r["round"] > 0})
     L.append("## Per-round ratios")
     L.append("")
     L.append("| size | ratio | " + " | ".join(f"round {i}" for i in rounds_all) + " | median | target |")
@@ -1170,11 +1207,12 @@ def render_report(records: list[dict], info: dict, skipped: list[str], notes: li
     L.append("| size | operation | round | wall s | chunks transferred / total | MiB transferred | MiB reused |")
     L.append("|---|---|---:|---:|---|---:|---:|")
     for size in sizes:
-        for op in ("push-full-new", "push-incremental", "pull-incremental"):
-            for r in sorted(rows(size, op, "snaprelay"), key=lambda r: r["round"]):
+        for op, tool in (("push-full-new", "snaprelay"), ("push-incremental", "snaprelay"),
+                         ("push-incremental", "snaprelay-cut"), ("pull-incremental", "snaprelay")):
+            for r in sorted(rows(size, op, tool), key=lambda r: r["round"]):
                 tj = r.get("tool_json") or {}
                 reused = tj.get("bytes_reused")
-                L.append(f"| {fmt_size(size)} | {op} | {r['round']} | {r['wall_s']:.2f} | "
+                L.append(f"| {fmt_size(size)} | {op}{' (--no-chunk-index)' if tool != 'snaprelay' else ''} | {r['round']} | {r['wall_s']:.2f} | "
                          f"{tj.get('chunks_transferred', '–')} / {tj.get('chunks_total', '–')} | "
                          f"{f1(tj['bytes_transferred'] / MiB if 'bytes_transferred' in tj else None)} | "
                          f"{f1(reused / MiB if reused is not None else None)} |")
@@ -1184,6 +1222,7 @@ def render_report(records: list[dict], info: dict, skipped: list[str], notes: li
     L.append("## Peak RSS (MiB, max over rounds)")
     L.append("")
     cols = [("snaprelay", ("upload", "push-full-new", "push-incremental", "push-file"), "snaprelay push"),
+            ("snaprelay-cut", ("upload", "push-incremental"), "snaprelay push --no-chunk-index"),
             ("snaprelay", ("download", "pull-incremental", "pull-file"), "snaprelay pull"),
             ("aws", ("upload",), "aws upload"), ("aws", ("download",), "aws download"),
             ("rclone", ("upload",), "rclone upload"), ("rclone", ("download",), "rclone download"),
