@@ -21,9 +21,22 @@ async fn stored_chunks(target: &Target) -> u64 {
         .unwrap()
 }
 
-async fn killed_push_resumes(target: Target, size: u64) {
+/// The snapshot the push is killed in: written plainly (the sidecar cuts it), or by the
+/// node's `SnapshotDir` with a chunk index (the sidecar reads only missing chunks).
+async fn killed_push_resumes(target: Target, size: u64, indexed: bool) {
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let meta = support::write_random_snapshot(&work.path().join("leader"), 500, 4, size, 99);
+    let leader = work.path().join("leader");
+    let meta = if indexed {
+        use rand::{RngCore, SeedableRng};
+        let mut data = vec![0u8; size as usize];
+        rand::rngs::StdRng::seed_from_u64(99).fill_bytes(&mut data);
+        support::write_node_snapshot(&leader, 500, 4, &data, Some(Default::default()))
+    } else {
+        support::write_random_snapshot(&leader, 500, 4, size, 99)
+    };
+    let envelope: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let data_path = meta.with_file_name(envelope["data"].as_str().unwrap());
     let expected_chunks = size / (1 << 20);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_snaprelay"))
@@ -66,6 +79,7 @@ async fn killed_push_resumes(target: Target, size: u64) {
     // The second push sends exactly the chunks that are not there yet.
     let already = stored_chunks(&target).await;
     let pushed = target.json(&["push", meta.to_str().unwrap(), "--json"]);
+    assert_eq!(pushed["chunk_index"], indexed, "{pushed}");
     let total = pushed["chunks_total"].as_u64().unwrap();
     let sent = pushed["chunks_transferred"].as_u64().unwrap();
     assert!(
@@ -77,14 +91,14 @@ async fn killed_push_resumes(target: Target, size: u64) {
     let pulled = target.json(&["pull", "--to", to.to_str().unwrap(), "--json"]);
     assert_eq!(
         support::sha256_file(std::path::Path::new(pulled["data"].as_str().unwrap())),
-        support::sha256_file(&meta.with_file_name("node-500-4.snap"))
+        support::sha256_file(&data_path)
     );
 }
 
 #[tokio::test]
 async fn killed_push_on_file_store_leaves_no_manifest_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    killed_push_resumes(Target::file(dir.path(), "crash", ""), 768 << 20).await;
+    killed_push_resumes(Target::file(dir.path(), "crash", ""), 768 << 20, false).await;
 }
 
 #[tokio::test]
@@ -93,5 +107,14 @@ async fn killed_push_on_s3_leaves_no_manifest_and_resumes() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    killed_push_resumes(Target::s3(&s3, dir.path(), "crash", ""), 512 << 20).await;
+    killed_push_resumes(Target::s3(&s3, dir.path(), "crash", ""), 512 << 20, false).await;
+}
+
+#[tokio::test]
+async fn killed_indexed_push_on_s3_leaves_no_manifest_and_resumes() {
+    let Some(s3) = support::s3("killed_indexed_push_on_s3_leaves_no_manifest_and_resumes") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    killed_push_resumes(Target::s3(&s3, dir.path(), "crash", ""), 512 << 20, true).await;
 }
