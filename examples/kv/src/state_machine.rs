@@ -188,6 +188,16 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Runs a long in-memory step (copying the state) on the current task, telling a
+/// multi-threaded runtime to move its other tasks to another worker meanwhile.
+fn off_reactor<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Runs blocking file work off the async reactor.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
@@ -406,10 +416,8 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
             tracing::info!(?decision, ?inputs, "snapshot requested");
             let job = match decision {
                 // `decide` adopts only a staged snapshot, so `staged` is there.
-                BuildDecision::AdoptStaged => snapshots.staged.take().map(Job::Adopt),
-                BuildDecision::BuildLocally if last_applied.is_some() => {
-                    Some(Job::Build(read(&self.view.state).clone()))
-                }
+                BuildDecision::AdoptStaged => snapshots.staged.take().map(Some),
+                BuildDecision::BuildLocally if last_applied.is_some() => Some(None),
                 BuildDecision::BuildLocally | BuildDecision::Defer => None,
             };
             (job, obsolete)
@@ -417,11 +425,18 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
         if let Some(path) = obsolete {
             let _ = self.dir.discard(&path);
         }
-        decision.map(|job| self.builder(job))
+        // The state is copied outside the `snapshots` lock, which the metrics and hook
+        // handlers take: copying a GiB of state takes a second, and a runtime whose workers
+        // all wait on that lock stops sending heartbeats (the node then loses leadership).
+        let job = match decision? {
+            Some(staged) => Job::Adopt(staged),
+            None => Job::Build(off_reactor(|| read(&self.view.state).clone())),
+        };
+        Some(self.builder(job))
     }
 
     async fn get_snapshot_builder(&mut self) -> KvSnapshotBuilder {
-        let state = read(&self.view.state).clone();
+        let state = off_reactor(|| read(&self.view.state).clone());
         self.builder(Job::Build(state))
     }
 
