@@ -268,15 +268,12 @@ impl<'a> Publisher<'a> {
             .map(|(sha256, offset, len)| {
                 async move {
                     if self.repo.chunk_size(&sha256).await? != Some(len) {
-                        let mut reader = IndexedReader::open(snapshot)?;
+                        let mut reader = IndexedReader::open(snapshot, false)?;
                         let data =
                             tokio::task::spawn_blocking(move || reader.read(sha256, offset, len))
                                 .await
                                 .map_err(|e| Error::io("reading task", io::Error::other(e)))??;
-                        self.repo.put_chunk(&sha256, data).await?;
-                        sent.chunks.fetch_add(1, Ordering::Relaxed);
-                        sent.bytes.fetch_add(len, Ordering::Relaxed);
-                        tracing::debug!(chunk = %sha256, offset, len, "uploaded new chunk");
+                        self.send(&sha256, data, sent).await?;
                     }
                     // Stands in for the listing's entry; only the size is consulted.
                     let stored = StoredChunk {
@@ -322,7 +319,7 @@ impl<'a> Publisher<'a> {
         let to_send: u64 = wanted.iter().map(|&(_, _, len)| len).sum();
         self.progress.advance(index.size - to_send);
 
-        let mut reader = IndexedReader::open(snapshot)?;
+        let mut reader = IndexedReader::open(snapshot, true)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<(Digest, bytes::Bytes)>>(2);
         let reading = tokio::task::spawn_blocking(move || {
             for (sha256, offset, len) in wanted {
@@ -339,11 +336,8 @@ impl<'a> Publisher<'a> {
                 .map(|chunk| async move {
                     let (sha256, data) = chunk?;
                     let len = data.len() as u64;
-                    self.repo.put_chunk(&sha256, data).await?;
-                    sent.chunks.fetch_add(1, Ordering::Relaxed);
-                    sent.bytes.fetch_add(len, Ordering::Relaxed);
+                    self.send(&sha256, data, sent).await?;
                     self.progress.advance(len);
-                    tracing::debug!(chunk = %sha256, len, "uploaded chunk");
                     Ok::<_, Error>(())
                 })
                 .buffer_unordered(self.concurrency)
@@ -453,6 +447,16 @@ impl<'a> Publisher<'a> {
         Ok(())
     }
 
+    /// Uploads one chunk and counts it.
+    async fn send(&self, sha256: &Digest, data: bytes::Bytes, sent: &Sent) -> Result<()> {
+        let len = data.len() as u64;
+        self.repo.put_chunk(sha256, data).await?;
+        sent.chunks.fetch_add(1, Ordering::Relaxed);
+        sent.bytes.fetch_add(len, Ordering::Relaxed);
+        tracing::debug!(chunk = %sha256, len, "uploaded chunk");
+        Ok(())
+    }
+
     async fn store_chunk(
         &self,
         raw: RawChunk,
@@ -465,10 +469,7 @@ impl<'a> Publisher<'a> {
             .await
             .map_err(|e| Error::io("hashing task", io::Error::other(e)))?;
         if present.get(&sha).map(|c| c.size) != Some(len) {
-            self.repo.put_chunk(&sha, data).await?;
-            sent.chunks.fetch_add(1, Ordering::Relaxed);
-            sent.bytes.fetch_add(len, Ordering::Relaxed);
-            tracing::debug!(chunk = %sha, offset = raw.offset, len, "uploaded chunk");
+            self.send(&sha, data, sent).await?;
         }
         self.progress.advance(len);
         Ok(ChunkRef {
@@ -517,10 +518,15 @@ struct IndexedReader {
 }
 
 impl IndexedReader {
-    fn open(snapshot: &Snapshot) -> Result<IndexedReader> {
+    /// `sequential`: the chunks will be read front to back (a hint for the kernel's
+    /// readahead, which would read too much around scattered chunks).
+    fn open(snapshot: &Snapshot, sequential: bool) -> Result<IndexedReader> {
         let data = snapshot.data_path.clone();
-        let file = chunk::open_sequential(&data)
-            .map_err(|e| Error::io(format!("opening {}", data.display()), e))?;
+        let file = match sequential {
+            true => chunk::open_sequential(&data),
+            false => File::open(&data),
+        }
+        .map_err(|e| Error::io(format!("opening {}", data.display()), e))?;
         Ok(IndexedReader {
             file,
             data,
