@@ -62,53 +62,38 @@ def s3_env():
     return env
 
 
-def adopted_times(log_path, index):
-    """Timestamps of 'snapshot handed to the node' lines for `index` with outcome Adopted."""
-    times = []
+def events(log_path, index):
+    """(timestamp, fields) of the sidecar's JSON log lines about snapshot `index`."""
     try:
         with open(log_path) as f:
-            for line in f:
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                fields = ev.get("fields", {})
-                if (fields.get("message") == "snapshot handed to the node"
-                        and fields.get("index") == index and fields.get("outcome") == "Adopted"):
-                    ts = ev["timestamp"].replace("Z", "+00:00")
-                    times.append(dt.datetime.fromisoformat(ts).timestamp())
+            lines = f.readlines()
     except FileNotFoundError:
-        pass
-    return times
+        return
+    for line in lines:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            continue
+        fields = ev.get("fields", {})
+        if fields.get("index") == index:
+            ts = dt.datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+            yield ts, fields
+
+
+def adopted_times(log_path, index):
+    """Timestamps of 'snapshot handed to the node' lines for `index` with outcome Adopted."""
+    return [ts for ts, f in events(log_path, index)
+            if f.get("message") == "snapshot handed to the node" and f.get("outcome") == "Adopted"]
 
 
 def stage_lines(log_path, index):
-    """{message: (timestamp, elapsed_ms)} of the per-stage lines for `index`."""
-    out = {}
-    with open(log_path) as f:
-        for line in f:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            fields = ev.get("fields", {})
-            if fields.get("index") == index and "stage" in fields:
-                ts = dt.datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
-                out[fields["stage"]] = (ts, fields.get("elapsed_ms"))
-    return out
+    """{stage: (timestamp, elapsed_ms)} of the per-stage lines for `index`."""
+    return {f["stage"]: (ts, f.get("elapsed_ms")) for ts, f in events(log_path, index) if "stage" in f}
 
 
 def fetched_bytes(log_path, index):
-    with open(log_path) as f:
-        for line in f:
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            fields = ev.get("fields", {})
-            if fields.get("message") == "snapshot fetched and verified" and fields.get("index") == index:
-                return fields.get("downloaded", 0)
-    return None
+    return next((f.get("downloaded", 0) for _, f in events(log_path, index)
+                 if f.get("message") == "snapshot fetched and verified"), None)
 
 
 class Cluster:

@@ -268,7 +268,8 @@ impl<'a> Publisher<'a> {
             .map(|(sha256, offset, len)| {
                 async move {
                     if self.repo.chunk_size(&sha256).await? != Some(len) {
-                        let mut reader = IndexedReader::open(snapshot, false)?;
+                        let mut reader =
+                            ChunkReader::open(snapshot, snapshot.chunk_index_path(), false)?;
                         let data =
                             tokio::task::spawn_blocking(move || reader.read(sha256, offset, len))
                                 .await
@@ -319,7 +320,7 @@ impl<'a> Publisher<'a> {
         let to_send: u64 = wanted.iter().map(|&(_, _, len)| len).sum();
         self.progress.advance(index.size - to_send);
 
-        let mut reader = IndexedReader::open(snapshot, true)?;
+        let mut reader = ChunkReader::open(snapshot, snapshot.chunk_index_path(), true)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<(Digest, bytes::Bytes)>>(2);
         let reading = tokio::task::spawn_blocking(move || {
             for (sha256, offset, len) in wanted {
@@ -420,29 +421,16 @@ impl<'a> Publisher<'a> {
             chunks = missing.len(),
             "chunks vanished during the publish (a concurrent GC?); sending them again"
         );
-        let file = std::sync::Arc::new(
-            File::open(&snapshot.data_path)
-                .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?,
-        );
+        let mut reader = ChunkReader::open(snapshot, None, false)?;
         for (offset, c) in missing {
-            let file = file.clone();
-            let path = snapshot.data_path.clone();
-            let data = tokio::task::spawn_blocking(move || -> Result<bytes::Bytes> {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; c.len as usize];
-                file.read_exact_at(&mut buf, offset)
-                    .map_err(|e| Error::io(format!("re-reading {}", path.display()), e))?;
-                if Digest::of(&buf) != c.sha256 {
-                    return Err(Error::io(
-                        format!("re-reading {}", path.display()),
-                        io::Error::other("the snapshot file changed during the publish"),
-                    ));
-                }
-                Ok(buf.into())
+            let (read, data) = tokio::task::spawn_blocking(move || {
+                let data = reader.read(c.sha256, offset, c.len);
+                (reader, data)
             })
             .await
-            .map_err(|e| Error::io("re-reading task", io::Error::other(e)))??;
-            self.repo.put_chunk(&c.sha256, data).await?;
+            .map_err(|e| Error::io("re-reading task", io::Error::other(e)))?;
+            reader = read;
+            self.repo.put_chunk(&c.sha256, data?).await?;
         }
         Ok(())
     }
@@ -507,42 +495,52 @@ fn previous_chunks(snapshot: &Snapshot, chunking: chunk::ChunkParams) -> HashSet
         .unwrap_or_default()
 }
 
-/// Reads the chunks of a data file that its chunk index names, checking each against the
-/// index: the bytes of a chunk that does not hash to the index's digest are never uploaded.
-struct IndexedReader {
+/// Reads chunks of a data file whose digests are known (from the node's chunk index, or
+/// from this publish's own cut), checking each: bytes that do not hash to the expected
+/// digest are never uploaded.
+struct ChunkReader {
     file: File,
     data: PathBuf,
-    index: PathBuf,
+    /// The chunk index the digests came from, if they came from one.
+    index: Option<PathBuf>,
     /// The file position, to skip the seek when chunks are read back to back.
     pos: Option<u64>,
 }
 
-impl IndexedReader {
+impl ChunkReader {
     /// `sequential`: the chunks will be read front to back (a hint for the kernel's
     /// readahead, which would read too much around scattered chunks).
-    fn open(snapshot: &Snapshot, sequential: bool) -> Result<IndexedReader> {
+    fn open(snapshot: &Snapshot, index: Option<PathBuf>, sequential: bool) -> Result<ChunkReader> {
         let data = snapshot.data_path.clone();
         let file = match sequential {
             true => chunk::open_sequential(&data),
             false => File::open(&data),
         }
         .map_err(|e| Error::io(format!("opening {}", data.display()), e))?;
-        Ok(IndexedReader {
+        Ok(ChunkReader {
             file,
             data,
-            index: snapshot.chunk_index_path().unwrap_or_default(),
+            index,
             pos: None,
         })
     }
 
     /// Blocking: the chunk at `offset`, verified.
     fn read(&mut self, sha256: Digest, offset: u64, len: u64) -> Result<bytes::Bytes> {
-        let mismatch = |reason: String| Error::IndexMismatch {
-            data: self.data.clone(),
-            index: self.index.clone(),
-            offset,
-            len,
-            reason,
+        let mismatch = |reason: String| match &self.index {
+            Some(index) => Error::IndexMismatch {
+                data: self.data.clone(),
+                index: index.clone(),
+                offset,
+                len,
+                reason,
+            },
+            None => Error::io(
+                format!("re-reading {}", self.data.display()),
+                io::Error::other(format!(
+                    "the snapshot file changed during the publish (at offset {offset}: {reason})"
+                )),
+            ),
         };
         let data = self.data.clone();
         let io_err = move |e| Error::io(format!("reading {}", data.display()), e);
@@ -550,7 +548,7 @@ impl IndexedReader {
             self.file.seek(SeekFrom::Start(offset)).map_err(&io_err)?;
         }
         // `len` is at most the repository's max_size (16 MiB at most), checked with the
-        // index. read_to_end fills the spare capacity without zeroing it first.
+        // index or set by the cut. read_to_end fills the spare capacity without zeroing it first.
         let mut buf = Vec::with_capacity(len as usize);
         let read = (&mut self.file).take(len).read_to_end(&mut buf);
         self.pos = read.as_ref().ok().map(|n| offset + *n as u64);
@@ -561,7 +559,7 @@ impl IndexedReader {
         let actual = Digest::of(&buf);
         if actual != sha256 {
             return Err(mismatch(format!(
-                "the bytes hash to {actual}, the index says {sha256}"
+                "the bytes hash to {actual}, expected {sha256}"
             )));
         }
         Ok(buf.into())

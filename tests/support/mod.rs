@@ -211,8 +211,7 @@ pub fn write_snapshot_with(
         "last_log_term": term,
         "data": data_name,
         "size": size,
-        "raft_meta": {"last_log_id": {"leader_id": {"term": term, "node_id": 1}, "index": index},
-                      "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}}},
+        "raft_meta": raft_meta(index, term),
     });
     let meta_path = dir.join(format!("node-{index}-{term}.meta.json"));
     std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
@@ -234,12 +233,16 @@ pub fn write_node_snapshot(
         .with_chunk_index(chunking)
         .unwrap();
     let log_id = snaprelay::ipc::LogIdRef { term, index };
-    let raft_meta = serde_json::json!({"last_log_id": {"leader_id": {"term": term, "node_id": 1}, "index": index},
-                                       "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}}});
     snapshots
-        .write(log_id, &raft_meta, |w| w.write_all(data))
+        .write(log_id, &raft_meta(index, term), |w| w.write_all(data))
         .unwrap()
         .meta_path
+}
+
+/// An openraft `SnapshotMeta` as serde JSON, for snapshots the tests write.
+fn raft_meta(index: u64, term: u64) -> serde_json::Value {
+    serde_json::json!({"last_log_id": {"leader_id": {"term": term, "node_id": 1}, "index": index},
+                       "last_membership": {"log_id": null, "membership": {"configs": [], "nodes": {}}}})
 }
 
 /// sha256 of a file, streaming.

@@ -18,7 +18,7 @@
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -412,20 +412,6 @@ impl<W: Write> Write for IndexingWriter<W> {
     }
 }
 
-/// Indexes a whole stream (a file written without the index, or a test's expectation).
-pub fn index_reader<R: Read>(mut reader: R, params: ChunkParams) -> io::Result<ChunkIndex> {
-    let mut indexer = Indexer::new(params);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => return Ok(indexer.finish()),
-            Ok(n) => indexer.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,7 +489,9 @@ mod tests {
     fn index_file_round_trip_and_bad_indexes_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let data = random(200_000, 9);
-        let index = index_reader(&data[..], small()).unwrap();
+        let mut indexer = Indexer::new(small());
+        indexer.update(&data);
+        let index = indexer.finish();
         let path = dir.path().join("s.chunks.json");
         std::fs::write(&path, index.to_json()).unwrap();
         assert_eq!(ChunkIndex::read(&path, data.len() as u64).unwrap(), index);

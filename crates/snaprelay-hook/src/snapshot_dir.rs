@@ -407,11 +407,9 @@ mod tests {
         // The chunk index describes exactly the bytes written.
         assert_eq!(snapshot.envelope.chunk_index, Some(index_name));
         let index = ChunkIndex::read(&snapshot.chunk_index_path().unwrap(), 10).unwrap();
-        assert_eq!(
-            index,
-            snaprelay_contract::chunking::index_reader(&b"state at 7"[..], ChunkParams::default())
-                .unwrap()
-        );
+        let mut expected = snaprelay_contract::chunking::Indexer::new(ChunkParams::default());
+        expected.update(b"state at 7");
+        assert_eq!(index, expected.finish());
         assert_eq!(dir.newest().unwrap(), Some(snapshot));
     }
 
