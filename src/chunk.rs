@@ -21,6 +21,57 @@ pub fn open_sequential(path: &std::path::Path) -> std::io::Result<std::fs::File>
     Ok(file)
 }
 
+/// Starts the disk writing a file's pages as they are written, front to back, a step at a
+/// time, so the final fsync finds little left to do instead of the whole file: the disk
+/// works while the network does. Without it a 1 GiB pull spent its last 0.5 s in fsync, as
+/// the kernel writes nothing back on its own until far more is dirty. It only starts
+/// writeback (`SYNC_FILE_RANGE_WRITE`): durability still comes from the caller's fsync.
+pub struct WriteBehind {
+    /// Bytes from the start of the file already handed to writeback.
+    started: u64,
+}
+
+impl WriteBehind {
+    /// How much written data to gather before starting its writeback.
+    const STEP: u64 = 8 << 20;
+
+    pub fn new() -> WriteBehind {
+        WriteBehind { started: 0 }
+    }
+
+    /// Records that `file` holds its final bytes up to `end` (ends only grow).
+    pub fn written_to(&mut self, file: &std::fs::File, end: u64) {
+        while end.saturating_sub(self.started) >= Self::STEP {
+            start_writeback(file, self.started, Self::STEP);
+            self.started += Self::STEP;
+        }
+    }
+}
+
+impl Default for WriteBehind {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a hint on a descriptor that `file` keeps open; it reads no memory. A failure
+    // only means the final fsync does all the writing, as it would without the hint.
+    let _ = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) {}
+
 /// One chunk cut from a stream, not yet hashed.
 pub struct RawChunk {
     pub offset: u64,

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use crate::chunk::{ChunkSpan, Digest, WholeFileHasher};
+use crate::chunk::{ChunkSpan, Digest, WholeFileHasher, WriteBehind};
 use crate::error::{Error, Result};
 use crate::manifest::{ChunkRef, Manifest};
 use crate::progress::Progress;
@@ -267,6 +267,7 @@ impl<'a> Fetcher<'a> {
             WholeFileHasher::spawn().map_err(|e| Error::io("starting the file hasher", e))?;
         let writer = tokio::task::spawn_blocking(move || -> io::Result<(Digest, Counts)> {
             let mut counts = Counts::default();
+            let mut write_behind = WriteBehind::new();
             while let Some(piece) = rx.blocking_recv() {
                 hasher.feed(piece.bytes.clone());
                 let len = piece.bytes.len() as u64;
@@ -286,6 +287,8 @@ impl<'a> Fetcher<'a> {
                         counts.bytes_reused += len;
                     }
                 }
+                // Pieces arrive in file order.
+                write_behind.written_to(&writer_file, piece.offset + len);
             }
             writer_file.sync_all()?;
             Ok((hasher.finish(), counts))
