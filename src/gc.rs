@@ -4,10 +4,10 @@
 //! a grace period measured by the store's own clock.
 //!
 //! Order matters. Manifests go first, so a reader never sees a manifest whose chunks are
-//! gone. Before deleting chunks the manifests are listed again, so that a snapshot a
-//! concurrent publisher committed meanwhile keeps its chunks; the grace period protects
-//! chunks of publishes still in flight, and the publisher itself re-checks its chunks just
-//! before committing (see `publish`).
+//! gone. Then the GC takes a lease (see [`crate::lease`]): if a publish is in flight it
+//! deletes no chunk this time, as that publish may count on an old chunk; otherwise the
+//! manifests are listed again, so that a snapshot a publisher committed meanwhile keeps its
+//! chunks, and the chunks no manifest names are deleted once older than the grace period.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use crate::chunk::Digest;
 use crate::error::{Error, Result};
-use crate::repo::{ManifestId, Repo};
+use crate::lease::{self, Lease};
+use crate::repo::{LeaseKind, ManifestId, Repo};
 
 /// What to keep.
 #[derive(Debug, Clone)]
@@ -29,6 +30,19 @@ pub struct Retention {
     /// Unreferenced chunks younger than this (by the store's clock) are kept: they may
     /// belong to a publish in flight.
     pub grace: Duration,
+    /// How long a lease stays live unrenewed ([`lease::DEFAULT_TTL`]).
+    pub lease_ttl: Duration,
+}
+
+impl Retention {
+    pub fn new(keep_last: usize, pinned: Vec<(u64, u64)>, grace: Duration) -> Retention {
+        Retention {
+            keep_last,
+            pinned,
+            grace,
+            lease_ttl: lease::DEFAULT_TTL,
+        }
+    }
 }
 
 /// What a GC will do (dry run) or did.
@@ -41,6 +55,10 @@ pub struct GcReport {
     pub bytes_deleted: u64,
     /// Unreferenced chunks left alone because they are younger than the grace period.
     pub chunks_in_grace: u64,
+    /// Chunks that would have been deleted but were kept because publishes were in flight
+    /// (`publishes_in_flight` names their leases); the next GC deletes them.
+    pub chunks_deferred: u64,
+    pub publishes_in_flight: Vec<String>,
     pub applied: bool,
     #[serde(rename = "elapsed_ms", serialize_with = "crate::publish::as_millis")]
     pub elapsed: Duration,
@@ -81,16 +99,65 @@ pub async fn collect(
         }
     }
 
-    // References of every manifest that exists now (kept ones, plus any a concurrent
-    // publisher committed since the first listing).
-    let survivors: Vec<ManifestId> = if apply {
-        repo.list_manifests(None)
+    let lease = match apply {
+        true => Some(Lease::take(repo, LeaseKind::Gc, retention.lease_ttl, None).await?),
+        false => None,
+    };
+    let result = collect_chunks(
+        repo,
+        retention,
+        &kept,
+        lease.as_ref(),
+        concurrency,
+        &mut report,
+    )
+    .await;
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    result?;
+    report.elapsed = started.elapsed();
+    tracing::info!(
+        applied = apply,
+        manifests_deleted = report.manifests_deleted.len(),
+        chunks_deleted = report.chunks_deleted,
+        bytes_deleted = report.bytes_deleted,
+        chunks_in_grace = report.chunks_in_grace,
+        chunks_deferred = report.chunks_deferred,
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        "gc"
+    );
+    Ok(report)
+}
+
+/// The chunk half of a GC: with `lease` (an applied GC), deletes unreferenced chunks older
+/// than the grace period unless a publish is in flight; without, only counts them.
+async fn collect_chunks(
+    repo: &Repo,
+    retention: &Retention,
+    kept: &[ManifestId],
+    lease: Option<&Lease>,
+    concurrency: usize,
+    report: &mut GcReport,
+) -> Result<()> {
+    if let Some(lease) = lease {
+        // Leases of processes that died: nobody will delete them otherwise.
+        for stale in lease.stale() {
+            tracing::info!(lease = %stale.name, last_written = %stale.last_modified, "deleting a stale lease");
+            repo.delete_lease(&stale.name).await?;
+        }
+    }
+    // References of every manifest that exists now (kept ones, plus any a publisher
+    // committed since the first listing). Listed after the lease is taken: a publish that
+    // commits later saw the lease and waited for this GC before looking at any chunk.
+    let survivors: Vec<ManifestId> = match lease {
+        Some(_) => repo
+            .list_manifests(None)
             .await?
             .into_iter()
             .map(|e| e.id)
-            .collect()
-    } else {
-        kept.clone()
+            .collect(),
+        None => kept.to_vec(),
     };
     let mut referenced: HashSet<Digest> = HashSet::new();
     for id in &survivors {
@@ -107,7 +174,10 @@ pub async fn collect(
         }
     }
 
-    let now = repo.store_now().await?;
+    let now = match lease {
+        Some(lease) => lease.store_now(),
+        None => repo.store_now().await?,
+    };
     let grace = chrono::Duration::from_std(retention.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = now
         .checked_sub_signed(grace)
@@ -124,23 +194,28 @@ pub async fn collect(
             deletable.push(sha);
         }
     }
-    if apply {
-        let results: Vec<Result<()>> = futures::stream::iter(deletable.iter())
-            .map(|sha| repo.delete_chunk(sha))
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+    let Some(lease) = lease else {
+        return Ok(());
+    };
+    if !lease.others().is_empty() {
+        report.publishes_in_flight = lease.others().iter().map(|l| l.name.clone()).collect();
+        report.chunks_deferred = report.chunks_deleted;
+        report.chunks_deleted = 0;
+        report.bytes_deleted = 0;
+        if report.chunks_deferred > 0 {
+            tracing::info!(
+                chunks = report.chunks_deferred,
+                publishes = ?report.publishes_in_flight,
+                "publishes in flight: deleting no chunks this time"
+            );
+        }
+        return Ok(());
     }
-    report.elapsed = started.elapsed();
-    tracing::info!(
-        applied = apply,
-        manifests_deleted = report.manifests_deleted.len(),
-        chunks_deleted = report.chunks_deleted,
-        bytes_deleted = report.bytes_deleted,
-        chunks_in_grace = report.chunks_in_grace,
-        elapsed_ms = report.elapsed.as_millis() as u64,
-        "gc"
-    );
-    Ok(report)
+    let results: Vec<Result<()>> = futures::stream::iter(deletable.iter())
+        .map(|sha| repo.delete_chunk(sha))
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(())
 }

@@ -34,6 +34,7 @@ pub mod daemon;
 pub mod error;
 pub mod fetch;
 pub mod gc;
+pub mod lease;
 pub mod manifest;
 pub mod metrics;
 pub mod node;

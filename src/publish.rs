@@ -7,7 +7,8 @@
 //! and uploads run `concurrency` at a time. Either way, chunks the store already holds are
 //! not uploaded again, and the manifest goes last: it is the commit point, so abandoning a
 //! publish at any moment (error, cancel, SIGKILL) leaves only unreferenced chunks, which
-//! the next attempt reuses and GC eventually removes.
+//! the next attempt reuses and GC eventually removes. A lease under `leases/` keeps a GC
+//! elsewhere from deleting, meanwhile, an old chunk this publish found present and skipped.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 use crate::chunk::{self, Digest, RawChunk};
 use crate::error::{Error, Result};
+use crate::lease::{self, Lease};
 use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, MANIFEST_FORMAT};
 use crate::progress::Progress;
 use crate::repo::{Repo, StoredChunk};
@@ -60,6 +62,7 @@ pub struct Publisher<'a> {
     node_id: Option<u64>,
     progress: &'a dyn Progress,
     use_index: bool,
+    lease_ttl: Duration,
 }
 
 /// Counters shared by the uploads of one publish.
@@ -82,7 +85,14 @@ impl<'a> Publisher<'a> {
             node_id,
             progress,
             use_index: true,
+            lease_ttl: lease::DEFAULT_TTL,
         }
+    }
+
+    /// How long this publish's lease stays live unrenewed (tests shorten it).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
     }
 
     /// Whether to use the chunk index a node wrote beside the snapshot (default: yes). With
@@ -98,13 +108,35 @@ impl<'a> Publisher<'a> {
     /// visible as a snapshot, because the manifest is written last.
     pub async fn publish(&self, snapshot: &Snapshot) -> Result<PublishReport> {
         let started = Instant::now();
+        // The lease comes before any look at what the store holds (see `lease`); reading
+        // the node's index meanwhile hides its round trips.
+        let (lease, node_index) = tokio::join!(
+            Lease::for_publish(self.repo, self.lease_ttl, self.node_id),
+            async {
+                match self.use_index {
+                    true => self.usable_index(snapshot).await,
+                    false => None,
+                }
+            }
+        );
+        let lease = lease?;
+        let result = self
+            .publish_leased(snapshot, node_index, &lease, started)
+            .await;
+        lease.release().await;
+        result
+    }
+
+    async fn publish_leased(
+        &self,
+        snapshot: &Snapshot,
+        node_index: Option<NodeIndex>,
+        lease: &Lease,
+        started: Instant,
+    ) -> Result<PublishReport> {
         let env = &snapshot.envelope;
         let (index, term) = env.log_id();
         let sent = Sent::default();
-        let node_index = match self.use_index {
-            true => self.usable_index(snapshot).await,
-            false => None,
-        };
         // Independent work, run together: is it published already, which chunks does the
         // store hold (one listing covers earlier snapshots and chunks a killed push left
         // behind), and, with the node's index, sending the chunks that are new.
@@ -152,7 +184,11 @@ impl<'a> Publisher<'a> {
         };
         let size = env.size;
 
-        self.restore_vanished(snapshot, &chunks).await?;
+        // A GC that could have deleted a chunk counted as present since the listing saw the
+        // lease and kept every chunk; without that certainty, look again.
+        if !lease.holds() {
+            self.restore_vanished(snapshot, &chunks).await?;
+        }
 
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
@@ -400,10 +436,11 @@ impl<'a> Publisher<'a> {
         Ok((chunks, sha256))
     }
 
-    /// A GC running elsewhere (an operator's `snaprelay gc`, a deposed leader) may have
-    /// deleted an old, unreferenced chunk this publish counted as present. Listing once more
-    /// just before the manifest — the commit point — and re-sending what vanished keeps the
-    /// rule that a manifest exists only when all its chunks do.
+    /// When the publish's lease cannot vouch that no GC ran meanwhile (see `lease`), a GC
+    /// elsewhere may have deleted an old, unreferenced chunk this publish counted as
+    /// present. Listing once more just before the manifest — the commit point — and
+    /// re-sending what vanished keeps the rule that a manifest exists only when all its
+    /// chunks do.
     async fn restore_vanished(&self, snapshot: &Snapshot, chunks: &[ChunkRef]) -> Result<()> {
         let present = self.repo.list_chunks().await?;
         let mut offset = 0u64;

@@ -5,6 +5,7 @@
 //! <prefix>/repository.json
 //! <prefix>/manifests/<index:020>-<term:020>-<sha256[..16]>.json
 //! <prefix>/chunks/<sha256[..2]>/<sha256>
+//! <prefix>/leases/<publish|gc>-<16 hex>.json
 //! ```
 //!
 //! Manifests are immutable and written last (create-only), so a manifest exists only when
@@ -27,6 +28,9 @@ use crate::store::Store;
 const REPOSITORY_KEY: &str = "repository.json";
 const MANIFESTS: &str = "manifests";
 const CHUNKS: &str = "chunks";
+const LEASES: &str = "leases";
+/// A lease object names its holder in a few hundred bytes.
+const MAX_LEASE_BYTES: usize = 4 << 10;
 /// Where `check-config` writes and deletes its scratch objects.
 const PROBE_PREFIX: &str = "probe";
 /// A scratch object GC writes to read the store's clock.
@@ -105,6 +109,46 @@ pub struct StoredChunk {
 pub struct ManifestEntry {
     pub id: ManifestId,
     pub stored_size: u64,
+}
+
+/// A lease object as the store lists it (see [`crate::lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEntry {
+    /// The object's file name, `<kind>-<16 hex>.json`.
+    pub name: String,
+    pub kind: LeaseKind,
+    /// When its holder last wrote it, by the store's clock.
+    pub last_modified: chrono::DateTime<Utc>,
+}
+
+/// Who holds a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseKind {
+    Publish,
+    Gc,
+}
+
+impl LeaseKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseKind::Publish => "publish",
+            LeaseKind::Gc => "gc",
+        }
+    }
+
+    /// The kind of a lease object's file name, if it is one.
+    pub fn of_name(name: &str) -> Option<LeaseKind> {
+        let (kind, rest) = name.split_once('-')?;
+        let id = rest.strip_suffix(".json")?;
+        if id.len() != 16 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        match kind {
+            "publish" => Some(LeaseKind::Publish),
+            "gc" => Some(LeaseKind::Gc),
+            _ => None,
+        }
+    }
 }
 
 /// An opened repository whose cluster id has been checked.
@@ -453,6 +497,61 @@ impl Repo {
             .await
             .map_err(store_err("head", &key))?;
         Ok(meta.last_modified)
+    }
+
+    /// Writes (or rewrites) the lease object `name`; `body` says who holds it.
+    pub async fn put_lease(&self, name: &str, body: Bytes) -> Result<()> {
+        debug_assert!(LeaseKind::of_name(name).is_some() && body.len() <= MAX_LEASE_BYTES);
+        let key = self.store.key(&format!("{LEASES}/{name}"));
+        self.store
+            .backend
+            .put(&key, PutPayload::from_bytes(body))
+            .await
+            .map(|_| ())
+            .map_err(store_err("put", &key))
+    }
+
+    /// Every lease object, live or stale. Other objects under `leases/` are skipped.
+    pub async fn list_leases(&self) -> Result<Vec<LeaseEntry>> {
+        let prefix = self.store.key(LEASES);
+        let listed: Vec<object_store::ObjectMeta> = self
+            .store
+            .backend
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(store_err("list", &prefix))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|meta| {
+                let name = meta.location.filename()?.to_owned();
+                let kind = LeaseKind::of_name(&name)
+                    .filter(|_| self.store.key(&format!("{LEASES}/{name}")) == meta.location);
+                if kind.is_none() {
+                    tracing::debug!(key = %meta.location, "ignoring an object under leases/ that is not a lease");
+                }
+                Some(LeaseEntry {
+                    name,
+                    kind: kind?,
+                    last_modified: meta.last_modified,
+                })
+            })
+            .collect())
+    }
+
+    /// Reads a lease object's body (what its holder wrote about itself), for messages.
+    pub async fn read_lease(&self, name: &str) -> Result<Bytes> {
+        let key = self.store.key(&format!("{LEASES}/{name}"));
+        get_limited(&self.store, &key, MAX_LEASE_BYTES as u64).await
+    }
+
+    /// Deletes a lease object. Missing is fine.
+    pub async fn delete_lease(&self, name: &str) -> Result<()> {
+        let key = self.store.key(&format!("{LEASES}/{name}"));
+        match self.store.backend.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("delete", &key)(e)),
+        }
     }
 
     /// Whether the chunk exists, and its stored size.

@@ -198,3 +198,118 @@ async fn push_racing_gc_still_commits_complete_snapshots() {
         assert!(pulled["index"].as_u64().unwrap() >= index - 1);
     }
 }
+
+/// A GC that finds a publish in flight (its lease) deletes old manifests but no chunk, as
+/// the publish may count on any of them; the next GC deletes them.
+async fn deferral(target: Target) {
+    use snaprelay::lease::{Lease, DEFAULT_TTL};
+    use snaprelay::repo::LeaseKind;
+
+    let work = tempfile::tempdir().unwrap();
+    for index in 1..=3 {
+        let meta = write_generation(&work.path().join("leader"), index);
+        target.json(&["push", meta.to_str().unwrap(), "--json"]);
+    }
+    let before = stored_chunks(&target).await;
+    let repo = target.repo().await;
+    let publish = Lease::take(&repo, LeaseKind::Publish, DEFAULT_TTL, Some(7))
+        .await
+        .unwrap();
+    let gc = [
+        "gc",
+        "--apply",
+        "--keep-last",
+        "1",
+        "--grace",
+        "0s",
+        "--json",
+    ];
+    let deferred = target.json(&gc);
+    assert_eq!(deferred["manifests_deleted"].as_array().unwrap().len(), 2);
+    assert_eq!(deferred["chunks_deleted"], 0, "{deferred}");
+    let held = deferred["chunks_deferred"].as_u64().unwrap();
+    assert!(held > 0, "{deferred}");
+    assert_eq!(
+        deferred["publishes_in_flight"],
+        serde_json::json!([publish_name(&repo).await])
+    );
+    assert_eq!(stored_chunks(&target).await, before);
+
+    publish.release().await;
+    assert!(repo.list_leases().await.unwrap().is_empty());
+    let collected = target.json(&gc);
+    assert_eq!(
+        collected["chunks_deleted"].as_u64(),
+        Some(held),
+        "{collected}"
+    );
+    assert_eq!(stored_chunks(&target).await, referenced(&target).await);
+    assert!(repo.list_leases().await.unwrap().is_empty());
+}
+
+async fn publish_name(repo: &snaprelay::repo::Repo) -> String {
+    let leases = repo.list_leases().await.unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    leases[0].name.clone()
+}
+
+#[tokio::test]
+async fn gc_defers_chunks_while_a_publish_is_in_flight_on_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    deferral(Target::file(dir.path(), "defer", CHUNKING)).await;
+}
+
+#[tokio::test]
+async fn gc_defers_chunks_while_a_publish_is_in_flight_on_s3() {
+    let Some(s3) = support::s3("gc_defers_chunks_while_a_publish_is_in_flight_on_s3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    deferral(Target::s3(&s3, dir.path(), "defer", CHUNKING)).await;
+}
+
+/// A push that starts while a GC holds its lease waits for that GC before it looks at the
+/// store, then publishes as usual.
+#[tokio::test]
+async fn push_waits_for_a_gc_in_progress() {
+    use snaprelay::lease::{Lease, DEFAULT_TTL};
+    use snaprelay::repo::LeaseKind;
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::file(dir.path(), "wait", CHUNKING);
+    let leader = dir.path().join("leader");
+    target.json(&[
+        "push",
+        write_generation(&leader, 1).to_str().unwrap(),
+        "--json",
+    ]);
+    let repo = target.repo().await;
+    let gc = Lease::take(&repo, LeaseKind::Gc, DEFAULT_TTL, None)
+        .await
+        .unwrap();
+    let meta = write_generation(&leader, 2);
+    let mut push = std::process::Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+        .args(&target.args)
+        .args(["push", meta.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        push.try_wait().unwrap().is_none(),
+        "the push went ahead while a GC held its lease"
+    );
+    assert_eq!(repo.list_manifests(None).await.unwrap().len(), 1);
+    gc.release().await;
+    let out = push.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    assert!(
+        support::stderr(&out).contains("waiting for a GC in progress"),
+        "{}",
+        support::stderr(&out)
+    );
+    let pushed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pushed["index"], 2);
+    assert!(repo.list_leases().await.unwrap().is_empty());
+}

@@ -21,11 +21,11 @@ pub struct Args {
 
 pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let repo = super::open_repo(config).await?;
-    let retention = Retention {
-        keep_last: args.keep_last.unwrap_or(config.retention.keep_last),
-        pinned: Vec::new(),
-        grace: args.grace.unwrap_or(config.retention.grace),
-    };
+    let retention = Retention::new(
+        args.keep_last.unwrap_or(config.retention.keep_last),
+        Vec::new(),
+        args.grace.unwrap_or(config.retention.grace),
+    );
     if retention.keep_last == 0 {
         anyhow::bail!(crate::config::ConfigError::invalid(
             "--keep-last",
@@ -53,6 +53,13 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         report.chunks_kept,
         report.chunks_in_grace
     );
+    if report.chunks_deferred > 0 {
+        println!(
+            "kept {} unreferenced chunk(s) because publishes were in flight ({}); the next gc deletes them",
+            report.chunks_deferred,
+            report.publishes_in_flight.join(", ")
+        );
+    }
     if !args.apply && (report.chunks_deleted > 0 || !report.manifests_deleted.is_empty()) {
         println!("(dry run: pass --apply to delete)");
     }
