@@ -179,6 +179,27 @@ def process_cpu(pid: int | None) -> float:
     return sum(int(fields[i - 3]) for i in (14, 15, 16, 17)) / CLK_TCK
 
 
+SETTLE_WINDOW_S = 0.5
+SETTLE_IDLE_CPU_S = 0.05  # SeaweedFS CPU per window that counts as idle (10% of a core)
+SETTLE_MAX_S = 20.0
+
+
+def settle(weed_pid: int | None) -> tuple[float, bool]:
+    """Waits until our SeaweedFS is idle (it finishes writing and compacting after big uploads
+    on its own schedule), so no command pays for the one before it. The same for every tool.
+    Returns (seconds waited, whether it went idle)."""
+    if not weed_pid:
+        return 0.0, True
+    t0 = time.monotonic()
+    while True:
+        c0 = process_cpu(weed_pid)
+        time.sleep(SETTLE_WINDOW_S)
+        if process_cpu(weed_pid) - c0 <= SETTLE_IDLE_CPU_S:
+            return round(time.monotonic() - t0, 2), True
+        if time.monotonic() - t0 >= SETTLE_MAX_S:
+            return round(time.monotonic() - t0, 2), False
+
+
 # --------------------------------------------------------------------------------------------
 # page cache
 
@@ -284,6 +305,7 @@ class Runner:
             "loadavg_before": open("/proc/loadavg").read().split()[:3],
         }
         weed_pid = self.weed_pid_fn()
+        rec["settle_s"], rec["settled"] = settle(weed_pid)
         m0, w0 = machine_cpu(), process_cpu(weed_pid)
         t0 = time.monotonic()
         proc = subprocess.Popen(full, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -1109,6 +1131,12 @@ def render_report(records: list[dict], info: dict, skipped: list[str], notes: li
     if info.get("other_weed_servers"):
         L.append(f"- other weed servers running during the benchmark: {'; '.join(info['other_weed_servers'])}")
     L.append(f"- page cache: {info.get('page_cache')}")
+    settles = [r["settle_s"] for r in recs if "settle_s" in r]
+    if settles:
+        unsettled = sum(1 for r in recs if r.get("settled") is False)
+        L.append(f"- before every measured command, waited for SeaweedFS to go idle (<= {SETTLE_IDLE_CPU_S} CPU-s "
+                 f"per {SETTLE_WINDOW_S} s): median {statistics.median(settles):.1f} s, max {max(settles):.1f} s; "
+                 f"{unsettled} of {len(settles)} commands started after {SETTLE_MAX_S:.0f} s without it going idle")
     loads = [max(0.0, r["other_cpu_s"]) / r["wall_s"] for r in recs if r.get("ok") and r["wall_s"] > 0]
     if loads:
         busy = sum(1 for x in loads if x > 0.25)
