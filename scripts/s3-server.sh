@@ -11,6 +11,9 @@
 #   SNAPRELAY_S3_STATE  pid/env/log/config directory   (default <repo>/.tools/s3)
 #   SNAPRELAY_S3_PORT   S3 port                        (default 8333)
 #   SNAPRELAY_S3_START_TIMEOUT  seconds to wait for readiness (default 60)
+#   SNAPRELAY_S3_VOLUME_SIZE_MB size at which SeaweedFS starts a new volume (default: weed
+#                       mini's own choice; the benchmark uses 30000, the `weed master` default,
+#                       so that no short command pays for a volume rollover)
 #
 # Ports: `weed mini` binds ALL of these on 127.0.0.1 (only the S3 port is moved by
 # SNAPRELAY_S3_PORT; the others are fixed defaults):
@@ -170,6 +173,7 @@ cmd_start() {
     "$WEED" mini -dir="$datadir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$PORT" \
         -s3.config="$STATE/s3.json" -bucket="$BUCKET" -webdav=false -admin.ui=false \
         -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
+        ${SNAPRELAY_S3_VOLUME_SIZE_MB:+-master.volumeSizeLimitMB="$SNAPRELAY_S3_VOLUME_SIZE_MB"} \
         </dev/null >"$STATE/server.log" 2>&1 &
     pid=$!
     echo "$pid" >"$STATE/pid"
