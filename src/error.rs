@@ -94,6 +94,11 @@ pub enum Error {
         source: object_store::Error,
     },
 
+    #[error(
+        "stopped: lease {lease} could not be renewed for {secs} s, so others may no longer see it"
+    )]
+    LeaseLapsed { lease: String, secs: u64 },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -118,6 +123,8 @@ impl Error {
                 ErrorClass::Usage
             }
             Error::Store { source, .. } => store_error_class(source),
+            // Renewals fail when the store does not answer.
+            Error::LeaseLapsed { .. } => ErrorClass::Unreachable,
             _ => ErrorClass::Data,
         }
     }
@@ -127,6 +134,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Store { source, .. } => store_error_class(source) == ErrorClass::Unreachable,
+            Error::LeaseLapsed { .. } => true,
             Error::Io { source, .. } => matches!(
                 source.kind(),
                 io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock

@@ -211,8 +211,14 @@ async fn collect_chunks(
         }
         return Ok(());
     }
+    // A GC whose lease went unrenewed may be invisible to a publish that started since.
     let results: Vec<Result<()>> = futures::stream::iter(deletable.iter())
-        .map(|sha| repo.delete_chunk(sha))
+        .map(|sha| async move {
+            match lease.fresh() {
+                true => repo.delete_chunk(sha).await,
+                false => Err(lease.lapsed()),
+            }
+        })
         .buffer_unordered(concurrency.max(1))
         .collect()
         .await;

@@ -14,11 +14,12 @@
 //! - a publish that sees a live GC lease waits until that GC is done before it looks at
 //!   what the store holds.
 //!
-//! Holders rewrite their lease every TTL/4 while they work and delete it when done. A lease
-//! not rewritten for a TTL, by the store's clock, belongs to a process that died; it is
-//! ignored, and the next GC deletes it. A publish that cannot be sure its lease stayed live
-//! (it could not rewrite it for TTL/2, or it stopped waiting for a GC) lists the chunks once
-//! more just before its manifest, as publishes without leases had to every time.
+//! Holders rewrite their lease every TTL/4 while they work and delete it when done (also
+//! when cancelled, as far as the runtime lets them). A lease not rewritten for a TTL, by the
+//! store's clock, belongs to a process that died; it is ignored, and the next GC deletes it.
+//! A holder that could not rewrite its lease for TTL/2 no longer relies on it: a GC stops
+//! deleting chunks, and a publish (like one that stopped waiting for a GC) lists the chunks
+//! once more just before its manifest, as publishes without leases had to every time.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,8 +31,9 @@ use tokio::sync::oneshot;
 use crate::error::Result;
 use crate::repo::{LeaseEntry, LeaseKind, Repo};
 
-/// How long a lease stays live after its holder last wrote it.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// How long a lease stays live after its holder last wrote it: the longest a dead GC's
+/// lease makes publishes wait, and a dead publish's lease makes GC keep chunks.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 
 /// How often a publish waiting for a GC looks again.
 const POLL: Duration = Duration::from_millis(500);
@@ -193,12 +195,23 @@ impl Lease {
         &self.stale
     }
 
-    /// Whether any GC is certain to see this lease and keep its chunks: the last check
-    /// showed it, found no live GC, and it has been rewritten within half a TTL since.
+    /// Whether the lease was written within half a TTL: others still see it live.
+    pub fn fresh(&self) -> bool {
+        self.written.lock().expect("lease clock lock").elapsed() < self.ttl / 2
+    }
+
+    /// For a publish: whether any GC is certain to see this lease and keep its chunks: the
+    /// last check showed it, found no live GC, and it is still fresh.
     pub fn holds(&self) -> bool {
-        self.sure
-            && self.others.is_empty()
-            && self.written.lock().expect("lease clock lock").elapsed() < self.ttl / 2
+        self.sure && self.others.is_empty() && self.fresh()
+    }
+
+    /// The error of a holder that must stop because its lease is no longer fresh.
+    pub fn lapsed(&self) -> crate::error::Error {
+        crate::error::Error::LeaseLapsed {
+            lease: self.name.clone(),
+            secs: (self.ttl / 2).as_secs(),
+        }
     }
 
     /// The other side's leases, with what their holders say about themselves.
@@ -228,9 +241,25 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// Dropped without `release` (the holder was cancelled): stop renewing, and delete the
+    /// lease in the background if the runtime still runs, so that a cancelled GC does not
+    /// hold publishes back until its lease goes stale.
     fn drop(&mut self) {
-        if let Some((_, task)) = self.refresher.take() {
-            task.abort();
+        let Some((_, task)) = self.refresher.take() else {
+            return; // released
+        };
+        task.abort();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let repo = self.repo.clone();
+            let name = std::mem::take(&mut self.name);
+            runtime.spawn(async move {
+                // Once the renewal task is gone. (A renewal cut off mid-request may still
+                // land after the delete; that lease then goes stale in a TTL.)
+                let _ = task.await;
+                if let Err(e) = repo.delete_lease(&name).await {
+                    tracing::warn!(lease = %name, error = %e, "could not delete the lease of a cancelled operation");
+                }
+            });
         }
     }
 }
@@ -293,17 +322,56 @@ mod tests {
     async fn a_lease_nobody_renews_goes_stale() {
         let repo = repo().await;
         let ttl = Duration::from_millis(200);
-        let dead = Lease::take(&repo, LeaseKind::Publish, ttl, None)
+        // What a process that died leaves: a lease written once, never renewed or deleted.
+        let name = "publish-00000000000000ff.json";
+        repo.put_lease(name, Bytes::from_static(b"{}"))
             .await
             .unwrap();
-        let name = dead.name.clone();
-        drop(dead); // as if its process died: no renewal, no delete
         tokio::time::sleep(ttl * 2).await;
         let gc = Lease::take(&repo, LeaseKind::Gc, ttl, None).await.unwrap();
         assert!(gc.others().is_empty());
         assert_eq!(gc.stale().len(), 1);
         assert_eq!(gc.stale()[0].name, name);
         gc.release().await;
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_holder_deletes_its_lease() {
+        let repo = repo().await;
+        let lease = Lease::take(&repo, LeaseKind::Gc, LONG, None).await.unwrap();
+        assert_eq!(repo.list_leases().await.unwrap().len(), 1);
+        drop(lease);
+        for _ in 0..100 {
+            if repo.list_leases().await.unwrap().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the lease of a cancelled GC was left behind");
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_cannot_be_renewed_stops_vouching() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let url = StoreUrl::parse(&format!("file://{}", root.display())).unwrap();
+        let store = Store::open(&StoreSettings::for_url(url)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let ttl = Duration::from_millis(200);
+        let lease = Lease::take(&repo, LeaseKind::Publish, ttl, None)
+            .await
+            .unwrap();
+        assert!(lease.fresh() && lease.holds());
+        // The store goes away: renewals fail from now on.
+        std::fs::rename(&root, dir.path().join("gone")).unwrap();
+        std::fs::write(&root, b"not a directory").unwrap();
+        tokio::time::sleep(ttl).await;
+        assert!(!lease.fresh());
+        assert!(!lease.holds());
+        assert!(lease.lapsed().is_transient());
+        lease.release().await; // the delete fails too; only a warning
     }
 
     #[tokio::test]

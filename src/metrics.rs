@@ -135,7 +135,7 @@ impl FailureReason {
         for cause in err.chain() {
             if let Some(e) = cause.downcast_ref::<Error>() {
                 return match e {
-                    Error::Store { .. } => FailureReason::Store,
+                    Error::Store { .. } | Error::LeaseLapsed { .. } => FailureReason::Store,
                     Error::Io { .. } => FailureReason::Io,
                     Error::Snapdir(e) => snapdir_reason(e),
                     Error::InvalidManifest { .. }
