@@ -87,7 +87,11 @@ impl Lease {
             stale: Vec::new(),
             sure: false,
         };
-        lease.check(kind).await?;
+        if let Err(e) = lease.check(kind).await {
+            // The write may have landed before the listing failed.
+            let _ = lease.repo.delete_lease(&lease.name).await;
+            return Err(e);
+        }
         lease.refresher = Some(lease.spawn_refresher());
         Ok(lease)
     }
