@@ -4,10 +4,11 @@
 //! a grace period measured by the store's own clock.
 //!
 //! Order matters. Manifests go first, so a reader never sees a manifest whose chunks are
-//! gone. Then the GC takes a lease (see [`crate::lease`]): if a publish is in flight it
-//! deletes no chunk this time, as that publish may count on an old chunk; otherwise the
-//! manifests are listed again, so that a snapshot a publisher committed meanwhile keeps its
-//! chunks, and the chunks no manifest names are deleted once older than the grace period.
+//! gone. Then the GC takes a lease (see [`crate::lease`]) and lists the manifests again, so
+//! that a snapshot a publisher committed meanwhile keeps its chunks. The chunks no manifest
+//! names and older than the grace period are deleted a batch at a time, each batch only
+//! while no publish is in flight (it may count on an old chunk): otherwise the rest waits
+//! for the next GC.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -99,7 +100,7 @@ pub async fn collect(
         }
     }
 
-    let lease = match apply {
+    let mut lease = match apply {
         true => Some(Lease::take(repo, LeaseKind::Gc, retention.lease_ttl, None).await?),
         false => None,
     };
@@ -107,7 +108,7 @@ pub async fn collect(
         repo,
         retention,
         &kept,
-        lease.as_ref(),
+        lease.as_mut(),
         concurrency,
         &mut report,
     )
@@ -130,26 +131,34 @@ pub async fn collect(
     Ok(report)
 }
 
+/// Chunks deleted between two looks at the leases: a publish that starts meanwhile waits
+/// for at most one batch.
+const DELETE_BATCH: usize = 256;
+
 /// The chunk half of a GC: with `lease` (an applied GC), deletes unreferenced chunks older
-/// than the grace period unless a publish is in flight; without, only counts them.
+/// than the grace period, a batch at a time, while no publish is in flight; without, only
+/// counts them.
 async fn collect_chunks(
     repo: &Repo,
     retention: &Retention,
     kept: &[ManifestId],
-    lease: Option<&Lease>,
+    lease: Option<&mut Lease>,
     concurrency: usize,
     report: &mut GcReport,
 ) -> Result<()> {
-    if let Some(lease) = lease {
+    if let Some(lease) = lease.as_deref() {
         // Leases of processes that died: nobody will delete them otherwise.
         for stale in lease.stale() {
             tracing::info!(lease = %stale.name, last_written = %stale.last_modified, "deleting a stale lease");
-            repo.delete_lease(&stale.name).await?;
+            if let Err(e) = repo.delete_lease(&stale.name).await {
+                tracing::warn!(lease = %stale.name, error = %e, "could not delete a stale lease");
+            }
         }
     }
     // References of every manifest that exists now (kept ones, plus any a publisher
-    // committed since the first listing). Listed after the lease is taken: a publish that
-    // commits later saw the lease and waited for this GC before looking at any chunk.
+    // committed since the first listing). Listed after the lease was written: a publish
+    // that commits a manifest later either was seen (and no chunk is deleted while it
+    // runs) or saw this GC's lease and waited for it before looking at any chunk.
     let survivors: Vec<ManifestId> = match lease {
         Some(_) => repo
             .list_manifests(None)
@@ -174,54 +183,62 @@ async fn collect_chunks(
         }
     }
 
-    let now = match lease {
-        Some(lease) => lease.store_now(),
+    let now = match lease.as_deref().and_then(Lease::store_now) {
+        Some(now) => now,
         None => repo.store_now().await?,
     };
     let grace = chrono::Duration::from_std(retention.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = now
         .checked_sub_signed(grace)
         .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
-    let mut deletable = Vec::new();
+    let mut doomed = Vec::new();
     for (sha, chunk) in repo.list_chunks().await? {
         if referenced.contains(&sha) {
             report.chunks_kept += 1;
         } else if chunk.last_modified > cutoff {
             report.chunks_in_grace += 1;
         } else {
-            report.chunks_deleted += 1;
-            report.bytes_deleted += chunk.size;
-            deletable.push(sha);
+            doomed.push((sha, chunk.size));
         }
     }
     let Some(lease) = lease else {
+        // A dry run: what would be deleted.
+        report.chunks_deleted = doomed.len() as u64;
+        report.bytes_deleted = doomed.iter().map(|(_, size)| size).sum();
         return Ok(());
     };
-    if !lease.others().is_empty() {
-        report.publishes_in_flight = lease.others().iter().map(|l| l.name.clone()).collect();
-        report.chunks_deferred = report.chunks_deleted;
-        report.chunks_deleted = 0;
-        report.bytes_deleted = 0;
-        if report.chunks_deferred > 0 {
+    for (n, batch) in doomed.chunks(DELETE_BATCH).enumerate() {
+        lease.check().await?;
+        if !lease.holds() {
+            // A publish in flight may count on any of these chunks; or this GC cannot be
+            // sure a publish would see it.
+            report.chunks_deferred = (doomed.len() - n * DELETE_BATCH) as u64;
+            report.publishes_in_flight = lease.others().iter().map(|l| l.name.clone()).collect();
             tracing::info!(
                 chunks = report.chunks_deferred,
                 publishes = ?report.publishes_in_flight,
-                "publishes in flight: deleting no chunks this time"
+                "deleting no more chunks this time: publishes in flight, or this GC's lease is in doubt"
             );
+            break;
         }
-        return Ok(());
+        let results: Vec<Result<()>> = futures::stream::iter(batch)
+            .map(|(sha, _)| {
+                let lease = &*lease;
+                async move {
+                    // A delete that lands after the lease lapsed could hit a chunk a
+                    // publish counted on; give up on it before then.
+                    match tokio::time::timeout(lease.remaining(), repo.delete_chunk(sha)).await {
+                        Ok(result) => result,
+                        Err(_) => Err(lease.lapsed()),
+                    }
+                }
+            })
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        report.chunks_deleted += batch.len() as u64;
+        report.bytes_deleted += batch.iter().map(|(_, size)| size).sum::<u64>();
     }
-    // A GC whose lease went unrenewed may be invisible to a publish that started since.
-    let results: Vec<Result<()>> = futures::stream::iter(deletable.iter())
-        .map(|sha| async move {
-            match lease.fresh() {
-                true => repo.delete_chunk(sha).await,
-                false => Err(lease.lapsed()),
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(())
 }

@@ -42,19 +42,39 @@ const POLL: Duration = Duration::from_millis(500);
 pub struct Lease {
     repo: Repo,
     name: String,
+    kind: LeaseKind,
     body: Bytes,
     ttl: Duration,
-    /// When the store last accepted a write of the lease (this process's monotonic clock).
-    written: Arc<Mutex<Instant>>,
+    renewal: Arc<Mutex<Renewal>>,
     refresher: Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
-    /// The store's clock at the last check: the time it gave the lease just written.
-    now: DateTime<Utc>,
+    /// The store's clock at the last check (the time it gave the lease just written), if
+    /// that check saw the lease.
+    now: Option<DateTime<Utc>>,
     /// Live leases of the other kind seen at the last check.
     others: Vec<LeaseEntry>,
     /// Stale leases seen at the last check.
     stale: Vec<LeaseEntry>,
-    /// False if the last check could not show that the other side will see this lease.
-    sure: bool,
+    /// A publish that stopped waiting for a GC that kept its lease live.
+    gave_up: bool,
+}
+
+/// The lease's writes, by this process's monotonic clock.
+struct Renewal {
+    /// When the last write that succeeded was sent: the store stamped it no earlier.
+    sent: Instant,
+    /// Once true, stays true: some gap between writes was long enough for others to take
+    /// the lease for stale, so whatever it protected may have happened meanwhile.
+    lapsed: bool,
+}
+
+impl Renewal {
+    /// Records a write sent at `sent` that just succeeded.
+    fn written(&mut self, sent: Instant, ttl: Duration) {
+        if self.sent.elapsed() >= ttl / 2 {
+            self.lapsed = true;
+        }
+        self.sent = sent;
+    }
 }
 
 impl Lease {
@@ -78,16 +98,20 @@ impl Lease {
         let mut lease = Lease {
             repo: repo.clone(),
             name,
+            kind,
             body: Bytes::from(serde_json::to_vec(&body).expect("lease body serializes")),
             ttl,
-            written: Arc::new(Mutex::new(Instant::now())),
+            renewal: Arc::new(Mutex::new(Renewal {
+                sent: Instant::now(),
+                lapsed: false,
+            })),
             refresher: None,
-            now: Utc::now(),
+            now: None,
             others: Vec::new(),
             stale: Vec::new(),
-            sure: false,
+            gave_up: false,
         };
-        if let Err(e) = lease.check(kind).await {
+        if let Err(e) = lease.check().await {
             // The write may have landed before the listing failed.
             let _ = lease.repo.delete_lease(&lease.name).await;
             return Err(e);
@@ -96,9 +120,10 @@ impl Lease {
         Ok(lease)
     }
 
-    /// Takes a publish lease and, while a live GC lease exists, waits for it to go (up to
-    /// one TTL; a GC rewrites its lease while it runs, so one that outlasts the wait is
-    /// stuck or very slow, and the publish proceeds with the final re-check instead).
+    /// Takes a publish lease and, while a live GC lease exists, waits for it to go. A GC
+    /// looks for publish leases before each batch of deletions and stops when it sees one,
+    /// so the wait is short; one that outlasts a TTL while renewing its lease is stuck, and
+    /// the publish proceeds with the final re-check instead.
     pub async fn for_publish(repo: &Repo, ttl: Duration, node_id: Option<u64>) -> Result<Lease> {
         let mut lease = Lease::take(repo, LeaseKind::Publish, ttl, node_id).await?;
         let started = Instant::now();
@@ -111,7 +136,7 @@ impl Lease {
                     waited_s = started.elapsed().as_secs(),
                     "a GC is still running; publishing anyway, checking every chunk again before the manifest"
                 );
-                lease.sure = false;
+                lease.gave_up = true;
                 break;
             }
             if !said {
@@ -120,7 +145,7 @@ impl Lease {
                 said = true;
             }
             tokio::time::sleep(POLL).await;
-            lease.check(LeaseKind::Publish).await?;
+            lease.check().await?;
         }
         if said && lease.others.is_empty() {
             tracing::info!(
@@ -131,32 +156,37 @@ impl Lease {
         Ok(lease)
     }
 
-    /// Rewrites the lease and lists the leases: afterwards `now`, `others` and `stale`
-    /// describe the store as it is.
-    async fn check(&mut self, kind: LeaseKind) -> Result<()> {
+    /// Rewrites the lease and lists the leases: afterwards `store_now`, `others` and
+    /// `stale` describe the store as it is.
+    pub async fn check(&mut self) -> Result<()> {
+        let sent = Instant::now();
         self.repo.put_lease(&self.name, self.body.clone()).await?;
-        *self.written.lock().expect("lease clock lock") = Instant::now();
+        self.renewal
+            .lock()
+            .expect("lease renewal lock")
+            .written(sent, self.ttl);
         let listed = self.repo.list_leases().await?;
         let Some(own) = listed.iter().find(|l| l.name == self.name) else {
             // The store's listing does not show what was just written: no other process
-            // can be relied on to see it either.
+            // can be relied on to see it either, and nothing it lists can be judged.
             tracing::warn!(
                 lease = %self.name,
                 "the store's listing does not show a lease just written; not relying on it"
             );
-            self.sure = false;
+            self.now = None;
             self.others.clear();
+            self.stale.clear();
             return Ok(());
         };
-        self.now = own.last_modified;
+        let now = own.last_modified;
         let ttl = chrono::Duration::from_std(self.ttl).unwrap_or(chrono::Duration::MAX);
         let (live, stale): (Vec<LeaseEntry>, Vec<LeaseEntry>) = listed
             .into_iter()
             .filter(|l| l.name != self.name)
-            .partition(|l| self.now.signed_duration_since(l.last_modified) < ttl);
-        self.others = live.into_iter().filter(|l| l.kind != kind).collect();
+            .partition(|l| now.signed_duration_since(l.last_modified) < ttl);
+        self.now = Some(now);
+        self.others = live.into_iter().filter(|l| l.kind != self.kind).collect();
         self.stale = stale;
-        self.sure = true;
         Ok(())
     }
 
@@ -165,7 +195,8 @@ impl Lease {
         let repo = self.repo.clone();
         let name = self.name.clone();
         let body = self.body.clone();
-        let written = self.written.clone();
+        let renewal = self.renewal.clone();
+        let ttl = self.ttl;
         let every = self.ttl / 4;
         let task = tokio::spawn(async move {
             loop {
@@ -175,8 +206,12 @@ impl Lease {
                 }
                 // Not raced against `stopped`: a write cut off mid-request could land
                 // after the release deleted the lease.
+                let sent = Instant::now();
                 match repo.put_lease(&name, body.clone()).await {
-                    Ok(()) => *written.lock().expect("lease clock lock") = Instant::now(),
+                    Ok(()) => renewal
+                        .lock()
+                        .expect("lease renewal lock")
+                        .written(sent, ttl),
                     Err(e) => tracing::warn!(lease = %name, error = %e, "could not renew a lease"),
                 }
             }
@@ -184,8 +219,8 @@ impl Lease {
         (stop, task)
     }
 
-    /// The store's clock when the lease was last checked.
-    pub fn store_now(&self) -> DateTime<Utc> {
+    /// The store's clock at the last check, if that check saw the lease.
+    pub fn store_now(&self) -> Option<DateTime<Utc>> {
         self.now
     }
 
@@ -199,15 +234,26 @@ impl Lease {
         &self.stale
     }
 
-    /// Whether the lease was written within half a TTL: others still see it live.
-    pub fn fresh(&self) -> bool {
-        self.written.lock().expect("lease clock lock").elapsed() < self.ttl / 2
+    /// How long others are still certain to see the lease live: half a TTL after the last
+    /// write was sent, or nothing once it lapsed.
+    pub fn remaining(&self) -> Duration {
+        let renewal = self.renewal.lock().expect("lease renewal lock");
+        match renewal.lapsed {
+            true => Duration::ZERO,
+            false => (self.ttl / 2).saturating_sub(renewal.sent.elapsed()),
+        }
     }
 
-    /// For a publish: whether any GC is certain to see this lease and keep its chunks: the
-    /// last check showed it, found no live GC, and it is still fresh.
+    /// Whether others have seen the lease live without a gap since it was taken.
+    pub fn fresh(&self) -> bool {
+        !self.remaining().is_zero()
+    }
+
+    /// Whether the other side is certain to have kept out of the way since the lease was
+    /// taken: the last check saw the lease and nobody of the other kind, the lease never
+    /// lapsed, and (for a publish) it did not stop waiting for a GC.
     pub fn holds(&self) -> bool {
-        self.sure && self.others.is_empty() && self.fresh()
+        self.now.is_some() && self.others.is_empty() && !self.gave_up && self.fresh()
     }
 
     /// The error of a holder that must stop because its lease is no longer fresh.
@@ -376,6 +422,35 @@ mod tests {
         assert!(!lease.holds());
         assert!(lease.lapsed().is_transient());
         lease.release().await; // the delete fails too; only a warning
+    }
+
+    #[tokio::test]
+    async fn a_lapse_is_not_forgotten_when_renewals_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let url = StoreUrl::parse(&format!("file://{}", root.display())).unwrap();
+        let store = Store::open(&StoreSettings::for_url(url)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let ttl = Duration::from_millis(200);
+        let lease = Lease::take(&repo, LeaseKind::Publish, ttl, None)
+            .await
+            .unwrap();
+        let away = dir.path().join("away");
+        std::fs::rename(&root, &away).unwrap();
+        std::fs::write(&root, b"not a directory").unwrap();
+        tokio::time::sleep(ttl).await;
+        // The store comes back and renewals succeed again; others may have taken the lease
+        // for stale meanwhile.
+        std::fs::remove_file(&root).unwrap();
+        std::fs::rename(&away, &root).unwrap();
+        tokio::time::sleep(ttl).await;
+        let listed = repo.list_leases().await.unwrap();
+        assert_eq!(listed.len(), 1, "renewals resumed: {listed:?}");
+        assert!(!lease.fresh());
+        assert!(!lease.holds());
+        lease.release().await;
     }
 
     #[tokio::test]

@@ -186,7 +186,8 @@ impl<'a> Publisher<'a> {
 
         // A GC that could have deleted a chunk counted as present since the listing saw the
         // lease and kept every chunk; without that certainty, look again.
-        if !lease.holds() {
+        let guarded = lease.holds();
+        if !guarded {
             self.restore_vanished(snapshot, &chunks).await?;
         }
 
@@ -207,6 +208,15 @@ impl<'a> Publisher<'a> {
             signature: None,
         };
         let id = self.repo.put_manifest(&manifest).await?;
+        if guarded && !lease.holds() {
+            // The lease lapsed while the manifest was on its way: a GC may have deleted a
+            // chunk meanwhile. Put back whatever is missing now.
+            tracing::warn!(
+                index,
+                "the publish lease lapsed while the manifest was written; checking its chunks"
+            );
+            self.restore_vanished(snapshot, &manifest.chunks).await?;
+        }
         self.progress.finish();
         let report = PublishReport {
             index,
