@@ -549,11 +549,7 @@ impl Daemon {
             _ = cancel.cancelled() => Ok(()),
             r = gc::collect(repo, &retention, true, self.config.upload.concurrency) => {
                 let report = r.context("collecting garbage")?;
-                self.metrics.gc_deleted(
-                    report.manifests_deleted.len() as u64,
-                    report.chunks_deleted,
-                    report.bytes_deleted,
-                );
+                self.metrics.gc_done(&report);
                 Ok(())
             }
         }

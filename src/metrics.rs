@@ -31,6 +31,7 @@
 //! | `snaprelay_verification_failures_total` | counter | |
 //! | `snaprelay_store_errors_total` | counter | `kind` = `not_found` \| `unreachable` \| `permission` \| `other` |
 //! | `snaprelay_gc_deleted_manifests_total`, `_chunks_total`, `_bytes_total` | counter | |
+//! | `snaprelay_gc_deferred_chunks_total` | counter: chunks a GC left for later because publishes were in flight | |
 //! | `snaprelay_role` | gauge, 1 for the current role | `role` = `leader` \| `follower` \| `learner` \| `candidate` \| `shutdown` \| `unknown` |
 //! | `snaprelay_build_info` | gauge, always 1 | `version` |
 //!
@@ -240,6 +241,7 @@ struct Inner {
     gc_deleted_manifests: Counter,
     gc_deleted_chunks: Counter,
     gc_deleted_bytes: Counter,
+    gc_deferred_chunks: Counter,
     role: Labelled<Gauge>,
 }
 
@@ -295,6 +297,7 @@ impl Metrics {
             gc_deleted_manifests: Counter::default(),
             gc_deleted_chunks: Counter::default(),
             gc_deleted_bytes: Counter::default(),
+            gc_deferred_chunks: Counter::default(),
             role: Family::default(),
         };
         // Every labelled series exists from the start, at 0.
@@ -413,11 +416,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn gc_deleted(&self, manifests: u64, chunks: u64, bytes: u64) {
+    pub fn gc_done(&self, report: &crate::gc::GcReport) {
         let m = &self.inner;
-        m.gc_deleted_manifests.inc_by(manifests);
-        m.gc_deleted_chunks.inc_by(chunks);
-        m.gc_deleted_bytes.inc_by(bytes);
+        m.gc_deleted_manifests
+            .inc_by(report.manifests_deleted.len() as u64);
+        m.gc_deleted_chunks.inc_by(report.chunks_deleted);
+        m.gc_deleted_bytes.inc_by(report.bytes_deleted);
+        m.gc_deferred_chunks.inc_by(report.chunks_deferred);
     }
 
     /// The node's role as the hook reports it (`Role`'s Display): `leader`, `follower`,
@@ -605,6 +610,11 @@ impl Inner {
             "gc_deleted_bytes",
             "Bytes of chunks deleted by garbage collection",
             self.gc_deleted_bytes.clone(),
+        );
+        r.register(
+            "gc_deferred_chunks",
+            "Chunks garbage collection left for a later run because publishes were in flight",
+            self.gc_deferred_chunks.clone(),
         );
         r.register(
             "role",
@@ -866,7 +876,7 @@ mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 26] = [
+    const FAMILIES: [(&str, &str); 27] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -891,6 +901,7 @@ mod tests {
         ("snaprelay_gc_deleted_manifests_total", "counter"),
         ("snaprelay_gc_deleted_chunks_total", "counter"),
         ("snaprelay_gc_deleted_bytes_total", "counter"),
+        ("snaprelay_gc_deferred_chunks_total", "counter"),
         ("snaprelay_role", "gauge"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -904,7 +915,13 @@ mod tests {
         m.adopted(42, "staged");
         m.verification_failure();
         m.store_error("unreachable");
-        m.gc_deleted(1, 5, 4096);
+        m.gc_done(&crate::gc::GcReport {
+            manifests_deleted: vec!["m".into()],
+            chunks_deleted: 5,
+            bytes_deleted: 4096,
+            chunks_deferred: 2,
+            ..Default::default()
+        });
         m.follower_position(Some(30), Some(42));
     }
 
