@@ -73,7 +73,8 @@ impl Renewal {
         if self.sent.elapsed() >= ttl / 2 {
             self.lapsed = true;
         }
-        self.sent = sent;
+        // A renewal and a check may overlap; the later send counts.
+        self.sent = self.sent.max(sent);
     }
 }
 
@@ -278,7 +279,7 @@ impl Lease {
     }
 
     /// Stops renewing the lease and deletes it. A lease left behind (the delete failed)
-    /// only makes GCs keep chunks until it goes stale.
+    /// only holds the other side back until it goes stale.
     pub async fn release(mut self) {
         if let Some((stop, task)) = self.refresher.take() {
             let _ = stop.send(());
