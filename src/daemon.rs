@@ -539,11 +539,11 @@ impl Daemon {
         current: (u64, u64),
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let retention = Retention::new(
-            self.config.retention.keep_last,
-            vec![current],
-            self.config.retention.grace,
-        );
+        let retention = Retention {
+            keep_last: self.config.retention.keep_last,
+            pinned: vec![current],
+            grace: self.config.retention.grace,
+        };
         tokio::select! {
             // Stopping between deletions leaves a valid repository (manifests go first).
             _ = cancel.cancelled() => Ok(()),

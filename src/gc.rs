@@ -31,19 +31,6 @@ pub struct Retention {
     /// Unreferenced chunks younger than this (by the store's clock) are kept: they may
     /// belong to a publish in flight.
     pub grace: Duration,
-    /// How long a lease stays live unrenewed ([`lease::DEFAULT_TTL`]).
-    pub lease_ttl: Duration,
-}
-
-impl Retention {
-    pub fn new(keep_last: usize, pinned: Vec<(u64, u64)>, grace: Duration) -> Retention {
-        Retention {
-            keep_last,
-            pinned,
-            grace,
-            lease_ttl: lease::DEFAULT_TTL,
-        }
-    }
 }
 
 /// What a GC will do (dry run) or did.
@@ -101,7 +88,7 @@ pub async fn collect(
     }
 
     let mut lease = match apply {
-        true => Some(Lease::take(repo, LeaseKind::Gc, retention.lease_ttl, None).await?),
+        true => Some(Lease::take(repo, LeaseKind::Gc, lease::DEFAULT_TTL, None).await?),
         false => None,
     };
     let result = collect_chunks(

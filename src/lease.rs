@@ -336,6 +336,22 @@ mod tests {
 
     const LONG: Duration = Duration::from_secs(300);
 
+    /// A repository on a file:// store at `root`, which a test can take away.
+    async fn file_repo(root: &std::path::Path) -> Repo {
+        let url = StoreUrl::parse(&format!("file://{}", root.display())).unwrap();
+        let store = Store::open(&StoreSettings::for_url(url)).unwrap();
+        Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap()
+    }
+
+    /// Moves the store at `root` to `away` and leaves a file in its place: every write
+    /// fails until it is moved back.
+    fn take_away(root: &std::path::Path, away: &std::path::Path) {
+        std::fs::rename(root, away).unwrap();
+        std::fs::write(root, b"not a directory").unwrap();
+    }
+
     #[tokio::test]
     async fn each_side_sees_the_other_and_release_removes_the_lease() {
         let repo = repo().await;
@@ -405,19 +421,14 @@ mod tests {
     async fn a_lease_that_cannot_be_renewed_stops_vouching() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let url = StoreUrl::parse(&format!("file://{}", root.display())).unwrap();
-        let store = Store::open(&StoreSettings::for_url(url)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = file_repo(&root).await;
         let ttl = Duration::from_millis(200);
         let lease = Lease::take(&repo, LeaseKind::Publish, ttl, None)
             .await
             .unwrap();
         assert!(lease.fresh() && lease.holds());
         // The store goes away: renewals fail from now on.
-        std::fs::rename(&root, dir.path().join("gone")).unwrap();
-        std::fs::write(&root, b"not a directory").unwrap();
+        take_away(&root, &dir.path().join("gone"));
         tokio::time::sleep(ttl).await;
         assert!(!lease.fresh());
         assert!(!lease.holds());
@@ -429,18 +440,13 @@ mod tests {
     async fn a_lapse_is_not_forgotten_when_renewals_resume() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let url = StoreUrl::parse(&format!("file://{}", root.display())).unwrap();
-        let store = Store::open(&StoreSettings::for_url(url)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = file_repo(&root).await;
         let ttl = Duration::from_millis(200);
         let lease = Lease::take(&repo, LeaseKind::Publish, ttl, None)
             .await
             .unwrap();
         let away = dir.path().join("away");
-        std::fs::rename(&root, &away).unwrap();
-        std::fs::write(&root, b"not a directory").unwrap();
+        take_away(&root, &away);
         tokio::time::sleep(ttl).await;
         // The store comes back and renewals succeed again; others may have taken the lease
         // for stale meanwhile.

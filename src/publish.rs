@@ -62,7 +62,6 @@ pub struct Publisher<'a> {
     node_id: Option<u64>,
     progress: &'a dyn Progress,
     use_index: bool,
-    lease_ttl: Duration,
 }
 
 /// Counters shared by the uploads of one publish.
@@ -85,14 +84,7 @@ impl<'a> Publisher<'a> {
             node_id,
             progress,
             use_index: true,
-            lease_ttl: lease::DEFAULT_TTL,
         }
-    }
-
-    /// How long this publish's lease stays live unrenewed (tests shorten it).
-    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
-        self.lease_ttl = ttl;
-        self
     }
 
     /// Whether to use the chunk index a node wrote beside the snapshot (default: yes). With
@@ -111,7 +103,7 @@ impl<'a> Publisher<'a> {
         // The lease comes before any look at what the store holds (see `lease`); reading
         // the node's index meanwhile hides its round trips.
         let (lease, node_index) = tokio::join!(
-            Lease::for_publish(self.repo, self.lease_ttl, self.node_id),
+            Lease::for_publish(self.repo, lease::DEFAULT_TTL, self.node_id),
             async {
                 match self.use_index {
                     true => self.usable_index(snapshot).await,

@@ -321,6 +321,10 @@ impl Repo {
         self.store.key(&format!("{MANIFESTS}/{}", id.file_name()))
     }
 
+    fn lease_key(&self, name: &str) -> Path {
+        self.store.key(&format!("{LEASES}/{name}"))
+    }
+
     fn chunk_key(&self, sha: &Digest) -> Path {
         let hex = sha.to_hex();
         self.store.key(&format!("{CHUNKS}/{}/{hex}", &hex[..2]))
@@ -502,7 +506,7 @@ impl Repo {
     /// Writes (or rewrites) the lease object `name`; `body` says who holds it.
     pub async fn put_lease(&self, name: &str, body: Bytes) -> Result<()> {
         debug_assert!(LeaseKind::of_name(name).is_some() && body.len() <= MAX_LEASE_BYTES);
-        let key = self.store.key(&format!("{LEASES}/{name}"));
+        let key = self.lease_key(name);
         self.store
             .backend
             .put(&key, PutPayload::from_bytes(body))
@@ -526,7 +530,7 @@ impl Repo {
             .filter_map(|meta| {
                 let name = meta.location.filename()?.to_owned();
                 let kind = LeaseKind::of_name(&name)
-                    .filter(|_| self.store.key(&format!("{LEASES}/{name}")) == meta.location);
+                    .filter(|_| self.lease_key(&name) == meta.location);
                 if kind.is_none() {
                     tracing::debug!(key = %meta.location, "ignoring an object under leases/ that is not a lease");
                 }
@@ -541,13 +545,13 @@ impl Repo {
 
     /// Reads a lease object's body (what its holder wrote about itself), for messages.
     pub async fn read_lease(&self, name: &str) -> Result<Bytes> {
-        let key = self.store.key(&format!("{LEASES}/{name}"));
+        let key = self.lease_key(name);
         get_limited(&self.store, &key, MAX_LEASE_BYTES as u64).await
     }
 
     /// Deletes a lease object. Missing is fine.
     pub async fn delete_lease(&self, name: &str) -> Result<()> {
-        let key = self.store.key(&format!("{LEASES}/{name}"));
+        let key = self.lease_key(name);
         match self.store.backend.delete(&key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_err("delete", &key)(e)),

@@ -161,22 +161,9 @@ async fn push_racing_gc_still_commits_complete_snapshots() {
     ]);
     for index in 2..=8 {
         let meta = write_generation(&leader, index);
-        let bin = env!("CARGO_BIN_EXE_snaprelay");
         // Both run at once: the GC deletes chunks the push found present and reuses.
-        let push = std::process::Command::new(bin)
-            .args(&target.args)
-            .args(["push", meta.to_str().unwrap(), "--json"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let gc = std::process::Command::new(bin)
-            .args(&target.args)
-            .args(["gc", "--apply", "--keep-last", "1", "--grace", "0s"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let push = target.spawn(&["push", meta.to_str().unwrap(), "--json"]);
+        let gc = target.spawn(&["gc", "--apply", "--keep-last", "1", "--grace", "0s"]);
         let (push, gc) = (push.wait_with_output(), gc.wait_with_output());
         let (push, gc) = (push.unwrap(), gc.unwrap());
         assert!(push.status.success(), "{}", support::stderr(&push));
@@ -288,13 +275,7 @@ async fn push_waits_for_a_gc_in_progress() {
         .await
         .unwrap();
     let meta = write_generation(&leader, 2);
-    let mut push = std::process::Command::new(env!("CARGO_BIN_EXE_snaprelay"))
-        .args(&target.args)
-        .args(["push", meta.to_str().unwrap(), "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut push = target.spawn(&["push", meta.to_str().unwrap(), "--json"]);
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     assert!(
         push.try_wait().unwrap().is_none(),

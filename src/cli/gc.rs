@@ -21,11 +21,11 @@ pub struct Args {
 
 pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let repo = super::open_repo(config).await?;
-    let retention = Retention::new(
-        args.keep_last.unwrap_or(config.retention.keep_last),
-        Vec::new(),
-        args.grace.unwrap_or(config.retention.grace),
-    );
+    let retention = Retention {
+        keep_last: args.keep_last.unwrap_or(config.retention.keep_last),
+        pinned: Vec::new(),
+        grace: args.grace.unwrap_or(config.retention.grace),
+    };
     if retention.keep_last == 0 {
         anyhow::bail!(crate::config::ConfigError::invalid(
             "--keep-last",

@@ -141,6 +141,17 @@ impl Target {
         cmd.output().expect("running snaprelay")
     }
 
+    /// Starts `snaprelay <global args> <args>` with stdout and stderr captured.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+            .args(&self.args)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting snaprelay")
+    }
+
     /// Runs and expects success; returns stdout parsed as JSON.
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.run(args);
