@@ -3,7 +3,7 @@
 //! runs, and says `STOPPING=1` on SIGTERM. The test plays systemd: a datagram socket named
 //! by `NOTIFY_SOCKET`, with a real node and sidecar.
 
-mod support;
+use crate::support;
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! `file://` directory, and the real S3 server (SeaweedFS) that `scripts/test.sh` starts.
 //! Each check is a behaviour the rest of snaprelay relies on.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 

@@ -3,7 +3,7 @@
 //! insertions that shift every later offset) uploads at most 3% of its bytes, and a pull into
 //! a directory that holds the previous snapshot downloads at most 3%.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -3,7 +3,7 @@
 //! index, and publishes what the node wrote; an index it cannot trust is ignored (the file
 //! is cut as usual), and a data file that contradicts its index is refused.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};

@@ -2,7 +2,7 @@
 //! references (once past the grace period), never a chunk a kept snapshot needs, and a push
 //! that races a GC still commits a complete snapshot.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `push` then `pull` through the real binary gives back the same bytes, in the snapshot
 //! directory layout, for edge sizes on every store and for a 1 GiB file streamed from disk.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -1,7 +1,7 @@
 //! Operator commands: `check-config` probes the store and the hook and prints a table of
 //! what works, with one clear line (and the right exit code) for each kind of failure.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 //! Each scenario says what an operator would check: the followers end up with the leader's
 //! snapshot (same log id, same bytes), built nothing themselves, and purged their logs.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! (the manifest is the commit point), and the next push completes it, uploading only the
 //! chunks that had not made it into the store.
 
-mod support;
+use crate::support;
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};

@@ -3,7 +3,7 @@
 //! manifest of another cluster), and leaves the target directory empty. `verify` names each
 //! bad chunk and the manifests that use it.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -1,0 +1,16 @@
+//! snaprelay's flow tests, as one test binary (a binary per file would link the whole crate
+//! a dozen times). Each module is one flow, against real files, sockets, processes and (with
+//! `scripts/test.sh`) a real S3 server; each scenario says in its comment what it proves.
+
+mod support;
+
+mod chunk_index;
+mod corruption;
+mod crash_safety;
+mod e2e_cluster;
+mod gc;
+mod incremental;
+mod operate;
+mod roundtrip;
+mod store_conformance;
+mod systemd_notify;
