@@ -23,10 +23,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NodeConfig};
 use crate::error::Error;
+use crate::error::FailureReason;
 use crate::fetch::{self, Fetcher};
 use crate::gc::{self, Retention};
+use crate::health::Health;
 use crate::ipc::{Role, Status};
-use crate::metrics::{self, FailureReason, Health, Metrics};
+use crate::metrics::Metrics;
 use crate::node::HookClient;
 use crate::publish::Publisher;
 use crate::repo::{ManifestId, Repo};
@@ -128,9 +130,9 @@ impl Daemon {
         let watchdog = self.supervisor.spawn_watchdog(cancel.clone());
         let server = match self.config.metrics.listen {
             Some(listen) => {
-                let listener = metrics::bind(listen).await?;
+                let listener = crate::http::bind(listen).await?;
                 tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
-                Some(tokio::spawn(metrics::serve(
+                Some(tokio::spawn(crate::http::serve(
                     listener,
                     self.metrics.clone(),
                     self.health.clone(),
@@ -259,7 +261,7 @@ impl Daemon {
 
     /// Feeds a failed step into metrics and readiness.
     fn record_failure(&self, err: &anyhow::Error) {
-        if let Some(kind) = metrics::store_error_kind(err) {
+        if let Some(kind) = crate::error::store_error_kind(err) {
             self.metrics.store_error(kind);
             self.health.store_reachable(false);
         }

@@ -1,9 +1,12 @@
 //! The library's error type for repository work (push, pull, list, verify) and how a failure
-//! maps onto what an operator can act on: the CLI's exit codes and the daemon's retry loops.
+//! maps onto what an operator can act on: the CLI's exit codes, the daemon's retry loops, and
+//! the `reason`/`kind` labels of the failure metrics ([`FailureReason`], [`store_error_kind`]).
 
+use std::fmt;
 use std::io;
 
 use crate::config::ConfigError;
+use crate::node::HookError;
 use crate::snapdir::SnapdirError;
 
 /// What a failure means to the caller; the CLI turns it into an exit code.
@@ -109,6 +112,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A failure whose producer has already decided its class, for a command that reported the
+/// details itself (`check-config` prints a table of what failed, then fails with this).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Classified {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
 impl Error {
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
@@ -183,7 +195,7 @@ fn store_error_class(err: &object_store::Error) -> ErrorClass {
 /// does not know (argument parsing aside) count as data problems.
 pub fn classify(err: &anyhow::Error) -> ErrorClass {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<crate::cli::ProbeFailed>() {
+        if let Some(e) = cause.downcast_ref::<Classified>() {
             return e.class;
         }
         if let Some(e) = cause.downcast_ref::<Error>() {
@@ -197,4 +209,165 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
         }
     }
     ErrorClass::Data
+}
+
+/// Why a publish or fetch failed, as an operator would triage it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// The object store refused or could not be reached.
+    Store,
+    /// The node's hook failed or its snapshot directory broke the contract.
+    Node,
+    /// Data that does not match its checksum, or a malformed or missing object.
+    Corrupt,
+    /// A local file system error.
+    Io,
+    Other,
+}
+
+impl FailureReason {
+    pub const ALL: [FailureReason; 5] = [
+        FailureReason::Store,
+        FailureReason::Node,
+        FailureReason::Corrupt,
+        FailureReason::Io,
+        FailureReason::Other,
+    ];
+
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Store => "store",
+            FailureReason::Node => "node",
+            FailureReason::Corrupt => "corrupt",
+            FailureReason::Io => "io",
+            FailureReason::Other => "other",
+        }
+    }
+
+    /// Classifies a failed step by the first error in its chain that snaprelay knows.
+    pub fn of(err: &anyhow::Error) -> FailureReason {
+        for cause in err.chain() {
+            if let Some(e) = cause.downcast_ref::<Error>() {
+                return match e {
+                    Error::Store { .. } | Error::LeaseLapsed { .. } => FailureReason::Store,
+                    Error::Io { .. } => FailureReason::Io,
+                    Error::Snapdir(e) => snapdir_reason(e),
+                    Error::InvalidManifest { .. }
+                    | Error::InvalidRepository { .. }
+                    | Error::ObjectTooLarge { .. }
+                    | Error::ChunkMissing { .. }
+                    | Error::ChunkCorrupt { .. }
+                    | Error::FileCorrupt { .. }
+                    | Error::IndexMismatch { .. } => FailureReason::Corrupt,
+                    Error::Config(_)
+                    | Error::ClusterMismatch { .. }
+                    | Error::NoRepository { .. }
+                    | Error::SnapshotNotFound { .. }
+                    | Error::NoSnapshots => FailureReason::Other,
+                };
+            }
+            if cause.is::<HookError>() {
+                return FailureReason::Node;
+            }
+            if let Some(e) = cause.downcast_ref::<SnapdirError>() {
+                return snapdir_reason(e);
+            }
+            if cause.is::<object_store::Error>() {
+                return FailureReason::Store;
+            }
+            if cause.is::<std::io::Error>() {
+                return FailureReason::Io;
+            }
+        }
+        FailureReason::Other
+    }
+}
+
+fn snapdir_reason(err: &SnapdirError) -> FailureReason {
+    match err {
+        SnapdirError::Read { .. } | SnapdirError::Write { .. } => FailureReason::Io,
+        // The node wrote something that breaks the directory contract.
+        _ => FailureReason::Node,
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `kind` label for [`Metrics::store_error`] of the first store error in `err`'s chain;
+/// `None` if the failure did not come from the store.
+pub fn store_error_kind(err: &anyhow::Error) -> Option<&'static str> {
+    use object_store::Error as E;
+    let store_error = err
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<Error>() {
+            Some(Error::Store { source, .. }) => Some(source),
+            _ => cause.downcast_ref::<E>(),
+        })?;
+    if crate::error::is_denied(store_error) {
+        return Some("permission");
+    }
+    Some(match store_error {
+        E::NotFound { .. } => "not_found",
+        // How the HTTP backends report connection failures, timeouts and server errors.
+        E::Generic { .. } => "unreachable",
+        _ => "other",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn failure_reasons_are_classified_from_the_error_chain() {
+        let corrupt = anyhow::Error::new(Error::ChunkCorrupt {
+            sha256: "ab".into(),
+            reason: "sha256 mismatch".into(),
+        })
+        .context("fetching snapshot 7");
+        assert_eq!(FailureReason::of(&corrupt), FailureReason::Corrupt);
+
+        let store = anyhow::Error::new(Error::Store {
+            op: "get",
+            key: "manifests/x".into(),
+            source: object_store::Error::NotFound {
+                path: "manifests/x".into(),
+                source: "gone".into(),
+            },
+        })
+        .context("publishing snapshot 3");
+        assert_eq!(FailureReason::of(&store), FailureReason::Store);
+        assert_eq!(store_error_kind(&store), Some("not_found"));
+
+        let hook = anyhow::Error::new(HookError::Timeout {
+            socket: "/run/node.sock".into(),
+            timeout: Duration::from_secs(1),
+        });
+        assert_eq!(FailureReason::of(&hook), FailureReason::Node);
+        assert_eq!(store_error_kind(&hook), None);
+
+        let io = anyhow::Error::new(std::io::Error::other("disk full")).context("staging");
+        assert_eq!(FailureReason::of(&io), FailureReason::Io);
+        assert_eq!(
+            FailureReason::of(&anyhow::anyhow!("???")),
+            FailureReason::Other
+        );
+
+        let denied = anyhow::Error::new(object_store::Error::PermissionDenied {
+            path: "x".into(),
+            source: "403".into(),
+        });
+        assert_eq!(store_error_kind(&denied), Some("permission"));
+        let down = anyhow::Error::new(object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        });
+        assert_eq!(store_error_kind(&down), Some("unreachable"));
+    }
 }

@@ -12,20 +12,23 @@
 //!   chunking and chunk index both sides agree on).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
-//! - [`metrics`]: Prometheus metrics, /healthz and /readyz, and the HTTP server for them.
+//! - [`metrics`]: the daemon's Prometheus metrics.
+//! - [`health`]: what /healthz and /readyz answer: loop progress, store and hook reachability.
+//! - [`http`]: the HTTP listener serving /metrics, /healthz and /readyz.
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
 //! - [`gc`]: retention: old manifests, then unreferenced chunks past a grace period.
+//! - [`lease`]: how a publish and a GC running at once keep out of each other's way.
 //! - [`verify`]: re-download and re-hash what the store holds.
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
 //! - [`daemon`]: `snaprelay run`: role tracking, publishing as leader, adopting as follower.
 //! - [`systemd`]: sd_notify readiness, status, stopping and a progress-driven watchdog.
 //! - [`watch`]: snapshot directory events, debounced.
-//! - [`error`]: how failures are classified into exit codes.
+//! - [`error`]: the error type and how failures are classified: exit codes, retries, metric labels.
 
 pub mod chunk;
 pub mod cli;
@@ -34,6 +37,8 @@ pub mod daemon;
 pub mod error;
 pub mod fetch;
 pub mod gc;
+pub mod health;
+pub mod http;
 pub mod lease;
 pub mod manifest;
 pub mod metrics;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Health;
+use crate::health::Health;
 use crate::progress::Progress;
 
 #[derive(Clone)]

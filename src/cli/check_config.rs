@@ -3,7 +3,7 @@
 //! key) and the node's hook — and print a table of what works.
 
 use crate::config::Config;
-use crate::error::{Error, ErrorClass};
+use crate::error::{Classified, Error, ErrorClass};
 use crate::node::HookClient;
 use crate::repo::Repo;
 use crate::store::Store;
@@ -13,15 +13,6 @@ pub struct Args {
     /// Only validate and print; do not contact the store or the node.
     #[arg(long)]
     pub no_probe: bool,
-}
-
-/// Some probe failed; the table says which.
-#[derive(Debug, thiserror::Error)]
-#[error("{failed} of {total} checks failed")]
-pub struct ProbeFailed {
-    failed: usize,
-    total: usize,
-    pub class: ErrorClass,
 }
 
 pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
@@ -78,10 +69,10 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     } else {
         ErrorClass::Data
     };
-    Err(ProbeFailed {
-        failed: failures.len(),
-        total,
+    // The table above says which checks failed.
+    Err(Classified {
         class,
+        message: format!("{} of {total} checks failed", failures.len()),
     }
     .into())
 }

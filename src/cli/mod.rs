@@ -11,7 +11,6 @@ use crate::repo::Repo;
 use crate::store::Store;
 
 mod check_config;
-pub use check_config::ProbeFailed;
 mod gc;
 mod list;
 mod pull;
