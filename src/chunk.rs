@@ -7,7 +7,7 @@ use std::io::Read;
 
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
-pub use snaprelay_contract::chunking::{ChunkParams, Cutter, Digest, MIN_MIN_SIZE};
+pub use snaprelay_contract::chunking::{ChunkParams, Digest, StreamCutter, MIN_MIN_SIZE};
 
 /// Opens a file that will be read once, front to back: tells the kernel so, which doubles
 /// its readahead. On a cold page cache that cut the system time of a 1 GiB push to
@@ -81,43 +81,41 @@ pub struct RawChunk {
 /// Cuts `reader` into chunks and hands each to `sink` in order; returns the stream's size.
 /// Blocking: run it on a blocking thread. A `sink` error stops the cut and is returned.
 ///
-/// Reads into one buffer of twice the maximum chunk size and cuts every complete chunk in
-/// it before refilling, so each byte is read once and copied once (into its chunk).
-/// `params` must have been validated ([`ChunkParams::new`]).
+/// Reads straight into the [`StreamCutter`]'s buffer (the same loop the node's index uses),
+/// so each byte is read once and copied once, into its chunk. `params` must have been
+/// validated ([`ChunkParams::new`]).
 pub fn split<R: Read>(
     mut reader: R,
     params: ChunkParams,
     mut sink: impl FnMut(RawChunk) -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
-    let cutter = Cutter::new(params);
-    let mut buf = vec![0u8; 2 * cutter.max()];
-    let (mut start, mut end) = (0usize, 0usize);
+    let mut stream = StreamCutter::new(params);
     let mut offset = 0u64;
     let mut eof = false;
     loop {
-        // Cut while a whole maximum-size window is buffered (or the stream has ended).
-        while end - start >= cutter.max() || (eof && end > start) {
-            let len = cutter.cut(&buf[start..end]);
+        stream.cut(eof, |chunk| {
+            let at = offset;
+            offset += chunk.len() as u64;
             sink(RawChunk {
-                offset,
-                data: Bytes::copy_from_slice(&buf[start..start + len]),
-            })?;
-            start += len;
-            offset += len as u64;
-        }
+                offset: at,
+                data: Bytes::copy_from_slice(chunk),
+            })
+        })?;
         if eof {
             return Ok(offset);
         }
-        buf.copy_within(start..end, 0);
-        end -= start;
-        start = 0;
-        while end < buf.len() {
-            match reader.read(&mut buf[end..]) {
+        // Fill the buffer (a short read is not the end of the stream).
+        loop {
+            let spare = stream.spare();
+            if spare.is_empty() {
+                break;
+            }
+            match reader.read(spare) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
-                Ok(n) => end += n,
+                Ok(n) => stream.filled(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -239,10 +237,12 @@ mod tests {
         );
     }
 
-    /// The splitter cuts exactly where fastcdc's own streaming chunker does, whatever the
-    /// read sizes, so chunk identity never depends on how the file was read.
+    /// The file splitter cuts exactly where the node's index cuts, whatever the read sizes:
+    /// both go through the one `StreamCutter` (whose cuts the contract crate pins against
+    /// fastcdc and against golden vectors), and a reader that returns short reads must not
+    /// move a boundary.
     #[test]
-    fn cuts_match_fastcdc_stream_cdc() {
+    fn split_cuts_where_the_nodes_index_cuts_whatever_the_read_sizes() {
         struct Dribble<'a>(&'a [u8], usize);
         impl Read for Dribble<'_> {
             fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
@@ -258,15 +258,13 @@ mod tests {
                 small(),
                 ChunkParams::new(64 << 10, 256 << 10, 1 << 20).unwrap(),
             ] {
-                let expected: Vec<(u64, usize)> =
-                    fastcdc::v2020::StreamCDC::new(&data[..], p.min_size, p.avg_size, p.max_size)
-                        .map(|c| c.unwrap())
-                        .map(|c| (c.offset, c.length))
-                        .collect();
+                let mut indexer = snaprelay_contract::chunking::Indexer::new(p);
+                indexer.update(&data);
+                let expected: Vec<(Digest, u64)> = indexer.finish().chunks;
                 for read_size in [1000, 65536, usize::MAX] {
                     let mut got = Vec::new();
                     let size = split(Dribble(&data, read_size), p, |c| {
-                        got.push((c.offset, c.data.len()));
+                        got.push((Digest::of(&c.data), c.data.len() as u64));
                         Ok(())
                     })
                     .unwrap();
