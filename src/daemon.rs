@@ -172,7 +172,7 @@ impl Daemon {
                     }
                 }
                 Err(e) if is_fatal(&e) => {
-                    tracing::error!(error = %format!("{e:#}"), "giving up");
+                    tracing::error!(error = %crate::error::chain(&e), "giving up");
                     return Err(e);
                 }
                 Err(e) => {
@@ -180,9 +180,9 @@ impl Daemon {
                     self.record_failure(&e);
                     let wait = self.backoff.failed();
                     if self.backoff.failures == 1 {
-                        tracing::warn!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
+                        tracing::warn!(error = %crate::error::chain(&e), retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
                     } else {
-                        tracing::debug!(error = %format!("{e:#}"), failures = self.backoff.failures, retry_in_ms = wait.as_millis() as u64, "still failing");
+                        tracing::debug!(error = %crate::error::chain(&e), failures = self.backoff.failures, retry_in_ms = wait.as_millis() as u64, "still failing");
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -232,7 +232,7 @@ impl Daemon {
                 Err(e) => {
                     let wait = self.backoff.failed();
                     if self.backoff.failures == 1 {
-                        tracing::warn!(error = %format!("{e:#}"), "not ready yet; retrying");
+                        tracing::warn!(error = %crate::error::chain(&e), "not ready yet; retrying");
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(false),
@@ -293,7 +293,7 @@ impl Daemon {
     }
 
     fn report_error(&mut self, err: &anyhow::Error) {
-        self.state.last_error = Some(format!("{err:#}"));
+        self.state.last_error = Some(crate::error::chain(err));
         self.state.last_error_at = Some(chrono::Utc::now());
         self.save_state();
     }

@@ -112,6 +112,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its causes on one line, `outer: cause: root cause`, for people to read.
+///
+/// Like anyhow's `{:#}`, but a cause is left out when the text so far already contains it:
+/// object_store's and this crate's messages embed their sources, so `{:#}` would print the
+/// same root cause three or four times over.
+pub fn chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// A failure whose producer has already decided its class, for a command that reported the
 /// details itself (`check-config` prints a table of what failed, then fails with this).
 #[derive(Debug, thiserror::Error)]
@@ -156,14 +176,27 @@ impl Error {
     }
 }
 
-/// The HTTP status behind a store error, when the backend reports one only in its message.
-/// object_store classifies 403/404 for gets and puts but not for listings, which come back
-/// as `Generic` errors saying "status code: 403 Forbidden"; without this, bad credentials
-/// would look like an unreachable store.
+/// The HTTP status behind a store error that object_store did not classify.
+///
+/// object_store 0.14 turns a 401/403/404/409/412 of a GET, PUT, HEAD or DELETE into a typed
+/// variant (`PermissionDenied`, `Unauthenticated`, `NotFound`, ...), which [`is_denied`] and
+/// [`store_error_class`] match on. A failed *listing* (ListObjectsV2) comes back as
+/// `Generic`, and the status it carries (in its private `RetryError`) is not reachable through
+/// any public type. Only for `Generic` errors, then, the status is read from the one message
+/// object_store writes for it, "Server returned non-2xx status code: <NNN> <reason>";
+/// without this, bad credentials on a listing would look like an unreachable store.
 pub fn http_status(err: &object_store::Error) -> Option<u16> {
+    const MARKER: &str = "non-2xx status code: ";
+    if !matches!(err, object_store::Error::Generic { .. }) {
+        return None;
+    }
     let text = err.to_string();
-    let at = text.find("status code: ")? + "status code: ".len();
-    text.get(at..at + 3)?.parse().ok()
+    let at = text.find(MARKER)? + MARKER.len();
+    let code = text.get(at..at + 3)?;
+    code.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| code.parse().ok())
+        .flatten()
 }
 
 /// Whether a store error means "not allowed" (bad credentials or missing permission).
@@ -323,6 +356,60 @@ pub fn store_error_kind(err: &anyhow::Error) -> Option<&'static str> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn chain_names_each_cause_once() {
+        let root = std::io::Error::other("No space left on device");
+        let err = anyhow::Error::new(Error::io("writing /x/.s.partial", root))
+            .context("pulling snapshot 7");
+        assert_eq!(
+            chain(&err),
+            "pulling snapshot 7: writing /x/.s.partial: No space left on device"
+        );
+    }
+
+    #[test]
+    fn denials_are_classified_by_type_or_by_a_listings_status() {
+        let typed = object_store::Error::PermissionDenied {
+            path: "manifests/x".into(),
+            source: "403".into(),
+        };
+        assert!(is_denied(&typed));
+        assert_eq!(store_error_class(&typed), ErrorClass::Usage);
+        // What a denied ListObjectsV2 looks like: a Generic error carrying the status text.
+        let listing = |status: &str| {
+            object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "Error performing list request: Error performing GET http://127.0.0.1:8333/b?list-type=2 in 3ms - Server returned non-2xx status code: {status}: <Error/>"
+            )
+            .into(),
+        }
+        };
+        assert_eq!(http_status(&listing("403 Forbidden")), Some(403));
+        assert!(is_denied(&listing("403 Forbidden")));
+        assert_eq!(
+            store_error_class(&listing("403 Forbidden")),
+            ErrorClass::Usage
+        );
+        assert_eq!(http_status(&listing("503 Service Unavailable")), Some(503));
+        assert_eq!(
+            store_error_class(&listing("503 Service Unavailable")),
+            ErrorClass::Unreachable
+        );
+        // Nothing is read from the text of a typed error, or of a message without a status.
+        let not_found = object_store::Error::NotFound {
+            path: "x".into(),
+            source: "status code: 403".into(),
+        };
+        assert_eq!(http_status(&not_found), None);
+        let refused = object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        };
+        assert_eq!(http_status(&refused), None);
+        assert_eq!(store_error_class(&refused), ErrorClass::Unreachable);
+    }
 
     #[test]
     fn failure_reasons_are_classified_from_the_error_chain() {

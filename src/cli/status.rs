@@ -80,7 +80,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
                     + chunks.values().map(|c| c.size).sum::<u64>(),
             );
         }
-        Err(e) => report.store_error = Some(format!("{e:#}")),
+        Err(e) => report.store_error = Some(crate::error::chain(&e)),
     }
     if let (Some(newest), Some(node)) = (report.newest_index, &report.node) {
         report.lag = Some(newest.saturating_sub(node.snapshot.map(|s| s.index).unwrap_or(0)));
