@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Benchmark snaprelay against aws cli, rclone and cp+sync on a local SeaweedFS.
+"""Benchmark snaprelay against aws cli, rclone and cp+sync on a local SeaweedFS, and on real
+workloads.
 
 Usage:
     scripts/bench.py [--sizes 1GiB,4GiB] [--rounds 3] [--rounds-for 4GiB=2] [--out FILE]
-                     [--scenarios s3,incremental,file]
+                     [--scenarios s3,incremental,file,workloads] [--workloads NAME,...]
+                     [--workload-sizes 1GiB] [--workload-stores s3,file] [--chunk-avg default,64KiB]
                      [--snaprelay BIN] [--write-snapshot BIN] [--rev-label REV] [--scratch DIR]
                      [--keep-scratch] [--no-drop-caches] [--min-free-gib 15] [--server-wait 300]
                      [--alt-port-offset 100] [--no-alt-ports] [--no-install]
@@ -24,6 +26,14 @@ rotates from round to round:
               that already holds A (A pulled there untimed)
  file         snaprelay push B to a fresh file store | sh -c 'cp B DEST && sync'; then
               snaprelay pull B from that store into an empty dir
+
+ workloads    real workloads (scripts/bench/workloads.py says what each is and why):
+              kv-uniform, kv-uniform-500, kv-hot, kv-append (sorted binary KV dumps), kv-json
+              (the kv example's JSON state), at --workload-sizes; file-edits (64 MiB with 64
+              scattered 10 KiB overwrites and 8 insertions). Per round, store and chunking:
+              push A, pull A, push B onto A, pull B into the dir holding A; reported: bytes
+              uploaded / downloaded as a share of B, objects written and bytes stored (listed
+              from the store), wall time.
 
 Every measured command runs under `/usr/bin/time -v` (peak RSS, user/sys CPU); the page cache
 is dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before each one when permitted, and our
@@ -54,6 +64,7 @@ from pathlib import Path
 
 from bench.common import BENCH_DIR, log, parse_size
 from bench.run import SCENARIOS, Bench, report_only, watch_termination
+from bench.workloads import REAL_WORKLOADS
 
 
 def size_list(text: str) -> list[int]:
@@ -70,6 +81,21 @@ def choice_list(choices):
             raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {', '.join(choices)} (or all)")
         return items
     return parse
+
+
+def chunk_avgs(text: str) -> list[int | None]:
+    """Average chunk sizes for the workloads' repositories; `default`: the repository default."""
+    out: list[int | None] = []
+    for x in (x.strip() for x in text.split(",") if x.strip()):
+        if x == "default":
+            out.append(None)
+            continue
+        avg = parse_size(x)
+        # [chunking] min = avg/4 >= 4 KiB, max = 4 avg <= 16 MiB, avg a power of two
+        if avg & (avg - 1) or not (16 << 10) <= avg <= (4 << 20):
+            raise argparse.ArgumentTypeError(f"chunk average {x}: a power of two from 16KiB to 4MiB")
+        out.append(avg)
+    return out or [None]
 
 
 def parse_rounds_for(text: str) -> dict:
@@ -92,6 +118,16 @@ def main() -> int:
                     help="per-size round counts overriding --rounds, e.g. 4GiB=2")
     ap.add_argument("--scenarios", default="all", type=choice_list(SCENARIOS),
                     help=f"which to run, comma separated: {', '.join(SCENARIOS)} (default all)")
+    ap.add_argument("--workloads", default="all", type=choice_list(list(REAL_WORKLOADS)),
+                    help=f"real workloads to run: {', '.join(REAL_WORKLOADS)} (default all)")
+    ap.add_argument("--workload-sizes", type=size_list,
+                    help="sizes of the real workloads (default: the smallest of --sizes; file-edits is "
+                         "always 64MiB)")
+    ap.add_argument("--workload-stores", default="s3", type=choice_list(["s3", "file"]),
+                    help="stores the real workloads run against: s3, file (default s3)")
+    ap.add_argument("--chunk-avg", default="default", type=chunk_avgs,
+                    help="average chunk sizes for the real workloads' repositories, e.g. default,64KiB,16KiB "
+                         "(default: the repository default)")
     ap.add_argument("--out", default=str(BENCH_DIR / "results.md"),
                     help="Markdown report (default .tools/bench/results.md); raw JSON lines go beside it")
     ap.add_argument("--snaprelay", help="use this snaprelay binary instead of `cargo build --release`")

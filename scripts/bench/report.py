@@ -1,6 +1,7 @@
 """The Markdown report of a run, rendered from its JSON-lines records (so a saved run can be
 rendered again: bench.py --report-only): the method, then the storage scenarios (throughput,
-per-round ratios, incremental transfers, peak RSS, where the CPU went, targets)."""
+per-round ratios, incremental transfers, peak RSS, where the CPU went, targets) and the real
+workloads (bytes moved as a share of the snapshot, objects written, bytes stored, wall time)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ def f1(x, nd=1):
     return "–" if x is None else f"{x:.{nd}f}"
 
 
-def render_report(records: list[dict], info: dict, skipped: list[str], notes: list[str]) -> str:
+def pct(part, whole) -> str:
+    return "–" if part is None or not whole else f"{100 * part / whole:.1f}%"
+
+
+def render_report(records: list[dict], info: dict, skipped: list[str], notes: list[str],
+                  workload_info: list[dict] | None = None) -> str:
     every = [r for r in records if "op" in r]
     recs = [r for r in every if r.get("group") in STORAGE_GROUPS]
     sizes = sorted({r["size_bytes"] for r in recs})
@@ -74,12 +80,16 @@ def render_report(records: list[dict], info: dict, skipped: list[str], notes: li
     if recs:
         L.extend(render_storage(recs, sizes))
 
+    if workload_info or any(r.get("group") == "workload" for r in every):
+        L.extend(render_workloads([r for r in every if r.get("group") == "workload"], workload_info or []))
+
     failed = [r for r in every if not r["ok"]]
     if failed or skipped or notes:
         L.append("## Failures, skips, notes")
         L.append("")
         for r in failed:
-            L.append(f"- FAILED r{r['round']} {r['size']} {r['op']} {r['tool']}: rc {r['rc']}: "
+            what = f"{r['workload']} ({r.get('store')}) " if "workload" in r else ""
+            L.append(f"- FAILED r{r['round']} {r['size']} {what}{r['op']} {r['tool']}: rc {r['rc']}: "
                      f"{(r.get('error') or '').splitlines()[-1:] }")
         for s in skipped:
             L.append(f"- {s}")
@@ -262,5 +272,69 @@ def render_storage(recs: list[dict], sizes: list[int]) -> list[str]:
             v = rss_max.get((name, size))
             verdict = "–" if v is None else ("yes" if v < 64 else "**NO**")
             L.append(f"| {TARGETS_TEXT['rss']} ({name}) | {fmt_size(size)} | {f1(v)} MiB max | {verdict} |")
+    L.append("")
+    return L
+
+
+def render_workloads(recs: list[dict], workload_info: list[dict]) -> list[str]:
+    """The real workloads: per workload, store and chunking, medians over rounds."""
+    L: list[str] = []
+    L.append("## Real workloads: a new snapshot, then an incremental one")
+    L.append("")
+    L.append("Per workload the node writes A and B through SnapshotDir (with its chunk index); each round, on "
+             "a fresh prefix: push A, pull A into an empty dir, push B onto A's prefix, pull B into the dir "
+             "holding A. Uploaded / downloaded = bytes snaprelay sent / fetched, as a share of B's size; "
+             "objects written and bytes stored = what a listing of the store shows new or rewritten after "
+             "the push (chunks, manifest, repository.json), bytes stored as a share of the pushed snapshot. "
+             "A chunking other than `default` is set for the new repository ([chunking] avg, min avg/4, "
+             "max 4 avg); the node's index is cut with the defaults, so there the sidecar cuts the file itself. "
+             "Medians over rounds.")
+    L.append("")
+    if workload_info:
+        L.append("| workload | size | A | B = A with | A bytes | B bytes | zlib-6 of A (first 4 MiB: whole / per 64 KiB) |")
+        L.append("|---|---|---|---|---:|---:|---:|")
+        for w in workload_info:
+            z = (f"{100 * w['zlib_whole']:.0f}% / {100 * w['zlib_64k']:.0f}%" if "zlib_whole" in w else "–")
+            L.append(f"| {w['workload']} | {w['size']} | {w['a_text']} | {w['b_text']} | {w['a_bytes']:,} | "
+                     f"{w['b_bytes']:,} | {z} |")
+        L.append("")
+    L.append("| workload | size | store | chunking | push A s | A: objects / stored | pull A s | push B s | "
+             "uploaded | B: objects / stored | pull B s | pull B CPU-s (snaprelay / SeaweedFS) | downloaded | "
+             "reused | rounds ok |")
+    L.append("|---|---|---|---|---:|---|---:|---:|---:|---|---:|---|---:|---:|---:|")
+    keys = []
+    for r in recs:
+        k = (r["workload"], r["size_bytes"], r.get("store"), r.get("chunk_avg"))
+        if k not in keys:
+            keys.append(k)
+    for name, size, store, avg in keys:
+        def ok(op):
+            return [r for r in recs if (r["workload"], r["size_bytes"], r.get("store"), r.get("chunk_avg"), r["op"])
+                    == (name, size, store, avg, op) and r["ok"]]
+
+        def wall(op):
+            return f1(med([r["wall_s"] for r in ok(op)]), 2)
+
+        def tj(op, key):
+            return med([(r.get("tool_json") or {}).get(key) for r in ok(op)])
+
+        def objects(op):
+            rs = ok(op)
+            if not rs:
+                return "–"
+            return (f"{f1(med([r.get('objects_written') for r in rs]), 0)} / "
+                    f"{pct(med([r.get('bytes_stored') for r in rs]), rs[0]['nbytes'])}")
+        b = ok("push-incr")
+        b_bytes = b[0]["nbytes"] if b else None
+        n_ok = len(ok("pull-incr"))
+        n_all = len({r["round"] for r in recs if (r["workload"], r["size_bytes"], r.get("store"), r.get("chunk_avg"))
+                     == (name, size, store, avg)})
+        L.append(f"| {name} | {fmt_size(size)} | {store} | {fmt_size(avg) if avg else 'default'} | {wall('push-new')} | "
+                 f"{objects('push-new')} | {wall('pull-new')} | {wall('push-incr')} | "
+                 f"{pct(tj('push-incr', 'bytes_transferred'), b_bytes)} | {objects('push-incr')} | {wall('pull-incr')} | "
+                 f"{f1(med([r['tool_cpu_s'] for r in ok('pull-incr')]), 2)} / "
+                 f"{f1(med([r['weed_cpu_s'] for r in ok('pull-incr')]), 2)} | "
+                 f"{pct(tj('pull-incr', 'bytes_transferred'), b_bytes)} | {pct(tj('pull-incr', 'bytes_reused'), b_bytes)} | "
+                 f"{n_ok} / {n_all} |")
     L.append("")
     return L

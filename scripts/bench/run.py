@@ -1,6 +1,6 @@
 """One benchmark run: one at a time per machine (a lock), the install step, our SeaweedFS, the
 storage scenarios per size (the random pair A/B written by the node, then rounds of the
-selected scenarios), cleanup after every round (objects deleted, volumes
+selected scenarios), the real workloads, cleanup after every round (objects deleted, volumes
 vacuumed, a free-space floor kept), the report rewritten after every round, and SIGTERM/SIGHUP
 ending a run cleanly with the sender named in the log."""
 
@@ -15,17 +15,17 @@ import subprocess
 import time
 from pathlib import Path
 
-from . import filestore, incremental, s3
+from . import filestore, incremental, realworld, s3
 from .common import (A_INDEX, B_INDEX, BENCH_DIR, INSTALL_SCRIPT, REPO, TERM, GiB, Cache, Round, Runner,
                      data_name, first_line, free_bytes, fmt_size, fs_type, log, meta_name, rmtree, rotate,
                      run_quiet)
 from .report import render_report
 from .server import Server
 from .tools import Stores, Tools
-from .workloads import random_pair, write_stream
+from .workloads import REAL_WORKLOADS, random_pair, write_stream
 
 STORAGE_SCENARIOS = {"s3": s3.run, "incremental": incremental.run, "file": filestore.run}
-SCENARIOS = list(STORAGE_SCENARIOS)
+SCENARIOS = [*STORAGE_SCENARIOS, "workloads"]
 
 
 def git_rev() -> str:
@@ -72,6 +72,7 @@ class Bench:
         self.skipped: list[str] = []
         self.notes: list[str] = []
         self.info: dict = {}
+        self.workload_info: list[dict] = []
 
     # -- info -----------------------------------------------------------------------------------
 
@@ -229,10 +230,51 @@ class Bench:
         finally:
             rmtree(gen)
 
+    # -- real workloads ---------------------------------------------------------------------------
+
+    def run_workload(self, name: str, size: int) -> None:
+        w = REAL_WORKLOADS[name](size)
+        label = f"{name}-{fmt_size(w.size)}"
+        stores, chunkings = self.args.workload_stores, self.args.chunk_avg
+        # The node's two snapshots (with their indexes), and per store the repository (A + B's
+        # new chunks) and a pull dir holding A and B.
+        need = int(2.1 * w.size) + len(stores) * 4 * w.size + GiB
+        if not self.ensure_space(need, f"workload {label}"):
+            return
+        gen = self.scratch / f"gen-{label}"
+        try:
+            files = realworld.prepare(w, self.tools.write_snapshot, gen)
+            self.workload_info.append(files["info"])
+            self.record({"workload_info": files["info"]})
+            for rnd in range(1, self.rounds(w.size) + 1):
+                r = self.new_round(w.size, rnd, label, files)
+                log(f"== {label} round {rnd}: stores {', '.join(stores)}, chunking "
+                    f"{', '.join(realworld.chunk_label(c) for c in chunkings)}")
+                try:
+                    for store in stores:
+                        for avg in chunkings:
+                            realworld.run(r, w, store, avg)
+                finally:
+                    self.cleanup_round(r)
+                self.write_report()
+        finally:
+            rmtree(gen)
+
+    def run_workloads(self) -> None:
+        sizes = self.args.workload_sizes or [min(self.args.sizes)]
+        done_fixed = False
+        for size in sizes:
+            for name in self.args.workloads:
+                if name == "file-edits":
+                    if done_fixed:
+                        continue  # one size only
+                    done_fixed = True
+                self.run_workload(name, size)
+
     # -- report -----------------------------------------------------------------------------------
 
     def write_report(self) -> str:
-        text = render_report(self.runner.records, self.info, self.skipped, self.notes)
+        text = render_report(self.runner.records, self.info, self.skipped, self.notes, self.workload_info)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.out.write_text(text)
         return text
@@ -287,8 +329,11 @@ class Bench:
             for k, v in self.info.items():
                 log(f"{k}: {v}")
             self.record({"info": self.info})
-            for size in self.args.sizes:
-                self.run_size(size)
+            if self.scenarios & set(STORAGE_SCENARIOS):
+                for size in self.args.sizes:
+                    self.run_size(size)
+            if "workloads" in self.scenarios:
+                self.run_workloads()
         finally:
             self.server.stop()
             rmtree(self.runner.tmp)
@@ -303,14 +348,16 @@ class Bench:
 
 def report_only(jsonl: Path, out: Path) -> str:
     """Re-renders a report from a run's saved records."""
-    info, recs = {}, []
+    info, recs, winfo = {}, [], []
     for line in jsonl.read_text().splitlines():
         d = json.loads(line)
         if "info" in d:
             info = d["info"]
+        elif "workload_info" in d:
+            winfo.append(d["workload_info"])
         else:
             recs.append(d)
-    text = render_report(recs, info, [], [])
+    text = render_report(recs, info, [], [], winfo)
     out.write_text(text)
     return text
 
