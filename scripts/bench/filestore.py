@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 
 from .common import B_INDEX, Round, data_name, rmtree, rotate
-from .tools import written
+from .tools import counting
 
 
 def run(r: Round) -> None:
@@ -19,7 +19,7 @@ def run(r: Round) -> None:
         rmtree(store)
         return M(group="file", op="push-file", tool="snaprelay", nbytes=b_size,
                  cmd=st.sr_file(store, "push", str(f["b_meta"]), "--json"), env=st.file_env,
-                 pos=pos, parse_json=True, after=lambda rec: written({}, st.list_files(store)))
+                 pos=pos, parse_json=True, after=counting(lambda: st.list_files(store)))
 
     def fcp(pos):
         try:

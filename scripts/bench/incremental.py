@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 
 from .common import A_INDEX, B_INDEX, Round, data_name, log, rmtree, rotate
-from .tools import written
+from .tools import counting
 
 
 def publish_a(r: Round, sub: str, *flags: str) -> bool:
@@ -33,11 +33,10 @@ def run(r: Round) -> None:
 
     def push(tool: str, op: str, sub: str, *flags: str):
         def go(pos):
-            before = st.list_s3(f"{pre}/{sub}")
             return M(group="incremental", op=op, tool=tool, nbytes=b_size,
                      cmd=st.sr_s3(f"{pre}/{sub}", "push", str(f["b_meta"]), "--json", *flags),
                      env=st.sr_env, pos=pos, parse_json=True,
-                     after=lambda rec: written(before, st.list_s3(f"{pre}/{sub}")))
+                     after=counting(lambda: st.list_s3(f"{pre}/{sub}")))
         return go
 
     incr = {"incremental": push("snaprelay", "push-incremental", "sr"),

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .common import A_INDEX, B_INDEX, TERM, Round, data_name, fmt_size, log, meta_name, rmtree
-from .tools import written
+from .tools import counting
 from .workloads import Workload, compressibility, write_stream
 
 
@@ -95,9 +95,8 @@ def run(r: Round, w: Workload, store_kind: str, chunk_avg: int | None) -> None:
              "a_bytes": f["a_size"], "b_bytes": f["b_size"]}
 
     def push(op: str, meta: Path, nbytes: int) -> dict:
-        before = listing()
         return M(group="workload", op=op, tool="snaprelay", nbytes=nbytes, cmd=sr("push", str(meta), "--json"),
-                 env=env, pos=0, parse_json=True, extra=extra, after=lambda rec: written(before, listing()))
+                 env=env, pos=0, parse_json=True, extra=extra, after=counting(listing))
 
     def pull(op: str, index: int, into: Path, nbytes: int) -> dict:
         return M(group="workload", op=op, tool="snaprelay", nbytes=nbytes,

@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import time
@@ -51,6 +52,12 @@ def other_weeds(own_pid: int | None) -> list[str]:
         if cmd and cmd[0].endswith(b"/weed"):
             out.append(f"pid {d.name}: {b' '.join(cmd[:3]).decode(errors='replace')}")
     return out
+
+
+def slack(size: int) -> int:
+    """Room for what SeaweedFS and the tools keep beside the data: up to 1 GiB, less for the
+    small sizes of a smoke run."""
+    return min(GiB, 2 * size + 128 * (1 << 20))
 
 
 def write_file(blocks, path: Path) -> int:
@@ -123,7 +130,10 @@ class Bench:
     # -- space ------------------------------------------------------------------------------------
 
     def ensure_space(self, need: int, what: str) -> bool:
-        floor = int(self.args.min_free_gib * GiB)
+        # SeaweedFS's volume server refuses writes (InternalError) once its disk has less than
+        # 1% free (weed's -volume.minFreeSpace default), whatever --min-free-gib says.
+        weed_floor = shutil.disk_usage(self.scratch).total // 100
+        floor = max(int(self.args.min_free_gib * GiB), weed_floor)
         free = free_bytes(self.scratch)
         if free - need >= floor:
             return True
@@ -139,8 +149,8 @@ class Bench:
             if free - need >= floor:
                 self.notes.append(f"SeaweedFS restarted on a fresh data dir before {what} to free disk space")
                 return True
-        msg = (f"skipped {what}: needs ~{need / GiB:.1f} GiB, free {free / GiB:.1f} GiB, "
-               f"floor {self.args.min_free_gib} GiB")
+        msg = (f"skipped {what}: needs ~{need / GiB:.1f} GiB, free {free / GiB:.1f} GiB, floor "
+               f"{floor / GiB:.1f} GiB (--min-free-gib, or SeaweedFS's 1% of the disk)")
         log(msg)
         self.skipped.append(msg)
         return False
@@ -176,7 +186,7 @@ class Bench:
         # snaprelay, aws and rclone; B in full; B's delta: ~4x size), plus the largest local
         # set at one time (incremental pull dir with A and B, or file store + pulled copy: 2x
         # size), plus slack. Cleanup deletes and vacuums, so rounds do not add up.
-        return 7 * size + GiB
+        return 7 * size + slack(size)
 
     def run_size(self, size: int) -> None:
         label = fmt_size(size)
@@ -238,7 +248,7 @@ class Bench:
         stores, chunkings = self.args.workload_stores, self.args.chunk_avg
         # The node's two snapshots (with their indexes), and per store the repository (A + B's
         # new chunks) and a pull dir holding A and B.
-        need = int(2.1 * w.size) + len(stores) * 4 * w.size + GiB
+        need = int(2.1 * w.size) + len(stores) * 4 * w.size + slack(w.size)
         if not self.ensure_space(need, f"workload {label}"):
             return
         gen = self.scratch / f"gen-{label}"

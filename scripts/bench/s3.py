@@ -6,7 +6,7 @@ order of the tools rotates from round to round."""
 from __future__ import annotations
 
 from .common import A_INDEX, BUCKET, Round, data_name, fmt_size, rmtree, rotate
-from .tools import written
+from .tools import counting
 
 
 def run(r: Round) -> None:
@@ -17,7 +17,7 @@ def run(r: Round) -> None:
         return lambda pos: M(group="s3", op="upload", tool=tool,
                              cmd=st.sr_s3(f"{pre}/{sub}", "push", str(f["a_meta"]), "--json", *flags),
                              env=st.sr_env, pos=pos, parse_json=True,
-                             after=lambda rec: written({}, st.list_s3(f"{pre}/{sub}")))
+                             after=counting(lambda: st.list_s3(f"{pre}/{sub}")))
 
     uploads = {
         "snaprelay": sr_push("snaprelay", "sr"),

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 from .common import BENCH_DIR, BUCKET, CLUSTER, INSTALL_SCRIPT, REPO, VENV, log
 
@@ -141,3 +142,14 @@ def written(before: dict[str, tuple], after: dict[str, tuple]) -> dict:
     keys = [k for k, v in after.items() if before.get(k) != v]
     return {"objects_written": len(keys), "bytes_stored": sum(after[k][0] for k in keys),
             "objects_total": len(after), "bytes_total": sum(v[0] for v in after.values())}
+
+
+def counting(listing: Callable[[], dict[str, tuple]]) -> Callable[[dict], dict] | None:
+    """Lists the store now; returns the Runner's `after` hook that lists it again and records
+    what the command wrote. None (nothing counted) if this first listing fails."""
+    try:
+        before = listing()
+    except (OSError, RuntimeError, ValueError) as e:
+        log(f"  not counting objects: {e}")
+        return None
+    return lambda rec: written(before, listing())
