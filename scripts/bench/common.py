@@ -266,6 +266,7 @@ class Runner:
         nbytes = size if nbytes is None else nbytes
         dropped = self.cache.drop()
         time_out = self.tmp / "time.txt"
+        time_out.unlink(missing_ok=True)
         full = ["/usr/bin/time", "-v", "-o", str(time_out)] + cmd
         rec: dict = {
             "run": self.run_id, "size": fmt_size(size), "size_bytes": size, "round": rnd,
