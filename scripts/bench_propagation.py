@@ -12,7 +12,12 @@ incremental snapshot), asks the leader for a snapshot, and measures
          outcome Adopted
     propagation = max(t1) - t0
 
+Its SeaweedFS is its own, started and stopped through scripts/s3-server.sh with its own state
+dir (.tools/bench/s3-propagation); while another server (the test suite's) holds the default
+ports, on every port shifted by --alt-port-offset.
+
 Usage: scripts/bench_propagation.py [--sizes 64MiB,1GiB] [--rounds 3] [--out FILE]
+                                    [--bin-dir target/release] [--server-wait 0] [--alt-port-offset 120]
 """
 import argparse
 import base64
@@ -28,10 +33,12 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench.common import BENCH_DIR  # noqa: E402
+from bench.server import Server  # noqa: E402
 from kvcluster import free_port, http, retry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+BIN = os.path.join(ROOT, "target", "release")  # --bin-dir
 VALUE_BYTES = 1 << 20  # one value per MiB of state
 
 
@@ -46,20 +53,6 @@ def parse_size(text):
 def random_value(n):
     # base64 of random bytes: JSON-safe, incompressible, exactly n characters.
     return base64.b64encode(os.urandom(n * 3 // 4 + 3)).decode()[:n]
-
-
-def s3_env():
-    subprocess.run(["bash", "scripts/s3-server.sh", "install"], cwd=ROOT, check=True)
-    subprocess.run(["bash", "scripts/s3-server.sh", "start"], cwd=ROOT, check=True)
-    out = subprocess.run(["bash", "scripts/s3-server.sh", "env"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
-    env = {}
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            k, _, v = line[len("export "):].partition("=")
-            env[k] = v.strip("'\"")
-    return env
 
 
 def events(log_path, index):
@@ -179,12 +172,25 @@ def main():
     ap.add_argument("--sizes", default="64MiB,1GiB")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, ".tools", "bench", "propagation.md"))
+    ap.add_argument("--bin-dir", help="use the kv-node and snaprelay binaries in this dir instead of "
+                                      "`cargo build --release`")
+    ap.add_argument("--server-wait", type=float, default=0.0,
+                    help="seconds to keep retrying the default S3 ports while they are busy (default 0)")
+    ap.add_argument("--alt-port-offset", type=int, default=120,
+                    help="port shift for our SeaweedFS when the default ports are busy (default 120)")
     args = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bins", "-p", "snaprelay",
-                    "-p", "snaprelay-example-kv"], cwd=ROOT, check=True)
-    env = s3_env()
+    global BIN
+    if args.bin_dir:
+        BIN = os.path.abspath(args.bin_dir)
+    else:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--bins", "-p", "snaprelay",
+                        "-p", "snaprelay-example-kv"], cwd=ROOT, check=True)
+    subprocess.run(["bash", "scripts/s3-server.sh", "install"], cwd=ROOT, check=True)
+    server = Server(wait_s=args.server_wait, alt_offset=args.alt_port_offset, state=BENCH_DIR / "s3-propagation")
     rows = []
     try:
+        server.start()
+        env = server.env
         for size_text in args.sizes.split(","):
             size = parse_size(size_text)
             keys = max(1, size // VALUE_BYTES)
@@ -215,7 +221,7 @@ def main():
                 cluster.stop()
                 shutil.rmtree(work, ignore_errors=True)
     finally:
-        subprocess.run(["bash", "scripts/s3-server.sh", "stop"], cwd=ROOT)
+        server.stop()
     lines = ["| size | snapshot | median s (meta file → last follower adopted) | rounds (s) | MiB downloaded per follower (median) |",
              "|---|---|---:|---|---:|"]
     for size_text in args.sizes.split(","):
