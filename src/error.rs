@@ -50,6 +50,17 @@ pub enum Error {
     #[error("repository.json at {location} is invalid: {reason}")]
     InvalidRepository { location: String, reason: String },
 
+    #[error("{object} is not authentic: {refusal}")]
+    Unauthenticated {
+        object: String,
+        refusal: crate::signing::Refusal,
+    },
+
+    #[error(
+        "manifest {key} holds the manifest of {found}, not the one its name says; a copy under another name is never used"
+    )]
+    MisnamedManifest { key: String, found: String },
+
     #[error("manifest {key} is invalid: {reason}")]
     InvalidManifest { key: String, reason: String },
 

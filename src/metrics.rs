@@ -32,6 +32,7 @@
 //! | `snaprelay_store_errors_total` | counter | `kind` = `not_found` \| `unreachable` \| `permission` \| `other` |
 //! | `snaprelay_gc_deleted_manifests_total`, `_chunks_total`, `_bytes_total` | counter | |
 //! | `snaprelay_gc_deferred_chunks_total` | counter: chunks a GC left for later because publishes were in flight | |
+//! | `snaprelay_signature_failures_total` | counter: manifests refused by the signature check | `reason` ([`crate::signing::Reason`]) |
 //! | `snaprelay_role` | gauge, 1 for the current role | `role` = `leader` \| `follower` \| `learner` \| `candidate` \| `shutdown` \| `unknown` |
 //! | `snaprelay_build_info` | gauge, always 1 | `version` |
 //!
@@ -140,6 +141,8 @@ impl FailureReason {
                     Error::Io { .. } => FailureReason::Io,
                     Error::Snapdir(e) => snapdir_reason(e),
                     Error::InvalidManifest { .. }
+                    | Error::Unauthenticated { .. }
+                    | Error::MisnamedManifest { .. }
                     | Error::InvalidRepository { .. }
                     | Error::ObjectTooLarge { .. }
                     | Error::ChunkMissing { .. }
@@ -242,6 +245,7 @@ struct Inner {
     gc_deleted_chunks: Counter,
     gc_deleted_bytes: Counter,
     gc_deferred_chunks: Counter,
+    signature_failures: Labelled<Counter>,
     role: Labelled<Gauge>,
 }
 
@@ -298,6 +302,7 @@ impl Metrics {
             gc_deleted_chunks: Counter::default(),
             gc_deleted_bytes: Counter::default(),
             gc_deferred_chunks: Counter::default(),
+            signature_failures: Family::default(),
             role: Family::default(),
         };
         // Every labelled series exists from the start, at 0.
@@ -308,6 +313,8 @@ impl Metrics {
         start_at_zero(&inner.chunks_reused, "direction", &[UPLOAD, DOWNLOAD]);
         start_at_zero(&inner.adoptions, "outcome", &ADOPTION_OUTCOMES);
         start_at_zero(&inner.store_errors, "kind", &STORE_ERROR_KINDS);
+        let signature_reasons = crate::signing::Reason::ALL.map(crate::signing::Reason::as_str);
+        start_at_zero(&inner.signature_failures, "reason", &signature_reasons);
         inner.register();
         let metrics = Metrics {
             inner: Arc::new(inner),
@@ -413,6 +420,14 @@ impl Metrics {
         self.inner
             .store_errors
             .get_or_create(&[("kind", kind)])
+            .inc();
+    }
+
+    /// A manifest refused by the signature check (counted once per manifest).
+    pub fn signature_failure(&self, reason: crate::signing::Reason) {
+        self.inner
+            .signature_failures
+            .get_or_create(&[("reason", reason.as_str())])
             .inc();
     }
 
@@ -615,6 +630,11 @@ impl Inner {
             "gc_deferred_chunks",
             "Chunks garbage collection left for a later run because publishes were in flight",
             self.gc_deferred_chunks.clone(),
+        );
+        r.register(
+            "signature_failures",
+            "Manifests refused because they are unsigned, signed by an unknown key, or their signature does not verify, by reason",
+            self.signature_failures.clone(),
         );
         r.register(
             "role",
@@ -876,7 +896,7 @@ mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 27] = [
+    const FAMILIES: [(&str, &str); 28] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -902,6 +922,7 @@ mod tests {
         ("snaprelay_gc_deleted_chunks_total", "counter"),
         ("snaprelay_gc_deleted_bytes_total", "counter"),
         ("snaprelay_gc_deferred_chunks_total", "counter"),
+        ("snaprelay_signature_failures_total", "counter"),
         ("snaprelay_role", "gauge"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -915,6 +936,7 @@ mod tests {
         m.adopted(42, "staged");
         m.verification_failure();
         m.store_error("unreachable");
+        m.signature_failure(crate::signing::Reason::UnknownKey);
         m.gc_done(&crate::gc::GcReport {
             manifests_deleted: vec!["m".into()],
             chunks_deleted: 5,
