@@ -269,6 +269,46 @@ async fn readers_refuse_manifests_that_do_not_verify() {
     assert!(!text.contains(secret.lines().nth(1).unwrap()));
 }
 
+/// A forgery planted under the exact name the next genuine manifest will have (same log id,
+/// same content hash) neither makes the publisher believe the snapshot is published nor
+/// survives it: the publish replaces it.
+#[tokio::test]
+async fn a_forgery_under_the_next_manifest_name_is_replaced() {
+    let work = tempfile::tempdir().unwrap();
+    let w = work.path();
+    let store_dir = w.join("store");
+    let node = support::keygen(&w.join("keys"), "node1");
+    let trusted = w.join("trusted_keys");
+    support::write_trusted(&trusted, &[&node]);
+    let genuine = target(
+        w,
+        &store_dir,
+        &support::signing_section(Some(&node), &trusted),
+    );
+    let snaps = w.join("leader");
+    let first = support::write_random_snapshot(&snaps, 10, 1, 200_000, 1);
+    genuine.json(&["push", first.to_str().unwrap(), "--json"]);
+    let next = support::write_random_snapshot(&snaps, 20, 1, 200_000, 2);
+    let data = snaps.join("node-20-1.snap");
+    let id = ManifestId {
+        index: 20,
+        term: 1,
+        sha_prefix: support::sha256_file(&data)[..16].to_owned(),
+    };
+    let repo = repo_of(&genuine).await;
+    repo.put_raw_manifest(&id, bytes::Bytes::from_static(b"{\"planted\": true}"))
+        .await
+        .unwrap();
+    assert_eq!(repo.manifest_for(20, 1).await.unwrap(), None);
+    let pushed = genuine.json(&["push", next.to_str().unwrap(), "--json"]);
+    assert_eq!(pushed["already_published"], false, "{pushed}");
+    assert_eq!(pushed["manifest"], id.to_string());
+    assert_eq!(repo.manifest_for(20, 1).await.unwrap(), Some(id.clone()));
+    let listed = genuine.json(&["list", "--json"]);
+    assert_eq!(listed["snapshots"][1]["signature"], "verified", "{listed}");
+    assert!(listed["refused"].as_array().unwrap().is_empty());
+}
+
 /// GC under signing: forgeries at newer indexes neither push genuine snapshots out of
 /// `keep_last` nor pin the chunks they name (an old snapshot's, or the attacker's own); a
 /// forgery with the pinned log id does not take the pin; all of them are deleted.
