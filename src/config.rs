@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::chunk::ChunkParams;
+use crate::signing::{self, Keyring, Signer, TrustedKey};
 use crate::store::{S3Settings, StoreSettings, StoreUrl};
 
 /// A configuration problem, naming the key (`upload.concurrency`) or the file.
@@ -78,6 +79,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     pub retention: RetentionConfig,
     pub metrics: MetricsConfig,
+    /// `[signing]`: this node's key, the keys it trusts, and whether signatures are required.
+    pub signing: Keyring,
 }
 
 /// `[metrics]`: the optional HTTP listener for /metrics, /healthz and /readyz.
@@ -205,6 +208,18 @@ struct RawConfig {
     retention: RawRetention,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    signing: RawSigning,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSigning {
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
+    trusted_keys_file: Option<PathBuf>,
+    require: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -347,6 +362,7 @@ impl Config {
                 .transpose()?,
             max_lag: raw.metrics.max_lag,
         };
+        let signing = signing_config(raw.signing)?;
         Ok(Config {
             cluster_id,
             node_id: raw.node_id,
@@ -358,6 +374,7 @@ impl Config {
             daemon,
             retention,
             metrics,
+            signing,
         })
     }
 
@@ -466,8 +483,116 @@ impl Config {
                 out.push_str(&format!("max_lag = {lag}\n"));
             }
         }
+        out.push_str(&signing_display(&self.signing));
         out
     }
+}
+
+/// `[signing]` for `check-config`: paths, key ids and public keys, never the private key.
+fn signing_display(keyring: &Keyring) -> String {
+    let q = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    if !keyring.is_configured() {
+        return "\n# [signing] is not configured: manifests are NOT authenticated. Anyone who can \
+                write to the store\n# can change what followers adopt; see `snaprelay keygen`.\n"
+            .to_owned();
+    }
+    let mut out = String::from("\n[signing]\n");
+    match keyring.signer() {
+        Some(signer) => {
+            let path = signer
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            out.push_str(&format!("key_file = {}\n", q(&path)));
+            out.push_str(&format!(
+                "# signs as key id {}, public key {}\n",
+                signer.id(),
+                signer.public()
+            ));
+        }
+        None => out.push_str("# no key_file: this node does not sign what it publishes\n"),
+    }
+    out.push_str("trusted_keys = [\n");
+    for key in keyring.trusted() {
+        out.push_str(&format!(
+            "  {},  # key id {}\n",
+            q(&key.to_string()),
+            key.key.id()
+        ));
+    }
+    out.push_str("]\n");
+    out.push_str(&format!("require = {}\n", keyring.requires()));
+    if !keyring.requires() {
+        out.push_str(
+            "# signatures are checked but NOT required: a manifest that fails the check is \
+             used after a warning\n",
+        );
+    }
+    out
+}
+
+/// Validates `[signing]`: reads the private key (never quoting it) and the trusted keys.
+fn signing_config(raw: RawSigning) -> Result<Keyring> {
+    let signer = raw
+        .key_file
+        .map(|path| Signer::read(&path).map_err(|e| ConfigError::invalid("signing.key_file", e)))
+        .transpose()?;
+    let mut trusted = Vec::new();
+    for (i, line) in raw.trusted_keys.iter().enumerate() {
+        trusted.push(
+            TrustedKey::parse(line)
+                .map_err(|e| ConfigError::invalid(format!("signing.trusted_keys[{i}]"), e))?,
+        );
+    }
+    if let Some(path) = &raw.trusted_keys_file {
+        let key = "signing.trusted_keys_file";
+        let bytes = signing::read_limited(path, signing::MAX_TRUSTED_KEYS_FILE_BYTES, false)
+            .map_err(|e| ConfigError::invalid(key, e))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| ConfigError::invalid(key, format!("{} is not text", path.display())))?;
+        let listed = TrustedKey::parse_file(text)
+            .map_err(|e| ConfigError::invalid(key, format!("{} {e}", path.display())))?;
+        if listed.is_empty() {
+            return Err(ConfigError::invalid(
+                key,
+                format!("{} lists no key", path.display()),
+            ));
+        }
+        trusted.extend(listed);
+    }
+    for (i, a) in trusted.iter().enumerate() {
+        if let Some(b) = trusted[..i]
+            .iter()
+            .find(|b| b.key.id() == a.key.id() && b.key != a.key)
+        {
+            return Err(ConfigError::invalid(
+                "signing.trusted_keys",
+                format!("{a} and {b} have the same key id {}", a.key.id()),
+            ));
+        }
+    }
+    if trusted.is_empty() {
+        if let Some(signer) = &signer {
+            return Err(ConfigError::invalid(
+                "signing.trusted_keys",
+                format!(
+                    "a private key (signing.key_file) needs the public keys of every node that \
+                     publishes in signing.trusted_keys or signing.trusted_keys_file, so that \
+                     followers can check it (this node's is {})",
+                    signer.public()
+                ),
+            ));
+        }
+        if raw.require == Some(true) {
+            return Err(ConfigError::invalid(
+                "signing.require",
+                "is true, but no trusted keys are configured (signing.trusted_keys or \
+                 signing.trusted_keys_file)",
+            ));
+        }
+    }
+    let require = raw.require.unwrap_or(!trusted.is_empty());
+    Ok(Keyring::new(signer, trusted, require))
 }
 
 fn parse_raw(text: &str) -> std::result::Result<RawConfig, String> {
@@ -850,25 +975,52 @@ mod tests {
         load(text).unwrap_err().to_string()
     }
 
+    /// The shipped configs name a signing key and a trusted keys file that exist only on a
+    /// deployed node: point them at fresh ones (a key generated here, never a committed one).
+    fn with_signing_files(text: &str, dir: &Path) -> String {
+        let key = dir.join("signing-key");
+        if !key.exists() {
+            let signer = Signer::generate().unwrap();
+            signer.write_new(&key).unwrap();
+            std::fs::write(
+                dir.join("trusted_keys"),
+                format!("# test\n{} node1\n", signer.public()),
+            )
+            .unwrap();
+        }
+        text.replace(
+            "/run/credentials/snaprelay@node1.service/signing-key",
+            key.to_str().unwrap(),
+        )
+        .replace(
+            "/etc/snaprelay/trusted_keys",
+            dir.join("trusted_keys").to_str().unwrap(),
+        )
+    }
+
     #[test]
     fn example_config_parses() {
-        let text = include_str!("../config/snaprelay.example.toml");
-        let config = load(text).expect("the shipped example config must be valid");
+        let dir = tempfile::tempdir().unwrap();
+        let text = with_signing_files(include_str!("../config/snaprelay.example.toml"), dir.path());
+        let config = load(&text).expect("the shipped example config must be valid");
         assert_eq!(config.cluster_id, "kv-prod");
         assert_eq!(config.upload.concurrency, 8);
+        assert!(config.signing.requires() && config.signing.signer().is_some());
     }
 
     /// Every shipped config parses. The S3 one names secret files that exist only under
     /// systemd, so it is checked with those keys pointed at a temporary file.
     #[test]
     fn shipped_configs_parse() {
-        let file = load(include_str!("../config/node-file.toml")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let text = with_signing_files(include_str!("../config/node-file.toml"), dir.path());
+        let file = load(&text).unwrap();
         assert!(matches!(file.store.url, StoreUrl::File(_)));
         assert!(file.node.is_some() && file.metrics.listen.is_some());
-        let dir = tempfile::tempdir().unwrap();
+        assert!(file.signing.requires() && file.signing.signer().is_some());
         let secret = dir.path().join("s");
         std::fs::write(&secret, "x\n").unwrap();
-        let text = include_str!("../config/node-s3.toml")
+        let text = with_signing_files(include_str!("../config/node-s3.toml"), dir.path())
             .replace(
                 "/run/credentials/snaprelay@node1.service/s3-key-id",
                 secret.to_str().unwrap(),
@@ -879,6 +1031,7 @@ mod tests {
             );
         let s3 = load(&text).unwrap();
         assert!(matches!(s3.store.url, StoreUrl::S3 { .. }));
+        assert!(s3.signing.requires());
         assert_eq!(s3.store.s3.secret_access_key.unwrap().expose(), "x");
         assert_eq!(s3.retention.keep_last, 3);
     }
@@ -1070,5 +1223,106 @@ mod tests {
             let e = err(&format!("cluster_id = \"a\"\n[store]\nurl = \"{url}\"\n"));
             assert!(e.starts_with(want), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn signing_section() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("node1.pem");
+        let signer = Signer::generate().unwrap();
+        signer.write_new(&key).unwrap();
+        let pem = signer.to_pem();
+        let secret_line = pem.lines().nth(1).unwrap().to_owned();
+        let peer = Signer::generate().unwrap();
+        let base = "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n";
+
+        // Not configured: said plainly.
+        let c = load(base).unwrap();
+        assert!(!c.signing.is_configured() && !c.signing.requires());
+        assert!(c
+            .to_display_toml()
+            .contains("manifests are NOT authenticated"));
+
+        // A key and inline trusted keys: required by default; shown by key id only.
+        let text = format!(
+            "{base}[signing]\nkey_file = {key:?}\ntrusted_keys = [\"{} node2\"]\n",
+            peer.public()
+        );
+        let c = load(&text).unwrap();
+        assert!(c.signing.requires());
+        assert_eq!(c.signing.signer().unwrap().id(), signer.id());
+        let shown = c.to_display_toml();
+        assert!(
+            shown.contains(&format!("signs as key id {}", signer.id())),
+            "{shown}"
+        );
+        assert!(
+            shown.contains(&format!("\"{} node2\"", peer.public())),
+            "{shown}"
+        );
+        assert!(shown.contains("require = true"), "{shown}");
+        assert!(!shown.contains(&secret_line) && !format!("{c:?}").contains(&secret_line));
+        toml::from_str::<toml::Table>(&shown).expect("the display is TOML");
+
+        // A key without trusted keys is an error that says what to list.
+        let e = err(&format!("{base}[signing]\nkey_file = {key:?}\n"));
+        assert!(e.starts_with("signing.trusted_keys: a private key"), "{e}");
+        assert!(e.contains(&signer.public().to_string()) && !e.contains(&secret_line));
+        let e = err(&format!("{base}[signing]\nrequire = true\n"));
+        assert!(e.starts_with("signing.require: is true"), "{e}");
+
+        // A file of keys with comments; require switched off explicitly.
+        let file = dir.path().join("trusted");
+        std::fs::write(
+            &file,
+            format!(
+                "# nodes\n{} node1\n\n{} node2\n",
+                signer.public(),
+                peer.public()
+            ),
+        )
+        .unwrap();
+        let c = load(&format!(
+            "{base}[signing]\ntrusted_keys_file = {file:?}\nrequire = false\n"
+        ))
+        .unwrap();
+        assert_eq!(c.signing.trusted().len(), 2);
+        assert_eq!(c.signing.trusted()[1].comment, "node2");
+        assert!(c.signing.checks() && !c.signing.requires());
+        assert!(c.to_display_toml().contains("NOT required"));
+        // Listing a key inline and in the file is harmless.
+        let c = load(&format!(
+            "{base}[signing]\ntrusted_keys_file = {file:?}\ntrusted_keys = [\"{}\"]\n",
+            peer.public()
+        ))
+        .unwrap();
+        assert_eq!(c.signing.trusted().len(), 2);
+
+        // Errors name the key and the line.
+        std::fs::write(&file, "# nodes\ned25519:nope node1\n").unwrap();
+        let e = err(&format!("{base}[signing]\ntrusted_keys_file = {file:?}\n"));
+        assert!(
+            e.starts_with("signing.trusted_keys_file: ") && e.contains("line 2"),
+            "{e}"
+        );
+        std::fs::write(&file, "# nobody\n").unwrap();
+        let e = err(&format!("{base}[signing]\ntrusted_keys_file = {file:?}\n"));
+        assert!(e.contains("lists no key"), "{e}");
+        let e = err(&format!("{base}[signing]\ntrusted_keys = [\"x\"]\n"));
+        assert!(e.starts_with("signing.trusted_keys[0]:"), "{e}");
+        let trusted = format!("trusted_keys = [\"{}\"]\n", peer.public());
+        let e = err(&format!(
+            "{base}[signing]\nkey_file = \"/nonexistent/k.pem\"\n{trusted}"
+        ));
+        assert!(
+            e.starts_with("signing.key_file: cannot open /nonexistent/k.pem"),
+            "{e}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let e = err(&format!("{base}[signing]\nkey_file = {key:?}\n{trusted}"));
+        assert!(e.contains("accessible to other users"), "{e}");
+        let e = err(&format!("{base}[signing]\nkeyfile = \"x\"\n"));
+        assert!(e.contains("keyfile"), "{e}");
     }
 }

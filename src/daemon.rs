@@ -6,13 +6,17 @@
 //!   to build one every `trigger_interval`);
 //! - as follower or learner, fetches the newest manifest that is newer than the node's
 //!   snapshot into the node's incoming directory, verified, and hands it over with
-//!   `save_snapshot`.
+//!   `save_snapshot`. A manifest that cannot be used (it fails the signature check, or is
+//!   invalid, misnamed or of another cluster) is quarantined for the life of the process:
+//!   never read or fetched again, and the next older candidate is tried at once, so a
+//!   planted manifest never delays a good one.
 //!
 //! Every step is safe to abandon at any await (the manifest is the store's commit point; a
 //! fetch's staging file is hidden and resumed next time), so shutdown simply stops waiting.
 //! Failures are retried with exponential backoff and jitter; the loop never exits on a
 //! transient error.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -28,10 +32,12 @@ use crate::fetch::{self, Fetcher};
 use crate::gc::{self, Retention};
 use crate::health::Health;
 use crate::ipc::{Role, Status};
+use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::node::HookClient;
 use crate::publish::Publisher;
 use crate::repo::{ManifestId, Repo};
+use crate::signing::Keyring;
 use crate::snapdir::{self, Snapshot};
 use crate::store::Store;
 use crate::systemd::Supervisor;
@@ -74,6 +80,8 @@ pub struct Daemon {
     published: Option<(u64, u64)>,
     /// Follower: the manifest last handed to the node, not to be fetched again.
     handed: Option<ManifestId>,
+    /// Follower: manifests refused for good.
+    quarantine: Quarantine,
     backoff: Backoff,
     supervisor: Supervisor,
     metrics: Metrics,
@@ -106,6 +114,7 @@ impl Daemon {
             watcher: None,
             published: None,
             handed: None,
+            quarantine: Quarantine::default(),
             backoff,
             supervisor: Supervisor::from_env(health.clone()),
             metrics: Metrics::new(),
@@ -127,6 +136,7 @@ impl Daemon {
             cluster_id = %self.config.cluster_id,
             "snaprelay started"
         );
+        log_signing(&self.config.signing);
         let watchdog = self.supervisor.spawn_watchdog(cancel.clone());
         let server = match self.config.metrics.listen {
             Some(listen) => {
@@ -390,9 +400,10 @@ impl Daemon {
             return Ok(());
         }
         let repo = self.repo_for_publish().await?;
-        // A newer manifest (from a previous leader) supersedes this one: nothing to do.
-        if let Some(id) = repo
-            .newest_manifest(Some(log_id.0.saturating_sub(1)))
+        // A newer manifest (from a previous leader) supersedes this one: nothing to do. Only
+        // one that verifies: a forgery must not stop the leader from publishing.
+        if let (Some(id), _) = repo
+            .newest_verified(Some(log_id.0.saturating_sub(1)))
             .await?
         {
             if (id.index, id.term) >= log_id {
@@ -445,10 +456,11 @@ impl Daemon {
     /// handle is shared.)
     async fn repo_for_publish(&mut self) -> anyhow::Result<Repo> {
         if self.repo.is_none() {
-            let repo = Repo::open_or_create(
+            let repo = Repo::open_or_create_with(
                 self.store.clone(),
                 &self.config.cluster_id,
                 self.config.chunking,
+                self.config.signing.clone(),
             )
             .await?;
             self.repo = Some(repo);
@@ -459,29 +471,55 @@ impl Daemon {
     /// Follower: fetch and hand over the newest snapshot newer than the node's.
     async fn follow(&mut self, status: &Status, cancel: &CancellationToken) -> anyhow::Result<()> {
         if self.repo.is_none() {
-            match Repo::open(self.store.clone(), &self.config.cluster_id).await {
+            match Repo::open_with(
+                self.store.clone(),
+                &self.config.cluster_id,
+                self.config.signing.clone(),
+            )
+            .await
+            {
                 Ok(repo) => self.repo = Some(repo),
                 // Nothing published yet: the leader's sidecar creates the repository.
                 Err(Error::NoRepository { .. }) => return Ok(()),
                 Err(e) => return Err(e.into()),
             }
         }
-        let repo = self.repo.as_ref().expect("set above");
+        let repo = self.repo.clone().expect("set above");
         let after = status.snapshot.map(|s| s.index);
-        let newest = repo.newest_manifest(after).await?;
+        let listed = repo.list_manifests(after).await?;
         self.health.store_reachable(true);
-        let newest_index = newest.as_ref().map(|id| id.index).or(after);
+        self.quarantine.forget_through(after);
+        // The newest usable candidate, newest first. Each is read (signature first) before
+        // any of it is believed or any chunk fetched.
+        let mut chosen: Option<(ManifestId, Manifest)> = None;
+        let mut newest_index = after;
+        for entry in listed.iter().rev() {
+            let id = &entry.id;
+            if self.quarantine.contains(id) {
+                continue;
+            }
+            if self.handed.as_ref() == Some(id) {
+                newest_index = newest_index.max(Some(id.index));
+                break;
+            }
+            match repo.read_manifest(id).await {
+                Ok(m) => {
+                    newest_index = newest_index.max(Some(id.index));
+                    chosen = Some((id.clone(), m));
+                    break;
+                }
+                Err(e) if Quarantine::applies(&e) => self.refuse(id, &e),
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.metrics.follower_position(after, newest_index);
         self.health
             .lag(newest_index.map(|n| n.saturating_sub(after.unwrap_or(0))));
-        let Some(id) = newest else {
+        let Some((id, manifest)) = chosen else {
             return Ok(());
         };
-        if self.handed.as_ref() == Some(&id) {
-            return Ok(());
-        }
+        let repo = &repo;
         let started = Instant::now();
-        let manifest = repo.read_manifest(&id).await?;
         let incoming = self.incoming_dir(status);
         let snapshot_dir = self.snapshot_dir(status);
         let mut sources = fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
@@ -533,6 +571,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Follower: quarantines a manifest that cannot be used, saying so once.
+    fn refuse(&mut self, id: &ManifestId, err: &Error) {
+        let signature = match err {
+            Error::Unauthenticated { refusal, .. } => Some(refusal.reason),
+            _ => None,
+        };
+        let reason = signature.map_or("invalid", |r| r.as_str());
+        if self.quarantine.insert(id.clone(), reason) {
+            tracing::warn!(manifest = %id, reason, error = %err, "manifest quarantined: it will not be fetched; trying the next candidate");
+            if let Some(r) = signature {
+                self.metrics.signature_failure(r);
+            }
+        }
+    }
+
     /// Retention after a publish, in the same task, so GC never races this sidecar's own
     /// uploads. The snapshot just published (the node's current one) is pinned.
     async fn collect_garbage(
@@ -552,6 +605,11 @@ impl Daemon {
             r = gc::collect(repo, &retention, true, self.config.upload.concurrency) => {
                 let report = r.context("collecting garbage")?;
                 self.metrics.gc_done(&report);
+                for refused in &report.manifests_refused {
+                    if let Some(reason) = refused.reason {
+                        self.metrics.signature_failure(reason);
+                    }
+                }
                 Ok(())
             }
         }
@@ -561,6 +619,61 @@ impl Daemon {
         let result = self.node.trigger_snapshot().await?;
         tracing::info!(queued = result.queued, "asked the node for a snapshot");
         Ok(())
+    }
+}
+
+/// Follower: the manifests this process never reads or fetches again, and why. Minimal and
+/// in memory; entries at or below the node's snapshot are forgotten, as they are no longer
+/// candidates.
+#[derive(Debug, Default)]
+struct Quarantine {
+    refused: HashMap<ManifestId, &'static str>,
+}
+
+impl Quarantine {
+    /// Whether `err` from reading a manifest is a property of that manifest, permanent for
+    /// it: quarantine it and move on (anything else, e.g. the store not answering, is
+    /// retried).
+    fn applies(err: &Error) -> bool {
+        matches!(
+            err,
+            Error::Unauthenticated { .. }
+                | Error::InvalidManifest { .. }
+                | Error::MisnamedManifest { .. }
+                | Error::ClusterMismatch { .. }
+                | Error::ObjectTooLarge { .. }
+        )
+    }
+
+    fn contains(&self, id: &ManifestId) -> bool {
+        self.refused.contains_key(id)
+    }
+
+    /// Returns whether `id` is new here.
+    fn insert(&mut self, id: ManifestId, reason: &'static str) -> bool {
+        self.refused.insert(id, reason).is_none()
+    }
+
+    fn forget_through(&mut self, index: Option<u64>) {
+        if let Some(index) = index {
+            self.refused.retain(|id, _| id.index > index);
+        }
+    }
+}
+
+/// Says at start-up whether what this sidecar adopts is authenticated.
+fn log_signing(keyring: &Keyring) {
+    let signer = keyring
+        .signer()
+        .map(|s| s.id().to_hex())
+        .unwrap_or_else(|| "none".into());
+    let trusted_keys = keyring.trusted().len();
+    if !keyring.is_configured() {
+        tracing::warn!("signing is not configured: manifests are NOT authenticated, and anyone who can write to the store can change what followers adopt");
+    } else if keyring.requires() {
+        tracing::info!(signer, trusted_keys, "manifest signatures are required");
+    } else {
+        tracing::warn!(signer, trusted_keys, "manifest signatures are checked but NOT required (signing.require = false): a manifest that fails the check is used after a warning");
     }
 }
 

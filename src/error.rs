@@ -53,6 +53,17 @@ pub enum Error {
     #[error("repository.json at {location} is invalid: {reason}")]
     InvalidRepository { location: String, reason: String },
 
+    #[error("{object} is not authentic: {refusal}")]
+    Unauthenticated {
+        object: String,
+        refusal: crate::signing::Refusal,
+    },
+
+    #[error(
+        "manifest {key} holds the manifest of {found}, not the one its name says; a copy under another name is never used"
+    )]
+    MisnamedManifest { key: String, found: String },
+
     #[error("manifest {key} is invalid: {reason}")]
     InvalidManifest { key: String, reason: String },
 
@@ -287,6 +298,8 @@ impl FailureReason {
                     Error::Io { .. } => FailureReason::Io,
                     Error::Snapdir(e) => snapdir_reason(e),
                     Error::InvalidManifest { .. }
+                    | Error::Unauthenticated { .. }
+                    | Error::MisnamedManifest { .. }
                     | Error::InvalidRepository { .. }
                     | Error::ObjectTooLarge { .. }
                     | Error::ChunkMissing { .. }

@@ -9,6 +9,13 @@
 //! names and older than the grace period are deleted a batch at a time, each batch only
 //! while no publish is in flight (it may count on an old chunk): otherwise the rest waits
 //! for the next GC.
+//!
+//! Under `signing.require`, only manifests that verify count: one that fails the signature
+//! check, or a genuine one copied under another name or from another cluster, is garbage.
+//! It is not a reference, does not count towards `keep_last` and is deleted with the old
+//! manifests, so an attacker who can write to the bucket can neither pin chunks nor push a
+//! genuine snapshot out of retention. A GC whose configuration trusts no key refuses to
+//! apply to a repository whose `repository.json` is signed: it could not tell them apart.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
@@ -20,6 +27,7 @@ use crate::chunk::Digest;
 use crate::error::{Error, Result};
 use crate::lease::{self, Lease};
 use crate::repo::{LeaseKind, ManifestId, Repo};
+use crate::signing::Reason;
 
 /// What to keep.
 #[derive(Debug, Clone)]
@@ -47,9 +55,70 @@ pub struct GcReport {
     /// (`publishes_in_flight` names their leases); the next GC deletes them.
     pub chunks_deferred: u64,
     pub publishes_in_flight: Vec<String>,
+    /// Manifests deleted (or, in a dry run, to be deleted) as garbage because they do not
+    /// verify (also listed in `manifests_deleted`).
+    pub manifests_refused: Vec<RefusedManifest>,
     pub applied: bool,
     #[serde(rename = "elapsed_ms", serialize_with = "crate::publish::as_millis")]
     pub elapsed: Duration,
+}
+
+/// A manifest GC treats as garbage, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusedManifest {
+    pub manifest: String,
+    /// A signature failure, or `None` for a genuine manifest under another name or of
+    /// another cluster.
+    pub reason: Option<Reason>,
+    pub detail: String,
+}
+
+/// Whether a manifest that cannot be used is garbage under `signing.require`: it failed
+/// the signature check, or it is a genuine manifest that does not belong where it is.
+/// (Other failures, e.g. a format this build does not know, stop the GC instead.)
+fn refusal(err: &Error) -> Option<Option<Reason>> {
+    match err {
+        Error::Unauthenticated { refusal, .. } => Some(Some(refusal.reason)),
+        Error::MisnamedManifest { .. } | Error::ClusterMismatch { .. } => Some(None),
+        _ => None,
+    }
+}
+
+/// Splits a listing into the manifests that count and those that are garbage (reading
+/// each; only under `signing.require`, where the difference exists).
+async fn authentic(
+    repo: &Repo,
+    listed: Vec<ManifestId>,
+) -> Result<(Vec<ManifestId>, Vec<(ManifestId, RefusedManifest)>)> {
+    if !repo.keyring().requires() {
+        return Ok((listed, Vec::new()));
+    }
+    let mut genuine = Vec::with_capacity(listed.len());
+    let mut refused = Vec::new();
+    for id in listed {
+        match repo.read_manifest(&id).await {
+            Ok(_) => genuine.push(id),
+            Err(e) => match refusal(&e) {
+                Some(reason) => {
+                    tracing::warn!(manifest = %id, reason = reason.map_or("misplaced", Reason::as_str), error = %e, "GC treats a manifest that does not verify as garbage");
+                    let detail = e.to_string();
+                    refused.push((
+                        id.clone(),
+                        RefusedManifest {
+                            manifest: id.to_string(),
+                            reason,
+                            detail,
+                        },
+                    ));
+                }
+                // Kept, so that the chunk phase stops on it as before (its references
+                // are unknown) unless the failure was transient.
+                None if !e.is_transient() => genuine.push(id),
+                None => return Err(e),
+            },
+        }
+    }
+    Ok((genuine, refused))
 }
 
 /// Plans a GC and, if `apply`, carries it out.
@@ -64,20 +133,38 @@ pub async fn collect(
     concurrency: usize,
 ) -> Result<GcReport> {
     let started = Instant::now();
+    let keyring = repo.keyring();
+    if apply && !keyring.checks() {
+        if let Some(signer) = repo.descriptor_authenticity().signer() {
+            return Err(Error::Config(crate::config::ConfigError::invalid(
+                "signing.trusted_keys",
+                format!(
+                    "repository.json at {} is signed (key {signer:?}), but this configuration \
+                     trusts no key: GC could not tell genuine manifests from forged ones, so it \
+                     deletes nothing",
+                    repo.location()
+                ),
+            )));
+        }
+    }
     let listed: Vec<ManifestId> = repo
         .list_manifests(None)
         .await?
         .into_iter()
         .map(|e| e.id)
         .collect();
+    let (listed, refused) = authentic(repo, listed).await?;
     let keep_last = retention.keep_last.max(1);
     let newest: BTreeSet<ManifestId> = listed.iter().rev().take(keep_last).cloned().collect();
-    let (kept, doomed): (Vec<ManifestId>, Vec<ManifestId>) = listed
+    let (kept, mut doomed): (Vec<ManifestId>, Vec<ManifestId>) = listed
         .into_iter()
         .partition(|id| newest.contains(id) || retention.pinned.contains(&(id.index, id.term)));
+    doomed.extend(refused.iter().map(|(id, _)| id.clone()));
+    doomed.sort();
     let mut report = GcReport {
         manifests_kept: kept.iter().map(ToString::to_string).collect(),
         manifests_deleted: doomed.iter().map(ToString::to_string).collect(),
+        manifests_refused: refused.into_iter().map(|(_, r)| r).collect(),
         applied: apply,
         ..GcReport::default()
     };
@@ -156,9 +243,15 @@ async fn collect_chunks(
         None => kept.to_vec(),
     };
     let mut referenced: HashSet<Digest> = HashSet::new();
+    let requires = repo.keyring().requires();
     for id in &survivors {
         match repo.read_manifest(id).await {
             Ok(m) => referenced.extend(m.chunks.iter().map(|c| c.sha256)),
+            // Written since the first listing and not genuine: no reference (the next GC
+            // deletes it).
+            Err(e) if requires && refusal(&e).is_some() => {
+                tracing::warn!(manifest = %id, error = %e, "GC does not count a manifest that does not verify");
+            }
             Err(e) => {
                 return Err(Error::InvalidManifest {
                     key: id.to_string(),

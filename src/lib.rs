@@ -46,6 +46,7 @@ pub mod node;
 pub mod progress;
 pub mod publish;
 pub mod repo;
+pub mod signing;
 pub mod store;
 pub mod systemd;
 pub mod verify;

@@ -126,6 +126,8 @@ metrics! {
         "Bytes of chunks deleted by garbage collection";
     gc_deferred_chunks: Counter = Counter::default(), "gc_deferred_chunks",
         "Chunks garbage collection left for a later run because publishes were in flight";
+    signature_failures: Labelled<Counter> = Family::default(), "signature_failures",
+        "Manifests refused because they are unsigned, signed by an unknown key, or their signature does not verify, by reason";
     role: Labelled<Gauge> = Family::default(), "role",
         "The node's role as its hook reports it: 1 for the current role, 0 for the others";
 }
@@ -188,6 +190,8 @@ impl Metrics {
         start_at_zero(&series.chunks_reused, "direction", &[UPLOAD, DOWNLOAD]);
         start_at_zero(&series.adoptions, "outcome", &ADOPTION_OUTCOMES);
         start_at_zero(&series.store_errors, "kind", &STORE_ERROR_KINDS);
+        let signature_reasons = crate::signing::Reason::ALL.map(crate::signing::Reason::as_str);
+        start_at_zero(&series.signature_failures, "reason", &signature_reasons);
         let metrics = Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -301,6 +305,14 @@ impl Metrics {
             .inc();
     }
 
+    /// A manifest refused by the signature check (counted once per manifest).
+    pub fn signature_failure(&self, reason: crate::signing::Reason) {
+        self.inner
+            .signature_failures
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
+    }
+
     pub fn gc_done(&self, report: &crate::gc::GcReport) {
         let m = &self.inner;
         m.gc_deleted_manifests
@@ -411,7 +423,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 27] = [
+    const FAMILIES: [(&str, &str); 28] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -437,6 +449,7 @@ pub(crate) mod tests {
         ("snaprelay_gc_deleted_chunks_total", "counter"),
         ("snaprelay_gc_deleted_bytes_total", "counter"),
         ("snaprelay_gc_deferred_chunks_total", "counter"),
+        ("snaprelay_signature_failures_total", "counter"),
         ("snaprelay_role", "gauge"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -450,6 +463,7 @@ pub(crate) mod tests {
         m.adopted(42, "staged");
         m.verification_failure();
         m.store_error("unreachable");
+        m.signature_failure(crate::signing::Reason::UnknownKey);
         m.gc_done(&crate::gc::GcReport {
             manifests_deleted: vec!["m".into()],
             chunks_deleted: 5,

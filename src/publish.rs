@@ -197,7 +197,6 @@ impl<'a> Publisher<'a> {
                 node_id: self.node_id,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             },
-            signature: None,
         };
         let id = self.repo.put_manifest(&manifest).await?;
         if guarded && !lease.holds() {

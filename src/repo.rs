@@ -11,6 +11,12 @@
 //! Manifests are immutable and written last (create-only), so a manifest exists only when
 //! every chunk it names does. There is no mutable "latest" pointer: the newest snapshot is
 //! the greatest manifest key.
+//!
+//! `repository.json` and every manifest are stored as a signed envelope (see
+//! [`crate::signing`]): the repository's [`Keyring`] seals what this process writes and
+//! checks what it reads before the document is parsed. Under `signing.require`, a document
+//! that fails the check is [`Error::Unauthenticated`], and the lookups that choose a
+//! manifest (`manifest_for`, `newest_verified`) pass over it.
 
 use std::fmt;
 
@@ -23,6 +29,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use crate::chunk::{ChunkParams, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES, REPOSITORY_FORMAT};
+use crate::signing::{Authenticity, Keyring, OpenError, PayloadType, Refusal};
 use crate::store::Store;
 
 const REPOSITORY_KEY: &str = "repository.json";
@@ -151,11 +158,15 @@ impl LeaseKind {
     }
 }
 
-/// An opened repository whose cluster id has been checked.
+/// An opened repository whose cluster id (and, with signing, `repository.json`'s signature)
+/// has been checked.
 #[derive(Debug, Clone)]
 pub struct Repo {
     store: Store,
     descriptor: Repository,
+    keyring: Keyring,
+    /// What the signature check of `repository.json` found.
+    descriptor_authenticity: Authenticity,
 }
 
 fn store_err<'k>(
@@ -170,25 +181,42 @@ fn store_err<'k>(
 }
 
 impl Repo {
-    /// Opens an existing repository and checks that it belongs to `cluster_id`.
+    /// Opens an existing repository and checks that it belongs to `cluster_id`, without
+    /// signing (nothing is checked, what is written is unsigned).
     pub async fn open(store: Store, cluster_id: &str) -> Result<Repo> {
-        match Self::read_descriptor(&store).await? {
-            Some(descriptor) => Self::checked(store, descriptor, cluster_id),
+        Self::open_with(store, cluster_id, Keyring::none()).await
+    }
+
+    /// Opens an existing repository whose documents `keyring` seals and checks.
+    pub async fn open_with(store: Store, cluster_id: &str, keyring: Keyring) -> Result<Repo> {
+        match Self::read_descriptor(&store, &keyring).await? {
+            Some((descriptor, auth)) => Self::checked(store, descriptor, cluster_id, keyring, auth),
             None => Err(Error::NoRepository {
                 location: store.url.to_string(),
             }),
         }
     }
 
-    /// Opens the repository, creating `repository.json` if the prefix has none. Two
-    /// processes racing to create it agree through the create-only write.
+    /// [`Repo::open_or_create_with`] without signing.
     pub async fn open_or_create(
         store: Store,
         cluster_id: &str,
         params: ChunkParams,
     ) -> Result<Repo> {
-        if let Some(descriptor) = Self::read_descriptor(&store).await? {
-            return Self::checked(store, descriptor, cluster_id);
+        Self::open_or_create_with(store, cluster_id, params, Keyring::none()).await
+    }
+
+    /// Opens the repository, creating `repository.json` (signed with `keyring`'s key) if the
+    /// prefix has none. Two processes racing to create it agree through the create-only
+    /// write.
+    pub async fn open_or_create_with(
+        store: Store,
+        cluster_id: &str,
+        params: ChunkParams,
+        keyring: Keyring,
+    ) -> Result<Repo> {
+        if let Some((descriptor, auth)) = Self::read_descriptor(&store, &keyring).await? {
+            return Self::checked(store, descriptor, cluster_id, keyring, auth);
         }
         let descriptor = Repository {
             format: REPOSITORY_FORMAT,
@@ -197,23 +225,116 @@ impl Repo {
             created_at: Utc::now(),
         };
         let key = store.key(REPOSITORY_KEY);
-        let body = serde_json::to_vec_pretty(&descriptor).expect("Repository serializes");
+        let payload = serde_json::to_vec_pretty(&descriptor).expect("Repository serializes");
+        let body = keyring.seal(PayloadType::Repository, payload);
         match put_create(&store, &key, body.into()).await {
             Ok(()) => {
                 tracing::info!(store = %store.url, cluster_id, "created repository");
-                Ok(Repo { store, descriptor })
+                let descriptor_authenticity = match keyring.signer() {
+                    Some(s) => Authenticity::Verified(s.id()),
+                    None => Authenticity::NotChecked {
+                        claimed: Vec::new(),
+                    },
+                };
+                Ok(Repo {
+                    store,
+                    descriptor,
+                    keyring,
+                    descriptor_authenticity,
+                })
             }
             Err(Error::Store {
                 source: object_store::Error::AlreadyExists { .. },
                 ..
-            }) => Box::pin(Self::open(store, cluster_id)).await,
+            }) => Box::pin(Self::open_with(store, cluster_id, keyring)).await,
             Err(e) => Err(e),
         }
     }
 
     /// Whether the store answers and holds a repository (probing reachability at start).
     pub async fn exists(store: &Store) -> Result<bool> {
-        Ok(Self::read_descriptor(store).await?.is_some())
+        Ok(Self::read_descriptor(store, &Keyring::none())
+            .await?
+            .is_some())
+    }
+
+    /// Signs `repository.json` with `keyring`'s key, keeping the signatures of other keys
+    /// that are still trusted and dropping the rest: the step of a key rotation that lets
+    /// the old key go, and how a repository created before signing was configured gets its
+    /// first signature. The current descriptor must verify with a trusted key, unless
+    /// `trust_current` (the operator vouches for what it says: it is printed). Returns the
+    /// descriptor and what its check found before.
+    pub async fn sign_descriptor(
+        store: &Store,
+        cluster_id: &str,
+        keyring: &Keyring,
+        trust_current: bool,
+    ) -> Result<(Repository, Authenticity)> {
+        let key = store.key(REPOSITORY_KEY);
+        let bytes = match get_limited(store, &key, MAX_REPOSITORY_BYTES).await {
+            Err(Error::Store {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => {
+                return Err(Error::NoRepository {
+                    location: store.url.to_string(),
+                })
+            }
+            other => other?,
+        };
+        let location = store.url.to_string();
+        let lax = Keyring::new(keyring.signer().cloned(), keyring.trusted().to_vec(), false);
+        let opened = match lax.open(&bytes, PayloadType::Repository) {
+            Ok(opened) => opened,
+            Err(OpenError::Refused(refusal)) => {
+                return Err(Error::Unauthenticated {
+                    object: format!("repository.json at {location}"),
+                    refusal,
+                })
+            }
+            Err(OpenError::Invalid(reason)) => {
+                return Err(Error::InvalidRepository { location, reason })
+            }
+        };
+        let descriptor = parse_descriptor(&opened.payload, &location)?;
+        if descriptor.cluster_id != cluster_id {
+            return Err(Error::ClusterMismatch {
+                location,
+                expected: cluster_id.to_owned(),
+                found: descriptor.cluster_id,
+            });
+        }
+        match &opened.authenticity {
+            Authenticity::Verified(_) => {}
+            _ if trust_current => {}
+            Authenticity::Refused(refusal) => {
+                return Err(Error::Unauthenticated {
+                    object: format!("repository.json at {location}"),
+                    refusal: refusal.clone(),
+                })
+            }
+            Authenticity::NotChecked { .. } => {
+                return Err(Error::Config(crate::config::ConfigError::invalid(
+                    "signing.trusted_keys",
+                    "are needed to check repository.json before signing it",
+                )))
+            }
+        }
+        let body = keyring
+            .countersign(&bytes, PayloadType::Repository)
+            .ok_or_else(|| {
+                Error::Config(crate::config::ConfigError::invalid(
+                    "signing.key_file",
+                    "is required to sign repository.json",
+                ))
+            })?;
+        store
+            .backend
+            .put(&key, PutPayload::from(body))
+            .await
+            .map_err(store_err("put", &key))?;
+        tracing::info!(store = %store.url, "signed repository.json");
+        Ok((descriptor, opened.authenticity))
     }
 
     /// Tries each operation snaprelay needs on a scratch key under the prefix: list, put,
@@ -264,7 +385,13 @@ impl Repo {
         out
     }
 
-    fn checked(store: Store, descriptor: Repository, cluster_id: &str) -> Result<Repo> {
+    fn checked(
+        store: Store,
+        descriptor: Repository,
+        cluster_id: &str,
+        keyring: Keyring,
+        descriptor_authenticity: Authenticity,
+    ) -> Result<Repo> {
         if descriptor.cluster_id != cluster_id {
             return Err(Error::ClusterMismatch {
                 location: store.url.to_string(),
@@ -272,10 +399,19 @@ impl Repo {
                 found: descriptor.cluster_id,
             });
         }
-        Ok(Repo { store, descriptor })
+        Ok(Repo {
+            store,
+            descriptor,
+            keyring,
+            descriptor_authenticity,
+        })
     }
 
-    async fn read_descriptor(store: &Store) -> Result<Option<Repository>> {
+    /// Reads `repository.json`, checking its signature before parsing it.
+    async fn read_descriptor(
+        store: &Store,
+        keyring: &Keyring,
+    ) -> Result<Option<(Repository, Authenticity)>> {
         let key = store.key(REPOSITORY_KEY);
         let bytes = match get_limited(store, &key, MAX_REPOSITORY_BYTES).await {
             Ok(b) => b,
@@ -291,18 +427,38 @@ impl Repo {
             }
             Err(e) => return Err(e),
         };
-        let invalid = |reason: String| Error::InvalidRepository {
-            location: store.url.to_string(),
-            reason,
+        let location = store.url.to_string();
+        let opened = match keyring.open(&bytes, PayloadType::Repository) {
+            Ok(opened) => opened,
+            Err(OpenError::Refused(refusal)) => {
+                return Err(Error::Unauthenticated {
+                    object: format!("repository.json at {location}"),
+                    refusal,
+                })
+            }
+            Err(OpenError::Invalid(reason)) => {
+                return Err(Error::InvalidRepository { location, reason })
+            }
         };
-        let descriptor: Repository =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-        descriptor.validate().map_err(invalid)?;
-        Ok(Some(descriptor))
+        if let Authenticity::Refused(refusal) = &opened.authenticity {
+            tracing::warn!(store = %location, reason = %refusal.reason, "repository.json is not authentic ({refusal}); used anyway because signing.require is off");
+        }
+        let descriptor = parse_descriptor(&opened.payload, &location)?;
+        Ok(Some((descriptor, opened.authenticity)))
     }
 
     pub fn descriptor(&self) -> &Repository {
         &self.descriptor
+    }
+
+    /// What the signature check of `repository.json` found when the repository was opened.
+    pub fn descriptor_authenticity(&self) -> &Authenticity {
+        &self.descriptor_authenticity
+    }
+
+    /// How this repository seals and checks documents.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
     }
 
     pub fn params(&self) -> ChunkParams {
@@ -382,28 +538,95 @@ impl Repo {
             .ok_or(Error::SnapshotNotFound { index })
     }
 
-    /// The manifest for exactly this log id, if one was published.
+    /// The manifest for exactly this log id, if one was published. Under `signing.require`
+    /// only a manifest that reads back valid and verified counts: one an attacker planted
+    /// under the same log id must not make a publisher believe its snapshot is in the store.
     pub async fn manifest_for(&self, index: u64, term: u64) -> Result<Option<ManifestId>> {
-        Ok(self
+        let mut candidates: Vec<ManifestId> = self
             .list_manifests(index.checked_sub(1))
             .await?
             .into_iter()
             .filter(|e| e.id.index == index && e.id.term == term)
             .map(|e| e.id)
-            .next_back())
+            .collect();
+        if !self.keyring.requires() {
+            return Ok(candidates.pop());
+        }
+        while let Some(id) = candidates.pop() {
+            match self.read_manifest(&id).await {
+                Ok(_) => return Ok(Some(id)),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => tracing::debug!(manifest = %id, error = %e, "not counting a manifest"),
+            }
+        }
+        Ok(None)
     }
 
-    /// Reads and validates a manifest: size limit, JSON, format, cluster id, consistency
-    /// with its key and with the repository's chunking parameters.
+    /// The newest manifest with an index greater than `after` whose signature verifies
+    /// (under `signing.require`; otherwise simply the newest), and the refused ones newer
+    /// than it, newest first. Only signatures are checked here, not the manifests' content.
+    pub async fn newest_verified(
+        &self,
+        after: Option<u64>,
+    ) -> Result<(Option<ManifestId>, Vec<(ManifestId, Refusal)>)> {
+        let mut listed = self.list_manifests(after).await?;
+        if !self.keyring.requires() {
+            return Ok((listed.pop().map(|e| e.id), Vec::new()));
+        }
+        let mut refused = Vec::new();
+        while let Some(entry) = listed.pop() {
+            let key = self.manifest_key(&entry.id);
+            let bytes = get_limited(&self.store, &key, MAX_MANIFEST_BYTES).await;
+            let bytes = match bytes {
+                Ok(bytes) => bytes,
+                Err(e @ Error::ObjectTooLarge { .. }) => {
+                    tracing::debug!(manifest = %entry.id, error = %e, "passing over a manifest");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match self.keyring.open(&bytes, PayloadType::Manifest) {
+                Ok(_) => return Ok((Some(entry.id), refused)),
+                Err(OpenError::Refused(r)) => refused.push((entry.id, r)),
+                // `requires()` makes every failure a refusal.
+                Err(OpenError::Invalid(_)) => {}
+            }
+        }
+        Ok((None, refused))
+    }
+
+    /// Reads and validates a manifest: size limit, signature (before anything else is
+    /// looked at), JSON, format, cluster id, consistency with its key and with the
+    /// repository's chunking parameters.
     pub async fn read_manifest(&self, id: &ManifestId) -> Result<Manifest> {
+        self.read_manifest_checked(id).await.map(|(m, _)| m)
+    }
+
+    /// [`Repo::read_manifest`], also saying what the signature check found.
+    pub async fn read_manifest_checked(&self, id: &ManifestId) -> Result<(Manifest, Authenticity)> {
         let key = self.manifest_key(id);
         let invalid = |reason: String| Error::InvalidManifest {
             key: key.to_string(),
             reason,
         };
         let bytes = get_limited(&self.store, &key, MAX_MANIFEST_BYTES).await?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not a manifest: {e}")))?;
+        let opened = match self.keyring.open(&bytes, PayloadType::Manifest) {
+            Ok(opened) => opened,
+            Err(OpenError::Refused(refusal)) => {
+                return Err(Error::Unauthenticated {
+                    object: format!("manifest {key}"),
+                    refusal,
+                })
+            }
+            Err(OpenError::Invalid(reason)) => {
+                return Err(invalid(format!("not a manifest: {reason}")))
+            }
+        };
+        if let Authenticity::Refused(refusal) = &opened.authenticity {
+            tracing::warn!(manifest = %id, reason = %refusal.reason, "manifest is not authentic ({refusal}); used anyway because signing.require is off");
+        }
+        let manifest: Manifest = serde_json::from_slice(&opened.payload)
+            .map_err(|e| invalid(format!("not a manifest: {e}")))?;
         if manifest.cluster_id != self.descriptor.cluster_id {
             return Err(Error::ClusterMismatch {
                 location: key.to_string(),
@@ -412,29 +635,58 @@ impl Repo {
             });
         }
         if ManifestId::of(&manifest) != *id {
-            return Err(invalid(format!(
-                "its content (index {}, term {}, sha256 {}) does not match its name",
-                manifest.last_log_index, manifest.last_log_term, manifest.sha256
-            )));
+            // A distinct error: a genuine manifest copied under another name (a replay) is
+            // garbage to GC, while an invalid one stops it.
+            return Err(Error::MisnamedManifest {
+                key: key.to_string(),
+                found: format!(
+                    "index {}, term {}, sha256 {}",
+                    manifest.last_log_index, manifest.last_log_term, manifest.sha256
+                ),
+            });
         }
         manifest
             .validate(&self.descriptor.chunking)
             .map_err(invalid)?;
-        Ok(manifest)
+        Ok((manifest, opened.authenticity))
     }
 
-    /// Commits a manifest. Create-only: an existing manifest of the same name is the same
-    /// snapshot (same log id and content hash) and is left untouched.
+    /// Commits a manifest, sealed in its envelope (signed when this node has a key).
+    /// Create-only: an existing manifest of the same name is the same snapshot (same log id
+    /// and content hash) and is left untouched; when signatures are checked, it is replaced
+    /// unless it verifies, so a forgery planted under a predictable name cannot stand in for
+    /// the real one.
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
         let id = ManifestId::of(manifest);
         let key = self.manifest_key(&id);
-        let body = serde_json::to_vec_pretty(manifest).expect("Manifest serializes");
-        match put_create(&self.store, &key, body.into()).await {
-            Ok(())
-            | Err(Error::Store {
+        let payload = serde_json::to_vec(manifest).expect("Manifest serializes");
+        let body = Bytes::from(self.keyring.seal(PayloadType::Manifest, payload));
+        match put_create(&self.store, &key, body.clone()).await {
+            Ok(()) => Ok(id),
+            Err(Error::Store {
                 source: object_store::Error::AlreadyExists { .. },
                 ..
-            }) => Ok(id),
+            }) if !self.keyring.checks() => Ok(id),
+            Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => match self.read_manifest_checked(&id).await {
+                Ok((_, Authenticity::Verified(_))) => Ok(id),
+                Err(e) if e.is_transient() => Err(e),
+                other => {
+                    let found = match other {
+                        Ok((_, auth)) => auth.status().to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    tracing::warn!(manifest = %id, %found, "replacing a manifest of the same name that does not verify");
+                    self.store
+                        .backend
+                        .put(&key, PutPayload::from_bytes(body))
+                        .await
+                        .map(|_| id)
+                        .map_err(store_err("put", &key))
+                }
+            },
             Err(e) => Err(e),
         }
     }
@@ -658,6 +910,17 @@ async fn put_create(store: &Store, key: &Path, body: Bytes) -> Result<()> {
             .map_err(store_err("put", key)),
         Err(e) => Err(store_err("put", key)(e)),
     }
+}
+
+fn parse_descriptor(payload: &[u8], location: &str) -> Result<Repository> {
+    let invalid = |reason: String| Error::InvalidRepository {
+        location: location.to_owned(),
+        reason,
+    };
+    let descriptor: Repository =
+        serde_json::from_slice(payload).map_err(|e| invalid(e.to_string()))?;
+    descriptor.validate().map_err(invalid)?;
+    Ok(descriptor)
 }
 
 /// Reads a whole object of at most `limit` bytes. A larger object is refused after a `head`

@@ -1,11 +1,14 @@
 //! `snaprelay check-config`: validate the config, print the effective values (secrets
-//! masked), then probe what it points at — the store (list, put, get, delete on a scratch
-//! key) and the node's hook — and print a table of what works.
+//! masked; for `[signing]`, key ids and public keys only, or a plain statement that
+//! manifests are not authenticated), then probe what it points at — the store (list, put,
+//! get, delete on a scratch key), `repository.json`'s signature and the node's hook — and
+//! print a table of what works.
 
 use crate::config::Config;
 use crate::error::{Classified, Error, ErrorClass};
 use crate::node::HookClient;
 use crate::repo::Repo;
+use crate::signing::Authenticity;
 use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +39,38 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
                     _ => String::new(),
                 };
                 println!("FAILED  store {op:<7} {e}{hint}");
+                failures.push(e.class());
+            }
+        }
+    }
+    if failures.is_empty() {
+        total += 1;
+        let opened =
+            Repo::open_with(store.clone(), &config.cluster_id, config.signing.clone()).await;
+        match opened {
+            Ok(repo) => {
+                let auth = repo.descriptor_authenticity();
+                let signer = auth.signer().unwrap_or_else(|| "none".into());
+                match auth {
+                    Authenticity::Verified(key) => {
+                        println!("ok      sign  repository.json verified: signed by trusted key {key}")
+                    }
+                    Authenticity::NotChecked { claimed } if claimed.is_empty() => {
+                        println!("ok      sign  repository.json is unsigned and nothing is checked")
+                    }
+                    Authenticity::NotChecked { .. } => println!(
+                        "warn    sign  repository.json is signed (key {signer}), but this config trusts no key: nothing is verified"
+                    ),
+                    Authenticity::Refused(r) => println!(
+                        "warn    sign  repository.json is not authentic ({r}); accepted only because signing.require = false"
+                    ),
+                }
+            }
+            Err(Error::NoRepository { .. }) => {
+                println!("ok      sign  no repository.json yet (the first publish writes it)")
+            }
+            Err(e) => {
+                println!("FAILED  sign  {e}");
                 failures.push(e.class());
             }
         }

@@ -12,10 +12,12 @@ use crate::store::Store;
 
 mod check_config;
 mod gc;
+mod keygen;
 mod list;
 mod pull;
 mod push;
 mod run;
+mod sign_repository;
 mod status;
 mod verify;
 
@@ -73,6 +75,10 @@ pub enum Command {
     Status(status::Args),
     /// Show what retention would delete; delete with --apply.
     Gc(gc::Args),
+    /// Write a new Ed25519 signing key for a node and print its public key and key id.
+    Keygen(keygen::Args),
+    /// Sign the store's repository.json with this node's key (key rotation, enabling signing).
+    SignRepository(sign_repository::Args),
     /// Validate and print the effective config (secrets masked), then probe the store and
     /// the node's hook.
     CheckConfig(check_config::Args),
@@ -96,6 +102,10 @@ impl Cli {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // The only command that needs no configuration.
+    if let Command::Keygen(args) = &cli.command {
+        return keygen::run(args);
+    }
     let config = cli.config()?;
     match &cli.command {
         Command::Push(args) => push::run(&config, args).await,
@@ -105,6 +115,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gc(args) => gc::run(&config, args).await,
         Command::Status(args) => status::run(&config, args).await,
         Command::CheckConfig(args) => check_config::run(&config, args).await,
+        Command::SignRepository(args) => sign_repository::run(&config, args).await,
+        Command::Keygen(_) => unreachable!("handled above"),
         Command::Run => run::run(&config).await,
     }
 }
@@ -112,7 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Opens the configured repository, which must exist.
 async fn open_repo(config: &Config) -> anyhow::Result<Repo> {
     let store = Store::open(&config.store)?;
-    Repo::open(store, &config.cluster_id)
+    Repo::open_with(store, &config.cluster_id, config.signing.clone())
         .await
         .with_context(|| format!("opening the repository at {}", config.store.url))
 }

@@ -1,13 +1,18 @@
 //! `snaprelay pull --to DIR`: the newest (or a chosen) snapshot into DIR, verified, reusing
-//! chunks of the snapshots DIR already holds.
+//! chunks of the snapshots DIR already holds. Under `signing.require` a manifest that fails
+//! the signature check is passed over with a warning (for the newest) or refused (when it
+//! is the only one at the chosen index); nothing of it is fetched.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::error::Error;
 use crate::fetch::{self, Fetcher};
+use crate::manifest::Manifest;
 use crate::progress::Bar;
+use crate::repo::{ManifestId, Repo};
 
 /// How many of DIR's newest snapshots are offered as chunk sources.
 const REUSE_LOCAL_SNAPSHOTS: usize = 2;
@@ -27,14 +32,7 @@ pub struct Args {
 
 pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let repo = super::open_repo(config).await?;
-    let id = match args.index {
-        Some(index) => repo.find_manifest(index).await?,
-        None => repo
-            .newest_manifest(None)
-            .await?
-            .ok_or(crate::error::Error::NoSnapshots)?,
-    };
-    let manifest = repo.read_manifest(&id).await?;
+    let (id, manifest) = choose(&repo, args.index).await?;
     let sources = fetch::local_sources(&repo, &args.to, REUSE_LOCAL_SNAPSHOTS)
         .await
         .with_context(|| format!("reading {}", args.to.display()))?;
@@ -57,4 +55,34 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         super::human_rate(report.bytes_transferred, report.elapsed)
     );
     Ok(())
+}
+
+/// The newest manifest (at `index`, if given) that passes the signature check. Other
+/// failures are reported as they are: a damaged newest manifest is an error, not a reason
+/// to fall back silently to an older snapshot.
+async fn choose(repo: &Repo, index: Option<u64>) -> anyhow::Result<(ManifestId, Manifest)> {
+    let mut candidates: Vec<ManifestId> = repo
+        .list_manifests(index.and_then(|i| i.checked_sub(1)))
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .filter(|id| index.is_none_or(|i| id.index == i))
+        .collect();
+    let mut refused = None;
+    while let Some(id) = candidates.pop() {
+        match repo.read_manifest(&id).await {
+            Ok(m) => return Ok((id, m)),
+            Err(e @ Error::Unauthenticated { .. }) => {
+                tracing::warn!(manifest = %id, error = %e, "passing over a manifest that fails the signature check");
+                refused.get_or_insert(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(match (refused, index) {
+        (Some(e), _) => e,
+        (None, Some(index)) => Error::SnapshotNotFound { index },
+        (None, None) => Error::NoSnapshots,
+    }
+    .into())
 }

@@ -26,9 +26,14 @@ pub struct Args {
 pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let snapshot = Snapshot::open(&args.meta_file)?;
     let store = Store::open(&config.store)?;
-    let repo = Repo::open_or_create(store, &config.cluster_id, config.chunking)
-        .await
-        .with_context(|| format!("opening the repository at {}", config.store.url))?;
+    let repo = Repo::open_or_create_with(
+        store,
+        &config.cluster_id,
+        config.chunking,
+        config.signing.clone(),
+    )
+    .await
+    .with_context(|| format!("opening the repository at {}", config.store.url))?;
     let bar = Bar::for_terminal("push");
     let report = Publisher::new(
         &repo,

@@ -1,5 +1,7 @@
 //! `snaprelay status`: one screen for an operator — the node (from its hook), the store
-//! (newest snapshot, usage), the lag between them, and what the daemon last did.
+//! (newest snapshot, usage), the lag between them, whether signatures are checked, and what
+//! the daemon last did. Under `signing.require` the newest snapshot is the newest one whose
+//! signature verifies; newer manifests that fail the check are named.
 
 use serde::Serialize;
 
@@ -18,6 +20,12 @@ pub struct Args {
 }
 
 #[derive(Debug, Serialize)]
+struct RefusedManifest {
+    manifest: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
 struct Report {
     node: Option<Status>,
     node_error: Option<String>,
@@ -30,6 +38,10 @@ struct Report {
     stored_bytes: Option<u64>,
     /// Newest index in the store minus the node's snapshot index.
     lag: Option<u64>,
+    /// `required`, `checked` (not required) or `not_configured`.
+    signatures: &'static str,
+    /// Manifests newer than the newest snapshot that fail the signature check.
+    refused: Vec<RefusedManifest>,
     daemon: Option<DaemonState>,
 }
 
@@ -55,6 +67,12 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         chunks: None,
         stored_bytes: None,
         lag: None,
+        signatures: match (config.signing.requires(), config.signing.checks()) {
+            (true, _) => "required",
+            (false, true) => "checked",
+            (false, false) => "not_configured",
+        },
+        refused: Vec::new(),
         daemon: config
             .daemon
             .state_dir
@@ -62,18 +80,31 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             .and_then(DaemonState::read),
     };
     let store_part = async {
-        let repo = Repo::open(Store::open(&config.store)?, &config.cluster_id).await?;
+        let repo = Repo::open_with(
+            Store::open(&config.store)?,
+            &config.cluster_id,
+            config.signing.clone(),
+        )
+        .await?;
         let manifests = repo.list_manifests(None).await?;
         let chunks = repo.list_chunks().await?;
-        anyhow::Ok((manifests, chunks))
+        let newest = repo.newest_verified(None).await?;
+        anyhow::Ok((manifests, chunks, newest))
     };
     match store_part.await {
-        Ok((manifests, chunks)) => {
+        Ok((manifests, chunks, (newest, refused))) => {
             report.manifests = Some(manifests.len() as u64);
-            if let Some(newest) = manifests.last() {
-                report.newest_index = Some(newest.id.index);
-                report.newest_term = Some(newest.id.term);
+            if let Some(newest) = newest {
+                report.newest_index = Some(newest.index);
+                report.newest_term = Some(newest.term);
             }
+            report.refused = refused
+                .into_iter()
+                .map(|(id, r)| RefusedManifest {
+                    manifest: id.to_string(),
+                    reason: r.reason.as_str(),
+                })
+                .collect();
             report.chunks = Some(chunks.len() as u64);
             report.stored_bytes = Some(
                 manifests.iter().map(|m| m.stored_size).sum::<u64>()
@@ -120,6 +151,16 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     }
     if let Some(lag) = report.lag {
         println!("lag       {lag} log index(es) behind the store's newest snapshot");
+    }
+    match report.signatures {
+        "required" => println!("signing   signatures required"),
+        "checked" => {
+            println!("signing   signatures checked but NOT required (signing.require = false)")
+        }
+        _ => println!("signing   NOT configured: manifests are not authenticated"),
+    }
+    for r in &report.refused {
+        println!("          REFUSED {} ({})", r.manifest, r.reason);
     }
     match &report.daemon {
         Some(d) => {

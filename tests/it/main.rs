@@ -12,5 +12,6 @@ mod gc;
 mod incremental;
 mod operate;
 mod roundtrip;
+mod signing;
 mod store_conformance;
 mod systemd_notify;

@@ -231,10 +231,10 @@ async fn suite(settings: StoreSettings) {
         .await
         .unwrap();
     match repo.read_manifest(&wrong).await {
-        Err(e @ Error::InvalidManifest { .. }) => {
-            assert!(e.to_string().contains("does not match its name"), "{e}")
+        Err(e @ Error::MisnamedManifest { .. }) => {
+            assert!(e.to_string().contains("not the one its name says"), "{e}")
         }
-        other => panic!("expected InvalidManifest, got {other:?}"),
+        other => panic!("expected MisnamedManifest, got {other:?}"),
     }
 }
 

@@ -82,6 +82,8 @@ pub struct Cluster {
     pub store: StoreSection,
     /// Extra kv-node arguments (snapshot policy and the like).
     pub node_args: Vec<String>,
+    /// Extra TOML appended to a node's sidecar config (e.g. `[signing]`), by node id.
+    pub sidecar_config: std::collections::HashMap<u64, String>,
     pub http: reqwest::Client,
 }
 
@@ -107,6 +109,7 @@ impl Cluster {
             sidecars: Vec::new(),
             store,
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
+            sidecar_config: Default::default(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -186,10 +189,11 @@ impl Cluster {
             format!(
                 "cluster_id = \"e2e\"\nnode_id = {id}\n{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"60s\"\n\
                  [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\nstate_dir = \"{}\"\n\
-                 [metrics]\nlisten = \"{metrics}\"\n",
+                 [metrics]\nlisten = \"{metrics}\"\n{}",
                 self.store.0,
                 node.socket.display(),
-                dir.join("state").display()
+                dir.join("state").display(),
+                self.sidecar_config.get(&id).map(String::as_str).unwrap_or(""),
             ),
         )
         .unwrap();

@@ -286,3 +286,53 @@ pub fn entries(dir: &Path) -> Vec<String> {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A signing key made by `snaprelay keygen` for a test (never a committed one).
+#[derive(Debug, Clone)]
+pub struct Key {
+    pub file: PathBuf,
+    pub id: String,
+    pub public: String,
+    /// The line for a trusted keys file.
+    pub line: String,
+}
+
+/// Runs `snaprelay keygen --out <dir>/<name>.pem --comment <name> --json`.
+pub fn keygen(dir: &Path, name: &str) -> Key {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join(format!("{name}.pem"));
+    let out = Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+        .args(["keygen", "--comment", name, "--json", "--out"])
+        .arg(&file)
+        .output()
+        .expect("running snaprelay keygen");
+    assert!(out.status.success(), "keygen failed: {}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    Key {
+        file,
+        id: v["key_id"].as_str().unwrap().to_owned(),
+        public: v["public_key"].as_str().unwrap().to_owned(),
+        line: v["trusted_key"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// A `[signing]` section signing with `key` and trusting the keys listed in `trusted_file`.
+pub fn signing_section(key: Option<&Key>, trusted_file: &Path) -> String {
+    let key_file = key
+        .map(|k| format!("key_file = \"{}\"\n", k.file.display()))
+        .unwrap_or_default();
+    format!(
+        "[signing]\n{key_file}trusted_keys_file = \"{}\"\n",
+        trusted_file.display()
+    )
+}
+
+/// Writes a trusted keys file listing `keys`.
+pub fn write_trusted(path: &Path, keys: &[&Key]) {
+    let mut text = String::from("# the cluster's publishers\n");
+    for k in keys {
+        text.push_str(&k.line);
+        text.push('\n');
+    }
+    std::fs::write(path, text).unwrap();
+}
