@@ -5,6 +5,7 @@
 mod support;
 
 mod chunk_index;
+mod config_inputs;
 mod corruption;
 mod crash_safety;
 mod e2e_cluster;
