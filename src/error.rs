@@ -198,3 +198,38 @@ pub fn classify(err: &anyhow::Error) -> ErrorClass {
     }
     ErrorClass::Data
 }
+
+/// The whole cause chain of `err` on one line, each cause once. Several errors here (and
+/// in object_store) show their source in their own message and also return it as their
+/// source, so `{:#}` would print it twice ("writer stopped: writer stopped"); a cause
+/// whose text the line already ends with is skipped.
+pub fn chain(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_prints_each_cause_once() {
+        let io = io::Error::new(io::ErrorKind::StorageFull, "No space left on device");
+        let err = anyhow::Error::from(Error::io("writing the staging file /x/.s.partial", io))
+            .context("pulling snapshot 9 into /x");
+        assert_eq!(
+            chain(&err),
+            "pulling snapshot 9 into /x: writing the staging file /x/.s.partial: No space left on device"
+        );
+    }
+}

@@ -24,7 +24,7 @@ fn main() -> ExitCode {
     match runtime.block_on(snaprelay::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", snaprelay::error::chain(&err));
             ExitCode::from(snaprelay::error::classify(&err).exit_code() as u8)
         }
     }

@@ -101,6 +101,11 @@ fn pull_onto_a_full_disk_names_the_cause_and_the_file() {
         "the error does not name the file: {stderr}"
     );
     assert!(!stderr.contains("writer stopped"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No space left on device").count(),
+        1,
+        "the cause is printed more than once: {stderr}"
+    );
     assert_no_snapshot(fs.path());
     assert!(
         support::entries(fs.path()).is_empty(),
