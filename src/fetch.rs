@@ -171,6 +171,26 @@ impl<'a> Fetcher<'a> {
         let started = Instant::now();
         let (data_name, meta_name) =
             snapdir::file_names(manifest.last_log_index, manifest.last_log_term);
+        let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
+            last_log_index: manifest.last_log_index,
+            last_log_term: manifest.last_log_term,
+            data: data_name.clone(),
+            size: manifest.size,
+            raft_meta: manifest.raft_meta.clone(),
+            chunk_index: None,
+        };
+        // Before anything is downloaded: the node would refuse (or worse, adopt) a snapshot
+        // whose raft_meta is not this snapshot's.
+        envelope
+            .validate()
+            .map_err(|reason| Error::InvalidManifest {
+                key: format!(
+                    "for snapshot {} (term {})",
+                    manifest.last_log_index, manifest.last_log_term
+                ),
+                reason,
+            })?;
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
         let staging = Staging {
@@ -201,15 +221,6 @@ impl<'a> Fetcher<'a> {
                 let _ = dir.remove(&staging.name);
                 return Err(e);
             }
-        };
-        let envelope = Envelope {
-            format: ENVELOPE_FORMAT,
-            last_log_index: manifest.last_log_index,
-            last_log_term: manifest.last_log_term,
-            data: data_name.clone(),
-            size: manifest.size,
-            raft_meta: manifest.raft_meta.clone(),
-            chunk_index: None,
         };
         let (data, meta) = match commit(&dir, &staging, &data_name, &meta_name, &envelope) {
             Ok(paths) => paths,

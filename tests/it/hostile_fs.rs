@@ -381,3 +381,31 @@ fn push_does_not_hang_on_a_fifo_chunk_index() {
     );
     assert_published(&l, &out, &data);
 }
+
+/// An envelope whose raft_meta is null (or names another log id) is refused: a follower's
+/// node would adopt a snapshot its meta does not describe.
+#[test]
+fn push_refuses_an_envelope_whose_raft_meta_is_not_the_snapshots() {
+    let l = leader();
+    for (n, raft_meta) in [
+        serde_json::json!(null),
+        serde_json::json!({"last_log_id": {"leader_id": {"term": 1, "node_id": 1}, "index": 99}}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let meta = support::write_snapshot(&l.dir, 10 + n as u64, 1, b"state");
+        let mut envelope: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        envelope["raft_meta"] = raft_meta;
+        std::fs::write(&meta, serde_json::to_vec(&envelope).unwrap()).unwrap();
+        let out = l.push(&meta, &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", fail_text(&out));
+        assert!(
+            support::stderr(&out).contains("raft_meta"),
+            "{}",
+            fail_text(&out)
+        );
+    }
+    l.assert_nothing_published();
+}

@@ -90,6 +90,7 @@ impl Envelope {
             ));
         }
         validate_data_name(&self.data)?;
+        self.validate_raft_meta()?;
         if let Some(index) = &self.chunk_index {
             validate_data_name(index).map_err(|e| format!("chunk_index: {e}"))?;
             if *index == self.data {
@@ -97,6 +98,59 @@ impl Envelope {
             }
         }
         Ok(())
+    }
+}
+
+impl Envelope {
+    /// `raft_meta` must be openraft's `SnapshotMeta` of this very snapshot: a JSON object
+    /// whose `last_log_id.index` is the envelope's index and whose leader term, where the
+    /// log id carries one, is the envelope's term. A node adopting a snapshot whose meta
+    /// says something else would restart into a state its log does not describe.
+    fn validate_raft_meta(&self) -> std::result::Result<(), String> {
+        let kind = |v: &serde_json::Value| match v {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::Object(_) => "an object",
+        };
+        let meta = self.raft_meta.as_object().ok_or_else(|| {
+            format!(
+                "raft_meta must be openraft's SnapshotMeta (a JSON object), not {}",
+                kind(&self.raft_meta)
+            )
+        })?;
+        let last = meta.get("last_log_id").unwrap_or(&serde_json::Value::Null);
+        let last = last.as_object().ok_or_else(|| {
+            format!(
+                "raft_meta.last_log_id must be the snapshot's log id (an object), not {}",
+                kind(last)
+            )
+        })?;
+        let index = last.get("index").and_then(|i| i.as_u64()).ok_or_else(|| {
+            "raft_meta.last_log_id.index must be a non-negative integer".to_owned()
+        })?;
+        if index != self.last_log_index {
+            return Err(format!(
+                "raft_meta.last_log_id.index is {index}, but last_log_index is {}",
+                self.last_log_index
+            ));
+        }
+        // openraft writes the leader id as {"term": t, "node_id": n}; some leader id types
+        // serialize as the bare term.
+        let term = match last.get("leader_id") {
+            Some(serde_json::Value::Object(leader)) => leader.get("term").and_then(|t| t.as_u64()),
+            Some(serde_json::Value::Number(term)) => term.as_u64(),
+            _ => None,
+        };
+        match term {
+            Some(term) if term != self.last_log_term => Err(format!(
+                "raft_meta.last_log_id.leader_id.term is {term}, but last_log_term is {}",
+                self.last_log_term
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -429,6 +483,30 @@ mod tests {
         .unwrap();
         let err = Snapshot::open(&path).unwrap_err().to_string();
         assert!(err.contains("plain file name"), "{err}");
+        for (raft_meta, why) in [
+            (
+                serde_json::json!(null),
+                "raft_meta must be openraft's SnapshotMeta (a JSON object), not null",
+            ),
+            (
+                serde_json::json!({"last_log_id": null}),
+                "raft_meta.last_log_id must be the snapshot's log id (an object), not null",
+            ),
+            (
+                serde_json::json!({"last_log_id": {"index": 2}}),
+                "raft_meta.last_log_id.index is 2, but last_log_index is 1",
+            ),
+            (
+                serde_json::json!({"last_log_id": {"leader_id": {"term": 5, "node_id": 1}, "index": 1}}),
+                "raft_meta.last_log_id.leader_id.term is 5, but last_log_term is 2",
+            ),
+        ] {
+            let mut e = envelope(1, "s.bin", 1);
+            e.raft_meta = raft_meta;
+            fs::write(&path, serde_json::to_vec(&e).unwrap()).unwrap();
+            let err = Snapshot::open(&path).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
         let mut e = envelope(1, "s.bin", 1);
         e.format = 9;
         fs::write(&path, serde_json::to_vec(&e).unwrap()).unwrap();
