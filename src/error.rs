@@ -99,6 +99,12 @@ pub enum Error {
     )]
     LeaseLapsed { lease: String, secs: u64 },
 
+    #[error("cannot hand snapshots over to the node through {dir}: {reason}")]
+    Handover {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -119,9 +125,10 @@ impl Error {
 
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Config(_) | Error::ClusterMismatch { .. } | Error::NoRepository { .. } => {
-                ErrorClass::Usage
-            }
+            Error::Config(_)
+            | Error::ClusterMismatch { .. }
+            | Error::NoRepository { .. }
+            | Error::Handover { .. } => ErrorClass::Usage,
             Error::Store { source, .. } => store_error_class(source),
             // Renewals fail when the store does not answer.
             Error::LeaseLapsed { .. } => ErrorClass::Unreachable,

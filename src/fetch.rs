@@ -141,6 +141,7 @@ pub struct Fetcher<'a> {
     repo: &'a Repo,
     concurrency: usize,
     progress: &'a dyn Progress,
+    node: Option<NodeAccess>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -149,7 +150,17 @@ impl<'a> Fetcher<'a> {
             repo,
             concurrency: concurrency.max(1),
             progress,
+            node: None,
         }
+    }
+
+    /// The files fetched are for `node`, which must be able to read them: each is given
+    /// the node's group where this process may, and the fetch fails with
+    /// [`Error::Handover`] before anything is downloaded if the node still could not read
+    /// it.
+    pub fn hand_over_to(mut self, node: NodeAccess) -> Self {
+        self.node = Some(node);
+        self
     }
 
     /// Assembles `manifest`'s snapshot in `dir` as `snapshot-<index>-<term>.bin` plus its
@@ -222,7 +233,8 @@ impl<'a> Fetcher<'a> {
                 return Err(e);
             }
         };
-        let (data, meta) = match commit(&dir, &staging, &data_name, &meta_name, &envelope) {
+        let committed = commit(&dir, &staging, &data_name, &meta_name, &envelope, self.node);
+        let (data, meta) = match committed {
             Ok(paths) => paths,
             Err(e) => {
                 let _ = dir.remove(&staging.name);
@@ -267,6 +279,10 @@ impl<'a> Fetcher<'a> {
     ) -> Result<Counts> {
         let staging_err = |e| Error::io(format!("staging file {}", staging.path.display()), e);
         let (file, resumable) = open_staging(dir, staging, manifest.size).map_err(staging_err)?;
+        if let Some(node) = self.node {
+            // A cheap probe on the empty file, before a byte is downloaded.
+            hand_over(&file, dir, node)?;
+        }
         let file = Arc::new(file);
         let local = index_sources(sources, manifest);
 
@@ -455,6 +471,7 @@ fn commit(
     data_name: &str,
     meta_name: &str,
     envelope: &Envelope,
+    node: Option<NodeAccess>,
 ) -> Result<(PathBuf, PathBuf)> {
     let data = dir.join(data_name);
     let meta = dir.join(meta_name);
@@ -466,6 +483,9 @@ fn commit(
         .and_then(|()| file.write_all(&json))
         .and_then(|()| file.sync_all())
         .map_err(meta_err)?;
+    if let Some(node) = node {
+        hand_over(pending.file(), dir, node)?;
+    }
     dir.rename(&staging.name, data_name)
         .map_err(|e| Error::io(format!("renaming {} into place", staging.path.display()), e))?;
     if let Err(e) = pending.commit() {
@@ -475,6 +495,111 @@ fn commit(
         return Err(meta_err(e));
     }
     Ok((data, meta))
+}
+
+/// Who a fetched file is handed over to: the node's uid and gid, those of its hook socket
+/// (the node created it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAccess {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl NodeAccess {
+    /// The owner and group of the node's hook socket.
+    pub fn of_socket(path: &Path) -> Result<NodeAccess> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path).map_err(|e| {
+            Error::io(
+                format!("reading the owner of the hook socket {}", path.display()),
+                e,
+            )
+        })?;
+        Ok(NodeAccess {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
+    /// Whether the node can read a file with this owner, group and mode.
+    fn can_read(&self, uid: u32, gid: u32, mode: u32) -> bool {
+        self.uid == 0
+            || (uid == self.uid && mode & 0o400 != 0)
+            || (gid == self.gid && mode & 0o040 != 0)
+            || mode & 0o004 != 0
+    }
+}
+
+/// Whether this process may give a file it owns to group `gid`.
+fn may_use_group(gid: u32) -> bool {
+    rustix::process::geteuid().is_root()
+        || rustix::process::getegid().as_raw() == gid
+        || rustix::process::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
+}
+
+/// Makes `file` (created by this process in `dir`) readable by the node: gives it the
+/// node's group if it has another and this process is in the node's group, then checks.
+/// The error names the directory, its owner and mode, the node's ids and the fixes.
+pub fn hand_over(file: &File, dir: &Dir, node: NodeAccess) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let io_err = |e| {
+        Error::io(
+            format!("handing a file over in {}", dir.path().display()),
+            e,
+        )
+    };
+    let meta = file.metadata().map_err(io_err)?;
+    if meta.gid() != node.gid && may_use_group(node.gid) {
+        rustix::fs::fchown(file, None, Some(rustix::fs::Gid::from_raw(node.gid)))
+            .map_err(|e| io_err(e.into()))?;
+    }
+    let meta = file.metadata().map_err(io_err)?;
+    if node.can_read(meta.uid(), meta.gid(), meta.mode()) {
+        return Ok(());
+    }
+    let d = dir.stat().map_err(io_err)?;
+    let (me_uid, me_gid) = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    Err(Error::Handover {
+        dir: dir.path().to_owned(),
+        reason: format!(
+            "the node (uid {nu}, gid {ng}: the owner of its hook socket) could not read what \
+             this sidecar (uid {me_uid}, gid {me_gid}) writes there: a file created in it is \
+             owned by {fu}:{fg} with mode {fm:04o}, and this sidecar is not in group {ng} to \
+             give it to the node. The directory is owned by {du}:{dg} with mode {dm:04o}. \
+             Fix: give the directory the node's group and the setgid bit, as the node creates \
+             it (chgrp {ng} {dir} && chmod 2770 {dir}), or add the node's group to the \
+             sidecar (SupplementaryGroups= in its unit)",
+            nu = node.uid,
+            ng = node.gid,
+            fu = meta.uid(),
+            fg = meta.gid(),
+            fm = meta.mode() & 0o7777,
+            du = d.st_uid,
+            dg = d.st_gid,
+            dm = d.st_mode & 0o7777,
+            dir = dir.path().display(),
+        ),
+    })
+}
+
+/// Checks, with an empty probe file, that files fetched into `dir` can be handed over to
+/// `node` (for `check-config`). The probe file is removed.
+pub fn probe_handover(dir: &Path, node: NodeAccess) -> Result<()> {
+    let opened = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    let name = format!(".snaprelay-handover-probe.{}.tmp", std::process::id());
+    let file = opened
+        .create_new(&name, FILE_MODE)
+        .and_then(|f| {
+            f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+                .map(|()| f)
+        })
+        .map_err(|e| Error::io(format!("creating a file in {}", dir.display()), e))?;
+    let result = hand_over(&file, &opened, node);
+    let _ = opened.remove(&name);
+    result
 }
 
 /// Maps each chunk the manifest needs to one local place that should hold it. Files that

@@ -146,6 +146,8 @@ impl FailureReason {
                     | Error::ChunkCorrupt { .. }
                     | Error::FileCorrupt { .. }
                     | Error::IndexMismatch { .. } => FailureReason::Corrupt,
+                    // The incoming directory's permissions: a deployment problem.
+                    Error::Handover { .. } => FailureReason::Other,
                     Error::Config(_)
                     | Error::ClusterMismatch { .. }
                     | Error::NoRepository { .. }

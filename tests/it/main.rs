@@ -11,6 +11,7 @@ mod crash_safety;
 mod e2e_cluster;
 mod full_disk;
 mod gc;
+mod handover;
 mod hostile_fs;
 mod incremental;
 mod operate;
