@@ -525,7 +525,9 @@ impl Daemon {
         let mut sources = fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
         sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
         let progress = self.supervisor.progress();
-        let fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress);
+        let node = fetch::NodeAccess::of_socket(&self.node_config.hook_socket)?;
+        let fetcher =
+            Fetcher::new(repo, self.config.download.concurrency, &progress).hand_over_to(node);
         let report = tokio::select! {
             // An abandoned fetch leaves only the hidden staging file, resumed next time.
             _ = cancel.cancelled() => return Ok(()),

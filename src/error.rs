@@ -113,6 +113,12 @@ pub enum Error {
     )]
     LeaseLapsed { lease: String, secs: u64 },
 
+    #[error("cannot hand snapshots over to the node through {dir}: {reason}")]
+    Handover {
+        dir: std::path::PathBuf,
+        reason: String,
+    },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -162,9 +168,10 @@ impl Error {
 
     pub fn class(&self) -> ErrorClass {
         match self {
-            Error::Config(_) | Error::ClusterMismatch { .. } | Error::NoRepository { .. } => {
-                ErrorClass::Usage
-            }
+            Error::Config(_)
+            | Error::ClusterMismatch { .. }
+            | Error::NoRepository { .. }
+            | Error::Handover { .. } => ErrorClass::Usage,
             Error::Store { source, .. } => store_error_class(source),
             // Renewals fail when the store does not answer.
             Error::LeaseLapsed { .. } => ErrorClass::Unreachable,
@@ -310,7 +317,8 @@ impl FailureReason {
                     | Error::ClusterMismatch { .. }
                     | Error::NoRepository { .. }
                     | Error::SnapshotNotFound { .. }
-                    | Error::NoSnapshots => FailureReason::Other,
+                    | Error::NoSnapshots
+                    | Error::Handover { .. } => FailureReason::Other,
                 };
             }
             if cause.is::<HookError>() {
@@ -469,5 +477,16 @@ mod tests {
             source: "connection refused".into(),
         });
         assert_eq!(store_error_kind(&down), Some("unreachable"));
+    }
+
+    #[test]
+    fn chain_prints_each_cause_once() {
+        let io = io::Error::new(io::ErrorKind::StorageFull, "No space left on device");
+        let err = anyhow::Error::from(Error::io("writing the staging file /x/.s.partial", io))
+            .context("pulling snapshot 9 into /x");
+        assert_eq!(
+            chain(&err),
+            "pulling snapshot 9 into /x: writing the staging file /x/.s.partial: No space left on device"
+        );
     }
 }

@@ -10,9 +10,9 @@
 //! file is removed and the target directory is as it was.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use crate::manifest::{ChunkRef, Manifest};
 use crate::progress::Progress;
 use crate::repo::Repo;
 use crate::snapdir::{self, Envelope, ENVELOPE_FORMAT};
+use snaprelay_contract::dir::{self as safe_dir, Dir};
 
 /// What a fetch did.
 #[derive(Debug, Clone, Serialize)]
@@ -94,7 +95,8 @@ pub async fn local_sources(repo: &Repo, dir: &Path, limit: usize) -> Result<Vec<
                 let path = local.data_path.clone();
                 let params = repo.params();
                 let cut = tokio::task::spawn_blocking(move || {
-                    File::open(&path).and_then(|f| crate::chunk::index(f, params))
+                    safe_dir::open_regular(&path, false)
+                        .and_then(|f| crate::chunk::index(f, params))
                 })
                 .await
                 .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
@@ -139,6 +141,7 @@ pub struct Fetcher<'a> {
     repo: &'a Repo,
     concurrency: usize,
     progress: &'a dyn Progress,
+    node: Option<NodeAccess>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -147,11 +150,26 @@ impl<'a> Fetcher<'a> {
             repo,
             concurrency: concurrency.max(1),
             progress,
+            node: None,
         }
+    }
+
+    /// The files fetched are for `node`, which must be able to read them: each is given
+    /// the node's group where this process may, and the fetch fails with
+    /// [`Error::Handover`] before anything is downloaded if the node still could not read
+    /// it.
+    pub fn hand_over_to(mut self, node: NodeAccess) -> Self {
+        self.node = Some(node);
+        self
     }
 
     /// Assembles `manifest`'s snapshot in `dir` as `snapshot-<index>-<term>.bin` plus its
     /// envelope, reusing chunks from `sources` where their bytes verify.
+    ///
+    /// `dir` may be writable by another user (the node's incoming directory): every file in
+    /// it is created, opened, renamed and removed through the directory's descriptor, never
+    /// through a symbolic link, and whatever was planted at a name this fetch writes is
+    /// removed rather than written through.
     ///
     /// Cancel safety: if the future is dropped (or the process killed), only the hidden
     /// staging file remains; the next fetch of the same snapshot reuses its verified chunks.
@@ -164,49 +182,62 @@ impl<'a> Fetcher<'a> {
         let started = Instant::now();
         let (data_name, meta_name) =
             snapdir::file_names(manifest.last_log_index, manifest.last_log_term);
+        let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
+            last_log_index: manifest.last_log_index,
+            last_log_term: manifest.last_log_term,
+            data: data_name.clone(),
+            size: manifest.size,
+            raft_meta: manifest.raft_meta.clone(),
+            chunk_index: None,
+        };
+        // Before anything is downloaded: the node would refuse (or worse, adopt) a snapshot
+        // whose raft_meta is not this snapshot's.
+        envelope
+            .validate()
+            .map_err(|reason| Error::InvalidManifest {
+                key: format!(
+                    "for snapshot {} (term {})",
+                    manifest.last_log_index, manifest.last_log_term
+                ),
+                reason,
+            })?;
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let staging = dir.join(format!(".{data_name}.partial"));
+        let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        let staging = Staging {
+            name: format!(".{data_name}.partial"),
+            path: dir.join(&format!(".{data_name}.partial")),
+        };
         // Chunks copied from the node's own snapshot are covered by the whole-file sha256
         // rather than hashed one by one (they do not arrive from anywhere; hashing them
         // twice cost a core-second per GiB). If the whole file then fails, a local copy was
         // damaged: assemble again, checking every local chunk.
-        let result = match self.assemble(manifest, &staging, sources, false).await {
+        let result = match self
+            .assemble(manifest, &dir, &staging, sources, false)
+            .await
+        {
             Err(Error::FileCorrupt { .. }) if !sources.is_empty() => {
                 tracing::warn!(
                     index = manifest.last_log_index,
                     "a local chunk copy was damaged; fetching again with every local chunk verified"
                 );
-                let _ = fs::remove_file(&staging);
-                self.assemble(manifest, &staging, sources, true).await
+                let _ = dir.remove(&staging.name);
+                self.assemble(manifest, &dir, &staging, sources, true).await
             }
             other => other,
         };
         let counts = match result {
             Ok(counts) => counts,
             Err(e) => {
-                let _ = fs::remove_file(&staging);
+                let _ = dir.remove(&staging.name);
                 return Err(e);
             }
         };
-        let data = dir.join(&data_name);
-        let commit = (|| -> Result<PathBuf> {
-            fs::rename(&staging, &data)
-                .map_err(|e| Error::io(format!("renaming {} into place", staging.display()), e))?;
-            let envelope = Envelope {
-                format: ENVELOPE_FORMAT,
-                last_log_index: manifest.last_log_index,
-                last_log_term: manifest.last_log_term,
-                data: data_name.clone(),
-                size: manifest.size,
-                raft_meta: manifest.raft_meta.clone(),
-                chunk_index: None,
-            };
-            Ok(snapdir::commit_envelope(dir, &meta_name, &envelope)?)
-        })();
-        let meta = match commit {
-            Ok(meta) => meta,
+        let committed = commit(&dir, &staging, &data_name, &meta_name, &envelope, self.node);
+        let (data, meta) = match committed {
+            Ok(paths) => paths,
             Err(e) => {
-                let _ = fs::remove_file(&staging);
+                let _ = dir.remove(&staging.name);
                 return Err(e);
             }
         };
@@ -241,22 +272,17 @@ impl<'a> Fetcher<'a> {
     async fn assemble(
         &self,
         manifest: &Manifest,
-        staging: &Path,
+        dir: &Dir,
+        staging: &Staging,
         sources: &[ReuseSource],
         verify_local: bool,
     ) -> Result<Counts> {
-        let staging_err = |e| Error::io(format!("staging file {}", staging.display()), e);
-        // A staging file of the right size may hold verified chunks from a killed attempt.
-        let resumable =
-            fs::metadata(staging).is_ok_and(|m| m.is_file() && m.len() == manifest.size);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(!resumable)
-            .open(staging)
-            .map_err(staging_err)?;
-        file.set_len(manifest.size).map_err(staging_err)?;
+        let staging_err = |e| Error::io(format!("staging file {}", staging.path.display()), e);
+        let (file, resumable) = open_staging(dir, staging, manifest.size).map_err(staging_err)?;
+        if let Some(node) = self.node {
+            // A cheap probe on the empty file, before a byte is downloaded.
+            hand_over(&file, dir, node)?;
+        }
         let file = Arc::new(file);
         let local = index_sources(sources, manifest);
 
@@ -303,15 +329,15 @@ impl<'a> Fetcher<'a> {
                 self.progress.advance(piece.bytes.len() as u64);
                 piece
             })
+            .map_err(Stop::Failed)
             .try_for_each(|piece| {
                 let tx = tx.clone();
+                // A closed channel means the writer stopped on an error of its own, which
+                // is the one reported below.
                 async move {
-                    tx.send(piece).await.map_err(|_| {
-                        Error::io(
-                            "writing the staging file",
-                            io::Error::other("writer stopped"),
-                        )
-                    })
+                    tx.send(piece)
+                        .await
+                        .map_err(|_| Stop::Writer(WriterStopped))
                 }
             })
             .await;
@@ -319,8 +345,24 @@ impl<'a> Fetcher<'a> {
         let written = writer
             .await
             .map_err(|e| Error::io("writer task", io::Error::other(e)))?;
-        sent?;
-        let (digest, counts) = written.map_err(staging_err)?;
+        // The writer's own error (a full disk, say) is the cause; the sender only saw the
+        // channel close behind it.
+        let (digest, counts) = match (sent, written) {
+            (_, Err(e)) => {
+                return Err(Error::io(
+                    format!("writing the staging file {}", staging.path.display()),
+                    e,
+                ))
+            }
+            (Err(Stop::Failed(e)), Ok(_)) => return Err(e),
+            (Err(Stop::Writer(WriterStopped)), Ok(_)) => {
+                return Err(Error::io(
+                    format!("writing the staging file {}", staging.path.display()),
+                    io::Error::other("the writer stopped without an error"),
+                ))
+            }
+            (Ok(()), Ok(written)) => written,
+        };
         if digest != manifest.sha256 {
             return Err(Error::FileCorrupt {
                 index: manifest.last_log_index,
@@ -380,13 +422,195 @@ struct Counts {
     bytes_reused: u64,
 }
 
+/// Why sending pieces to the writer stopped.
+enum Stop {
+    /// Obtaining a chunk failed (the store, a corrupt chunk).
+    Failed(Error),
+    Writer(WriterStopped),
+}
+
+/// The writer task is gone; its own result says why.
+struct WriterStopped;
+
+/// The hidden file a snapshot is assembled in, by its name in the target directory.
+struct Staging {
+    name: String,
+    path: PathBuf,
+}
+
+/// The mode of every file a fetch creates: a node running as another user reads it through
+/// its group; nobody else needs to. Set explicitly, not left to the umask.
+const FILE_MODE: u32 = 0o640;
+
+/// Opens the staging file: the one a killed attempt left, if it is this process's own
+/// regular file of the right size (its verified chunks are reused), or a new one. Whatever
+/// else is at its name (a symbolic link, a hard link to a file elsewhere, another user's
+/// file) is removed, never written through.
+fn open_staging(dir: &Dir, staging: &Staging, size: u64) -> io::Result<(File, bool)> {
+    let (file, resumable) = match dir.open_own(&staging.name)? {
+        Some(file) if file.metadata()?.len() == size => (file, true),
+        Some(file) => {
+            file.set_len(0)?;
+            (file, false)
+        }
+        None => (dir.create_new(&staging.name, FILE_MODE)?, false),
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+    file.set_len(size)?;
+    Ok((file, resumable))
+}
+
+/// Puts the assembled, fsynced staging file and its envelope in place so that nothing that
+/// looks like a snapshot exists unless both are complete: the envelope's temp file is
+/// written and fsynced first (a full disk fails here, before anything has a final name),
+/// then the data file is renamed into place, then the envelope. On a failure after the
+/// data file's rename, it is removed again. Returns the data and meta paths.
+fn commit(
+    dir: &Dir,
+    staging: &Staging,
+    data_name: &str,
+    meta_name: &str,
+    envelope: &Envelope,
+    node: Option<NodeAccess>,
+) -> Result<(PathBuf, PathBuf)> {
+    let data = dir.join(data_name);
+    let meta = dir.join(meta_name);
+    let json = snapdir::envelope_json(envelope, &meta)?;
+    let meta_err = |e| Error::io(format!("writing {}", meta.display()), e);
+    let mut pending = dir.create_temp(meta_name, FILE_MODE).map_err(meta_err)?;
+    let file = pending.file();
+    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+        .and_then(|()| file.write_all(&json))
+        .and_then(|()| file.sync_all())
+        .map_err(meta_err)?;
+    if let Some(node) = node {
+        hand_over(pending.file(), dir, node)?;
+    }
+    dir.rename(&staging.name, data_name)
+        .map_err(|e| Error::io(format!("renaming {} into place", staging.path.display()), e))?;
+    if let Err(e) = pending.commit() {
+        // Nothing may look like a snapshot: neither an envelope nor a final-named data file.
+        let _ = dir.remove(meta_name);
+        let _ = dir.remove(data_name);
+        return Err(meta_err(e));
+    }
+    Ok((data, meta))
+}
+
+/// Who a fetched file is handed over to: the node's uid and gid, those of its hook socket
+/// (the node created it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeAccess {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl NodeAccess {
+    /// The owner and group of the node's hook socket.
+    pub fn of_socket(path: &Path) -> Result<NodeAccess> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::metadata(path).map_err(|e| {
+            Error::io(
+                format!("reading the owner of the hook socket {}", path.display()),
+                e,
+            )
+        })?;
+        Ok(NodeAccess {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+
+    /// Whether the node can read a file with this owner, group and mode.
+    fn can_read(&self, uid: u32, gid: u32, mode: u32) -> bool {
+        self.uid == 0
+            || (uid == self.uid && mode & 0o400 != 0)
+            || (gid == self.gid && mode & 0o040 != 0)
+            || mode & 0o004 != 0
+    }
+}
+
+/// Whether this process may give a file it owns to group `gid`.
+fn may_use_group(gid: u32) -> bool {
+    rustix::process::geteuid().is_root()
+        || rustix::process::getegid().as_raw() == gid
+        || rustix::process::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
+}
+
+/// Makes `file` (created by this process in `dir`) readable by the node: gives it the
+/// node's group if it has another and this process is in the node's group, then checks.
+/// The error names the directory, its owner and mode, the node's ids and the fixes.
+pub fn hand_over(file: &File, dir: &Dir, node: NodeAccess) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let io_err = |e| {
+        Error::io(
+            format!("handing a file over in {}", dir.path().display()),
+            e,
+        )
+    };
+    let meta = file.metadata().map_err(io_err)?;
+    if meta.gid() != node.gid && may_use_group(node.gid) {
+        rustix::fs::fchown(file, None, Some(rustix::fs::Gid::from_raw(node.gid)))
+            .map_err(|e| io_err(e.into()))?;
+    }
+    let meta = file.metadata().map_err(io_err)?;
+    if node.can_read(meta.uid(), meta.gid(), meta.mode()) {
+        return Ok(());
+    }
+    let d = dir.stat().map_err(io_err)?;
+    let (me_uid, me_gid) = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    Err(Error::Handover {
+        dir: dir.path().to_owned(),
+        reason: format!(
+            "the node (uid {nu}, gid {ng}: the owner of its hook socket) could not read what \
+             this sidecar (uid {me_uid}, gid {me_gid}) writes there: a file created in it is \
+             owned by {fu}:{fg} with mode {fm:04o}, and this sidecar is not in group {ng} to \
+             give it to the node. The directory is owned by {du}:{dg} with mode {dm:04o}. \
+             Fix: give the directory the node's group and the setgid bit, as the node creates \
+             it (chgrp {ng} {dir} && chmod 2770 {dir}), or add the node's group to the \
+             sidecar (SupplementaryGroups= in its unit)",
+            nu = node.uid,
+            ng = node.gid,
+            fu = meta.uid(),
+            fg = meta.gid(),
+            fm = meta.mode() & 0o7777,
+            du = d.st_uid,
+            dg = d.st_gid,
+            dm = d.st_mode & 0o7777,
+            dir = dir.path().display(),
+        ),
+    })
+}
+
+/// Checks, with an empty probe file, that files fetched into `dir` can be handed over to
+/// `node` (for `check-config`). The probe file is removed.
+pub fn probe_handover(dir: &Path, node: NodeAccess) -> Result<()> {
+    let opened = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    let name = format!(".snaprelay-handover-probe.{}.tmp", std::process::id());
+    let file = opened
+        .create_new(&name, FILE_MODE)
+        .and_then(|f| {
+            f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+                .map(|()| f)
+        })
+        .map_err(|e| Error::io(format!("creating a file in {}", dir.display()), e))?;
+    let result = hand_over(&file, &opened, node);
+    let _ = opened.remove(&name);
+    result
+}
+
 /// Maps each chunk the manifest needs to one local place that should hold it. Files that
 /// cannot be opened are skipped: reuse is an optimisation, never a requirement.
 fn index_sources(sources: &[ReuseSource], manifest: &Manifest) -> HashMap<Digest, Located> {
     let wanted = manifest.unique_chunks();
     let mut found = HashMap::new();
     for source in sources {
-        let file = match File::open(&source.path) {
+        // The node's directories are the node's user's to write: a data file swapped for a
+        // symbolic link since the scan must not make this process read another file.
+        let file = match safe_dir::open_regular(&source.path, false) {
             Ok(f) => Arc::new(f),
             Err(e) => {
                 tracing::warn!(path = %source.path.display(), error = %e, "cannot reuse local snapshot");

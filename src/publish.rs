@@ -12,9 +12,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -29,6 +30,7 @@ use crate::progress::Progress;
 use crate::repo::{Repo, StoredChunk};
 use crate::snapdir::{SnapdirError, Snapshot};
 use snaprelay_contract::chunking::ChunkIndex;
+use snaprelay_contract::dir::{Dir, NotRegular};
 
 /// What a publish did.
 #[derive(Debug, Clone, Serialize)]
@@ -98,8 +100,19 @@ impl<'a> Publisher<'a> {
     ///
     /// Cancel safety: dropping the future stops reading and uploading; nothing becomes
     /// visible as a snapshot, because the manifest is written last.
+    ///
+    /// The snapshot's files are opened once, here, through the snapshot directory's
+    /// descriptor, and every later read goes through those descriptors: a data file, chunk
+    /// index or meta file that is a symbolic link, FIFO, device or directory is refused,
+    /// and swapping one in during the publish changes nothing.
     pub async fn publish(&self, snapshot: &Snapshot) -> Result<PublishReport> {
         let started = Instant::now();
+        let snapshot = &tokio::task::spawn_blocking({
+            let snapshot = snapshot.clone();
+            move || OpenSnapshot::open(snapshot)
+        })
+        .await
+        .map_err(|e| Error::io("opening task", io::Error::other(e)))??;
         // The lease comes before any look at what the store holds (see `lease`); reading
         // the node's index meanwhile hides its round trips.
         let (lease, node_index) = tokio::join!(
@@ -121,7 +134,7 @@ impl<'a> Publisher<'a> {
 
     async fn publish_leased(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &OpenSnapshot,
         node_index: Option<NodeIndex>,
         lease: &Lease,
         started: Instant,
@@ -237,17 +250,28 @@ impl<'a> Publisher<'a> {
 
     /// The node's chunk index for `snapshot`, if it names one that this publish can trust
     /// and use; otherwise `None`, after saying why.
-    async fn usable_index(&self, snapshot: &Snapshot) -> Option<NodeIndex> {
+    async fn usable_index(&self, snapshot: &OpenSnapshot) -> Option<NodeIndex> {
         let path = snapshot.chunk_index_path()?;
         let data = snapshot.data_path.clone();
         let size = snapshot.envelope.size;
-        let this = snapshot.clone();
+        let this = snapshot.snapshot.clone();
+        let data_file = snapshot.data.clone();
+        let index_file = match &snapshot.index {
+            Some(Ok(file)) => file.try_clone().map_err(|e| e.to_string()),
+            Some(Err(reason)) => Err(reason.clone()),
+            None => Err("the envelope names no chunk index".into()),
+        };
         let read = tokio::task::spawn_blocking(move || -> Result<NodeIndex, String> {
-            let index = ChunkIndex::read(&path, size).map_err(|e| e.to_string())?;
+            let index_file = index_file?;
+            let modified_index = index_file.metadata().and_then(|m| m.modified());
+            let index =
+                ChunkIndex::read_file(index_file, &path, size).map_err(|e| e.to_string())?;
             // The data file is immutable once committed; one written after its index is not
-            // what the index describes.
-            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified());
-            match (modified(&data), modified(&path)) {
+            // what the index describes. (Both as opened: fstat, never the paths again.)
+            match (
+                data_file.metadata().and_then(|m| m.modified()),
+                modified_index,
+            ) {
                 (Ok(d), Ok(i)) if d > i => Err(format!(
                     "data file {} was modified after its chunk index {}",
                     data.display(),
@@ -285,7 +309,7 @@ impl<'a> Publisher<'a> {
     /// cheaper than a HEAD per chunk then).
     async fn send_new(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &OpenSnapshot,
         node: &NodeIndex,
         sent: &Sent,
     ) -> Result<HashMap<Digest, StoredChunk>> {
@@ -301,12 +325,12 @@ impl<'a> Publisher<'a> {
         if node.previous.is_empty() || new.len() * 4 > node.index.chunks.len() {
             return Ok(HashMap::new());
         }
+        chunk::advise_sequential(&snapshot.data, false);
         futures::stream::iter(new)
             .map(|(sha256, offset, len)| {
                 async move {
                     if self.repo.chunk_size(&sha256).await? != Some(len) {
-                        let mut reader =
-                            ChunkReader::open(snapshot, snapshot.chunk_index_path(), false)?;
+                        let mut reader = ChunkReader::new(snapshot, snapshot.chunk_index_path());
                         let data =
                             tokio::task::spawn_blocking(move || reader.read(sha256, offset, len))
                                 .await
@@ -330,7 +354,7 @@ impl<'a> Publisher<'a> {
     /// and checking each against the index; returns the manifest's chunk list.
     async fn upload_indexed(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &OpenSnapshot,
         index: ChunkIndex,
         present: &HashMap<Digest, StoredChunk>,
         sent: &Sent,
@@ -357,7 +381,8 @@ impl<'a> Publisher<'a> {
         let to_send: u64 = wanted.iter().map(|&(_, _, len)| len).sum();
         self.progress.advance(index.size - to_send);
 
-        let mut reader = ChunkReader::open(snapshot, snapshot.chunk_index_path(), true)?;
+        chunk::advise_sequential(&snapshot.data, true);
+        let mut reader = ChunkReader::new(snapshot, snapshot.chunk_index_path());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<(Digest, bytes::Bytes)>>(2);
         let reading = tokio::task::spawn_blocking(move || {
             for (sha256, offset, len) in wanted {
@@ -392,13 +417,13 @@ impl<'a> Publisher<'a> {
     /// store lacks; returns the manifest's chunk list and the file's sha256.
     async fn upload_cut(
         &self,
-        snapshot: &Snapshot,
+        snapshot: &OpenSnapshot,
         present: &HashMap<Digest, StoredChunk>,
         sent: &Sent,
     ) -> Result<(Vec<ChunkRef>, Digest)> {
         let env = &snapshot.envelope;
-        let file = chunk::open_sequential(&snapshot.data_path)
-            .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?;
+        chunk::advise_sequential(&snapshot.data, true);
+        let file = chunk::ReadAt::new(snapshot.data.clone(), 0);
         let params = self.repo.params();
         let hasher = chunk::WholeFileHasher::spawn()
             .map_err(|e| Error::io("starting the file hasher", e))?;
@@ -442,7 +467,7 @@ impl<'a> Publisher<'a> {
     /// present. Listing once more just before the manifest — the commit point — and
     /// re-sending what vanished keeps the rule that a manifest exists only when all its
     /// chunks do.
-    async fn restore_vanished(&self, snapshot: &Snapshot, chunks: &[ChunkRef]) -> Result<()> {
+    async fn restore_vanished(&self, snapshot: &OpenSnapshot, chunks: &[ChunkRef]) -> Result<()> {
         let present = self.repo.list_chunks().await?;
         let mut offset = 0u64;
         let mut missing = Vec::new();
@@ -459,7 +484,8 @@ impl<'a> Publisher<'a> {
             chunks = missing.len(),
             "chunks vanished during the publish (a concurrent GC?); sending them again"
         );
-        let mut reader = ChunkReader::open(snapshot, None, false)?;
+        chunk::advise_sequential(&snapshot.data, false);
+        let mut reader = ChunkReader::new(snapshot, None);
         for (offset, c) in missing {
             let (read, data) = tokio::task::spawn_blocking(move || {
                 let data = reader.read(c.sha256, offset, c.len);
@@ -533,34 +559,91 @@ fn previous_chunks(snapshot: &Snapshot, chunking: chunk::ChunkParams) -> HashSet
         .unwrap_or_default()
 }
 
+/// A snapshot with its files opened once through its directory's descriptor: the data file
+/// (checked to be a regular file of the envelope's size) and, if the envelope names one, the
+/// chunk index (or why it cannot be used).
+struct OpenSnapshot {
+    snapshot: Snapshot,
+    data: Arc<File>,
+    index: Option<std::result::Result<File, String>>,
+}
+
+impl std::ops::Deref for OpenSnapshot {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl OpenSnapshot {
+    /// Blocking.
+    fn open(snapshot: Snapshot) -> Result<OpenSnapshot> {
+        let dir_path = snapshot.meta_path.parent().unwrap_or(Path::new("."));
+        let dir_path = match dir_path.as_os_str().is_empty() {
+            true => Path::new("."),
+            false => dir_path,
+        };
+        let dir = Dir::open(dir_path)
+            .map_err(|e| Error::io(format!("opening {}", dir_path.display()), e))?;
+        let not_regular = |path: &Path, e: &io::Error| {
+            NotRegular::of(e).map(|n| SnapdirError::NotRegular {
+                path: path.to_owned(),
+                kind: n.kind.to_owned(),
+            })
+        };
+        let data = dir.open_file(&snapshot.envelope.data).map_err(|e| {
+            match not_regular(&snapshot.data_path, &e) {
+                Some(refused) => Error::Snapdir(refused),
+                None => Error::io(format!("opening {}", snapshot.data_path.display()), e),
+            }
+        })?;
+        let size = data
+            .metadata()
+            .map_err(|e| Error::io(format!("opening {}", snapshot.data_path.display()), e))?
+            .len();
+        if size != snapshot.envelope.size {
+            return Err(Error::Snapdir(SnapdirError::SizeMismatch {
+                meta: snapshot.meta_path.clone(),
+                data: snapshot.data_path.clone(),
+                expected: snapshot.envelope.size,
+                actual: size,
+            }));
+        }
+        let index = snapshot.envelope.chunk_index.as_ref().map(|name| {
+            let path = dir.join(name);
+            dir.open_file(name)
+                .map_err(|e| match not_regular(&path, &e) {
+                    Some(refused) => refused.to_string(),
+                    None => format!("chunk index {}: {e}", path.display()),
+                })
+        });
+        Ok(OpenSnapshot {
+            snapshot,
+            data: Arc::new(data),
+            index,
+        })
+    }
+}
+
 /// Reads chunks of a data file whose digests are known (from the node's chunk index, or
 /// from this publish's own cut), checking each: bytes that do not hash to the expected
-/// digest are never uploaded.
+/// digest are never uploaded. Reads go through the descriptor opened when the publish
+/// began, at explicit offsets.
 struct ChunkReader {
-    file: File,
+    file: Arc<File>,
     data: PathBuf,
     /// The chunk index the digests came from, if they came from one.
     index: Option<PathBuf>,
-    /// The file position, to skip the seek when chunks are read back to back.
-    pos: Option<u64>,
 }
 
 impl ChunkReader {
-    /// `sequential`: the chunks will be read front to back (a hint for the kernel's
-    /// readahead, which would read too much around scattered chunks).
-    fn open(snapshot: &Snapshot, index: Option<PathBuf>, sequential: bool) -> Result<ChunkReader> {
-        let data = snapshot.data_path.clone();
-        let file = match sequential {
-            true => chunk::open_sequential(&data),
-            false => File::open(&data),
-        }
-        .map_err(|e| Error::io(format!("opening {}", data.display()), e))?;
-        Ok(ChunkReader {
-            file,
-            data,
+    fn new(snapshot: &OpenSnapshot, index: Option<PathBuf>) -> ChunkReader {
+        ChunkReader {
+            file: snapshot.data.clone(),
+            data: snapshot.data_path.clone(),
             index,
-            pos: None,
-        })
+        }
     }
 
     /// Blocking: the chunk at `offset`, verified.
@@ -580,17 +663,13 @@ impl ChunkReader {
                 )),
             ),
         };
-        let data = self.data.clone();
-        let io_err = move |e| Error::io(format!("reading {}", data.display()), e);
-        if self.pos != Some(offset) {
-            self.file.seek(SeekFrom::Start(offset)).map_err(&io_err)?;
-        }
         // `len` is at most the repository's max_size (16 MiB at most), checked with the
         // index or set by the cut. read_to_end fills the spare capacity without zeroing it first.
         let mut buf = Vec::with_capacity(len as usize);
-        let read = (&mut self.file).take(len).read_to_end(&mut buf);
-        self.pos = read.as_ref().ok().map(|n| offset + *n as u64);
-        read.map_err(&io_err)?;
+        chunk::ReadAt::new(&*self.file, offset)
+            .take(len)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io(format!("reading {}", self.data.display()), e))?;
         if (buf.len() as u64) < len {
             return Err(mismatch("the file ends before this chunk".into()));
         }

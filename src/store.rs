@@ -41,6 +41,13 @@ impl StoreUrl {
         let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
         match url.scheme() {
             "file" => {
+                // The URL parser reads `file:relative` as `file:///relative`: a relative
+                // path would silently become one under the root.
+                if !text.starts_with("file:///") {
+                    return Err(format!(
+                        "{text:?} is not an absolute file URL; write file:///absolute/path (three slashes)"
+                    ));
+                }
                 if url.host_str().is_some_and(|h| !h.is_empty()) {
                     return Err(format!(
                         "{text:?} has a host part; write file:///absolute/path (three slashes)"
@@ -116,8 +123,11 @@ pub struct S3Settings {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
     pub session_token: Option<Secret>,
-    /// Further `object_store` S3 options, keys already validated.
+    /// Further `object_store` S3 options, keys already validated, whose values may be shown.
     pub options: BTreeMap<String, String>,
+    /// Further options whose values are secrets ([`is_secret_option`], or read from a
+    /// file): never shown.
+    pub secret_options: BTreeMap<String, Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -182,12 +192,114 @@ pub fn validate_s3_option(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the value of the S3 option `key` is a secret, to be masked wherever the
+/// configuration is shown. Decided per key for every key object_store 0.14 knows; a key
+/// it adds later is judged by its name, conservatively.
+pub fn is_secret_option(key: &str) -> bool {
+    use object_store::ClientConfigKey as Client;
+    use AmazonS3ConfigKey as K;
+    match AmazonS3ConfigKey::from_str(key) {
+        Ok(parsed) => match parsed {
+            // Credentials, and the SSE-C key: whoever has it can read every object.
+            K::SecretAccessKey | K::Token => true,
+            // object_store does not export the encryption key enum; its names are stable.
+            K::Encryption(e) => match e.as_ref() {
+                "aws_sse_customer_key_base64" => true,
+                "aws_server_side_encryption"
+                | "aws_sse_kms_key_id"
+                | "aws_sse_bucket_key_enabled" => false,
+                other => secret_looking(other),
+            },
+            // A proxy URL carries the proxy's user and password; the container credential
+            // URIs locate (the relative one is a capability for) a task's credentials.
+            K::Client(Client::ProxyUrl)
+            | K::ContainerCredentialsRelativeUri
+            | K::ContainerCredentialsFullUri => true,
+            // Identifiers, names, paths, endpoints, switches and timeouts.
+            K::AccessKeyId
+            | K::Region
+            | K::DefaultRegion
+            | K::Bucket
+            | K::Endpoint
+            | K::S3Endpoint
+            | K::ImdsV1Fallback
+            | K::VirtualHostedStyleRequest
+            | K::UnsignedPayload
+            | K::Checksum
+            | K::MetadataEndpoint
+            | K::ContainerAuthorizationTokenFile
+            | K::WebIdentityTokenFile
+            | K::RoleArn
+            | K::RoleSessionName
+            | K::StsEndpoint
+            | K::CopyIfNotExists
+            | K::ConditionalPut
+            | K::SkipSignature
+            | K::DisableTagging
+            | K::DisableBulkDelete
+            | K::S3Express
+            | K::RequestPayer
+            | K::Client(
+                Client::AllowHttp
+                | Client::AllowInvalidCertificates
+                | Client::NoSystemCertificates
+                | Client::ConnectTimeout
+                | Client::DefaultContentType
+                | Client::Http1Only
+                | Client::Http2Only
+                | Client::Http2KeepAliveInterval
+                | Client::Http2KeepAliveTimeout
+                | Client::Http2KeepAliveWhileIdle
+                | Client::Http2MaxFrameSize
+                | Client::PoolIdleTimeout
+                | Client::PoolMaxIdlePerHost
+                | Client::ProxyCaCertificate
+                | Client::ProxyExcludes
+                | Client::RandomizeAddresses
+                | Client::ReadTimeout
+                | Client::Timeout
+                | Client::UserAgent,
+            ) => false,
+            _ => secret_looking(key),
+        },
+        Err(_) => secret_looking(key),
+    }
+}
+
+/// Whether an option name the table above does not know looks like it holds a secret.
+fn secret_looking(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    [
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "credential",
+        "private",
+        "key",
+        "auth",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
+}
+
 /// An opened store: the backend and the prefix of the repository inside it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pub backend: Arc<dyn ObjectStore>,
     pub prefix: Path,
     pub url: StoreUrl,
+}
+
+/// Not derived: the backend's own `Debug` prints its client options, a proxy URL's
+/// password among them.
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &self.url)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -214,7 +326,11 @@ impl Store {
                 let plain_http = s3.endpoint.as_deref().is_some_and(|e| {
                     e.get(..7)
                         .is_some_and(|p| p.eq_ignore_ascii_case("http://"))
-                }) && !s3.options.keys().any(|k| k.contains("endpoint"));
+                }) && !s3
+                    .options
+                    .keys()
+                    .chain(s3.secret_options.keys())
+                    .any(|k| k.contains("endpoint"));
                 let mut b = AmazonS3Builder::new()
                     .with_bucket_name(bucket)
                     .with_region(&s3.region)
@@ -244,7 +360,9 @@ impl Store {
                 if let Some(token) = &s3.session_token {
                     b = b.with_token(token.expose());
                 }
-                for (key, value) in &s3.options {
+                let options = s3.options.iter().map(|(k, v)| (k, v.as_str()));
+                let secret = s3.secret_options.iter().map(|(k, v)| (k, v.expose()));
+                for (key, value) in options.chain(secret) {
                     let key = AmazonS3ConfigKey::from_str(key).map_err(|_| {
                         ConfigError::invalid(format!("store.options.{key}"), "unknown S3 option")
                     })?;
@@ -298,6 +416,11 @@ mod tests {
             "s3://bkt/a/b"
         );
         for bad in [
+            "file:relative",
+            "file:relative/path",
+            "file:/abs",
+            "file:./x",
+            "FILE:x",
             "file://host/x",
             "s3://Bad_Bucket/x",
             "s3://bkt/../x",
@@ -322,6 +445,37 @@ mod tests {
         assert!(validate_s3_option("aws_secret_access_key")
             .unwrap_err()
             .contains("store.secret_access_key"));
+    }
+
+    #[test]
+    fn secret_options() {
+        for key in [
+            "aws_sse_customer_key_base64",
+            "sse_customer_key_base64",
+            "proxy_url",
+            "aws_proxy_url",
+            "aws_container_credentials_relative_uri",
+            "aws_container_credentials_full_uri",
+            "aws_secret_access_key",
+            "token",
+            // Unknown names that look secret.
+            "aws_future_secret",
+            "aws_signing_key",
+            "some_password",
+        ] {
+            assert!(is_secret_option(key), "{key}");
+        }
+        for key in [
+            "aws_sse_kms_key_id",
+            "aws_server_side_encryption",
+            "aws_region",
+            "aws_role_arn",
+            "aws_web_identity_token_file",
+            "aws_timeout",
+            "aws_checksum_algorithm",
+        ] {
+            assert!(!is_secret_option(key), "{key}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `snaprelay check-config`: validate the config, print the effective values (secrets
 //! masked; for `[signing]`, key ids and public keys only, or a plain statement that
 //! manifests are not authenticated), then probe what it points at — the store (list, put,
-//! get, delete on a scratch key), `repository.json`'s signature and the node's hook — and
+//! get, delete on a scratch key), `repository.json`'s signature, the node's hook, and whether
+//! a fetched snapshot can be handed over to the node through its incoming directory — and
 //! print a table of what works.
 
 use crate::config::Config;
@@ -77,19 +78,36 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     }
     if let Some(node) = &config.node {
         total += 1;
+        let mut reported_incoming = None;
         match HookClient::new(&node.hook_socket, std::time::Duration::from_secs(5))
             .status()
             .await
         {
-            Ok(s) => println!(
-                "ok      hook  status  {}: node {} is {}",
-                node.hook_socket.display(),
-                s.node_id,
-                s.role
-            ),
+            Ok(s) => {
+                println!(
+                    "ok      hook  status  {}: node {} is {}",
+                    node.hook_socket.display(),
+                    s.node_id,
+                    s.role
+                );
+                reported_incoming = Some(std::path::PathBuf::from(&s.incoming_dir));
+            }
             Err(e) => {
                 println!("FAILED  hook  status  {e}");
                 failures.push(ErrorClass::Unreachable);
+            }
+        }
+        // Can a fetched snapshot be handed over to the node through its incoming directory?
+        if let Some(incoming) = node.incoming_dir.clone().or(reported_incoming) {
+            total += 1;
+            let probe = crate::fetch::NodeAccess::of_socket(&node.hook_socket)
+                .and_then(|access| crate::fetch::probe_handover(&incoming, access));
+            match probe {
+                Ok(()) => println!("ok      node  handover {}", incoming.display()),
+                Err(e) => {
+                    println!("FAILED  node  handover {e}");
+                    failures.push(e.class());
+                }
             }
         }
     }

@@ -88,7 +88,8 @@ fn incremental(target: Target) {
     std::fs::write(
         own.join("local.meta.json"),
         serde_json::json!({"format": 1, "last_log_index": 150, "last_log_term": 2,
-                           "data": "local.bin", "size": SIZE, "raft_meta": null})
+                           "data": "local.bin", "size": SIZE,
+                           "raft_meta": {"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": 150}}})
         .to_string(),
     )
     .unwrap();

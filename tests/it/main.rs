@@ -5,10 +5,14 @@
 mod support;
 
 mod chunk_index;
+mod config_inputs;
 mod corruption;
 mod crash_safety;
 mod e2e_cluster;
+mod full_disk;
 mod gc;
+mod handover;
+mod hostile_fs;
 mod incremental;
 mod operate;
 mod roundtrip;

@@ -272,27 +272,36 @@ impl ChunkIndex {
         Ok(())
     }
 
-    /// Reads and validates the index of a data file of `data_size` bytes.
+    /// Reads and validates the index of a data file of `data_size` bytes. A symbolic link,
+    /// FIFO, device or directory at `path` is refused without being read.
     pub fn read(path: &Path, data_size: u64) -> Result<ChunkIndex, IndexError> {
-        let read_err = |source| IndexError::Read {
+        let file = crate::dir::open_regular(path, false).map_err(|source| IndexError::Read {
             path: path.to_owned(),
             source,
-        };
+        })?;
+        ChunkIndex::read_file(file, path, data_size)
+    }
+
+    /// Reads and validates the index from `file`, a regular file already opened (e.g.
+    /// through [`crate::dir::Dir::open_file`]); `path` names it in errors.
+    pub fn read_file(file: File, path: &Path, data_size: u64) -> Result<ChunkIndex, IndexError> {
         let invalid = |reason: String| IndexError::Invalid {
             path: path.to_owned(),
             reason,
         };
-        let file = File::open(path).map_err(read_err)?;
-        let len = file.metadata().map_err(read_err)?.len();
         // About 90 bytes of JSON per chunk, chunks of at least 4 KiB, plus the header.
         let limit = 4096 + (data_size / MIN_MIN_SIZE + 1) * 128;
-        if len > limit {
-            return Err(invalid(format!(
-                "{len} bytes is more than an index of a {data_size}-byte file can be"
-            )));
-        }
-        let index: ChunkIndex = serde_json::from_reader(io::BufReader::new(file))
-            .map_err(|e| invalid(e.to_string()))?;
+        let bytes = crate::dir::read_limited(file, limit).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => invalid(format!(
+                "it is more than an index of a {data_size}-byte file can be ({e})"
+            )),
+            _ => IndexError::Read {
+                path: path.to_owned(),
+                source: e,
+            },
+        })?;
+        let index: ChunkIndex =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
         index.validate(data_size).map_err(invalid)?;
         Ok(index)
     }

@@ -5,10 +5,15 @@
 //! commit marker: it is written only after the data file is complete and fsynced, through a
 //! temp file, fsync and rename. Names starting with `.` or ending in `.tmp`/`.partial` are
 //! work in progress and never read.
+//!
+//! Both sides may share the directory with another user, so every file in it is reached
+//! through the directory's descriptor, never through a symbolic link, and only regular
+//! files are read ([`crate::dir`]).
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::dir::{Dir, NotRegular};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +46,8 @@ pub enum SnapdirError {
         expected: u64,
         actual: u64,
     },
+    #[error("snapshot file {path} is {kind}, not a regular file; refusing to use it")]
+    NotRegular { path: PathBuf, kind: String },
     #[error("writing snapshot file {path}: {source}")]
     Write {
         path: PathBuf,
@@ -83,6 +90,7 @@ impl Envelope {
             ));
         }
         validate_data_name(&self.data)?;
+        self.validate_raft_meta()?;
         if let Some(index) = &self.chunk_index {
             validate_data_name(index).map_err(|e| format!("chunk_index: {e}"))?;
             if *index == self.data {
@@ -90,6 +98,59 @@ impl Envelope {
             }
         }
         Ok(())
+    }
+}
+
+impl Envelope {
+    /// `raft_meta` must be openraft's `SnapshotMeta` of this very snapshot: a JSON object
+    /// whose `last_log_id.index` is the envelope's index and whose leader term, where the
+    /// log id carries one, is the envelope's term. A node adopting a snapshot whose meta
+    /// says something else would restart into a state its log does not describe.
+    fn validate_raft_meta(&self) -> std::result::Result<(), String> {
+        let kind = |v: &serde_json::Value| match v {
+            serde_json::Value::Null => "null",
+            serde_json::Value::Bool(_) => "a boolean",
+            serde_json::Value::Number(_) => "a number",
+            serde_json::Value::String(_) => "a string",
+            serde_json::Value::Array(_) => "an array",
+            serde_json::Value::Object(_) => "an object",
+        };
+        let meta = self.raft_meta.as_object().ok_or_else(|| {
+            format!(
+                "raft_meta must be openraft's SnapshotMeta (a JSON object), not {}",
+                kind(&self.raft_meta)
+            )
+        })?;
+        let last = meta.get("last_log_id").unwrap_or(&serde_json::Value::Null);
+        let last = last.as_object().ok_or_else(|| {
+            format!(
+                "raft_meta.last_log_id must be the snapshot's log id (an object), not {}",
+                kind(last)
+            )
+        })?;
+        let index = last.get("index").and_then(|i| i.as_u64()).ok_or_else(|| {
+            "raft_meta.last_log_id.index must be a non-negative integer".to_owned()
+        })?;
+        if index != self.last_log_index {
+            return Err(format!(
+                "raft_meta.last_log_id.index is {index}, but last_log_index is {}",
+                self.last_log_index
+            ));
+        }
+        // openraft writes the leader id as {"term": t, "node_id": n}; some leader id types
+        // serialize as the bare term.
+        let term = match last.get("leader_id") {
+            Some(serde_json::Value::Object(leader)) => leader.get("term").and_then(|t| t.as_u64()),
+            Some(serde_json::Value::Number(term)) => term.as_u64(),
+            _ => None,
+        };
+        match term {
+            Some(term) if term != self.last_log_term => Err(format!(
+                "raft_meta.last_log_id.leader_id.term is {term}, but last_log_term is {}",
+                self.last_log_term
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -144,60 +205,112 @@ impl Snapshot {
         Some(self.meta_path.parent().unwrap_or(Path::new(".")).join(name))
     }
 
-    /// Reads an envelope and checks that its data file is there and complete.
+    /// Reads an envelope and checks that its data file is there, a regular file, and
+    /// complete.
     pub fn open(meta_path: &Path) -> Result<Snapshot> {
-        let envelope = read_envelope(meta_path)?;
-        let dir = meta_path.parent().unwrap_or(Path::new("."));
+        let (dir, name) = split(meta_path)?;
+        let dir = Dir::open(dir).map_err(|source| SnapdirError::Read {
+            path: meta_path.to_owned(),
+            source,
+        })?;
+        Snapshot::open_in(&dir, name)
+    }
+
+    /// [`Snapshot::open`] for the meta file `meta_name` in an opened directory.
+    pub fn open_in(dir: &Dir, meta_name: &str) -> Result<Snapshot> {
+        let meta_path = dir.join(meta_name);
+        let envelope = read_envelope(dir, meta_name)?;
         let data_path = dir.join(&envelope.data);
-        let actual = match fs::metadata(&data_path) {
-            Ok(m) if m.is_file() => m.len(),
-            Ok(_) | Err(_) => {
+        let stat = dir
+            .entry(&envelope.data)
+            .map_err(|source| SnapdirError::Read {
+                path: data_path.clone(),
+                source,
+            })?;
+        let actual = match stat {
+            None => {
                 return Err(SnapdirError::MissingData {
-                    meta: meta_path.to_owned(),
+                    meta: meta_path,
                     data: data_path,
                 })
             }
+            Some(stat) => match rustix::fs::FileType::from_raw_mode(stat.st_mode) {
+                rustix::fs::FileType::RegularFile => stat.st_size as u64,
+                other => {
+                    return Err(SnapdirError::NotRegular {
+                        path: data_path,
+                        kind: crate::dir::kind_name(other).to_owned(),
+                    })
+                }
+            },
         };
         if actual != envelope.size {
             return Err(SnapdirError::SizeMismatch {
-                meta: meta_path.to_owned(),
+                meta: meta_path,
                 data: data_path,
                 expected: envelope.size,
                 actual,
             });
         }
         Ok(Snapshot {
-            meta_path: meta_path.to_owned(),
+            meta_path,
             data_path,
             envelope,
         })
     }
 }
 
-fn read_envelope(path: &Path) -> Result<Envelope> {
-    let read_err = |source| SnapdirError::Read {
-        path: path.to_owned(),
-        source,
+/// A path's directory (`.` for a bare name) and file name.
+fn split(path: &Path) -> Result<(&Path, &str)> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| SnapdirError::Read {
+            path: path.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "not a UTF-8 file name"),
+        })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     };
-    let file = File::open(path).map_err(read_err)?;
-    let len = file.metadata().map_err(read_err)?.len();
-    if len > MAX_ENVELOPE_BYTES {
-        return Err(SnapdirError::Malformed {
-            path: path.to_owned(),
-            reason: format!("{len} bytes is larger than the {MAX_ENVELOPE_BYTES}-byte limit"),
-        });
+    Ok((dir, name))
+}
+
+/// The error for a file that could not be opened: a file that is not a regular file gets
+/// its own variant, naming what it is.
+fn open_error(path: PathBuf, source: io::Error) -> SnapdirError {
+    match NotRegular::of(&source) {
+        Some(n) => SnapdirError::NotRegular {
+            path,
+            kind: n.kind.to_owned(),
+        },
+        None => SnapdirError::Read { path, source },
     }
+}
+
+fn read_envelope(dir: &Dir, name: &str) -> Result<Envelope> {
+    let path = dir.join(name);
+    let file = dir
+        .open_file(name)
+        .map_err(|e| open_error(path.clone(), e))?;
+    let bytes = crate::dir::read_limited(file, MAX_ENVELOPE_BYTES).map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidData => SnapdirError::Malformed {
+            path: path.clone(),
+            reason: format!("it {e}"),
+        },
+        _ => SnapdirError::Read {
+            path: path.clone(),
+            source: e,
+        },
+    })?;
     let envelope: Envelope =
-        serde_json::from_reader(io::BufReader::new(file)).map_err(|e| SnapdirError::Malformed {
-            path: path.to_owned(),
+        serde_json::from_slice(&bytes).map_err(|e| SnapdirError::Malformed {
+            path: path.clone(),
             reason: e.to_string(),
         })?;
     envelope
         .validate()
-        .map_err(|reason| SnapdirError::Malformed {
-            path: path.to_owned(),
-            reason,
-        })?;
+        .map_err(|reason| SnapdirError::Malformed { path, reason })?;
     Ok(envelope)
 }
 
@@ -206,18 +319,20 @@ fn read_envelope(path: &Path) -> Result<Envelope> {
 pub struct Scan {
     /// Committed snapshots, oldest log id first.
     pub snapshots: Vec<Snapshot>,
-    /// Meta files that could not be used, with the reason.
+    /// Meta files that could not be used, with the reason (a meta name that is not a
+    /// regular file among them).
     pub rejected: Vec<SnapdirError>,
 }
 
 /// Lists the committed snapshots in `dir`. A missing directory holds no snapshots.
 pub fn scan(dir: &Path) -> io::Result<Scan> {
     let mut scan = Scan::default();
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
+    let opened = match Dir::open(dir) {
+        Ok(opened) => opened,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(scan),
         Err(e) => return Err(e),
     };
+    let entries = std::fs::read_dir(dir)?;
     for entry in entries {
         let entry = entry?;
         let name = entry.file_name();
@@ -225,7 +340,7 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
         if is_ignored(name) || !name.ends_with(META_SUFFIX) {
             continue;
         }
-        match Snapshot::open(&entry.path()) {
+        match Snapshot::open_in(&opened, name) {
             Ok(s) => scan.snapshots.push(s),
             Err(e) => scan.rejected.push(e),
         }
@@ -238,47 +353,44 @@ pub fn scan(dir: &Path) -> io::Result<Scan> {
 /// the directory. Call it only after the data file is complete and fsynced.
 pub fn commit_envelope(dir: &Path, meta_name: &str, envelope: &Envelope) -> Result<PathBuf> {
     let path = dir.join(meta_name);
-    let json = serde_json::to_vec_pretty(envelope).map_err(|e| SnapdirError::Write {
-        path: path.clone(),
-        source: io::Error::other(e),
-    })?;
+    let json = envelope_json(envelope, &path)?;
     write_atomic(&path, &json)?;
     Ok(path)
 }
 
-/// temp file + fsync + rename + directory fsync: readers see the old file or the whole new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let werr = |source| SnapdirError::Write {
+/// The envelope as the meta file holds it.
+pub fn envelope_json(envelope: &Envelope, path: &Path) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(envelope).map_err(|e| SnapdirError::Write {
         path: path.to_owned(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| werr(io::Error::other("not a file name")))?;
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(werr)
+        source: io::Error::other(e),
+    })
+}
+
+/// temp file + fsync + rename + directory fsync: readers see the old file or the whole new one.
+/// The temp file is created with `O_CREAT|O_EXCL|O_NOFOLLOW` in the directory's
+/// descriptor: whatever another user planted at its name is removed, never written through.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let (dir, name) = split(path).map_err(|e| match e {
+        SnapdirError::Read { path, source } => SnapdirError::Write { path, source },
+        other => other,
+    })?;
+    Dir::open(dir)
+        .and_then(|dir| dir.write_atomic(name, bytes))
+        .map_err(|source| SnapdirError::Write {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// fsyncs a directory so that renames and creations in it survive a power loss.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    Dir::open(dir)?.sync()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn envelope(index: u64, data: &str, size: u64) -> Envelope {
         Envelope {
@@ -371,11 +483,81 @@ mod tests {
         .unwrap();
         let err = Snapshot::open(&path).unwrap_err().to_string();
         assert!(err.contains("plain file name"), "{err}");
+        for (raft_meta, why) in [
+            (
+                serde_json::json!(null),
+                "raft_meta must be openraft's SnapshotMeta (a JSON object), not null",
+            ),
+            (
+                serde_json::json!({"last_log_id": null}),
+                "raft_meta.last_log_id must be the snapshot's log id (an object), not null",
+            ),
+            (
+                serde_json::json!({"last_log_id": {"index": 2}}),
+                "raft_meta.last_log_id.index is 2, but last_log_index is 1",
+            ),
+            (
+                serde_json::json!({"last_log_id": {"leader_id": {"term": 5, "node_id": 1}, "index": 1}}),
+                "raft_meta.last_log_id.leader_id.term is 5, but last_log_term is 2",
+            ),
+        ] {
+            let mut e = envelope(1, "s.bin", 1);
+            e.raft_meta = raft_meta;
+            fs::write(&path, serde_json::to_vec(&e).unwrap()).unwrap();
+            let err = Snapshot::open(&path).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
         let mut e = envelope(1, "s.bin", 1);
         e.format = 9;
         fs::write(&path, serde_json::to_vec(&e).unwrap()).unwrap();
         let err = Snapshot::open(&path).unwrap_err().to_string();
         assert!(err.contains("format 9"), "{err}");
+    }
+
+    /// Entries another user planted (a symbolic link as the meta or the data file, a FIFO
+    /// as the meta file) are rejected by name and kind, never followed or read.
+    #[test]
+    fn planted_entries_are_rejected_not_followed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("d");
+        fs::create_dir(&dir).unwrap();
+        let outside = root.path().join("passwd");
+        fs::write(&outside, "root:x:0:0").unwrap();
+        // A symbolic link as the data file.
+        std::os::unix::fs::symlink(&outside, dir.join("a.bin")).unwrap();
+        commit_envelope(&dir, "a.meta.json", &envelope(1, "a.bin", 10)).unwrap();
+        let err = Snapshot::open(&dir.join("a.meta.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a.bin is a symbolic link"), "{err}");
+        // A symbolic link as the meta file, pointing at a valid envelope elsewhere.
+        fs::write(root.path().join("b.bin"), "12").unwrap();
+        commit_envelope(root.path(), "b.meta.json", &envelope(2, "b.bin", 2)).unwrap();
+        std::os::unix::fs::symlink(root.path().join("b.meta.json"), dir.join("b.meta.json"))
+            .unwrap();
+        // A FIFO as the meta file: opening it must not wait for a writer.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.join("c.meta.json"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let scan = scan(&dir).unwrap();
+        assert!(scan.snapshots.is_empty(), "{:?}", scan.snapshots);
+        let mut reasons: Vec<String> = scan.rejected.iter().map(|e| e.to_string()).collect();
+        reasons.sort();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(
+            reasons[0].contains("a.bin is a symbolic link"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[1].contains("b.meta.json is a symbolic link"),
+            "{reasons:?}"
+        );
+        assert!(reasons[2].contains("c.meta.json is a FIFO"), "{reasons:?}");
     }
 
     #[test]

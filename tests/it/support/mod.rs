@@ -7,8 +7,9 @@ pub mod cluster;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -335,4 +336,48 @@ pub fn write_trusted(path: &Path, keys: &[&Key]) {
         text.push('\n');
     }
     std::fs::write(path, text).unwrap();
+}
+
+/// Longer than any of these commands takes on a loaded 2-core machine, short enough that a
+/// hang fails the test in reasonable time.
+pub const LIMIT: Duration = Duration::from_secs(90);
+
+/// Runs `cmd` to completion, or kills it and fails after [`LIMIT`].
+pub fn run_bounded(mut cmd: Command, what: &str) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting snaprelay");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(out) => out.expect("waiting for snaprelay"),
+        Err(_) => {
+            // SAFETY: signals the child this test started (it has not been reaped: the
+            // waiting thread still holds it).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("{what}: snaprelay did not finish within {LIMIT:?} (it hangs)");
+        }
+    }
+}
+
+pub fn fail_text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(out)
+    )
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a plain syscall on a NUL-terminated path that outlives it.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
 }
