@@ -11,12 +11,13 @@
 //! - [`snapshot_dir`]: [`SnapshotDir`], the snapshot directory contract for the node's own
 //!   builder: write a snapshot (data, then the envelope as commit marker), find the newest,
 //!   prune old ones, stage and commit adopted files.
-//! - [`access`]: who may talk to the socket ([`UidAllowList`]).
+//! - [`access`]: who may talk to the socket ([`AllowList`]: users and groups, by name or
+//!   number, checked against the peer's SO_PEERCRED and SO_PEERGROUPS).
 //! - [`node`]: the [`Node`] trait, the server's whole view of the node.
 //! - [`raft`]: [`RaftNode`], the [`Node`] for an openraft `Raft`: status from its metrics and
 //!   the adoption protocol (stage through `with_state_machine`, then trigger a build); and
 //!   [`LeaderFlag`], a cheap "am I leader" for the snapshot builder.
-//! - [`server`]: [`HookServer`], the Unix socket server: peer uid check, framing, dispatch.
+//! - [`server`]: [`HookServer`], the Unix socket server: peer check, framing, dispatch.
 //!
 //! # Wiring it up
 //!
@@ -39,7 +40,7 @@ pub mod raft;
 pub mod server;
 pub mod snapshot_dir;
 
-pub use access::UidAllowList;
+pub use access::{AllowList, AllowListError, PeerCredentials, Principal};
 pub use adopt::{AdoptSnapshot, Incoming, StageOutcome};
 pub use decision::{BuildDecision, BuildInputs, BuildPolicy};
 pub use node::{Node, NodeError, NodeState};

@@ -1,10 +1,13 @@
 //! [`HookServer`]: the node's end of the IPC hook (DESIGN §3), a Unix domain socket.
 //!
-//! It owns the socket file (mode 0600, or 0660 in group mode), checks every peer's uid
-//! (SO_PEERCRED) against a [`UidAllowList`], and serves the protocol of
+//! It owns the socket file (mode 0600, or 0660 in group mode), checks every peer's
+//! credentials (SO_PEERCRED, SO_PEERGROUPS) against an [`AllowList`], and serves the protocol of
 //! [`snaprelay_contract::ipc`]: one JSON request per line, one response per line, in order.
 //! A bad line (too long, not JSON, unknown op, wrong version) gets an error response and the
-//! connection stays up; an I/O error, an idle timeout or shutdown closes it. What a request
+//! connection stays up; an I/O error, an idle timeout or shutdown closes it. A refused peer
+//! gets one `forbidden` line; the server then shuts its write side and reads (bounded) what
+//! the peer already sent before closing, so that the peer's request write does not fail with
+//! a broken pipe before it can read why. What a request
 //! does is the [`Node`]'s business; the server checks what it can without the node, notably
 //! that a `save_snapshot` path is a complete file directly inside the incoming directory.
 
@@ -25,7 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::access::UidAllowList;
+use crate::access::{peer_credentials, AllowList, AllowListError, Principal};
 use crate::adopt::{is_sha256_hex, resolve_incoming, Incoming};
 use crate::node::Node;
 
@@ -35,8 +38,12 @@ pub struct HookConfig {
     pub socket_path: PathBuf,
     /// Mode 0660 (the sidecar runs as another user of the node's group) instead of 0600.
     pub group_access: bool,
-    /// uids allowed to connect; empty means only the uid the node runs as.
-    pub allowed_uids: Vec<u32>,
+    /// Users (names or uids) allowed to connect. With `allow_groups`, empty means the
+    /// default: the node's own uid and, in group mode, the socket's group.
+    pub allow_users: Vec<Principal>,
+    /// Groups (names or gids) whose members may connect: the peer's primary gid or any of
+    /// its supplementary groups.
+    pub allow_groups: Vec<Principal>,
     /// Reported by `status`, so that the sidecar knows where to look.
     pub snapshot_dir: PathBuf,
     /// Where the sidecar puts verified files; `save_snapshot` paths must be directly inside.
@@ -57,7 +64,8 @@ impl HookConfig {
         HookConfig {
             socket_path: socket_path.into(),
             group_access: false,
-            allowed_uids: Vec::new(),
+            allow_users: Vec::new(),
+            allow_groups: Vec::new(),
             snapshot_dir: snapshot_dir.into(),
             incoming_dir: incoming_dir.into(),
             idle_timeout: Duration::from_secs(300),
@@ -79,6 +87,8 @@ pub enum HookError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    AllowList(#[from] AllowListError),
     #[error("{what} {path}: {source}")]
     Dir {
         what: &'static str,
@@ -90,7 +100,7 @@ pub enum HookError {
 
 /// What every connection needs to know.
 struct Context {
-    allow: UidAllowList,
+    allow: AllowList,
     snapshot_dir: PathBuf,
     /// Canonical, so that canonical request paths can be compared with it.
     incoming_dir: PathBuf,
@@ -146,12 +156,17 @@ impl<N: Node> HookServer<N> {
         let mode = if config.group_access { 0o660 } else { 0o600 };
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
             .map_err(socket_err("setting the mode of", &path))?;
-        // The socket file is owned by the uid this process creates files as: the node's uid.
-        let own_uid = std::fs::metadata(&path)
-            .map_err(socket_err("inspecting", &path))?
-            .uid();
-        let allow = UidAllowList::new(&config.allowed_uids, own_uid);
-        tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), allowed_uids = %allow, "hook socket ready");
+        // The socket file is owned by the uid (and group) this process creates files as: the
+        // node's uid, and its gid or the directory's group when that is setgid.
+        let meta = std::fs::metadata(&path).map_err(socket_err("inspecting", &path))?;
+        let socket_gid = config.group_access.then(|| meta.gid());
+        let allow = AllowList::resolve(
+            &config.allow_users,
+            &config.allow_groups,
+            meta.uid(),
+            socket_gid,
+        )?;
+        tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), allowed = %allow, "hook socket ready");
 
         Ok(HookServer {
             listener,
@@ -223,23 +238,22 @@ struct Connection<N> {
 
 impl<N: Node> Connection<N> {
     async fn serve(mut self, stream: UnixStream, permit: Option<OwnedSemaphorePermit>) {
-        let peer_uid = stream
-            .peer_cred()
-            .map(|cred| cred.uid())
-            .map_err(|e| e.to_string());
+        let peer = peer_credentials(&stream);
         let (read, mut write) = stream.into_split();
         if permit.is_none() {
             let refusal = ResponseFrame::error(ErrorCode::Unavailable, "too many hook connections");
             tracing::warn!("refused a hook connection: too many connections");
-            let _ = write_frame(&mut write, &refusal).await;
+            refuse(read, write, &refusal).await;
             return;
         }
-        let uid = match self.context.allow.check(peer_uid) {
-            Ok(uid) => uid,
+        let uid = match self.context.allow.check(peer) {
+            Ok(peer) => peer.uid,
             Err(refusal) => {
+                // A refused peer does not hold one of the connection slots while drained.
+                drop(permit);
                 tracing::warn!(reason = %refusal, "refused a hook connection");
                 let response = ResponseFrame::error(ErrorCode::Forbidden, refusal.to_string());
-                let _ = write_frame(&mut write, &response).await;
+                refuse(read, write, &response).await;
                 return;
             }
         };
@@ -283,6 +297,28 @@ impl<N: Node> Connection<N> {
             }
         }
     }
+}
+
+/// How long, and how much, a refused connection is drained before it is closed.
+const REFUSAL_DRAIN_TIME: Duration = Duration::from_secs(2);
+const REFUSAL_DRAIN_BYTES: u64 = 1 << 20;
+
+/// Sends a refusal, then shuts the write side and reads what the peer sends until it closes
+/// (bounded in time and bytes). Closing at once would make a peer that is still writing its
+/// request see EPIPE instead of the refusal.
+async fn refuse(
+    read: tokio::net::unix::OwnedReadHalf,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    response: &ResponseFrame,
+) {
+    use tokio::io::AsyncReadExt;
+    if write_frame(&mut write, response).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+    let (mut sink, mut read) = (tokio::io::sink(), read.take(REFUSAL_DRAIN_BYTES));
+    let drain = tokio::io::copy(&mut read, &mut sink);
+    let _ = tokio::time::timeout(REFUSAL_DRAIN_TIME, drain).await;
 }
 
 async fn handle<N: Node>(node: &N, context: &Context, request: Request) -> ResponseFrame {

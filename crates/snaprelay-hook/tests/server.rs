@@ -14,7 +14,9 @@ use snaprelay_contract::ipc::{
     SaveOutcome, SaveResult, Status, MAX_LINE,
 };
 use snaprelay_contract::snapdir::Envelope;
-use snaprelay_hook::{HookConfig, HookError, HookServer, Incoming, Node, NodeError, NodeState};
+use snaprelay_hook::{
+    HookConfig, HookError, HookServer, Incoming, Node, NodeError, NodeState, Principal,
+};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -297,22 +299,221 @@ async fn oversized_line_gets_too_large_and_the_connection_stays_up() {
 async fn peer_with_a_uid_not_on_the_allow_list_is_refused_and_disconnected() {
     let root = tempfile::tempdir().unwrap();
     let uid = own_uid(root.path());
-    let mut h = Harness::start(FakeNode::new(), |c| c.allowed_uids = vec![uid + 1]).await;
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        c.allow_users = vec![Principal::Id(uid + 54321)]
+    })
+    .await;
     let mut client = h.connect().await;
     let response = client.response().await;
     assert_eq!(error_code(&response), ErrorCode::Forbidden);
     let message = response.error.unwrap().message;
     assert!(
-        message.contains(&format!("peer uid {uid}")),
-        "the refusal names the uid: {message}"
+        message.contains(&format!("peer uid {uid} gid ")),
+        "the refusal names the uid and gid: {message}"
     );
+    assert!(
+        message.contains(&format!("allowed: users {}; groups none", uid + 54321)),
+        "the refusal names what is allowed: {message}"
+    );
+    // The server keeps reading after the refusal, so a request the peer sends meanwhile is
+    // not met with a broken pipe; then the connection ends.
+    client
+        .writer
+        .write_all(b"{\"v\":1,\"op\":\"status\"}\n")
+        .await
+        .expect("a request written after the refusal does not fail");
+    client.writer.shutdown().await.unwrap();
     assert!(client.closed().await);
+    drop(client);
     h.shutdown().await;
 
     // The same peer on an explicit list that names it is served.
-    let mut h = Harness::start(FakeNode::new(), |c| c.allowed_uids = vec![uid + 1, uid]).await;
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        c.allow_users = vec![Principal::Id(uid + 54321), Principal::Id(uid)]
+    })
+    .await;
     assert!(h.connect().await.call(Request::Status {}).await.ok);
     h.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_allow_list_names_fail_the_bind_and_name_themselves() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = config(root.path());
+    cfg.allow_groups = vec![Principal::Name("no-such-group-q9".into())];
+    let err = HookServer::bind(cfg, FakeNode::new())
+        .err()
+        .expect("an unknown group is an error");
+    assert!(err.to_string().contains("no-such-group-q9"), "{err}");
+}
+
+/// Real users and groups (root only), removed on drop.
+struct TestAccounts {
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl TestAccounts {
+    fn run(args: &[&str]) {
+        let status = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+        assert!(status.success(), "{args:?} failed: {status}");
+    }
+
+    fn group(&mut self, name: &str) -> u32 {
+        Self::run(&["groupadd", name]);
+        self.groups.push(name.into());
+        nix::unistd::Group::from_name(name)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw()
+    }
+
+    fn user(&mut self, name: &str, primary: &str, supplementary: Option<&str>) -> u32 {
+        let mut args = vec![
+            "useradd",
+            "-M",
+            "-N",
+            "-s",
+            "/usr/sbin/nologin",
+            "-g",
+            primary,
+        ];
+        if let Some(group) = supplementary {
+            args.extend(["-G", group]);
+        }
+        args.push(name);
+        Self::run(&args);
+        self.users.push(name.into());
+        nix::unistd::User::from_name(name)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw()
+    }
+}
+
+impl Drop for TestAccounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            let _ = std::process::Command::new("userdel").arg(user).status();
+        }
+        for group in &self.groups {
+            let _ = std::process::Command::new("groupdel").arg(group).status();
+        }
+    }
+}
+
+/// Connects to `socket` as `uid`/`gid` with supplementary `groups`, from a thread of its
+/// own whose credentials are changed with raw syscalls (glibc's wrappers would change every
+/// thread of the process). The thread ends right after, so no other code runs as that user.
+fn connect_as(socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Client {
+    let socket = socket.to_owned();
+    let groups = groups.to_vec();
+    let stream = std::thread::spawn(move || {
+        // SAFETY: raw credential syscalls on this thread only, with valid pointers; the
+        // effective ids change, the real and saved ids stay root.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, -1, gid, -1), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, -1, uid, -1), 0);
+        }
+        std::os::unix::net::UnixStream::connect(&socket)
+    })
+    .join()
+    .unwrap()
+    .expect("the file mode lets this user connect");
+    stream.set_nonblocking(true).unwrap();
+    Client::new(UnixStream::from_std(stream).unwrap())
+}
+
+#[tokio::test]
+async fn peers_are_allowed_by_user_group_and_supplementary_group() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED peers_are_allowed_by_user_group_and_supplementary_group: needs root to create users");
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let (sock_group, other_group) = (format!("srhs{tag}"), format!("srho{tag}"));
+    let (x, y) = (format!("srhx{tag}"), format!("srhy{tag}"));
+    let mut accounts = TestAccounts {
+        users: Vec::new(),
+        groups: Vec::new(),
+    };
+    let gid_a = accounts.group(&sock_group);
+    let gid_b = accounts.group(&other_group);
+    // X: primary B, supplementary A. Y: primary A only. Both pass the 0660 socket's mode
+    // (group A); the allow list decides.
+    let uid_x = accounts.user(&x, &other_group, Some(&sock_group));
+    let uid_y = accounts.user(&y, &sock_group, None);
+
+    let start = |users: Vec<Principal>, groups: Vec<Principal>| {
+        async move {
+            Harness::start(FakeNode::new(), move |c| {
+                // The socket's directory is setgid A, so the socket's group is A.
+                let dir = c.socket_path.parent().unwrap().to_owned();
+                std::os::unix::fs::chown(&dir, None, Some(gid_a)).unwrap();
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2755)).unwrap();
+                c.group_access = true;
+                c.allow_users = users;
+                c.allow_groups = groups;
+            })
+            .await
+        }
+    };
+    let served = |h: &Harness, uid, gid, groups: Vec<u32>| {
+        let socket = h.socket.clone();
+        async move {
+            connect_as(&socket, uid, gid, &groups)
+                .call(Request::Status {})
+                .await
+        }
+    };
+
+    // Default in group mode: the socket's group, as primary or supplementary group.
+    let mut h = start(vec![], vec![]).await;
+    assert_eq!(std::fs::metadata(&h.socket).unwrap().gid(), gid_a);
+    assert!(served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await.ok);
+    assert!(served(&h, uid_y, gid_a, vec![gid_a]).await.ok);
+    h.shutdown().await;
+
+    // A group by name: X's primary group B; Y is refused, and told who it is and who may.
+    let mut h = start(vec![], vec![Principal::Name(other_group.clone())]).await;
+    assert!(served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await.ok);
+    let refused = served(&h, uid_y, gid_a, vec![gid_a]).await;
+    assert_eq!(error_code(&refused), ErrorCode::Forbidden);
+    let message = refused.error.unwrap().message;
+    assert!(
+        message.contains(&format!("peer uid {uid_y} gid {gid_a} groups {gid_a}"))
+            && message.contains(&format!("groups {other_group}({gid_b})")),
+        "{message}"
+    );
+    h.shutdown().await;
+
+    // A user by name, and one by number.
+    let mut h = start(vec![Principal::Name(y.clone())], vec![]).await;
+    assert!(served(&h, uid_y, gid_a, vec![gid_a]).await.ok);
+    let refused = served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await;
+    assert_eq!(error_code(&refused), ErrorCode::Forbidden);
+    assert!(
+        refused
+            .error
+            .unwrap()
+            .message
+            .contains(&format!("users {y}({uid_y})")),
+        "names and numbers"
+    );
+    h.shutdown().await;
+    let mut h = start(vec![Principal::Id(uid_x)], vec![]).await;
+    assert!(served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await.ok);
+    h.shutdown().await;
+    drop(accounts);
 }
 
 #[tokio::test]

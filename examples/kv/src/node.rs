@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use openraft::SnapshotPolicy;
-use snaprelay_hook::{BuildPolicy, HookConfig, HookServer, LeaderFlag, RaftNode, SnapshotDir};
+use snaprelay_hook::{
+    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, SnapshotDir,
+};
 use tokio::sync::watch;
 
 use crate::api::{router, App};
@@ -28,7 +30,8 @@ pub struct NodeConfig {
     pub dir: PathBuf,
     pub hook_socket: PathBuf,
     pub hook_group_access: bool,
-    pub hook_allowed_uids: Vec<u32>,
+    pub hook_allow_users: Vec<Principal>,
+    pub hook_allow_groups: Vec<Principal>,
     /// openraft `SnapshotPolicy::LogsSinceLast(n)`.
     pub snapshot_policy_logs: u64,
     pub max_in_snapshot_log_to_keep: u64,
@@ -96,7 +99,8 @@ pub async fn run(
         snapshots.incoming_dir(),
     );
     hook_config.group_access = config.hook_group_access;
-    hook_config.allowed_uids = config.hook_allowed_uids.clone();
+    hook_config.allow_users = config.hook_allow_users.clone();
+    hook_config.allow_groups = config.hook_allow_groups.clone();
     let hook = HookServer::bind(hook_config, RaftNode::new(raft.clone()))?;
 
     let listener = tokio::net::TcpListener::bind(config.http)
