@@ -138,6 +138,11 @@ pub enum ErrorCode {
     Forbidden,
     /// The node failed to serve it.
     Internal,
+    /// `save_snapshot`: the node cannot open the data file (permissions). A deployment
+    /// problem, not the snapshot's: the incoming directory must be setgid to the node's
+    /// group (mode 2770) so that the node can read what the sidecar writes. The file is left
+    /// where it is; retrying the same file gives the same answer until the mode is fixed.
+    Unreadable,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -17,6 +17,8 @@
 //! - [`raft`]: [`RaftNode`], the [`Node`] for an openraft `Raft`: status from its metrics and
 //!   the adoption protocol (stage through `with_state_machine`, then trigger a build); and
 //!   [`LeaderFlag`], a cheap "am I leader" for the snapshot builder.
+//! - [`verify`]: what the node checks of a file before staging it: it can open it, a regular
+//!   file of the envelope's size, and which inode it is.
 //! - [`server`]: [`HookServer`], the Unix socket server: peer check, framing, dispatch.
 //!
 //! # Wiring it up
@@ -39,6 +41,7 @@ pub mod node;
 pub mod raft;
 pub mod server;
 pub mod snapshot_dir;
+pub mod verify;
 
 pub use access::{AllowList, AllowListError, PeerCredentials, Principal};
 pub use adopt::{AdoptSnapshot, Incoming, StageOutcome};
@@ -47,6 +50,7 @@ pub use node::{Node, NodeError, NodeState};
 pub use raft::{log_id_ref, CommittedTerm, LeaderFlag, RaftNode};
 pub use server::{HookConfig, HookError, HookServer};
 pub use snapshot_dir::{SnapshotDir, SnapshotDirError};
+pub use verify::{IncomingFile, Refusal};
 
 /// The contract types the hook speaks, re-exported so that an application needs one dependency.
 pub use snaprelay_contract::{ipc, snapdir};

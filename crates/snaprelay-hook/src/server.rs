@@ -29,8 +29,10 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::access::{peer_credentials, AllowList, AllowListError, Principal};
-use crate::adopt::{is_sha256_hex, resolve_incoming, Incoming};
+use crate::adopt::{is_sha256_hex, Incoming};
 use crate::node::Node;
+use crate::snapshot_dir::prepare_incoming_dir;
+use crate::verify::Refusal;
 
 /// How the hook socket is set up.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct HookConfig {
     /// Reported by `status`, so that the sidecar knows where to look.
     pub snapshot_dir: PathBuf,
     /// Where the sidecar puts verified files; `save_snapshot` paths must be directly inside.
+    /// `bind` creates it, or corrects the mode of one this process owns: 2770 in group mode
+    /// (setgid, so files the sidecar writes belong to the node's group), else 0700.
     pub incoming_dir: PathBuf,
     /// A connection with no request for this long is closed.
     pub idle_timeout: Duration,
@@ -128,6 +132,13 @@ impl<N: Node> HookServer<N> {
                 source,
             })
         };
+        prepare_incoming_dir(&config.incoming_dir, config.group_access).map_err(|source| {
+            HookError::Dir {
+                what: "preparing the incoming directory",
+                path: config.incoming_dir.clone(),
+                source,
+            }
+        })?;
         let incoming_dir = canonical("incoming directory", &config.incoming_dir)?;
         let snapshot_dir = canonical("snapshot directory", &config.snapshot_dir)?;
         let path = config.socket_path;
@@ -348,9 +359,9 @@ async fn handle<N: Node>(node: &N, context: &Context, request: Request) -> Respo
         } => {
             let incoming = match check_save(context, envelope, &path, sha256) {
                 Ok(incoming) => incoming,
-                Err(reason) => {
-                    tracing::warn!(%reason, "refused save_snapshot");
-                    return ResponseFrame::error(ErrorCode::BadRequest, reason);
+                Err(refusal) => {
+                    tracing::warn!(reason = %refusal, code = ?refusal.code, "refused save_snapshot");
+                    return ResponseFrame::error(refusal.code, refusal.message);
                 }
             };
             let snapshot = incoming.log_id();
@@ -368,23 +379,22 @@ async fn handle<N: Node>(node: &N, context: &Context, request: Request) -> Respo
     }
 }
 
-/// What the server checks of a `save_snapshot` before the node sees it.
+/// What the server checks of a `save_snapshot` before the node sees it: the envelope, the
+/// path, and that the node can open the file (a regular file of the envelope's size).
 fn check_save(
     context: &Context,
     envelope: Envelope,
     path: &str,
     sha256: String,
-) -> Result<Incoming, String> {
+) -> Result<Incoming, Refusal> {
+    let bad = |message| Refusal::new(ErrorCode::BadRequest, message);
     envelope
         .validate()
-        .map_err(|reason| format!("envelope: {reason}"))?;
+        .map_err(|reason| bad(format!("envelope: {reason}")))?;
     if !is_sha256_hex(&sha256) {
-        return Err(format!("sha256 {sha256:?} is not 64 lowercase hex digits"));
+        return Err(bad(format!(
+            "sha256 {sha256:?} is not 64 lowercase hex digits"
+        )));
     }
-    let path = resolve_incoming(path, &context.incoming_dir, &envelope)?;
-    Ok(Incoming {
-        envelope,
-        path,
-        sha256,
-    })
+    Incoming::open(envelope, path, &context.incoming_dir, sha256)
 }

@@ -13,6 +13,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -93,7 +94,14 @@ impl SnapshotDir {
     ) -> Result<SnapshotDir> {
         let (dir, incoming) = (dir.into(), incoming.into());
         fs::create_dir_all(&dir).map_err(io_err("creating snapshot directory", &dir))?;
-        fs::create_dir_all(&incoming).map_err(io_err("creating incoming directory", &incoming))?;
+        // Private until the hook server sets the mode its deployment needs
+        // (`prepare_incoming_dir`); an existing one is left as it is.
+        match fs::DirBuilder::new().mode(0o700).create(&incoming) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err("creating incoming directory", &incoming)(e))
+            }
+            _ => {}
+        }
         Ok(SnapshotDir {
             dir: dir.canonicalize().map_err(io_err("resolving", &dir))?,
             incoming: incoming
@@ -345,6 +353,47 @@ impl SnapshotDir {
     }
 }
 
+/// Mode of the incoming directory in group mode: the sidecar, a member of the node's group,
+/// writes there, and setgid makes every file it writes belong to the node's group, so the
+/// node can read it (the sidecar's umask 0027 leaves it group-readable).
+pub const INCOMING_MODE_GROUP: u32 = 0o2770;
+/// Mode of the incoming directory otherwise: the sidecar runs as the node's user.
+pub const INCOMING_MODE_PRIVATE: u32 = 0o700;
+
+/// Creates the incoming directory with the mode the deployment needs
+/// ([`INCOMING_MODE_GROUP`] with `group_access`, else [`INCOMING_MODE_PRIVATE`]), or corrects
+/// the mode of an existing one this process owns. One owned by another user (an operator's
+/// choice) is left alone. A symlink or non-directory at the path is an error.
+pub fn prepare_incoming_dir(path: &Path, group_access: bool) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let mode = if group_access {
+        INCOMING_MODE_GROUP
+    } else {
+        INCOMING_MODE_PRIVATE
+    };
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!(
+            "incoming directory {} is not a directory",
+            path.display()
+        )));
+    }
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let found = meta.mode() & 0o7777;
+    if meta.uid() == own_uid && found != mode {
+        // Explicitly: mkdir's mode is cut by the umask, and setgid needs chmod.
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        tracing::info!(dir = %path.display(), from = format!("{found:o}"), to = format!("{mode:o}"), "set the incoming directory's mode");
+    } else if meta.uid() != own_uid {
+        tracing::info!(dir = %path.display(), mode = format!("{found:o}"), owner = meta.uid(), "incoming directory belongs to another user; leaving its mode");
+    }
+    Ok(())
+}
+
 /// Whether two paths name the same file (both must exist to be the same).
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -486,19 +535,22 @@ mod tests {
         let dir = SnapshotDir::open(root.path()).unwrap();
         let path = dir.incoming_dir().join("from-leader.bin");
         fs::write(&path, b"leader bytes").unwrap();
-        let incoming = Incoming {
-            envelope: Envelope {
-                format: 1,
-                last_log_index: 9,
-                last_log_term: 2,
-                data: "whatever.bin".into(),
-                size: 12,
-                raft_meta: meta(9),
-                chunk_index: None,
-            },
-            path: path.clone(),
-            sha256: "00".repeat(32),
+        let envelope = Envelope {
+            format: 1,
+            last_log_index: 9,
+            last_log_term: 2,
+            data: "whatever.bin".into(),
+            size: 12,
+            raft_meta: meta(9),
+            chunk_index: None,
         };
+        let incoming = Incoming::open(
+            envelope,
+            path.to_str().unwrap(),
+            dir.incoming_dir(),
+            "00".repeat(32),
+        )
+        .unwrap();
         let staged = dir.stage(&incoming).unwrap();
         assert!(!path.exists());
         assert!(staged
@@ -567,6 +619,31 @@ mod tests {
             4,
             ".incoming, one data, its index, one meta"
         );
+    }
+
+    #[test]
+    fn incoming_dir_gets_the_deployments_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path().join("s")).unwrap();
+        assert_eq!(
+            mode(dir.incoming_dir()),
+            0o700,
+            "private until the hook says more"
+        );
+        prepare_incoming_dir(dir.incoming_dir(), true).unwrap();
+        assert_eq!(mode(dir.incoming_dir()), 0o2770);
+        prepare_incoming_dir(dir.incoming_dir(), false).unwrap();
+        assert_eq!(mode(dir.incoming_dir()), 0o700);
+        // Created with the mode, whatever the umask.
+        let fresh = root.path().join("fresh");
+        prepare_incoming_dir(&fresh, true).unwrap();
+        assert_eq!(mode(&fresh), 0o2770);
+        // Not a directory (a symlink to one counts as not one).
+        std::os::unix::fs::symlink(&fresh, root.path().join("link")).unwrap();
+        let err = prepare_incoming_dir(&root.path().join("link"), true).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
     #[test]

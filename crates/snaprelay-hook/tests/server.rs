@@ -109,8 +109,9 @@ impl Harness {
         let mut config = config(root.path());
         adjust(&mut config);
         let socket = config.socket_path.clone();
-        let incoming = config.incoming_dir.canonicalize().unwrap();
+        let incoming = config.incoming_dir.clone();
         let server = HookServer::bind(config, node.clone()).unwrap();
+        let incoming = incoming.canonicalize().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -257,6 +258,29 @@ async fn socket_mode_is_0600_or_0660_in_group_mode() {
     let mut h = Harness::start(FakeNode::new(), |c| c.group_access = true).await;
     let mode = std::fs::metadata(&h.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn bind_gives_the_incoming_dir_the_deployments_mode() {
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // An existing directory of the wrong mode (as a umask leaves it) is corrected.
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        std::fs::set_permissions(&c.incoming_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        c.group_access = true;
+    })
+    .await;
+    assert_eq!(mode(&h.incoming), 0o2770, "setgid, group-writable");
+    h.shutdown().await;
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        std::fs::remove_dir(&c.incoming_dir).unwrap();
+    })
+    .await;
+    assert_eq!(
+        mode(&h.incoming),
+        0o700,
+        "created private without group access"
+    );
     h.shutdown().await;
 }
 
@@ -712,10 +736,10 @@ async fn stale_socket_is_replaced_but_other_files_and_live_sockets_are_not() {
 async fn missing_incoming_dir_is_named() {
     let root = tempfile::tempdir().unwrap();
     let mut cfg = config(root.path());
-    cfg.incoming_dir = root.path().join("nope");
+    cfg.incoming_dir = root.path().join("nope/incoming");
     let err = HookServer::bind(cfg, FakeNode::new())
         .err()
-        .expect("missing incoming dir");
+        .expect("an incoming dir that cannot be created");
     assert!(err.to_string().contains("incoming directory"), "{err}");
     assert!(err.to_string().contains("nope"), "{err}");
 }

@@ -622,19 +622,22 @@ mod tests {
             .incoming_dir()
             .join(format!("from-leader-{applied}.bin"));
         std::fs::write(&path, &bytes).unwrap();
-        let incoming = Incoming {
-            envelope: Envelope {
-                format: 1,
-                last_log_index: applied,
-                last_log_term: 1,
-                data: "x.bin".into(),
-                size: bytes.len() as u64,
-                raft_meta: serde_json::to_value(&built.meta).unwrap(),
-                chunk_index: None,
-            },
-            path,
-            sha256: "00".repeat(32),
+        let envelope = Envelope {
+            format: 1,
+            last_log_index: applied,
+            last_log_term: 1,
+            data: "x.bin".into(),
+            size: bytes.len() as u64,
+            raft_meta: serde_json::to_value(&built.meta).unwrap(),
+            chunk_index: None,
         };
+        let incoming = Incoming::open(
+            envelope,
+            path.to_str().unwrap(),
+            follower.dir.incoming_dir(),
+            "00".repeat(32),
+        )
+        .unwrap();
         (incoming, bytes)
     }
 
