@@ -38,9 +38,7 @@ impl HookError {
     pub fn is_transient(&self) -> bool {
         match self {
             HookError::Unreachable { .. } | HookError::Timeout { .. } => true,
-            HookError::Refused { code, .. } => {
-                matches!(code, ErrorCode::Unavailable | ErrorCode::Internal)
-            }
+            HookError::Refused { code, .. } => code.is_transient(),
             HookError::Protocol { .. } => false,
         }
     }

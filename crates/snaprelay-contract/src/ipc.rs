@@ -17,6 +17,26 @@
 //!
 //! A malformed or oversized line gets an error response and the connection stays usable
 //! (an oversized line is skipped up to its newline).
+//!
+//! # Error codes
+//!
+//! Every error response carries an [`ErrorCode`]. *Transient* codes
+//! ([`ErrorCode::is_transient`]) mean "try again later, the same request may succeed";
+//! *permanent* ones mean the same request will get the same answer.
+//!
+//! | code | when | kind |
+//! | --- | --- | --- |
+//! | `bad_request` | the line is not a valid request, or `save_snapshot`'s path is not a committed file directly inside the incoming directory, not a regular file, or not the envelope's size | permanent |
+//! | `too_large` | the line is longer than [`MAX_LINE`] | permanent |
+//! | `unsupported_version` | the frame's `v` is not [`VERSION`] | permanent |
+//! | `forbidden` | the peer is not on the node's allow list; the connection is closed | permanent |
+//! | `unavailable` | the node is shutting down, or every connection slot is busy | transient |
+//! | `internal` | the node failed (I/O error) | transient |
+//! | `unreadable` | the node cannot open the data file (permissions: a deployment problem, not the snapshot's; the file is left) | permanent until the incoming directory's mode is fixed |
+//! | `checksum_mismatch` | the data file's sha256, computed by the node, is not the request's, or the file was replaced after it was hashed | permanent for that file; the node removes it |
+//! | `invalid_snapshot` | the envelope's log id is not `raft_meta.last_log_id`, `raft_meta` is not the application's `SnapshotMeta`, or the application's validation (decode) refused the file | permanent for that snapshot; the node removes the file |
+//!
+//! A refused `save_snapshot` never becomes the node's snapshot.
 
 use std::fmt;
 
@@ -55,7 +75,8 @@ pub enum Request {
         envelope: Envelope,
         /// Absolute path of the verified data file, in the node's incoming directory.
         path: String,
-        /// sha256 of the data file (64 hex digits), for the node to check if it wants to.
+        /// sha256 of the data file (64 hex digits); the node checks it before staging
+        /// (`checksum_mismatch`).
         sha256: String,
     },
 }
@@ -143,6 +164,32 @@ pub enum ErrorCode {
     /// group (mode 2770) so that the node can read what the sidecar writes. The file is left
     /// where it is; retrying the same file gives the same answer until the mode is fixed.
     Unreadable,
+    /// `save_snapshot`: the sha256 the node computed over the data file is not the
+    /// request's, or the file at the name was replaced after it was hashed. Permanent for
+    /// that file; the node has removed it.
+    ChecksumMismatch,
+    /// `save_snapshot`: the snapshot is not one this node can adopt: its envelope's log id
+    /// is not its `raft_meta.last_log_id`, `raft_meta` is not the application's
+    /// `SnapshotMeta`, or the application's validation (a decode) refused the data.
+    /// Permanent for that snapshot; the node has removed the file.
+    InvalidSnapshot,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed later (the node is busy or stopping, or failed
+    /// on I/O); otherwise the node will answer the same again.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ErrorCode::Unavailable | ErrorCode::Internal)
+    }
+
+    /// Whether the node refused the snapshot itself (not the request's form, not the
+    /// deployment): a sidecar should not hand that manifest over again.
+    pub fn refuses_snapshot(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ChecksumMismatch | ErrorCode::InvalidSnapshot
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

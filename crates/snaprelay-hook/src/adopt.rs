@@ -82,20 +82,30 @@ pub enum StageOutcome {
     Stale,
 }
 
-/// Implemented by the application's state machine, which openraft owns: the hook calls it
-/// through `Raft::with_state_machine`, so it runs in order with `apply`, snapshot installs and
-/// builder creation.
+/// Implemented by the application's state machine, which openraft owns: the hook calls
+/// [`AdoptSnapshot::force_save_snapshot`] through `Raft::with_state_machine`, so it runs in
+/// order with `apply`, snapshot installs and builder creation.
 pub trait AdoptSnapshot: Send + 'static {
-    /// Stages `incoming` (rename its file to a staging name in the snapshot directory) and
-    /// answers [`StageOutcome::Staged`], or answers [`StageOutcome::Stale`] when it is not
-    /// newer than the current snapshot or the one already staged.
+    /// The application's check of a snapshot's data before it can be staged: decode it (and
+    /// check that the decoded state is at `log_id`), or do a cheaper structural check. An
+    /// `Err` names the reason; the snapshot is refused (`invalid_snapshot`), its file removed.
     ///
-    /// The caller has checked that the file is complete and inside the incoming directory.
-    /// An error is reported to the sidecar as an internal error; the file may stay where it is.
+    /// Runs on a blocking thread outside the state machine worker, after the hook has
+    /// checked the envelope against `raft_meta` and the file's sha256; `data` reads the
+    /// opened file from its start.
+    fn validate(data: &mut dyn io::Read, log_id: LogIdRef) -> Result<(), String>;
+
+    /// Stages `incoming` (rename its file to a staging name in the snapshot directory with
+    /// [`crate::SnapshotDir::stage`], which checks that the staged file is the one the hook
+    /// verified) and answers [`StageOutcome::Staged`], or answers [`StageOutcome::Stale`]
+    /// when it is not newer than the current snapshot or the one already staged.
+    ///
+    /// The hook has checked the file (path, size, sha256, [`AdoptSnapshot::validate`]).
+    /// A [`Refusal`] is reported to the sidecar with its code.
     fn force_save_snapshot(
         &mut self,
         incoming: Incoming,
-    ) -> impl Future<Output = io::Result<StageOutcome>> + Send;
+    ) -> impl Future<Output = Result<StageOutcome, Refusal>> + Send;
 }
 
 /// Checks a `save_snapshot` request's data file path, and returns it canonical.

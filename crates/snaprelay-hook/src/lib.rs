@@ -46,7 +46,7 @@ pub mod verify;
 pub use access::{AllowList, AllowListError, PeerCredentials, Principal};
 pub use adopt::{AdoptSnapshot, Incoming, StageOutcome};
 pub use decision::{BuildDecision, BuildInputs, BuildPolicy};
-pub use node::{Node, NodeError, NodeState};
+pub use node::{Node, NodeError, NodeState, RefusalCounts};
 pub use raft::{log_id_ref, CommittedTerm, LeaderFlag, RaftNode};
 pub use server::{HookConfig, HookError, HookServer};
 pub use snapshot_dir::{SnapshotDir, SnapshotDirError};

@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 
 use crate::access::{peer_credentials, AllowList, AllowListError, Principal};
 use crate::adopt::{is_sha256_hex, Incoming};
-use crate::node::Node;
+use crate::node::{Node, NodeError};
 use crate::snapshot_dir::prepare_incoming_dir;
 use crate::verify::Refusal;
 
@@ -361,6 +361,7 @@ async fn handle<N: Node>(node: &N, context: &Context, request: Request) -> Respo
                 Ok(incoming) => incoming,
                 Err(refusal) => {
                     tracing::warn!(reason = %refusal, code = ?refusal.code, "refused save_snapshot");
+                    node.refused(&refusal);
                     return ResponseFrame::error(refusal.code, refusal.message);
                 }
             };
@@ -371,7 +372,10 @@ async fn handle<N: Node>(node: &N, context: &Context, request: Request) -> Respo
                     ResponseFrame::ok(&result)
                 }
                 Err(e) => {
-                    tracing::warn!(%snapshot, error = %e, "save_snapshot failed");
+                    tracing::warn!(%snapshot, error = %e, code = ?e.code(), "save_snapshot failed");
+                    if let NodeError::Refused(refusal) = &e {
+                        node.refused(refusal);
+                    }
                     ResponseFrame::error(e.code(), e.to_string())
                 }
             }

@@ -44,6 +44,8 @@ pub enum SnapshotDirError {
     },
     #[error("snapshot meta for {log_id} cannot be serialized: {reason}")]
     Meta { log_id: LogIdRef, reason: String },
+    #[error("{path} was replaced after the node verified it; the staged file was removed")]
+    Replaced { path: PathBuf },
 }
 
 impl From<SnapshotDirError> for io::Error {
@@ -280,6 +282,10 @@ impl SnapshotDir {
 
     /// Moves an incoming file to this directory's staging name for its log id; returns the
     /// staged path. A staged file is hidden: nobody reads it until it is committed.
+    ///
+    /// The staged name must then be the inode the hook opened and verified
+    /// ([`Incoming::file`]); if the sidecar swapped another file in at the incoming name
+    /// meanwhile, the staged file is removed and [`SnapshotDirError::Replaced`] returned.
     pub fn stage(&self, incoming: &Incoming) -> Result<PathBuf> {
         let log_id = incoming.log_id();
         let staged = self.dir.join(format!(
@@ -287,6 +293,12 @@ impl SnapshotDir {
             log_id.index, log_id.term
         ));
         rename_durable(&incoming.path, &staged).map_err(io_err("staging", &incoming.path))?;
+        if !incoming.file.is_at(&staged) {
+            self.discard(&staged)?;
+            return Err(SnapshotDirError::Replaced {
+                path: incoming.path.clone(),
+            });
+        }
         Ok(staged)
     }
 

@@ -7,8 +7,20 @@
 //! `O_RDONLY|O_NOFOLLOW|O_NONBLOCK`: a symlink at the name fails (`ELOOP`), and a FIFO
 //! cannot block the open. Every refusal is a [`Refusal`]: a protocol error code and a message
 //! naming the file and the reason.
+//!
+//! Then [`IncomingFile::verify_sha256`] hashes the opened file in one streaming pass (1 MiB
+//! positioned reads, bounded memory) and compares with the sha256 the sidecar claims; the
+//! application's validation reads the same opened file ([`IncomingFile::reader`]). Staging
+//! renames the file into the snapshot directory and checks, with [`IncomingFile::is_at`],
+//! that the staged name is the inode that was hashed.
+//!
+//! What this cannot stop: the sidecar's user owns the file and could rewrite it in place
+//! (same inode) after it was hashed. The node records the sha256 in the snapshot's envelope
+//! and checks it again at startup, where a mismatch moves the snapshot aside instead of
+//! loading it.
 
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +44,23 @@ impl Refusal {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// An I/O failure of the node's own: transient (`internal`).
+impl From<std::io::Error> for Refusal {
+    fn from(e: std::io::Error) -> Refusal {
+        Refusal::new(ErrorCode::Internal, e.to_string())
+    }
+}
+
+impl From<crate::SnapshotDirError> for Refusal {
+    fn from(e: crate::SnapshotDirError) -> Refusal {
+        let code = match e {
+            crate::SnapshotDirError::Replaced { .. } => ErrorCode::ChecksumMismatch,
+            _ => ErrorCode::Internal,
+        };
+        Refusal::new(code, e.to_string())
     }
 }
 
@@ -62,10 +91,93 @@ impl IncomingFile {
         self.size
     }
 
+    /// A reader of the whole file from its start, with its own position (positioned reads
+    /// on the shared open file).
+    pub fn reader(&self) -> impl Read + '_ {
+        PositionedReader {
+            file: &self.file,
+            offset: 0,
+        }
+    }
+
+    /// Hashes the file in one streaming pass and compares with `expected` (64 lowercase hex
+    /// digits). Blocking: run it on a blocking thread. A mismatch, or a file that is not the
+    /// size it was opened with, is [`ErrorCode::ChecksumMismatch`].
+    pub fn verify_sha256(&self, expected: &str, shown: &Path) -> Result<(), Refusal> {
+        let actual = self.sha256().map_err(|e| {
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("reading {}: {e}", shown.display()),
+            )
+        })?;
+        if actual.1 != self.size {
+            return Err(Refusal::new(
+                ErrorCode::ChecksumMismatch,
+                format!(
+                    "{} changed size while it was hashed ({} bytes, opened at {})",
+                    shown.display(),
+                    actual.1,
+                    self.size
+                ),
+            ));
+        }
+        if actual.0 != expected {
+            return Err(Refusal::new(
+                ErrorCode::ChecksumMismatch,
+                format!(
+                    "{} has sha256 {}, but the request says {expected}",
+                    shown.display(),
+                    actual.0
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether `path` (not following a symlink) is the inode this file was opened as.
     pub fn is_at(&self, path: &Path) -> bool {
         std::fs::symlink_metadata(path)
             .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == (self.dev, self.ino))
+    }
+
+    /// sha256 (lowercase hex) and length of the file's content.
+    pub fn sha256(&self) -> std::io::Result<(String, u64)> {
+        sha256_of(&mut self.reader())
+    }
+}
+
+/// sha256 (lowercase hex) and length of everything `input` yields, in 1 MiB pieces.
+pub fn sha256_of(input: &mut dyn Read) -> std::io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, total))
+}
+
+struct PositionedReader<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
     }
 }
 
@@ -146,6 +258,7 @@ pub(crate) fn name_in(path: &Path, dir: &Path) -> Option<String> {
 mod tests {
     use super::*;
     use std::fs;
+    use std::io::Read;
 
     #[test]
     fn regular_file_of_the_right_size_opens() {
@@ -163,6 +276,30 @@ mod tests {
             !file.is_at(&dir.path().join("a.bin")),
             "another file at the name"
         );
+    }
+
+    #[test]
+    fn sha256_is_checked_in_one_pass_over_the_opened_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.bin"), b"abc").unwrap();
+        let file = open_incoming(dir.path(), "a.bin", 3).unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let shown = dir.path().join("a.bin");
+        file.verify_sha256(abc, &shown).unwrap();
+        let err = file.verify_sha256(&"0".repeat(64), &shown).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ChecksumMismatch);
+        assert!(
+            err.message.contains(abc) && err.message.contains("a.bin"),
+            "{err}"
+        );
+        // The reader starts at 0 every time, whatever was read before.
+        let mut text = String::new();
+        file.reader().read_to_string(&mut text).unwrap();
+        assert_eq!(text, "abc");
+        // Grown after it was opened: refused, not hashed as if complete.
+        fs::write(dir.path().join("a.bin"), b"abcd").unwrap();
+        let err = file.verify_sha256(abc, &shown).unwrap_err();
+        assert!(err.message.contains("changed size"), "{err}");
     }
 
     #[test]

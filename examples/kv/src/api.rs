@@ -11,7 +11,7 @@
 //! | `POST /add-learner` | `{"id": 2, "addr": "127.0.0.1:21002"}` | `{"log_index": …}` |
 //! | `POST /change-membership` | `{"members": [1, 2, 3]}` | `{"log_index": …}` |
 //! | `POST /snapshot` | | `{"queued": true}` |
-//! | `GET /metrics` | | see [`MetricsView`] |
+//! | `GET /metrics` | | see [`MetricsView`] (`snapshots_refused`: refusals by error code) |
 //!
 //! Errors are `{"error": "...", ...}` with a 4xx/5xx status. A write to a node that is not the
 //! leader answers 421 with `leader_id` and `leader_addr`; a write that meets a leader whose
@@ -35,7 +35,7 @@ use openraft::{BasicNode, Snapshot};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use snaprelay_hook::ipc::{LogIdRef, Role};
-use snaprelay_hook::{Node, RaftNode, SnapshotDir};
+use snaprelay_hook::{Node, RaftNode, RefusalCounts, SnapshotDir};
 
 use crate::network::SnapshotHeader;
 use crate::state_machine::{SnapshotFile, StoreView};
@@ -57,6 +57,8 @@ pub struct App {
     pub raft: Raft,
     pub store: StoreView,
     pub snapshots: SnapshotDir,
+    /// `save_snapshot` refusals by error code, counted by the hook.
+    pub refusals: RefusalCounts,
     /// Fault injection for tests: while set, this node refuses raft RPCs, as if cut off
     /// from the network, so a test can make a follower fall behind on purpose.
     pub isolated: Arc<AtomicBool>,
@@ -332,6 +334,10 @@ pub struct MetricsView {
     pub snapshots_adopted: u64,
     /// Snapshots received from the leader through replication.
     pub snapshots_installed: u64,
+    /// Snapshots the hook refused, by error code (`checksum_mismatch`, `invalid_snapshot`,
+    /// …); none of them became current.
+    #[serde(default)]
+    pub snapshots_refused: BTreeMap<String, u64>,
     /// The state machine's current snapshot data file.
     pub snapshot_path: Option<String>,
     pub snapshot_dir: String,
@@ -353,6 +359,7 @@ async fn metrics(State(app): State<App>) -> Json<MetricsView> {
         snapshots_built_locally: counters.built_locally.load(Relaxed),
         snapshots_adopted: counters.adopted.load(Relaxed),
         snapshots_installed: counters.installed.load(Relaxed),
+        snapshots_refused: app.refusals.snapshot(),
         snapshot_path: app
             .store
             .current_snapshot_path()

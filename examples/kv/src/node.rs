@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use openraft::SnapshotPolicy;
 use snaprelay_hook::{
-    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, SnapshotDir,
+    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, RefusalCounts,
+    SnapshotDir,
 };
 use tokio::sync::watch;
 
@@ -101,7 +102,11 @@ pub async fn run(
     hook_config.group_access = config.hook_group_access;
     hook_config.allow_users = config.hook_allow_users.clone();
     hook_config.allow_groups = config.hook_allow_groups.clone();
-    let hook = HookServer::bind(hook_config, RaftNode::new(raft.clone()))?;
+    let refusals = RefusalCounts::default();
+    let hook = HookServer::bind(
+        hook_config,
+        RaftNode::new(raft.clone()).with_refusal_counts(refusals.clone()),
+    )?;
 
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -112,6 +117,7 @@ pub async fn run(
         raft: raft.clone(),
         store,
         snapshots,
+        refusals,
         isolated: Default::default(),
     };
     tracing::info!(id = config.id, http = %config.http, hook = %config.hook_socket.display(), "node running");

@@ -28,7 +28,7 @@ use snaprelay_hook::decision::is_newer;
 use snaprelay_hook::ipc::LogIdRef;
 use snaprelay_hook::{
     log_id_ref, AdoptSnapshot, BuildDecision, BuildInputs, BuildPolicy, Incoming, LeaderFlag,
-    SnapshotDir, StageOutcome,
+    Refusal, SnapshotDir, StageOutcome,
 };
 
 use crate::{LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig};
@@ -504,25 +504,22 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
 }
 
 impl AdoptSnapshot for KvStateMachine {
-    async fn force_save_snapshot(&mut self, incoming: Incoming) -> io::Result<StageOutcome> {
-        let log_id = incoming.log_id();
-        let meta: SnapshotMeta = incoming.raft_meta().map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "raft_meta of snapshot {log_id} is not this application's SnapshotMeta: {e}"
-                ),
-            )
-        })?;
-        if meta.last_log_id.as_ref().map(log_id_ref) != Some(log_id) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "envelope says snapshot {log_id}, its raft_meta says {:?}",
-                    meta.last_log_id
-                ),
-            ));
+    /// Decodes the file: a snapshot this node could not load at startup is refused here,
+    /// and so is one whose state is not at its label (a relabelled snapshot).
+    fn validate(data: &mut dyn Read, log_id: LogIdRef) -> Result<(), String> {
+        let state: KvState =
+            serde_json::from_reader(io::BufReader::new(data)).map_err(|e| e.to_string())?;
+        let at = state.last_applied.as_ref().map(log_id_ref);
+        if at != Some(log_id) {
+            return Err(format!("it holds the state at {at:?}, not at {log_id}"));
         }
+        Ok(())
+    }
+
+    async fn force_save_snapshot(&mut self, incoming: Incoming) -> Result<StageOutcome, Refusal> {
+        let log_id = incoming.log_id();
+        // The hook checked that raft_meta is our SnapshotMeta at the envelope's log id.
+        let meta: SnapshotMeta = incoming.raft_meta().map_err(io::Error::other)?;
         let replaced = {
             let mut snapshots = lock(&self.view.snapshots);
             let staged_newer = snapshots
@@ -732,17 +729,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mismatched_envelope_and_meta_are_refused() {
+    async fn validation_decodes_and_checks_the_label() {
         let root = tempfile::tempdir().unwrap();
-        let mut follower = machine(root.path(), "follower", 3, false).await;
-        let (mut incoming, _) = leader_snapshot(root.path(), 5, &follower).await;
-        incoming.envelope.last_log_index = 6;
-        let err = follower
-            .force_save_snapshot(incoming.clone())
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("raft_meta says"), "{err}");
+        let follower = machine(root.path(), "follower", 3, false).await;
+        let (incoming, bytes) = leader_snapshot(root.path(), 5, &follower).await;
+        let at = |index| LogIdRef { term: 1, index };
+        KvStateMachine::validate(&mut &bytes[..], at(5)).unwrap();
+        let err = KvStateMachine::validate(&mut &bytes[..], at(6)).unwrap_err();
+        assert!(err.contains("not at 1-6"), "{err}");
+        let err = KvStateMachine::validate(&mut &b"{\"hello\":\"world\"}"[..], at(5)).unwrap_err();
+        assert!(err.contains("missing field"), "{err}");
         assert!(incoming.path.exists());
     }
 

@@ -81,3 +81,140 @@ async fn a_file_the_node_cannot_read_is_refused_before_staging() {
     drop(node);
     drop(accounts);
 }
+
+/// The node's own newest committed snapshot, after writing `keys` more keys and asking for
+/// a build.
+async fn snapshot_after_writes(node: &KvNode, from: u32, keys: u32) -> snapdir::Snapshot {
+    for i in from..from + keys {
+        node.write(&format!("key-{i:04}"), &format!("value-{i}"))
+            .await;
+    }
+    let applied = node.metrics().await.last_applied.unwrap();
+    node.post("/snapshot", serde_json::json!({})).await;
+    let m = node
+        .wait_metrics("a snapshot of everything applied", |m| {
+            m.snapshot.is_some_and(|s| s.index >= applied.index)
+        })
+        .await;
+    let s = m.snapshot.unwrap();
+    snapdir::Snapshot::open(
+        &node
+            .snapshot_dir()
+            .join(snapdir::file_names(s.index, s.term).1),
+    )
+    .unwrap()
+}
+
+/// `envelope` relabelled to `index`, envelope and raft_meta alike (as a forger would).
+fn relabel(envelope: &Envelope, index: u64) -> Envelope {
+    let mut e = envelope.clone();
+    e.last_log_index = index;
+    e.raft_meta["last_log_id"]["index"] = index.into();
+    e.chunk_index = None;
+    e
+}
+
+/// What a forger hands over: (what, envelope, data, sha256, expected code, reason).
+type Forgery<'a> = (&'a str, Envelope, &'a [u8], String, ErrorCode, &'a str);
+
+/// The refusals that must never make a file current, each with its distinct code, against
+/// a real node; then the node restarts cleanly and still holds its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_snapshots_never_become_current_and_the_node_restarts() {
+    let root = tempfile::tempdir().unwrap();
+    let mut node = KvNode::start(
+        &root.path().join("node"),
+        1,
+        &["--snapshot-policy-logs", "100000"],
+        None,
+    )
+    .await;
+    node.init_alone().await;
+    let genuine = snapshot_after_writes(&node, 0, 50).await;
+    let bytes = std::fs::read(&genuine.data_path).unwrap();
+    // More writes: the forgeries claim a later, not yet snapshotted, log id.
+    for i in 50..60 {
+        node.write(&format!("key-{i:04}"), "later").await;
+    }
+    let applied = node.metrics().await.last_applied.unwrap();
+    let later = relabel(&genuine.envelope, applied.index);
+    let hello = br#"{"hello":"world"}"#;
+    let mut hello_envelope = later.clone();
+    hello_envelope.size = hello.len() as u64;
+    let mut mislabelled = later.clone();
+    mislabelled.raft_meta = genuine.envelope.raft_meta.clone();
+
+    let cases: Vec<Forgery> = vec![
+        (
+            "wrong sha256",
+            later.clone(),
+            &bytes,
+            "ab".repeat(32),
+            ErrorCode::ChecksumMismatch,
+            "sha256",
+        ),
+        (
+            "hello world",
+            hello_envelope,
+            hello,
+            common::sha256_hex(hello),
+            ErrorCode::InvalidSnapshot,
+            "missing field",
+        ),
+        (
+            "relabelled genuine snapshot",
+            later.clone(),
+            &bytes,
+            common::sha256_hex(&bytes),
+            ErrorCode::InvalidSnapshot,
+            "holds the state at",
+        ),
+        (
+            "envelope and raft_meta disagree",
+            mislabelled,
+            &bytes,
+            common::sha256_hex(&bytes),
+            ErrorCode::InvalidSnapshot,
+            "raft_meta says",
+        ),
+    ];
+    let before = node.metrics().await;
+    let mut hook = node.hook().await;
+    for (i, (what, envelope, data, sha256, code, reason)) in cases.iter().enumerate() {
+        let path = node.incoming_dir().join(format!("forged-{i}.bin"));
+        std::fs::write(&path, data).unwrap();
+        let response = hook.save(envelope, &path, sha256).await;
+        let (got, message) = error_code(&response);
+        assert_eq!(got, *code, "{what}: {message}");
+        assert!(message.contains(reason), "{what}: {message}");
+        assert!(!path.exists(), "{what}: the refused file was removed");
+    }
+    let after = node.metrics().await;
+    assert_eq!(after.snapshot, before.snapshot, "nothing became current");
+    assert_eq!(after.snapshot_path, before.snapshot_path);
+    assert_eq!(after.snapshots_adopted, 0);
+    assert_eq!(after.snapshots_refused.get("checksum_mismatch"), Some(&1));
+    assert_eq!(after.snapshots_refused.get("invalid_snapshot"), Some(&3));
+    let committed = snapdir::scan(&node.snapshot_dir()).unwrap();
+    assert_eq!(
+        committed.snapshots.len(),
+        1,
+        "only the node's own snapshot is committed"
+    );
+    for entry in std::fs::read_dir(node.snapshot_dir()).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with(".staged-"), "nothing left staged: {name}");
+    }
+    assert_eq!(hook.status().await.node_id, 1, "the hook still serves");
+    drop(hook);
+
+    // A restart loads the node's own snapshot: nothing refused can stop it.
+    node.restart().await;
+    node.wait_metrics("leadership after the restart", |m| {
+        m.role == snaprelay_hook::ipc::Role::Leader
+    })
+    .await;
+    assert_eq!(node.read("key-0049").await.as_deref(), Some("value-49"));
+    assert_eq!(node.metrics().await.snapshot, before.snapshot);
+    assert!(node.is_running());
+}
