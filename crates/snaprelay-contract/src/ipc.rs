@@ -276,6 +276,15 @@ impl FrameError {
     }
 }
 
+/// The framing as a `tokio_util` codec: lines of at most [`MAX_LINE`] bytes including the
+/// newline (a trailing `\r` is dropped). An oversized line is an error, after which the codec
+/// skips to the line's newline; a line that is not UTF-8 is an error and consumed. Either
+/// way the stream stays in sync. (A `FramedRead` ends its stream after a decoder error, so
+/// a server that keeps the connection calls `decode` itself.)
+pub fn line_codec() -> tokio_util::codec::LinesCodec {
+    tokio_util::codec::LinesCodec::new_with_max_length(MAX_LINE - 1)
+}
+
 /// Reads one line of at most [`MAX_LINE`] bytes. An oversized line is consumed up to its
 /// newline and reported as [`FrameError::TooLarge`], so the stream stays in sync.
 pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, FrameError> {

@@ -18,8 +18,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let path = Path::new(&path);
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
-    else {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
         eprintln!("hash_incoming: {} is not a file path", path.display());
         return ExitCode::from(2);
     };
@@ -30,7 +29,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
     let started = Instant::now();
     let result = snaprelay_hook::verify::open_incoming(dir, name, size)
         .map_err(|r| r.to_string())
@@ -39,7 +42,10 @@ fn main() -> ExitCode {
         Ok((sha256, bytes)) => {
             let secs = started.elapsed().as_secs_f64();
             let gib = bytes as f64 / (1u64 << 30) as f64;
-            println!("{sha256} {bytes} bytes {secs:.3} s {:.3} s/GiB", secs / gib.max(1e-9));
+            println!(
+                "{sha256} {bytes} bytes {secs:.3} s {:.3} s/GiB",
+                secs / gib.max(1e-9)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snaprelay_contract::ipc::{
-    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, ResponseFrame, Role,
-    SaveOutcome, SaveResult, Status, MAX_LINE,
+    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, RequestFrame, ResponseFrame,
+    Role, SaveOutcome, SaveResult, Status, MAX_LINE,
 };
 use snaprelay_contract::snapdir::Envelope;
 use snaprelay_hook::{
@@ -31,6 +31,9 @@ struct Shared {
     triggers: AtomicUsize,
     save_answer: Result<SaveResult, NodeError>,
     trigger_answer: Result<(), NodeError>,
+    /// When set, `save_snapshot` announces itself on `entered` and waits for a permit: a
+    /// request the test holds in flight.
+    gate: Option<(tokio::sync::Notify, tokio::sync::Semaphore)>,
 }
 
 impl FakeNode {
@@ -50,7 +53,16 @@ impl FakeNode {
             triggers: AtomicUsize::new(0),
             save_answer: save,
             trigger_answer: trigger,
+            gate: None,
         }))
+    }
+
+    /// A node whose `save_snapshot` waits until the test releases it.
+    fn gated() -> FakeNode {
+        let mut node = FakeNode::new();
+        Arc::get_mut(&mut node.0).unwrap().gate =
+            Some((tokio::sync::Notify::new(), tokio::sync::Semaphore::new(0)));
+        node
     }
 
     fn saved(&self) -> Vec<Incoming> {
@@ -82,6 +94,10 @@ impl Node for FakeNode {
 
     async fn save_snapshot(&self, incoming: Incoming) -> Result<SaveResult, NodeError> {
         self.0.saved.lock().unwrap().push(incoming);
+        if let Some((entered, permits)) = &self.0.gate {
+            entered.notify_one();
+            permits.acquire().await.unwrap().forget();
+        }
         self.0.save_answer.clone()
     }
 }
@@ -680,14 +696,92 @@ async fn idle_connection_is_closed() {
 }
 
 #[tokio::test]
-async fn connections_beyond_the_limit_are_told_unavailable() {
-    let mut h = Harness::start(FakeNode::new(), |c| c.max_connections = 1).await;
-    let mut first = h.connect().await;
-    assert!(first.call(Request::Status {}).await.ok);
+async fn idle_and_half_line_connections_do_not_lock_out_a_new_one() {
+    // The default limit (16), filled by an allowed peer: 8 idle connections and 8 stuck
+    // in the middle of a line. Each answered a `status` first, so the server holds all 16
+    // before the newcomer arrives.
+    let mut h = Harness::start(FakeNode::new(), |_| {}).await;
+    let mut held = Vec::new();
+    for i in 0..16 {
+        let mut client = h.connect().await;
+        assert!(client.call(Request::Status {}).await.ok);
+        if i >= 8 {
+            client.send_raw(b"{\"v\":1,\"op\":").await;
+        }
+        held.push(client);
+    }
+    let mut newcomer = h.connect().await;
+    assert!(
+        newcomer.call(Request::Status {}).await.ok,
+        "the newcomer is served"
+    );
+    // The one idle the longest (the first) made room.
+    assert!(
+        held[0].closed().await,
+        "the longest-idle connection was closed"
+    );
+    assert!(held[1].call(Request::Status {}).await.ok, "the others stay");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_newcomer_is_unavailable_only_when_every_connection_is_serving() {
+    let node = FakeNode::gated();
+    let mut h = Harness::start(node.clone(), |c| c.max_connections = 1).await;
+    let path = h.incoming_file("a.bin", b"12345");
+    let mut busy = h.connect().await;
+    let request = RequestFrame {
+        v: 1,
+        request: save(envelope(9, 5), &path),
+    };
+    let mut line = serde_json::to_vec(&request).unwrap();
+    line.push(b'\n');
+    busy.send_raw(&line).await;
+    let (entered, permits) = node.0.gate.as_ref().unwrap();
+    entered.notified().await;
+
     let mut second = h.connect().await;
     assert_eq!(error_code(&second.response().await), ErrorCode::Unavailable);
     assert!(second.closed().await);
-    assert!(first.call(Request::Status {}).await.ok);
+
+    permits.add_permits(1);
+    assert!(
+        busy.response().await.ok,
+        "the busy connection was not disturbed"
+    );
+    // Now idle: the next newcomer takes its place.
+    let mut third = h.connect().await;
+    assert!(third.call(Request::Status {}).await.ok);
+    assert!(busy.closed().await);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_line_must_finish_in_time() {
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        c.request_timeout = Duration::from_millis(200);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut client = h.connect().await;
+    assert!(client.call(Request::Status {}).await.ok);
+    client.send_raw(b"{\"v\":1,").await;
+    assert!(
+        client.closed().await,
+        "a half line is not waited for forever"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_line_that_is_not_utf8_gets_bad_request_and_the_connection_stays_up() {
+    let mut h = Harness::start(FakeNode::new(), |_| {}).await;
+    let mut client = h.connect().await;
+    client.send_raw(b"{\"v\":1,\"op\":\"st\xffatus\"}\n").await;
+    let response = client.response().await;
+    assert_eq!(error_code(&response), ErrorCode::BadRequest);
+    assert!(response.error.unwrap().message.contains("UTF-8"));
+    assert!(client.call(Request::Status {}).await.ok);
     h.shutdown().await;
 }
 
