@@ -21,6 +21,10 @@ pub struct NodeState {
     /// Last log id covered by the current snapshot, as openraft records it.
     pub snapshot: Option<LogIdRef>,
     pub purged: Option<LogIdRef>,
+    /// The node's local committed log id.
+    pub committed: Option<LogIdRef>,
+    /// The snapshot staged but not yet adopted, if any.
+    pub staged: Option<LogIdRef>,
 }
 
 /// Why the node could not serve a request.
@@ -66,6 +70,28 @@ pub trait Node: Send + Sync + 'static {
     /// Told of every `save_snapshot` the server or the node refused, to count it.
     fn refused(&self, refusal: &Refusal) {
         let _ = refusal;
+    }
+}
+
+/// A shared node is a node (the application keeps a handle for its own metrics).
+impl<N: Node> Node for Arc<N> {
+    fn state(&self) -> NodeState {
+        (**self).state()
+    }
+
+    fn trigger_snapshot(&self) -> impl Future<Output = Result<(), NodeError>> + Send {
+        (**self).trigger_snapshot()
+    }
+
+    fn save_snapshot(
+        &self,
+        incoming: Incoming,
+    ) -> impl Future<Output = Result<SaveResult, NodeError>> + Send {
+        (**self).save_snapshot(incoming)
+    }
+
+    fn refused(&self, refusal: &Refusal) {
+        (**self).refused(refusal)
     }
 }
 

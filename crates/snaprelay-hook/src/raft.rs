@@ -6,10 +6,11 @@
 //! through openraft's own snapshot build:
 //!
 //! 1. `L` not newer than `metrics.snapshot` → `stale`.
-//! 2. Checks, each a distinct refusal that removes the file (see
-//!    [`snaprelay_contract::ipc`]'s error codes): the envelope's log id is
-//!    `raft_meta.last_log_id`, with `raft_meta` read as the application's `SnapshotMeta`
-//!    (`invalid_snapshot`); the file's sha256, hashed by the node (`checksum_mismatch`,
+//! 2. Checks, each a distinct refusal (see [`snaprelay_contract::ipc`]'s error codes): the
+//!    envelope's log id is `raft_meta.last_log_id`, with `raft_meta` read as the
+//!    application's `SnapshotMeta` (`invalid_snapshot`); log matching against the node's own
+//!    log: `L.index` at most the node's committed index (`not_committed`, transient, the
+//!    file is kept) and the node's entry at `L.index` exactly `L` (`log_mismatch`); the file's sha256, hashed by the node (`checksum_mismatch`,
 //!    unless turned off with [`RaftNode::without_sha256_verification`]); the application's
 //!    [`AdoptSnapshot::validate`] (`invalid_snapshot`). The file checks run on a blocking
 //!    thread, outside the state machine worker.
@@ -28,8 +29,9 @@ use std::time::Duration;
 
 use openraft::alias::{CommittedLeaderIdOf, LogIdOf, SnapshotMetaOf};
 use openraft::async_runtime::watch::WatchReceiver;
+use openraft::entry::RaftEntry;
 use openraft::metrics::WaitError;
-use openraft::storage::RaftStateMachine;
+use openraft::storage::{RaftLogReader, RaftStateMachine};
 use openraft::vote::{leader_id_adv, leader_id_std, RaftCommittedLeaderId, RaftTerm};
 use openraft::{LogId, LogIdOptionExt, Raft, RaftTypeConfig, ServerState};
 use serde::de::DeserializeOwned;
@@ -94,27 +96,38 @@ fn role(state: ServerState) -> Role {
     }
 }
 
-/// The hook's [`Node`] for an openraft node.
-pub struct RaftNode<C, SM>
+/// The hook's [`Node`] for an openraft node, with a reader of the node's own log: the
+/// log matching check (the node's entry at the snapshot's index must have the snapshot's
+/// log id) is part of adoption, not an option.
+pub struct RaftNode<C, SM, LR>
 where
     C: RaftTypeConfig,
     SM: RaftStateMachine<C>,
 {
     raft: Raft<C, SM>,
+    log: tokio::sync::Mutex<LR>,
+    /// The snapshot this node staged last (it is reported while newer than the current one).
+    staged: std::sync::Mutex<Option<LogIdRef>>,
     adopt_timeout: Duration,
     catch_up_timeout: Duration,
     verify_sha256: bool,
     refusals: RefusalCounts,
 }
 
-impl<C, SM> RaftNode<C, SM>
+impl<C, SM, LR> RaftNode<C, SM, LR>
 where
     C: RaftTypeConfig,
     SM: RaftStateMachine<C>,
+    LR: RaftLogReader<C>,
 {
-    pub fn new(raft: Raft<C, SM>) -> RaftNode<C, SM> {
+    /// `log` reads the node's own log (`RaftLogStorage::get_log_reader` of the store given
+    /// to `Raft::new`). openraft keeps every entry after the current snapshot, which is
+    /// what the log matching check reads.
+    pub fn new(raft: Raft<C, SM>, log: LR) -> RaftNode<C, SM, LR> {
         RaftNode {
             raft,
+            log: tokio::sync::Mutex::new(log),
+            staged: std::sync::Mutex::new(None),
             adopt_timeout: DEFAULT_ADOPT_TIMEOUT,
             catch_up_timeout: DEFAULT_CATCH_UP_TIMEOUT,
             verify_sha256: true,
@@ -128,7 +141,7 @@ where
     /// wall on the shared 2-core test machine under load (warm and cold page cache). The node
     /// then trusts the sidecar's user not to hand it a file other than the one it verified;
     /// the other checks (label, validation, staged inode) stay.
-    pub fn without_sha256_verification(mut self) -> RaftNode<C, SM> {
+    pub fn without_sha256_verification(mut self) -> RaftNode<C, SM, LR> {
         self.verify_sha256 = false;
         self
     }
@@ -139,14 +152,14 @@ where
     }
 
     /// Counts refusals into `counts` instead (e.g. shared with the application's metrics).
-    pub fn with_refusal_counts(mut self, counts: RefusalCounts) -> RaftNode<C, SM> {
+    pub fn with_refusal_counts(mut self, counts: RefusalCounts) -> RaftNode<C, SM, LR> {
         self.refusals = counts;
         self
     }
 
     /// How long `save_snapshot` waits for an adoptable snapshot to become current before it
     /// answers `staged` (default 30 s).
-    pub fn with_adopt_timeout(mut self, timeout: Duration) -> RaftNode<C, SM> {
+    pub fn with_adopt_timeout(mut self, timeout: Duration) -> RaftNode<C, SM, LR> {
         self.adopt_timeout = timeout;
         self
     }
@@ -154,7 +167,7 @@ where
     /// How long a snapshot staged ahead of `last_applied` waits for the node to catch up
     /// before the hook stops waiting (default 10 min). It stays staged either way: the next
     /// build adopts it.
-    pub fn with_catch_up_timeout(mut self, timeout: Duration) -> RaftNode<C, SM> {
+    pub fn with_catch_up_timeout(mut self, timeout: Duration) -> RaftNode<C, SM, LR> {
         self.catch_up_timeout = timeout;
         self
     }
@@ -219,13 +232,14 @@ fn remove_refused(incoming: &Incoming) {
     }
 }
 
-impl<C, SM> RaftNode<C, SM>
+impl<C, SM, LR> RaftNode<C, SM, LR>
 where
     C: RaftTypeConfig,
     C::NodeId: Into<u64>,
     C::Term: Into<u64>,
     CommittedLeaderIdOf<C>: CommittedTerm,
     SM: RaftStateMachine<C> + AdoptSnapshot,
+    LR: RaftLogReader<C>,
 {
     fn current_snapshot(&self) -> Option<LogIdRef> {
         self.raft
@@ -240,6 +254,58 @@ where
         SaveResult {
             outcome,
             snapshot: self.current_snapshot(),
+        }
+    }
+
+    /// Raft's log matching property, against this node's own log: `meta`'s log id `L` must
+    /// be committed here (else `not_committed`, transient: the node has not caught up, or
+    /// `L` is from a future that may never come), and the entry this node holds at
+    /// `L.index` must be exactly `L` (else `log_mismatch`: a relabelled or foreign
+    /// snapshot). Committed entries never change, so the answer holds until adoption.
+    async fn check_log(&self, meta: &SnapshotMetaOf<C>) -> Result<(), Refusal> {
+        let Some(wanted) = meta.last_log_id.clone() else {
+            return Err(Refusal::new(
+                ErrorCode::InvalidSnapshot,
+                "the snapshot covers no log",
+            ));
+        };
+        let target = log_id_ref(&wanted);
+        let committed = self.raft.metrics().borrow_watched().local_committed.clone();
+        if committed.index() < Some(target.index) {
+            let at = committed
+                .as_ref()
+                .map_or("nothing".to_owned(), |c| log_id_ref(c).to_string());
+            return Err(Refusal::new(
+                ErrorCode::NotCommitted,
+                format!("snapshot {target} is beyond what this node has committed ({at}); hand it over again later"),
+            ));
+        }
+        let entries = self
+            .log
+            .lock()
+            .await
+            .try_get_log_entries(target.index..=target.index)
+            .await
+            .map_err(|e| {
+                Refusal::new(
+                    ErrorCode::Internal,
+                    format!("reading log entry {}: {e}", target.index),
+                )
+            })?;
+        match entries.first().map(|e| e.log_id()) {
+            Some(held) if held == wanted => Ok(()),
+            Some(held) => Err(Refusal::new(
+                ErrorCode::LogMismatch,
+                format!(
+                    "snapshot {target} does not match this node's log: its entry at index {} is {}",
+                    target.index,
+                    log_id_ref(&held)
+                ),
+            )),
+            None => Err(Refusal::new(
+                ErrorCode::NotCommitted,
+                format!("this node's log does not hold entry {} (yet); hand snapshot {target} over again later", target.index),
+            )),
         }
     }
 }
@@ -275,7 +341,7 @@ where
     }
 }
 
-impl<C, SM> Node for RaftNode<C, SM>
+impl<C, SM, LR> Node for RaftNode<C, SM, LR>
 where
     C: RaftTypeConfig,
     C::NodeId: Into<u64>,
@@ -283,6 +349,7 @@ where
     CommittedLeaderIdOf<C>: CommittedTerm,
     SnapshotMetaOf<C>: DeserializeOwned,
     SM: RaftStateMachine<C> + AdoptSnapshot,
+    LR: RaftLogReader<C>,
 {
     fn state(&self) -> NodeState {
         let metrics = self.raft.metrics();
@@ -296,6 +363,14 @@ where
             last_applied: as_ref(&m.last_applied),
             snapshot: as_ref(&m.snapshot),
             purged: as_ref(&m.purged),
+            committed: as_ref(&m.local_committed),
+            // Reported while it is newer than the current snapshot: a restarted node has
+            // none (it removes staged files at startup), so the sidecar hands it over again.
+            staged: self
+                .staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .filter(|staged| Some(staged.index) > m.snapshot.index()),
         }
     }
 
@@ -322,7 +397,10 @@ where
             }
             NodeError::Refused(refusal)
         };
-        check_label::<C>(&incoming).map_err(|r| refuse(&incoming, r))?;
+        let meta = check_label::<C>(&incoming).map_err(|r| refuse(&incoming, r))?;
+        self.check_log(&meta)
+            .await
+            .map_err(|r| refuse(&incoming, r))?;
         let (verify, checked) = (self.verify_sha256, incoming.clone());
         let checks = tokio::task::spawn_blocking(move || check_file::<SM>(&checked, verify))
             .await
@@ -343,6 +421,12 @@ where
             })?;
         if staged == StageOutcome::Stale {
             return Ok(self.result(SaveOutcome::Stale));
+        }
+        {
+            let mut last = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_none_or(|s| s.index < target.index) {
+                *last = Some(target);
+            }
         }
 
         let applied = self.raft.metrics().borrow_watched().last_applied.index();

@@ -548,6 +548,8 @@ async fn handle<N: Node>(node: &N, context: &Context, request: Request) -> Respo
                 last_applied: state.last_applied,
                 snapshot: state.snapshot,
                 purged: state.purged,
+                committed: state.committed,
+                staged: state.staged,
                 snapshot_dir: context.snapshot_dir.display().to_string(),
                 incoming_dir: context.incoming_dir.display().to_string(),
             })

@@ -84,6 +84,8 @@ impl Node for FakeNode {
             last_applied: Some(LogIdRef { term: 3, index: 40 }),
             snapshot: Some(LogIdRef { term: 2, index: 20 }),
             purged: Some(LogIdRef { term: 2, index: 10 }),
+            committed: Some(LogIdRef { term: 3, index: 41 }),
+            staged: Some(LogIdRef { term: 3, index: 30 }),
         }
     }
 
@@ -253,6 +255,8 @@ async fn status_reports_the_node_and_its_directories() {
     assert_eq!(status.role, Role::Follower);
     assert_eq!(status.leader, Some(1));
     assert_eq!(status.snapshot, Some(LogIdRef { term: 2, index: 20 }));
+    assert_eq!(status.committed, Some(LogIdRef { term: 3, index: 41 }));
+    assert_eq!(status.staged, Some(LogIdRef { term: 3, index: 30 }));
     assert_eq!(PathBuf::from(&status.incoming_dir), h.incoming);
     assert_eq!(
         PathBuf::from(&status.snapshot_dir),

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use openraft::storage::RaftLogStorage;
 use openraft::SnapshotPolicy;
 use snaprelay_hook::{
-    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, RefusalCounts,
-    SnapshotDir,
+    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, SnapshotDir,
 };
 use tokio::sync::watch;
 
@@ -83,11 +83,14 @@ pub async fn run(
     .validate()
     .context("raft configuration")?;
     let network = HttpNetwork::new().context("creating the HTTP client")?;
+    let mut log_store = LogStore::<TypeConfig>::new();
+    // The hook checks handed-over snapshots against this node's own log.
+    let log_reader = log_store.get_log_reader().await;
     let raft: Raft = openraft::Raft::new(
         config.id,
         Arc::new(raft_config),
         network,
-        LogStore::<TypeConfig>::new(),
+        log_store,
         state_machine,
     )
     .await
@@ -102,11 +105,8 @@ pub async fn run(
     hook_config.group_access = config.hook_group_access;
     hook_config.allow_users = config.hook_allow_users.clone();
     hook_config.allow_groups = config.hook_allow_groups.clone();
-    let refusals = RefusalCounts::default();
-    let hook = HookServer::bind(
-        hook_config,
-        RaftNode::new(raft.clone()).with_refusal_counts(refusals.clone()),
-    )?;
+    let hook_node = Arc::new(RaftNode::new(raft.clone(), log_reader));
+    let hook = HookServer::bind(hook_config, hook_node.clone())?;
 
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -117,7 +117,7 @@ pub async fn run(
         raft: raft.clone(),
         store,
         snapshots,
-        refusals,
+        hook: hook_node,
         isolated: Default::default(),
     };
     tracing::info!(id = config.id, http = %config.http, hook = %config.hook_socket.display(), "node running");

@@ -5,6 +5,12 @@
 //! - `a_file_the_node_cannot_read_is_refused_before_staging` (root only: the node runs as
 //!   a user of its own): a 0600 file of another user in the incoming directory is answered
 //!   `unreadable`, never staged, and the node serves on.
+//! - `refused_snapshots_never_become_current_and_the_node_restarts`: a wrong sha256
+//!   (`checksum_mismatch`), `{"hello":"world"}` with its right sha256, a relabelled genuine
+//!   snapshot and an envelope whose raft_meta disagrees (`invalid_snapshot`), another term at
+//!   a committed index (`log_mismatch`) are refused and removed; a far-future label is
+//!   `not_committed` (transient, file kept); nothing becomes current, the refusals are
+//!   counted in `/metrics`, and the node restarts cleanly.
 
 mod common;
 
@@ -143,6 +149,10 @@ async fn refused_snapshots_never_become_current_and_the_node_restarts() {
     hello_envelope.size = hello.len() as u64;
     let mut mislabelled = later.clone();
     mislabelled.raft_meta = genuine.envelope.raft_meta.clone();
+    // Raft's log matching: the node's entry at that index has another term.
+    let mut other_term = later.clone();
+    other_term.last_log_term += 7;
+    other_term.raft_meta["last_log_id"]["leader_id"]["term"] = other_term.last_log_term.into();
 
     let cases: Vec<Forgery> = vec![
         (
@@ -177,6 +187,14 @@ async fn refused_snapshots_never_become_current_and_the_node_restarts() {
             ErrorCode::InvalidSnapshot,
             "raft_meta says",
         ),
+        (
+            "another term at a committed index",
+            other_term,
+            &bytes,
+            common::sha256_hex(&bytes),
+            ErrorCode::LogMismatch,
+            "does not match this node's log",
+        ),
     ];
     let before = node.metrics().await;
     let mut hook = node.hook().await;
@@ -195,6 +213,32 @@ async fn refused_snapshots_never_become_current_and_the_node_restarts() {
     assert_eq!(after.snapshots_adopted, 0);
     assert_eq!(after.snapshots_refused.get("checksum_mismatch"), Some(&1));
     assert_eq!(after.snapshots_refused.get("invalid_snapshot"), Some(&3));
+    assert_eq!(
+        after.snapshots_refused.get("log_mismatch"),
+        Some(&1),
+        "{:?}",
+        after.snapshots_refused
+    );
+
+    // Far beyond what the node has committed: transient, and the file is kept for later.
+    let future = relabel(&genuine.envelope, applied.index + 1_000_000);
+    let path = node.incoming_dir().join("future.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    let response = hook.save(&future, &path, &common::sha256_hex(&bytes)).await;
+    let (code, message) = error_code(&response);
+    assert_eq!(code, ErrorCode::NotCommitted, "{message}");
+    assert!(
+        code.is_transient() && message.contains("beyond what this node has committed"),
+        "{message}"
+    );
+    assert!(path.exists(), "a transient refusal keeps the file");
+    let status = hook.status().await;
+    assert!(
+        status.committed.is_some_and(|c| c.index >= applied.index),
+        "{status:?}"
+    );
+    assert_eq!(status.staged, None, "nothing staged");
+    assert_eq!(node.metrics().await.snapshot, before.snapshot);
     let committed = snapdir::scan(&node.snapshot_dir()).unwrap();
     assert_eq!(
         committed.snapshots.len(),

@@ -351,7 +351,10 @@ impl Drop for TestAccounts {
         for name in &self.names {
             // userdel removes the user's own group too (USERGROUPS_ENAB).
             let _ = Command::new("userdel").arg(name).status();
-            let _ = Command::new("groupdel").arg(name).status();
+            let _ = Command::new("groupdel")
+                .arg(name)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
