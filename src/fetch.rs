@@ -200,6 +200,7 @@ impl<'a> Fetcher<'a> {
                 size: manifest.size,
                 raft_meta: manifest.raft_meta.clone(),
                 chunk_index: None,
+                sha256: None,
             };
             Ok(snapdir::commit_envelope(dir, &meta_name, &envelope)?)
         })();

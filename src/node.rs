@@ -191,6 +191,7 @@ mod tests {
             size: 1,
             raft_meta: serde_json::json!({ "pad": "x".repeat(8 << 20) }),
             chunk_index: None,
+            sha256: None,
         };
         let client = HookClient::new(&socket, Duration::from_secs(30));
         let err = client

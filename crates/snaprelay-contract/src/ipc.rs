@@ -425,6 +425,7 @@ mod tests {
             size: 3,
             raft_meta: serde_json::json!({}),
             chunk_index: None,
+            sha256: None,
         };
         for request in [
             Request::Status {},

@@ -67,6 +67,11 @@ pub struct Envelope {
     /// ([`crate::chunking::ChunkIndex`]) in the same directory, if the node wrote one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_index: Option<String>,
+    /// sha256 of the data file (64 lowercase hex digits), if the writer recorded it. The
+    /// hook library records it for every snapshot it commits and checks it when the node
+    /// starts; optional, so envelopes without it (older nodes, other writers) still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl Envelope {
@@ -83,6 +88,15 @@ impl Envelope {
             ));
         }
         validate_data_name(&self.data)?;
+        if let Some(sha256) = &self.sha256 {
+            let hex = sha256.len() == 64
+                && sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !hex {
+                return Err(format!("sha256 {sha256:?} is not 64 lowercase hex digits"));
+            }
+        }
         if let Some(index) = &self.chunk_index {
             validate_data_name(index).map_err(|e| format!("chunk_index: {e}"))?;
             if *index == self.data {
@@ -289,6 +303,7 @@ mod tests {
             size,
             raft_meta: serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}}),
             chunk_index: None,
+            sha256: None,
         }
     }
 

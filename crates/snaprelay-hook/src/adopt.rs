@@ -160,6 +160,7 @@ mod tests {
             size,
             raft_meta: serde_json::json!({"last_log_id": null}),
             chunk_index: None,
+            sha256: None,
         }
     }
 

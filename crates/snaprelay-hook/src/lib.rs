@@ -49,7 +49,7 @@ pub use decision::{BuildDecision, BuildInputs, BuildPolicy};
 pub use node::{Node, NodeError, NodeState, RefusalCounts};
 pub use raft::{log_id_ref, CommittedTerm, LeaderFlag, RaftNode};
 pub use server::{HookConfig, HookError, HookServer};
-pub use snapshot_dir::{SnapshotDir, SnapshotDirError};
+pub use snapshot_dir::{SnapshotDir, SnapshotDirError, REJECTED_DIR};
 pub use verify::{IncomingFile, Refusal};
 
 /// The contract types the hook speaks, re-exported so that an application needs one dependency.

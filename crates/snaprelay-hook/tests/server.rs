@@ -229,6 +229,7 @@ fn envelope(index: u64, size: u64) -> Envelope {
         size,
         raft_meta: serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}}),
         chunk_index: None,
+        sha256: None,
     }
 }
 

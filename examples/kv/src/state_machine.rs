@@ -116,6 +116,7 @@ struct Staged {
     log_id: LogIdRef,
     meta: SnapshotMeta,
     raft_meta: serde_json::Value,
+    sha256: String,
     path: PathBuf,
 }
 
@@ -230,29 +231,38 @@ impl KvStateMachine {
         }
         let mut state = KvState::default();
         let mut snapshots = Snapshots::default();
-        if let Some(newest) = dir.newest()? {
-            let bytes = std::fs::read(&newest.data_path)?;
-            state = KvState::decode(&bytes, &newest.data_path)?;
-            let meta = state.meta();
+        // A bad newest snapshot (wrong sha256, label not its content, undecodable) is moved
+        // aside and the previous one loaded, or none: the node then catches up from the
+        // leader. Nothing in the directory can keep the node from starting.
+        let loaded = dir.newest_valid(|snapshot, data| {
             let named = LogIdRef {
-                term: newest.envelope.last_log_term,
-                index: newest.envelope.last_log_index,
+                term: snapshot.envelope.last_log_term,
+                index: snapshot.envelope.last_log_index,
             };
+            let meta: SnapshotMeta = serde_json::from_value(snapshot.envelope.raft_meta.clone())
+                .map_err(|e| format!("raft_meta is not a SnapshotMeta: {e}"))?;
             if meta.last_log_id.as_ref().map(log_id_ref) != Some(named) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "snapshot {} holds state at {:?}, not at {named}, which its envelope names",
-                        newest.data_path.display(),
-                        meta.last_log_id
-                    ),
+                return Err(format!(
+                    "its envelope says {named}, its raft_meta {:?}",
+                    meta.last_log_id
                 ));
             }
+            let state: KvState = serde_json::from_reader(data).map_err(|e| e.to_string())?;
+            if state.last_applied.as_ref().map(log_id_ref) != Some(named) {
+                return Err(format!(
+                    "it holds the state at {:?}, not at {named}",
+                    state.last_applied
+                ));
+            }
+            Ok(state)
+        })?;
+        if let Some((newest, loaded)) = loaded {
             tracing::info!(snapshot = %newest.meta_path.display(), "loaded the newest snapshot");
             snapshots.current = Some(Current {
-                meta,
+                meta: loaded.meta(),
                 data_path: newest.data_path,
             });
+            state = loaded;
         }
         Ok(KvStateMachine {
             view: StoreView {
@@ -341,10 +351,13 @@ impl RaftSnapshotBuilder<TypeConfig> for KvSnapshotBuilder {
                     log_id,
                     meta,
                     raft_meta,
+                    sha256,
                     path,
                 } = staged;
-                let snapshot =
-                    blocking(move || Ok(dir.commit_file(&path, log_id, raft_meta)?)).await?;
+                let snapshot = blocking(move || {
+                    Ok(dir.commit_file(&path, log_id, raft_meta, Some(&sha256))?)
+                })
+                .await?;
                 self.view.counters.adopted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(snapshot = %log_id, "adopted the leader's snapshot");
                 (meta, snapshot.data_path)
@@ -465,7 +478,7 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
                     ),
                 ));
             }
-            let committed = dir.commit_file(&snapshot.path, log_id, raft_meta)?;
+            let committed = dir.commit_file(&snapshot.path, log_id, raft_meta, None)?;
             Ok((state, committed))
         })
         .await?;
@@ -538,6 +551,7 @@ impl AdoptSnapshot for KvStateMachine {
                     log_id,
                     meta,
                     raft_meta: incoming.envelope.raft_meta.clone(),
+                    sha256: incoming.sha256.clone(),
                     path,
                 })
                 .map(|old| old.path)
@@ -627,6 +641,7 @@ mod tests {
             size: bytes.len() as u64,
             raft_meta: serde_json::to_value(&built.meta).unwrap(),
             chunk_index: None,
+            sha256: None,
         };
         let incoming = Incoming::open(
             envelope,

@@ -27,6 +27,7 @@ fn envelope(index: u64, term: u64, size: u64) -> Envelope {
         size,
         raft_meta: serde_json::json!({}),
         chunk_index: None,
+        sha256: None,
     }
 }
 
