@@ -190,6 +190,9 @@ impl<'a> Fetcher<'a> {
             size: manifest.size,
             raft_meta: manifest.raft_meta.clone(),
             chunk_index: None,
+            // Verified against every chunk and the whole file before the envelope is
+            // committed; the node checks the file against it again and records it.
+            sha256: Some(manifest.sha256.to_hex()),
         };
         // Before anything is downloaded: the node would refuse (or worse, adopt) a snapshot
         // whose raft_meta is not this snapshot's.

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
-use crate::ipc::{self, ErrorCode, Request, SaveResult, Status, TriggerResult};
+use crate::ipc::{
+    self, ErrorCode, Request, RequestFrame, ResponseFrame, SaveResult, Status, TriggerResult,
+};
 use crate::snapdir::Envelope;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +38,7 @@ impl HookError {
     pub fn is_transient(&self) -> bool {
         match self {
             HookError::Unreachable { .. } | HookError::Timeout { .. } => true,
-            HookError::Refused { code, .. } => {
-                matches!(code, ErrorCode::Unavailable | ErrorCode::Internal)
-            }
+            HookError::Refused { code, .. } => code.is_transient(),
             HookError::Protocol { .. } => false,
         }
     }
@@ -99,17 +99,46 @@ impl HookClient {
                 }
             })?;
             let (read, mut write) = stream.into_split();
+            let mut read = BufReader::new(read);
             let protocol = |reason: String| HookError::Protocol {
                 socket: self.socket.clone(),
                 reason,
             };
-            let frame = ipc::exchange(&mut BufReader::new(read), &mut write, request)
+            let unreachable = |source| HookError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            };
+            let frame = RequestFrame {
+                v: ipc::VERSION,
+                request,
+            };
+            if let Err(e) = ipc::write_frame(&mut write, &frame).await {
+                // A node that refuses this peer answers at once and closes; the request
+                // write can then fail (EPIPE) although the reason is waiting to be read.
+                return match ipc::read_line(&mut read)
+                    .await
+                    .map(|l| ipc::parse_response(&l))
+                {
+                    Ok(Ok(ResponseFrame {
+                        ok: false,
+                        error: Some(error),
+                        ..
+                    })) => Err(HookError::Refused {
+                        op,
+                        code: error.code,
+                        message: error.message,
+                    }),
+                    _ => Err(match e {
+                        ipc::FrameError::Io(source) => unreachable(source),
+                        other => protocol(other.to_string()),
+                    }),
+                };
+            }
+            let frame = ipc::read_line(&mut read)
                 .await
+                .and_then(|line| ipc::parse_response(&line))
                 .map_err(|e| match e {
-                    ipc::FrameError::Io(source) => HookError::Unreachable {
-                        socket: self.socket.clone(),
-                        source,
-                    },
+                    ipc::FrameError::Io(source) => unreachable(source),
                     other => protocol(other.to_string()),
                 })?;
             match (frame.ok, frame.result, frame.error) {
@@ -129,5 +158,53 @@ impl HookClient {
                 socket: self.socket.clone(),
                 timeout: self.timeout,
             })?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that refuses at once and closes without reading, while the request is still
+    /// being written (it is larger than the socket buffer, so the write blocks, then fails
+    /// with EPIPE): the client reports the refusal, not "unreachable: Broken pipe".
+    #[tokio::test]
+    async fn a_refusal_is_reported_even_when_the_request_write_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("hook.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let (mut stream, _) = listener.accept().unwrap();
+            let refusal =
+                ipc::ResponseFrame::error(ErrorCode::Forbidden, "peer uid 7 is not allowed");
+            let mut line = serde_json::to_vec(&refusal).unwrap();
+            line.push(b'\n');
+            stream.write_all(&line).unwrap();
+            // Closed without reading a byte of the request.
+        });
+        let envelope = Envelope {
+            format: 1,
+            last_log_index: 1,
+            last_log_term: 1,
+            data: "x.bin".into(),
+            size: 1,
+            raft_meta: serde_json::json!({ "pad": "x".repeat(8 << 20) }),
+            chunk_index: None,
+            sha256: None,
+        };
+        let client = HookClient::new(&socket, Duration::from_secs(30));
+        let err = client
+            .save_snapshot(envelope, Path::new("/x/x.bin"), &"0".repeat(64))
+            .await
+            .unwrap_err();
+        server.join().unwrap();
+        match err {
+            HookError::Refused { code, message, .. } => {
+                assert_eq!(code, ErrorCode::Forbidden);
+                assert!(message.contains("uid 7"), "{message}");
+            }
+            other => panic!("expected the refusal, got {other}"),
+        }
     }
 }

@@ -226,10 +226,11 @@ async fn followers_adopt_leader_snapshot_through_s3() {
     }
 }
 
-/// A follower that is behind the snapshot (its `last_applied` < the snapshot's index) is
-/// answered `staged`; it adopts the snapshot once it has caught up, without building one.
+/// A follower that is behind the snapshot (it has not even committed the snapshot's index)
+/// refuses it as `not_committed`, which its sidecar retries; it adopts the snapshot once it
+/// has caught up, without building one, and never before.
 #[tokio::test(flavor = "multi_thread")]
-async fn lagging_follower_stages_then_adopts() {
+async fn lagging_follower_refuses_until_committed_then_adopts() {
     let work = tempfile::tempdir().unwrap();
     // Keep every log, so that the lagging follower catches up by replication of logs (not
     // of the leader's snapshot) and the staged snapshot is what it adopts.
@@ -249,11 +250,11 @@ async fn lagging_follower_stages_then_adopts() {
     let snap = leader_snapshot(&c, leader, None).await;
 
     c.wait_for(
-        "the lagging follower's sidecar to stage the snapshot",
+        "the lagging follower's node to refuse the snapshot it has not committed",
         Duration::from_secs(30),
         || async {
             c.sidecar_log(lagging)
-                .contains("outcome=Staged")
+                .contains("beyond what this node has committed")
                 .then_some(())
         },
     )

@@ -17,6 +17,28 @@
 //!
 //! A malformed or oversized line gets an error response and the connection stays usable
 //! (an oversized line is skipped up to its newline).
+//!
+//! # Error codes
+//!
+//! Every error response carries an [`ErrorCode`]. *Transient* codes
+//! ([`ErrorCode::is_transient`]) mean "try again later, the same request may succeed";
+//! *permanent* ones mean the same request will get the same answer.
+//!
+//! | code | when | kind |
+//! | --- | --- | --- |
+//! | `bad_request` | the line is not a valid request, or `save_snapshot`'s path is not a committed file directly inside the incoming directory, not a regular file, or not the envelope's size | permanent |
+//! | `too_large` | the line is longer than [`MAX_LINE`] | permanent |
+//! | `unsupported_version` | the frame's `v` is not [`VERSION`] | permanent |
+//! | `forbidden` | the peer is not on the node's allow list; the connection is closed | permanent |
+//! | `unavailable` | the node is shutting down, or every connection slot is busy | transient |
+//! | `internal` | the node failed (I/O error) | transient |
+//! | `unreadable` | the node cannot open the data file (permissions: a deployment problem, not the snapshot's; the file is left) | permanent until the incoming directory's mode is fixed |
+//! | `checksum_mismatch` | the data file's sha256, computed by the node, is not the request's, or the file was replaced after it was hashed | permanent for that file; the node removes it |
+//! | `invalid_snapshot` | the envelope's log id is not `raft_meta.last_log_id`, `raft_meta` is not the application's `SnapshotMeta`, or the application's validation (decode) refused the file | permanent for that snapshot; the node removes the file |
+//! | `not_committed` | the snapshot's index is beyond the node's committed index (see `Status::committed`), or its log does not hold the entry yet | transient; the file is kept |
+//! | `log_mismatch` | the node's own log entry at the snapshot's index is not the snapshot's log id | permanent for that snapshot; the node removes the file |
+//!
+//! A refused `save_snapshot` never becomes the node's snapshot.
 
 use std::fmt;
 
@@ -55,7 +77,8 @@ pub enum Request {
         envelope: Envelope,
         /// Absolute path of the verified data file, in the node's incoming directory.
         path: String,
-        /// sha256 of the data file (64 hex digits), for the node to check if it wants to.
+        /// sha256 of the data file (64 hex digits); the node checks it before staging
+        /// (`checksum_mismatch`).
         sha256: String,
     },
 }
@@ -96,6 +119,15 @@ pub struct Status {
     pub purged: Option<LogIdRef>,
     pub snapshot_dir: String,
     pub incoming_dir: String,
+    /// The node's local committed log id: a snapshot beyond it is answered `not_committed`,
+    /// so a sidecar need not fetch one. (Absent from nodes that predate it.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<LogIdRef>,
+    /// The snapshot the node has staged but not adopted yet, if any. A node forgets it when
+    /// it restarts (it removes staged files at startup): a sidecar that handed a snapshot
+    /// over and sees neither it here nor in `snapshot` hands it over again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<LogIdRef>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +170,49 @@ pub enum ErrorCode {
     Forbidden,
     /// The node failed to serve it.
     Internal,
+    /// `save_snapshot`: the node cannot open the data file (permissions). A deployment
+    /// problem, not the snapshot's: the incoming directory must be setgid to the node's
+    /// group (mode 2770) so that the node can read what the sidecar writes. The file is left
+    /// where it is; retrying the same file gives the same answer until the mode is fixed.
+    Unreadable,
+    /// `save_snapshot`: the sha256 the node computed over the data file is not the
+    /// request's, or the file at the name was replaced after it was hashed. Permanent for
+    /// that file; the node has removed it.
+    ChecksumMismatch,
+    /// `save_snapshot`: the snapshot is not one this node can adopt: its envelope's log id
+    /// is not its `raft_meta.last_log_id`, `raft_meta` is not the application's
+    /// `SnapshotMeta`, or the application's validation (a decode) refused the data.
+    /// Permanent for that snapshot; the node has removed the file.
+    InvalidSnapshot,
+    /// `save_snapshot`: the snapshot's index is beyond this node's committed index, or the
+    /// node's log does not hold that entry yet. Transient: hand it over again once the
+    /// node's `committed` (see [`Status`]) reaches it; the file is kept. A manifest far
+    /// beyond what the cluster has committed never gets past this.
+    NotCommitted,
+    /// `save_snapshot`: the node's own log entry at the snapshot's index is not the
+    /// snapshot's log id (Raft's log matching property): a relabelled snapshot, or one from
+    /// another history. Permanent for that snapshot; the node has removed the file.
+    LogMismatch,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed later (the node is busy or stopping, or failed
+    /// on I/O); otherwise the node will answer the same again.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::NotCommitted
+        )
+    }
+
+    /// Whether the node refused the snapshot itself (not the request's form, not the
+    /// deployment): a sidecar should not hand that manifest over again.
+    pub fn refuses_snapshot(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ChecksumMismatch | ErrorCode::InvalidSnapshot | ErrorCode::LogMismatch
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -222,6 +297,15 @@ impl FrameError {
             FrameError::Closed | FrameError::Io(_) => None,
         }
     }
+}
+
+/// The framing as a `tokio_util` codec: lines of at most [`MAX_LINE`] bytes including the
+/// newline (a trailing `\r` is dropped). An oversized line is an error, after which the codec
+/// skips to the line's newline; a line that is not UTF-8 is an error and consumed. Either
+/// way the stream stays in sync. (A `FramedRead` ends its stream after a decoder error, so
+/// a server that keeps the connection calls `decode` itself.)
+pub fn line_codec() -> tokio_util::codec::LinesCodec {
+    tokio_util::codec::LinesCodec::new_with_max_length(MAX_LINE - 1)
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes. An oversized line is consumed up to its
@@ -341,6 +425,7 @@ mod tests {
             size: 3,
             raft_meta: serde_json::json!({}),
             chunk_index: None,
+            sha256: None,
         };
         for request in [
             Request::Status {},
@@ -414,6 +499,52 @@ mod tests {
     }
 
     #[test]
+    fn error_codes_say_whether_to_retry_and_whether_the_snapshot_was_refused() {
+        use ErrorCode::*;
+        for code in [Unavailable, Internal, NotCommitted] {
+            assert!(code.is_transient() && !code.refuses_snapshot(), "{code:?}");
+        }
+        for code in [ChecksumMismatch, InvalidSnapshot, LogMismatch] {
+            assert!(!code.is_transient() && code.refuses_snapshot(), "{code:?}");
+        }
+        for code in [
+            BadRequest,
+            TooLarge,
+            UnsupportedVersion,
+            Forbidden,
+            Unreadable,
+        ] {
+            assert!(!code.is_transient() && !code.refuses_snapshot(), "{code:?}");
+        }
+        let names: Vec<String> = [
+            NotCommitted,
+            LogMismatch,
+            ChecksumMismatch,
+            InvalidSnapshot,
+            Unreadable,
+        ]
+        .iter()
+        .map(|c| {
+            serde_json::to_value(c)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "not_committed",
+                "log_mismatch",
+                "checksum_mismatch",
+                "invalid_snapshot",
+                "unreadable"
+            ]
+        );
+    }
+
+    #[test]
     fn responses() {
         let ok = ResponseFrame::ok(&TriggerResult { queued: true });
         let line = serde_json::to_vec(&ok).unwrap();
@@ -428,9 +559,16 @@ mod tests {
             purged: None,
             snapshot_dir: "/s".into(),
             incoming_dir: "/s/.incoming".into(),
+            committed: Some(LogIdRef { term: 2, index: 12 }),
+            staged: None,
         };
         let v = serde_json::to_value(&status).unwrap();
         assert_eq!(v["role"], "leader");
-        assert_eq!(serde_json::from_value::<Status>(v).unwrap(), status);
+        assert_eq!(serde_json::from_value::<Status>(v.clone()).unwrap(), status);
+        // A status from a node that predates `committed` and `staged` still reads.
+        let mut old = v;
+        old.as_object_mut().unwrap().remove("committed");
+        let old: Status = serde_json::from_value(old).unwrap();
+        assert_eq!((old.committed, old.staged), (None, None));
     }
 }

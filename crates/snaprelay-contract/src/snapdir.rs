@@ -74,6 +74,11 @@ pub struct Envelope {
     /// ([`crate::chunking::ChunkIndex`]) in the same directory, if the node wrote one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_index: Option<String>,
+    /// sha256 of the data file (64 lowercase hex digits), if the writer recorded it. The
+    /// hook library records it for every snapshot it commits and checks it when the node
+    /// starts; optional, so envelopes without it (older nodes, other writers) still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 impl Envelope {
@@ -83,6 +88,14 @@ impl Envelope {
 
     /// Checks the fields that do not need the file system.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        self.validate_fields()?;
+        self.validate_raft_meta()
+    }
+
+    /// Checks everything but `raft_meta`: the format, the file names, the sha256's form.
+    /// (A hook server answers these with `bad_request`, and a `raft_meta` that is not this
+    /// snapshot's, [`Envelope::validate_raft_meta`], as an invalid snapshot.)
+    pub fn validate_fields(&self) -> std::result::Result<(), String> {
         if self.format != ENVELOPE_FORMAT {
             return Err(format!(
                 "format {} is not supported (this build reads format {ENVELOPE_FORMAT})",
@@ -90,7 +103,15 @@ impl Envelope {
             ));
         }
         validate_data_name(&self.data)?;
-        self.validate_raft_meta()?;
+        if let Some(sha256) = &self.sha256 {
+            let hex = sha256.len() == 64
+                && sha256
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !hex {
+                return Err(format!("sha256 {sha256:?} is not 64 lowercase hex digits"));
+            }
+        }
         if let Some(index) = &self.chunk_index {
             validate_data_name(index).map_err(|e| format!("chunk_index: {e}"))?;
             if *index == self.data {
@@ -106,7 +127,7 @@ impl Envelope {
     /// whose `last_log_id.index` is the envelope's index and whose leader term, where the
     /// log id carries one, is the envelope's term. A node adopting a snapshot whose meta
     /// says something else would restart into a state its log does not describe.
-    fn validate_raft_meta(&self) -> std::result::Result<(), String> {
+    pub fn validate_raft_meta(&self) -> std::result::Result<(), String> {
         let kind = |v: &serde_json::Value| match v {
             serde_json::Value::Null => "null",
             serde_json::Value::Bool(_) => "a boolean",
@@ -401,6 +422,7 @@ mod tests {
             size,
             raft_meta: serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}}),
             chunk_index: None,
+            sha256: None,
         }
     }
 

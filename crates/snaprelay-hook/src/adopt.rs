@@ -5,17 +5,19 @@
 //! installed and its state is untouched. The staged snapshot becomes current later, in
 //! `try_create_snapshot_builder`, once the node has applied up to its index (see
 //! [`crate::decision`]). The hook has already checked, before the state machine sees the
-//! request, that the file is a regular file directly inside the incoming directory and has the
-//! envelope's size ([`resolve_incoming`]).
+//! request, that the file is directly inside the incoming directory ([`resolve_incoming`]),
+//! and has opened it as the node: a regular file of the envelope's size
+//! ([`crate::verify::open_incoming`]).
 
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
-use snaprelay_contract::ipc::LogIdRef;
+use snaprelay_contract::ipc::{ErrorCode, LogIdRef};
 use snaprelay_contract::snapdir::{self, Envelope};
+
+use crate::verify::{name_in, open_incoming, IncomingFile, Refusal};
 
 /// A verified snapshot the sidecar hands to the node.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,9 +29,36 @@ pub struct Incoming {
     pub path: PathBuf,
     /// sha256 of the data file (64 lowercase hex digits), as the sidecar verified it.
     pub sha256: String,
+    /// The data file, opened by the node: staging checks that the staged name is this inode.
+    pub file: IncomingFile,
 }
 
 impl Incoming {
+    /// Checks a `save_snapshot` request's path ([`resolve_incoming`]) and opens its file
+    /// ([`crate::verify::open_incoming`]). `incoming_dir` must be canonical.
+    pub fn open(
+        envelope: Envelope,
+        path: &str,
+        incoming_dir: &Path,
+        sha256: String,
+    ) -> Result<Incoming, Refusal> {
+        let path = resolve_incoming(path, incoming_dir)
+            .map_err(|reason| Refusal::new(ErrorCode::BadRequest, reason))?;
+        let name = name_in(&path, incoming_dir).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::BadRequest,
+                format!("path {} has no UTF-8 file name", path.display()),
+            )
+        })?;
+        let file = open_incoming(incoming_dir, &name, envelope.size)?;
+        Ok(Incoming {
+            envelope,
+            path,
+            sha256,
+            file,
+        })
+    }
+
     pub fn log_id(&self) -> LogIdRef {
         LogIdRef {
             term: self.envelope.last_log_term,
@@ -53,33 +82,40 @@ pub enum StageOutcome {
     Stale,
 }
 
-/// Implemented by the application's state machine, which openraft owns: the hook calls it
-/// through `Raft::with_state_machine`, so it runs in order with `apply`, snapshot installs and
-/// builder creation.
+/// Implemented by the application's state machine, which openraft owns: the hook calls
+/// [`AdoptSnapshot::force_save_snapshot`] through `Raft::with_state_machine`, so it runs in
+/// order with `apply`, snapshot installs and builder creation.
 pub trait AdoptSnapshot: Send + 'static {
-    /// Stages `incoming` (rename its file to a staging name in the snapshot directory) and
-    /// answers [`StageOutcome::Staged`], or answers [`StageOutcome::Stale`] when it is not
-    /// newer than the current snapshot or the one already staged.
+    /// The application's check of a snapshot's data before it can be staged: decode it (and
+    /// check that the decoded state is at `log_id`), or do a cheaper structural check. An
+    /// `Err` names the reason; the snapshot is refused (`invalid_snapshot`), its file removed.
     ///
-    /// The caller has checked that the file is complete and inside the incoming directory.
-    /// An error is reported to the sidecar as an internal error; the file may stay where it is.
+    /// Runs on a blocking thread outside the state machine worker, after the hook has
+    /// checked the envelope against `raft_meta` and the file's sha256; `data` reads the
+    /// opened file from its start.
+    fn validate(data: &mut dyn io::Read, log_id: LogIdRef) -> Result<(), String>;
+
+    /// Stages `incoming` (rename its file to a staging name in the snapshot directory with
+    /// [`crate::SnapshotDir::stage`], which checks that the staged file is the one the hook
+    /// verified) and answers [`StageOutcome::Staged`], or answers [`StageOutcome::Stale`]
+    /// when it is not newer than the current snapshot or the one already staged.
+    ///
+    /// The hook has checked the file (path, size, sha256, [`AdoptSnapshot::validate`]).
+    /// A [`Refusal`] is reported to the sidecar with its code.
     fn force_save_snapshot(
         &mut self,
         incoming: Incoming,
-    ) -> impl Future<Output = io::Result<StageOutcome>> + Send;
+    ) -> impl Future<Output = Result<StageOutcome, Refusal>> + Send;
 }
 
-/// Checks a `save_snapshot` request's data file, and returns its canonical path.
+/// Checks a `save_snapshot` request's data file path, and returns it canonical.
 ///
-/// The path must be absolute, name a regular file (after resolving symlinks) directly inside
-/// `incoming_dir`, with a committed name (not hidden, not `.tmp`/`.partial`), of the
-/// envelope's size. This is what keeps a client from making the node read, or rename, an
-/// arbitrary file. `incoming_dir` must be canonical.
-pub fn resolve_incoming(
-    path: &str,
-    incoming_dir: &Path,
-    envelope: &Envelope,
-) -> Result<PathBuf, String> {
+/// The path must be absolute and name an entry directly inside `incoming_dir` (after
+/// resolving symlinks in its directories), with a committed name (not hidden, not
+/// `.tmp`/`.partial`). This is what keeps a client from making the node read, or rename, an
+/// arbitrary file; the file itself is opened without following a symlink
+/// ([`crate::verify::open_incoming`]). `incoming_dir` must be canonical.
+pub fn resolve_incoming(path: &str, incoming_dir: &Path) -> Result<PathBuf, String> {
     let given = Path::new(path);
     if !given.is_absolute() {
         return Err(format!("path {path:?} is not absolute"));
@@ -100,19 +136,6 @@ pub fn resolve_incoming(
     if snapdir::is_ignored(name) {
         return Err(format!(
             "path {path:?} is a hidden or temporary name (starts with '.' or ends with .tmp/.partial)"
-        ));
-    }
-    let meta = canonical
-        .metadata()
-        .map_err(|e| format!("path {path:?}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("path {path:?} is not a regular file"));
-    }
-    if meta.size() != envelope.size {
-        return Err(format!(
-            "path {path:?} is {} bytes, but the envelope says {}",
-            meta.size(),
-            envelope.size
         ));
     }
     Ok(canonical)
@@ -137,6 +160,7 @@ mod tests {
             size,
             raft_meta: serde_json::json!({"last_log_id": null}),
             chunk_index: None,
+            sha256: None,
         }
     }
 
@@ -167,7 +191,14 @@ mod tests {
     }
 
     fn resolve(f: &Fixture, path: &Path, size: u64) -> Result<PathBuf, String> {
-        resolve_incoming(path.to_str().unwrap(), &f.incoming, &envelope(size))
+        Incoming::open(
+            envelope(size),
+            path.to_str().unwrap(),
+            &f.incoming,
+            "00".repeat(32),
+        )
+        .map(|incoming| incoming.path)
+        .map_err(|refusal| refusal.message)
     }
 
     #[test]
@@ -188,6 +219,7 @@ mod tests {
             f.incoming.join("../../secret"),
             f.incoming.join("link.bin"),
             f.incoming.join("sub/nested.bin"),
+            f.incoming.join("sub/../../../secret"),
             f.incoming.clone(),
         ] {
             let err = resolve(&f, &path, 3).unwrap_err();
@@ -201,7 +233,7 @@ mod tests {
     #[test]
     fn relative_missing_temporary_and_wrong_size_files_are_refused() {
         let f = fixture();
-        let err = resolve_incoming("good.bin", &f.incoming, &envelope(3)).unwrap_err();
+        let err = resolve_incoming("good.bin", &f.incoming).unwrap_err();
         assert!(err.contains("not absolute"), "{err}");
         let err = resolve(&f, &f.incoming.join("missing.bin"), 3).unwrap_err();
         assert!(err.contains("missing.bin"), "{err}");
@@ -226,11 +258,16 @@ mod tests {
 
     #[test]
     fn incoming_reads_raft_meta_and_log_id() {
-        let incoming = Incoming {
-            envelope: envelope(3),
-            path: PathBuf::from("/x"),
-            sha256: "00".repeat(32),
-        };
+        let f = fixture();
+        let path = f.incoming.join("good.bin");
+        let incoming = Incoming::open(
+            envelope(3),
+            path.to_str().unwrap(),
+            &f.incoming,
+            "00".repeat(32),
+        )
+        .unwrap();
+        assert!(incoming.file.is_at(&path));
         assert_eq!(incoming.log_id(), LogIdRef { term: 2, index: 9 });
         #[derive(serde::Deserialize, Debug, PartialEq)]
         struct Meta {

@@ -11,12 +11,15 @@
 //! - [`snapshot_dir`]: [`SnapshotDir`], the snapshot directory contract for the node's own
 //!   builder: write a snapshot (data, then the envelope as commit marker), find the newest,
 //!   prune old ones, stage and commit adopted files.
-//! - [`access`]: who may talk to the socket ([`UidAllowList`]).
+//! - [`access`]: who may talk to the socket ([`AllowList`]: users and groups, by name or
+//!   number, checked against the peer's SO_PEERCRED and SO_PEERGROUPS).
 //! - [`node`]: the [`Node`] trait, the server's whole view of the node.
 //! - [`raft`]: [`RaftNode`], the [`Node`] for an openraft `Raft`: status from its metrics and
 //!   the adoption protocol (stage through `with_state_machine`, then trigger a build); and
 //!   [`LeaderFlag`], a cheap "am I leader" for the snapshot builder.
-//! - [`server`]: [`HookServer`], the Unix socket server: peer uid check, framing, dispatch.
+//! - [`verify`]: what the node checks of a file before staging it: it can open it, a regular
+//!   file of the envelope's size, and which inode it is.
+//! - [`server`]: [`HookServer`], the Unix socket server: peer check, framing, dispatch.
 //!
 //! # Wiring it up
 //!
@@ -38,14 +41,16 @@ pub mod node;
 pub mod raft;
 pub mod server;
 pub mod snapshot_dir;
+pub mod verify;
 
-pub use access::UidAllowList;
+pub use access::{AllowList, AllowListError, PeerCredentials, Principal};
 pub use adopt::{AdoptSnapshot, Incoming, StageOutcome};
 pub use decision::{BuildDecision, BuildInputs, BuildPolicy};
-pub use node::{Node, NodeError, NodeState};
+pub use node::{Node, NodeError, NodeState, RefusalCounts};
 pub use raft::{log_id_ref, CommittedTerm, LeaderFlag, RaftNode};
 pub use server::{HookConfig, HookError, HookServer};
-pub use snapshot_dir::{SnapshotDir, SnapshotDirError};
+pub use snapshot_dir::{SnapshotDir, SnapshotDirError, REJECTED_DIR};
+pub use verify::{IncomingFile, Refusal};
 
 /// The contract types the hook speaks, re-exported so that an application needs one dependency.
 pub use snaprelay_contract::{ipc, snapdir};

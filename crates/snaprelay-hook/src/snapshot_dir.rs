@@ -12,7 +12,8 @@
 //! long (writing a large snapshot).
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -24,6 +25,7 @@ use snaprelay_contract::snapdir::{
 };
 
 use crate::adopt::Incoming;
+use crate::verify::sha256_of;
 
 /// Prefix of the file a staged (not yet adopted) snapshot waits under.
 const STAGED_PREFIX: &str = ".staged-";
@@ -43,6 +45,8 @@ pub enum SnapshotDirError {
     },
     #[error("snapshot meta for {log_id} cannot be serialized: {reason}")]
     Meta { log_id: LogIdRef, reason: String },
+    #[error("{path} was replaced after the node verified it; the staged file was removed")]
+    Replaced { path: PathBuf },
 }
 
 impl From<SnapshotDirError> for io::Error {
@@ -93,7 +97,14 @@ impl SnapshotDir {
     ) -> Result<SnapshotDir> {
         let (dir, incoming) = (dir.into(), incoming.into());
         fs::create_dir_all(&dir).map_err(io_err("creating snapshot directory", &dir))?;
-        fs::create_dir_all(&incoming).map_err(io_err("creating incoming directory", &incoming))?;
+        // Private until the hook server sets the mode its deployment needs
+        // (`prepare_incoming_dir`); an existing one is left as it is.
+        match fs::DirBuilder::new().mode(0o700).create(&incoming) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err("creating incoming directory", &incoming)(e))
+            }
+            _ => {}
+        }
         Ok(SnapshotDir {
             dir: dir.canonicalize().map_err(io_err("resolving", &dir))?,
             incoming: incoming
@@ -141,36 +152,39 @@ impl SnapshotDir {
         Ok(self.write_temp_indexed(None, write)?.0)
     }
 
-    /// [`SnapshotDir::write_temp`], indexing the bytes on the way when `index` is set.
+    /// [`SnapshotDir::write_temp`], indexing the bytes on the way when `index` is set, and
+    /// hashing them either way: returns the path, the index and the file's sha256.
     fn write_temp_indexed(
         &self,
         index: Option<ChunkParams>,
         write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-    ) -> Result<(PathBuf, Option<ChunkIndex>)> {
+    ) -> Result<(PathBuf, Option<ChunkIndex>, String)> {
         let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
             .join(format!(".snaprelay-{}-{seq}.tmp", std::process::id()));
         let result = (|| {
             let file = File::create(&path)?;
-            let (file, index) = match index {
+            let (file, index, sha256) = match index {
                 Some(params) => {
                     let mut out = BufWriter::new(IndexingWriter::new(file, params));
                     write(&mut out)?;
                     let (file, index) = out.into_inner().map_err(|e| e.into_error())?.finish();
-                    (file, Some(index))
+                    let sha256 = index.sha256.to_string();
+                    (file, Some(index), sha256)
                 }
                 None => {
-                    let mut out = BufWriter::new(file);
+                    let mut out = BufWriter::new(HashingWriter::new(file));
                     write(&mut out)?;
-                    (out.into_inner().map_err(|e| e.into_error())?, None)
+                    let (file, sha256) = out.into_inner().map_err(|e| e.into_error())?.finish();
+                    (file, None, sha256)
                 }
             };
             file.sync_all()?;
-            Ok(index)
+            Ok((index, sha256))
         })();
         match result {
-            Ok(index) => Ok((path, index)),
+            Ok((index, sha256)) => Ok((path, index, sha256)),
             Err(e) => {
                 let _ = fs::remove_file(&path);
                 Err(io_err("writing snapshot data", &path)(e))
@@ -196,21 +210,23 @@ impl SnapshotDir {
         if let Some(existing) = self.committed(log_id)? {
             return Ok(existing);
         }
-        let (temp, index) = self.write_temp_indexed(self.index, write)?;
-        self.commit(&temp, log_id, raft_meta, index)
+        let (temp, index, sha256) = self.write_temp_indexed(self.index, write)?;
+        self.commit(&temp, log_id, raft_meta, index, Some(sha256))
     }
 
     /// Commits a complete, fsynced file of this filesystem (a staged or received snapshot) as
     /// the snapshot at `log_id`: renames it to the data name, then writes the envelope with
-    /// `raft_meta` verbatim. If a snapshot at `log_id` is already committed, it is returned
+    /// `raft_meta` verbatim and the file's `sha256` (computed from the file when not given),
+    /// which startup checks. If a snapshot at `log_id` is already committed, it is returned
     /// and `file` removed (unless `file` is that snapshot's own data file).
     pub fn commit_file(
         &self,
         file: &Path,
         log_id: LogIdRef,
         raft_meta: serde_json::Value,
+        sha256: Option<&str>,
     ) -> Result<Snapshot> {
-        self.commit(file, log_id, raft_meta, None)
+        self.commit(file, log_id, raft_meta, None, sha256.map(str::to_owned))
     }
 
     /// Commits data, then the index (if any), then the envelope: the envelope names the
@@ -221,6 +237,7 @@ impl SnapshotDir {
         log_id: LogIdRef,
         raft_meta: serde_json::Value,
         index: Option<ChunkIndex>,
+        sha256: Option<String>,
     ) -> Result<Snapshot> {
         if let Some(existing) = self.committed(log_id)? {
             if !same_file(file, &existing.data_path) {
@@ -228,6 +245,15 @@ impl SnapshotDir {
             }
             return Ok(existing);
         }
+        let sha256 = match sha256 {
+            Some(sha256) => sha256,
+            None => {
+                let mut data = File::open(file).map_err(io_err("reading snapshot data", file))?;
+                sha256_of(&mut data)
+                    .map_err(io_err("reading snapshot data", file))?
+                    .0
+            }
+        };
         let (data_name, meta_name) = snapdir::file_names(log_id.index, log_id.term);
         let data_path = self.dir.join(&data_name);
         rename_durable(file, &data_path)
@@ -251,6 +277,7 @@ impl SnapshotDir {
             size,
             raft_meta,
             chunk_index,
+            sha256: Some(sha256),
         };
         let meta_path = commit_envelope(&self.dir, &meta_name, &envelope)?;
         Ok(Snapshot {
@@ -272,6 +299,10 @@ impl SnapshotDir {
 
     /// Moves an incoming file to this directory's staging name for its log id; returns the
     /// staged path. A staged file is hidden: nobody reads it until it is committed.
+    ///
+    /// The staged name must then be the inode the hook opened and verified
+    /// ([`Incoming::file`]); if the sidecar swapped another file in at the incoming name
+    /// meanwhile, the staged file is removed and [`SnapshotDirError::Replaced`] returned.
     pub fn stage(&self, incoming: &Incoming) -> Result<PathBuf> {
         let log_id = incoming.log_id();
         let staged = self.dir.join(format!(
@@ -279,6 +310,12 @@ impl SnapshotDir {
             log_id.index, log_id.term
         ));
         rename_durable(&incoming.path, &staged).map_err(io_err("staging", &incoming.path))?;
+        if !incoming.file.is_at(&staged) {
+            self.discard(&staged)?;
+            return Err(SnapshotDirError::Replaced {
+                path: incoming.path.clone(),
+            });
+        }
         Ok(staged)
     }
 
@@ -300,9 +337,67 @@ impl SnapshotDir {
         Ok(scan.snapshots)
     }
 
-    /// The newest committed snapshot: what `get_current_snapshot` serves after a restart.
+    /// The newest committed snapshot (unchecked; see [`SnapshotDir::newest_valid`]).
     pub fn newest(&self) -> Result<Option<Snapshot>> {
         Ok(self.list()?.pop())
+    }
+
+    /// The newest committed snapshot that passes the startup checks, and what `check` made
+    /// of it: what a node loads when it starts. Checks, in order: the data file's sha256 is
+    /// the envelope's (when the envelope records one), then `check` (the label against
+    /// `raft_meta`, the application's decode), which reads the data file from its start.
+    ///
+    /// A snapshot that fails is moved aside into [`REJECTED_DIR`] with an ERROR log naming
+    /// it and the reason, and the next older one is tried; none left is `Ok(None)` (the node
+    /// starts empty and catches up from the leader). So no file in the directory can stop
+    /// the node from starting; only an I/O error moving a bad snapshot aside is an error.
+    pub fn newest_valid<T>(
+        &self,
+        mut check: impl FnMut(&Snapshot, &mut dyn Read) -> std::result::Result<T, String>,
+    ) -> Result<Option<(Snapshot, T)>> {
+        let mut snapshots = self.list()?;
+        while let Some(snapshot) = snapshots.pop() {
+            match startup_check(&snapshot, &mut check) {
+                Ok(value) => return Ok(Some((snapshot, value))),
+                Err(reason) => {
+                    let moved = self.reject(&snapshot)?;
+                    tracing::error!(
+                        snapshot = %snapshot.meta_path.display(),
+                        %reason,
+                        moved_to = %moved.display(),
+                        "the newest snapshot is unusable: moved it aside, trying the previous one"
+                    );
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves a committed snapshot (envelope first, then data and index) into
+    /// [`REJECTED_DIR`], where nobody reads it; returns that directory.
+    pub fn reject(&self, snapshot: &Snapshot) -> Result<PathBuf> {
+        let rejected = self.dir.join(REJECTED_DIR);
+        match fs::DirBuilder::new().mode(0o700).create(&rejected) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(io_err("creating", &rejected)(e))
+            }
+            _ => {}
+        }
+        let mut files = vec![snapshot.meta_path.clone(), snapshot.data_path.clone()];
+        files.extend(snapshot.chunk_index_path());
+        for file in files {
+            let Some(name) = file.file_name() else {
+                continue;
+            };
+            match fs::rename(&file, rejected.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("moving aside", &file)(e))
+                }
+                _ => {}
+            }
+        }
+        snapdir::sync_dir(&self.dir).map_err(io_err("syncing", &self.dir))?;
+        Ok(rejected)
     }
 
     /// Removes all but the newest `keep` committed snapshots (at least one is always kept);
@@ -343,6 +438,108 @@ impl SnapshotDir {
         }
         Ok(removed)
     }
+}
+
+/// A writer that hashes what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> HashingWriter<W> {
+        use sha2::Digest;
+        HashingWriter {
+            inner,
+            hasher: sha2::Sha256::new(),
+        }
+    }
+
+    fn finish(self) -> (W, String) {
+        use sha2::Digest;
+        let digest = self.hasher.finalize();
+        (
+            self.inner,
+            digest.iter().map(|b| format!("{b:02x}")).collect(),
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Mode of the incoming directory in group mode: the sidecar, a member of the node's group,
+/// writes there, and setgid makes every file it writes belong to the node's group, so the
+/// node can read it (the sidecar's umask 0027 leaves it group-readable).
+pub const INCOMING_MODE_GROUP: u32 = 0o2770;
+/// Mode of the incoming directory otherwise: the sidecar runs as the node's user.
+pub const INCOMING_MODE_PRIVATE: u32 = 0o700;
+
+/// Creates the incoming directory with the mode the deployment needs
+/// ([`INCOMING_MODE_GROUP`] with `group_access`, else [`INCOMING_MODE_PRIVATE`]), or corrects
+/// the mode of an existing one this process owns. One owned by another user (an operator's
+/// choice) is left alone. A symlink or non-directory at the path is an error.
+pub fn prepare_incoming_dir(path: &Path, group_access: bool) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let mode = if group_access {
+        INCOMING_MODE_GROUP
+    } else {
+        INCOMING_MODE_PRIVATE
+    };
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!(
+            "incoming directory {} is not a directory",
+            path.display()
+        )));
+    }
+    let own_uid = nix::unistd::geteuid().as_raw();
+    let found = meta.mode() & 0o7777;
+    if meta.uid() == own_uid && found != mode {
+        // Explicitly: mkdir's mode is cut by the umask, and setgid needs chmod.
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        tracing::info!(dir = %path.display(), from = format!("{found:o}"), to = format!("{mode:o}"), "set the incoming directory's mode");
+    } else if meta.uid() != own_uid {
+        tracing::info!(dir = %path.display(), mode = format!("{found:o}"), owner = meta.uid(), "incoming directory belongs to another user; leaving its mode");
+    }
+    Ok(())
+}
+
+/// Name of the directory, inside the snapshot directory, that snapshots found unusable at
+/// startup are moved into (hidden, so neither the node nor the sidecar reads it; the
+/// operator may inspect and delete it).
+pub const REJECTED_DIR: &str = ".rejected";
+
+fn startup_check<T>(
+    snapshot: &Snapshot,
+    check: &mut impl FnMut(&Snapshot, &mut dyn Read) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
+    let open =
+        || File::open(&snapshot.data_path).map_err(|e| format!("opening the data file: {e}"));
+    if let Some(expected) = &snapshot.envelope.sha256 {
+        let (actual, _) =
+            sha256_of(&mut open()?).map_err(|e| format!("reading the data file: {e}"))?;
+        if actual != *expected {
+            return Err(format!(
+                "its data file has sha256 {actual}, but its envelope says {expected}"
+            ));
+        }
+    }
+    check(snapshot, &mut io::BufReader::new(open()?))
 }
 
 /// Whether two paths name the same file (both must exist to be the same).
@@ -486,19 +683,23 @@ mod tests {
         let dir = SnapshotDir::open(root.path()).unwrap();
         let path = dir.incoming_dir().join("from-leader.bin");
         fs::write(&path, b"leader bytes").unwrap();
-        let incoming = Incoming {
-            envelope: Envelope {
-                format: 1,
-                last_log_index: 9,
-                last_log_term: 2,
-                data: "whatever.bin".into(),
-                size: 12,
-                raft_meta: meta(9),
-                chunk_index: None,
-            },
-            path: path.clone(),
-            sha256: "00".repeat(32),
+        let envelope = Envelope {
+            format: 1,
+            last_log_index: 9,
+            last_log_term: 2,
+            data: "whatever.bin".into(),
+            size: 12,
+            raft_meta: meta(9),
+            chunk_index: None,
+            sha256: None,
         };
+        let incoming = Incoming::open(
+            envelope,
+            path.to_str().unwrap(),
+            dir.incoming_dir(),
+            "00".repeat(32),
+        )
+        .unwrap();
         let staged = dir.stage(&incoming).unwrap();
         assert!(!path.exists());
         assert!(staged
@@ -517,6 +718,7 @@ mod tests {
                 &staged,
                 incoming.log_id(),
                 incoming.envelope.raft_meta.clone(),
+                Some(&incoming.sha256),
             )
             .unwrap();
         assert!(!staged.exists());
@@ -533,12 +735,17 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = SnapshotDir::open(root.path()).unwrap();
         let first = dir.write(id(7), &meta(7), |w| w.write_all(b"one")).unwrap();
-        let again = dir.commit_file(&first.data_path, id(7), meta(7)).unwrap();
+        let again = dir
+            .commit_file(&first.data_path, id(7), meta(7), None)
+            .unwrap();
         assert_eq!(again, first);
         assert_eq!(fs::read(&first.data_path).unwrap(), b"one");
         // A different file for an already committed log id is dropped.
         let received = dir.write_temp(|w| w.write_all(b"one")).unwrap();
-        assert_eq!(dir.commit_file(&received, id(7), meta(7)).unwrap(), first);
+        assert_eq!(
+            dir.commit_file(&received, id(7), meta(7), None).unwrap(),
+            first
+        );
         assert!(!received.exists());
     }
 
@@ -566,6 +773,122 @@ mod tests {
             names(dir.path()).len(),
             4,
             ".incoming, one data, its index, one meta"
+        );
+    }
+
+    #[test]
+    fn incoming_dir_gets_the_deployments_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path().join("s")).unwrap();
+        assert_eq!(
+            mode(dir.incoming_dir()),
+            0o700,
+            "private until the hook says more"
+        );
+        prepare_incoming_dir(dir.incoming_dir(), true).unwrap();
+        assert_eq!(mode(dir.incoming_dir()), 0o2770);
+        prepare_incoming_dir(dir.incoming_dir(), false).unwrap();
+        assert_eq!(mode(dir.incoming_dir()), 0o700);
+        // Created with the mode, whatever the umask.
+        let fresh = root.path().join("fresh");
+        prepare_incoming_dir(&fresh, true).unwrap();
+        assert_eq!(mode(&fresh), 0o2770);
+        // Not a directory (a symlink to one counts as not one).
+        std::os::unix::fs::symlink(&fresh, root.path().join("link")).unwrap();
+        let err = prepare_incoming_dir(&root.path().join("link"), true).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn written_and_committed_snapshots_record_their_sha256() {
+        let root = tempfile::tempdir().unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        for index in [None, Some(ChunkParams::default())] {
+            let dir = SnapshotDir::open(root.path().join(format!("{}", index.is_some())))
+                .unwrap()
+                .with_chunk_index(index)
+                .unwrap();
+            let written = dir.write(id(3), &meta(3), |w| w.write_all(b"abc")).unwrap();
+            assert_eq!(written.envelope.sha256.as_deref(), Some(abc));
+            let temp = dir.write_temp(|w| w.write_all(b"abc")).unwrap();
+            let committed = dir.commit_file(&temp, id(4), meta(4), None).unwrap();
+            assert_eq!(committed.envelope.sha256.as_deref(), Some(abc));
+        }
+    }
+
+    #[test]
+    fn bad_newest_snapshots_are_moved_aside_at_startup() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = SnapshotDir::open(root.path()).unwrap();
+        let good = dir
+            .write(id(5), &meta(5), |w| w.write_all(b"five"))
+            .unwrap();
+        let corrupt = dir
+            .write(id(6), &meta(6), |w| w.write_all(b"six!"))
+            .unwrap();
+        let refused = dir
+            .write(id(7), &meta(7), |w| w.write_all(b"7777"))
+            .unwrap();
+        // Same size, other bytes: only the recorded sha256 can tell.
+        fs::write(&corrupt.data_path, b"SIX!").unwrap();
+        let mut checked = Vec::new();
+        let loaded = dir
+            .newest_valid(|snapshot, data| {
+                let mut bytes = Vec::new();
+                data.read_to_end(&mut bytes).unwrap();
+                checked.push(snapshot.envelope.last_log_index);
+                if bytes == b"7777" {
+                    return Err("the application says no".into());
+                }
+                Ok(bytes)
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(loaded, (good.clone(), b"five".to_vec()));
+        assert_eq!(
+            checked,
+            vec![7, 5],
+            "the corrupt one never reached the application"
+        );
+        assert_eq!(
+            dir.list().unwrap(),
+            vec![good],
+            "the bad ones are gone from the directory"
+        );
+        let mut aside = names(&dir.path().join(REJECTED_DIR));
+        aside.sort();
+        let mut expected: Vec<String> = [&corrupt, &refused]
+            .iter()
+            .flat_map(|s| {
+                let mut v = vec![
+                    s.meta_path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                    s.data_path
+                        .file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                ];
+                v.extend(
+                    s.chunk_index_path()
+                        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned()),
+                );
+                v
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(aside, expected);
+        // Nothing usable at all: no snapshot, no error.
+        let dir2 = SnapshotDir::open(root.path().join("other")).unwrap();
+        dir2.write(id(1), &meta(1), |w| w.write_all(b"x")).unwrap();
+        assert_eq!(
+            dir2.newest_valid(|_, _| Err::<(), _>("no".into())).unwrap(),
+            None
         );
     }
 

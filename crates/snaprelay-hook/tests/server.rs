@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snaprelay_contract::ipc::{
-    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, ResponseFrame, Role,
-    SaveOutcome, SaveResult, Status, MAX_LINE,
+    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, RequestFrame, ResponseFrame,
+    Role, SaveOutcome, SaveResult, Status, MAX_LINE,
 };
 use snaprelay_contract::snapdir::Envelope;
-use snaprelay_hook::{HookConfig, HookError, HookServer, Incoming, Node, NodeError, NodeState};
+use snaprelay_hook::{
+    HookConfig, HookError, HookServer, Incoming, Node, NodeError, NodeState, Principal,
+};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -29,6 +31,9 @@ struct Shared {
     triggers: AtomicUsize,
     save_answer: Result<SaveResult, NodeError>,
     trigger_answer: Result<(), NodeError>,
+    /// When set, `save_snapshot` announces itself on `entered` and waits for a permit: a
+    /// request the test holds in flight.
+    gate: Option<(tokio::sync::Notify, tokio::sync::Semaphore)>,
 }
 
 impl FakeNode {
@@ -48,7 +53,16 @@ impl FakeNode {
             triggers: AtomicUsize::new(0),
             save_answer: save,
             trigger_answer: trigger,
+            gate: None,
         }))
+    }
+
+    /// A node whose `save_snapshot` waits until the test releases it.
+    fn gated() -> FakeNode {
+        let mut node = FakeNode::new();
+        Arc::get_mut(&mut node.0).unwrap().gate =
+            Some((tokio::sync::Notify::new(), tokio::sync::Semaphore::new(0)));
+        node
     }
 
     fn saved(&self) -> Vec<Incoming> {
@@ -70,6 +84,8 @@ impl Node for FakeNode {
             last_applied: Some(LogIdRef { term: 3, index: 40 }),
             snapshot: Some(LogIdRef { term: 2, index: 20 }),
             purged: Some(LogIdRef { term: 2, index: 10 }),
+            committed: Some(LogIdRef { term: 3, index: 41 }),
+            staged: Some(LogIdRef { term: 3, index: 30 }),
         }
     }
 
@@ -80,6 +96,10 @@ impl Node for FakeNode {
 
     async fn save_snapshot(&self, incoming: Incoming) -> Result<SaveResult, NodeError> {
         self.0.saved.lock().unwrap().push(incoming);
+        if let Some((entered, permits)) = &self.0.gate {
+            entered.notify_one();
+            permits.acquire().await.unwrap().forget();
+        }
         self.0.save_answer.clone()
     }
 }
@@ -107,8 +127,9 @@ impl Harness {
         let mut config = config(root.path());
         adjust(&mut config);
         let socket = config.socket_path.clone();
-        let incoming = config.incoming_dir.canonicalize().unwrap();
+        let incoming = config.incoming_dir.clone();
         let server = HookServer::bind(config, node.clone()).unwrap();
+        let incoming = incoming.canonicalize().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -208,6 +229,7 @@ fn envelope(index: u64, size: u64) -> Envelope {
         size,
         raft_meta: serde_json::json!({"last_log_id": {"leader_id": {"term": 2, "node_id": 1}, "index": index}}),
         chunk_index: None,
+        sha256: None,
     }
 }
 
@@ -234,6 +256,8 @@ async fn status_reports_the_node_and_its_directories() {
     assert_eq!(status.role, Role::Follower);
     assert_eq!(status.leader, Some(1));
     assert_eq!(status.snapshot, Some(LogIdRef { term: 2, index: 20 }));
+    assert_eq!(status.committed, Some(LogIdRef { term: 3, index: 41 }));
+    assert_eq!(status.staged, Some(LogIdRef { term: 3, index: 30 }));
     assert_eq!(PathBuf::from(&status.incoming_dir), h.incoming);
     assert_eq!(
         PathBuf::from(&status.snapshot_dir),
@@ -255,6 +279,29 @@ async fn socket_mode_is_0600_or_0660_in_group_mode() {
     let mut h = Harness::start(FakeNode::new(), |c| c.group_access = true).await;
     let mode = std::fs::metadata(&h.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn bind_gives_the_incoming_dir_the_deployments_mode() {
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    // An existing directory of the wrong mode (as a umask leaves it) is corrected.
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        std::fs::set_permissions(&c.incoming_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        c.group_access = true;
+    })
+    .await;
+    assert_eq!(mode(&h.incoming), 0o2770, "setgid, group-writable");
+    h.shutdown().await;
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        std::fs::remove_dir(&c.incoming_dir).unwrap();
+    })
+    .await;
+    assert_eq!(
+        mode(&h.incoming),
+        0o700,
+        "created private without group access"
+    );
     h.shutdown().await;
 }
 
@@ -297,22 +344,221 @@ async fn oversized_line_gets_too_large_and_the_connection_stays_up() {
 async fn peer_with_a_uid_not_on_the_allow_list_is_refused_and_disconnected() {
     let root = tempfile::tempdir().unwrap();
     let uid = own_uid(root.path());
-    let mut h = Harness::start(FakeNode::new(), |c| c.allowed_uids = vec![uid + 1]).await;
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        c.allow_users = vec![Principal::Id(uid + 54321)]
+    })
+    .await;
     let mut client = h.connect().await;
     let response = client.response().await;
     assert_eq!(error_code(&response), ErrorCode::Forbidden);
     let message = response.error.unwrap().message;
     assert!(
-        message.contains(&format!("peer uid {uid}")),
-        "the refusal names the uid: {message}"
+        message.contains(&format!("peer uid {uid} gid ")),
+        "the refusal names the uid and gid: {message}"
     );
+    assert!(
+        message.contains(&format!("allowed: users {}; groups none", uid + 54321)),
+        "the refusal names what is allowed: {message}"
+    );
+    // The server keeps reading after the refusal, so a request the peer sends meanwhile is
+    // not met with a broken pipe; then the connection ends.
+    client
+        .writer
+        .write_all(b"{\"v\":1,\"op\":\"status\"}\n")
+        .await
+        .expect("a request written after the refusal does not fail");
+    client.writer.shutdown().await.unwrap();
     assert!(client.closed().await);
+    drop(client);
     h.shutdown().await;
 
     // The same peer on an explicit list that names it is served.
-    let mut h = Harness::start(FakeNode::new(), |c| c.allowed_uids = vec![uid + 1, uid]).await;
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        c.allow_users = vec![Principal::Id(uid + 54321), Principal::Id(uid)]
+    })
+    .await;
     assert!(h.connect().await.call(Request::Status {}).await.ok);
     h.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_allow_list_names_fail_the_bind_and_name_themselves() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cfg = config(root.path());
+    cfg.allow_groups = vec![Principal::Name("no-such-group-q9".into())];
+    let err = HookServer::bind(cfg, FakeNode::new())
+        .err()
+        .expect("an unknown group is an error");
+    assert!(err.to_string().contains("no-such-group-q9"), "{err}");
+}
+
+/// Real users and groups (root only), removed on drop.
+struct TestAccounts {
+    users: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl TestAccounts {
+    fn run(args: &[&str]) {
+        let status = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+        assert!(status.success(), "{args:?} failed: {status}");
+    }
+
+    fn group(&mut self, name: &str) -> u32 {
+        Self::run(&["groupadd", name]);
+        self.groups.push(name.into());
+        nix::unistd::Group::from_name(name)
+            .unwrap()
+            .unwrap()
+            .gid
+            .as_raw()
+    }
+
+    fn user(&mut self, name: &str, primary: &str, supplementary: Option<&str>) -> u32 {
+        let mut args = vec![
+            "useradd",
+            "-M",
+            "-N",
+            "-s",
+            "/usr/sbin/nologin",
+            "-g",
+            primary,
+        ];
+        if let Some(group) = supplementary {
+            args.extend(["-G", group]);
+        }
+        args.push(name);
+        Self::run(&args);
+        self.users.push(name.into());
+        nix::unistd::User::from_name(name)
+            .unwrap()
+            .unwrap()
+            .uid
+            .as_raw()
+    }
+}
+
+impl Drop for TestAccounts {
+    fn drop(&mut self) {
+        for user in &self.users {
+            let _ = std::process::Command::new("userdel").arg(user).status();
+        }
+        for group in &self.groups {
+            let _ = std::process::Command::new("groupdel").arg(group).status();
+        }
+    }
+}
+
+/// Connects to `socket` as `uid`/`gid` with supplementary `groups`, from a thread of its
+/// own whose credentials are changed with raw syscalls (glibc's wrappers would change every
+/// thread of the process). The thread ends right after, so no other code runs as that user.
+fn connect_as(socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Client {
+    let socket = socket.to_owned();
+    let groups = groups.to_vec();
+    let stream = std::thread::spawn(move || {
+        // SAFETY: raw credential syscalls on this thread only, with valid pointers; the
+        // effective ids change, the real and saved ids stay root.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, -1, gid, -1), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, -1, uid, -1), 0);
+        }
+        std::os::unix::net::UnixStream::connect(&socket)
+    })
+    .join()
+    .unwrap()
+    .expect("the file mode lets this user connect");
+    stream.set_nonblocking(true).unwrap();
+    Client::new(UnixStream::from_std(stream).unwrap())
+}
+
+#[tokio::test]
+async fn peers_are_allowed_by_user_group_and_supplementary_group() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED peers_are_allowed_by_user_group_and_supplementary_group: needs root to create users");
+        return;
+    }
+    let tag = std::process::id() % 100_000;
+    let (sock_group, other_group) = (format!("srhs{tag}"), format!("srho{tag}"));
+    let (x, y) = (format!("srhx{tag}"), format!("srhy{tag}"));
+    let mut accounts = TestAccounts {
+        users: Vec::new(),
+        groups: Vec::new(),
+    };
+    let gid_a = accounts.group(&sock_group);
+    let gid_b = accounts.group(&other_group);
+    // X: primary B, supplementary A. Y: primary A only. Both pass the 0660 socket's mode
+    // (group A); the allow list decides.
+    let uid_x = accounts.user(&x, &other_group, Some(&sock_group));
+    let uid_y = accounts.user(&y, &sock_group, None);
+
+    let start = |users: Vec<Principal>, groups: Vec<Principal>| {
+        async move {
+            Harness::start(FakeNode::new(), move |c| {
+                // The socket's directory is setgid A, so the socket's group is A.
+                let dir = c.socket_path.parent().unwrap().to_owned();
+                std::os::unix::fs::chown(&dir, None, Some(gid_a)).unwrap();
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2755)).unwrap();
+                c.group_access = true;
+                c.allow_users = users;
+                c.allow_groups = groups;
+            })
+            .await
+        }
+    };
+    let served = |h: &Harness, uid, gid, groups: Vec<u32>| {
+        let socket = h.socket.clone();
+        async move {
+            connect_as(&socket, uid, gid, &groups)
+                .call(Request::Status {})
+                .await
+        }
+    };
+
+    // Default in group mode: the socket's group, as primary or supplementary group.
+    let mut h = start(vec![], vec![]).await;
+    assert_eq!(std::fs::metadata(&h.socket).unwrap().gid(), gid_a);
+    assert!(served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await.ok);
+    assert!(served(&h, uid_y, gid_a, vec![gid_a]).await.ok);
+    h.shutdown().await;
+
+    // A group by name: X's primary group B; Y is refused, and told who it is and who may.
+    let mut h = start(vec![], vec![Principal::Name(other_group.clone())]).await;
+    assert!(served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await.ok);
+    let refused = served(&h, uid_y, gid_a, vec![gid_a]).await;
+    assert_eq!(error_code(&refused), ErrorCode::Forbidden);
+    let message = refused.error.unwrap().message;
+    assert!(
+        message.contains(&format!("peer uid {uid_y} gid {gid_a} groups {gid_a}"))
+            && message.contains(&format!("groups {other_group}({gid_b})")),
+        "{message}"
+    );
+    h.shutdown().await;
+
+    // A user by name, and one by number.
+    let mut h = start(vec![Principal::Name(y.clone())], vec![]).await;
+    assert!(served(&h, uid_y, gid_a, vec![gid_a]).await.ok);
+    let refused = served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await;
+    assert_eq!(error_code(&refused), ErrorCode::Forbidden);
+    assert!(
+        refused
+            .error
+            .unwrap()
+            .message
+            .contains(&format!("users {y}({uid_y})")),
+        "names and numbers"
+    );
+    h.shutdown().await;
+    let mut h = start(vec![Principal::Id(uid_x)], vec![]).await;
+    assert!(served(&h, uid_x, gid_b, vec![gid_b, gid_a]).await.ok);
+    h.shutdown().await;
+    drop(accounts);
 }
 
 #[tokio::test]
@@ -455,14 +701,92 @@ async fn idle_connection_is_closed() {
 }
 
 #[tokio::test]
-async fn connections_beyond_the_limit_are_told_unavailable() {
-    let mut h = Harness::start(FakeNode::new(), |c| c.max_connections = 1).await;
-    let mut first = h.connect().await;
-    assert!(first.call(Request::Status {}).await.ok);
+async fn idle_and_half_line_connections_do_not_lock_out_a_new_one() {
+    // The default limit (16), filled by an allowed peer: 8 idle connections and 8 stuck
+    // in the middle of a line. Each answered a `status` first, so the server holds all 16
+    // before the newcomer arrives.
+    let mut h = Harness::start(FakeNode::new(), |_| {}).await;
+    let mut held = Vec::new();
+    for i in 0..16 {
+        let mut client = h.connect().await;
+        assert!(client.call(Request::Status {}).await.ok);
+        if i >= 8 {
+            client.send_raw(b"{\"v\":1,\"op\":").await;
+        }
+        held.push(client);
+    }
+    let mut newcomer = h.connect().await;
+    assert!(
+        newcomer.call(Request::Status {}).await.ok,
+        "the newcomer is served"
+    );
+    // The one idle the longest (the first) made room.
+    assert!(
+        held[0].closed().await,
+        "the longest-idle connection was closed"
+    );
+    assert!(held[1].call(Request::Status {}).await.ok, "the others stay");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_newcomer_is_unavailable_only_when_every_connection_is_serving() {
+    let node = FakeNode::gated();
+    let mut h = Harness::start(node.clone(), |c| c.max_connections = 1).await;
+    let path = h.incoming_file("a.bin", b"12345");
+    let mut busy = h.connect().await;
+    let request = RequestFrame {
+        v: 1,
+        request: save(envelope(9, 5), &path),
+    };
+    let mut line = serde_json::to_vec(&request).unwrap();
+    line.push(b'\n');
+    busy.send_raw(&line).await;
+    let (entered, permits) = node.0.gate.as_ref().unwrap();
+    entered.notified().await;
+
     let mut second = h.connect().await;
     assert_eq!(error_code(&second.response().await), ErrorCode::Unavailable);
     assert!(second.closed().await);
-    assert!(first.call(Request::Status {}).await.ok);
+
+    permits.add_permits(1);
+    assert!(
+        busy.response().await.ok,
+        "the busy connection was not disturbed"
+    );
+    // Now idle: the next newcomer takes its place.
+    let mut third = h.connect().await;
+    assert!(third.call(Request::Status {}).await.ok);
+    assert!(busy.closed().await);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_line_must_finish_in_time() {
+    let mut h = Harness::start(FakeNode::new(), |c| {
+        c.request_timeout = Duration::from_millis(200);
+        c.idle_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let mut client = h.connect().await;
+    assert!(client.call(Request::Status {}).await.ok);
+    client.send_raw(b"{\"v\":1,").await;
+    assert!(
+        client.closed().await,
+        "a half line is not waited for forever"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_line_that_is_not_utf8_gets_bad_request_and_the_connection_stays_up() {
+    let mut h = Harness::start(FakeNode::new(), |_| {}).await;
+    let mut client = h.connect().await;
+    client.send_raw(b"{\"v\":1,\"op\":\"st\xffatus\"}\n").await;
+    let response = client.response().await;
+    assert_eq!(error_code(&response), ErrorCode::BadRequest);
+    assert!(response.error.unwrap().message.contains("UTF-8"));
+    assert!(client.call(Request::Status {}).await.ok);
     h.shutdown().await;
 }
 
@@ -511,10 +835,10 @@ async fn stale_socket_is_replaced_but_other_files_and_live_sockets_are_not() {
 async fn missing_incoming_dir_is_named() {
     let root = tempfile::tempdir().unwrap();
     let mut cfg = config(root.path());
-    cfg.incoming_dir = root.path().join("nope");
+    cfg.incoming_dir = root.path().join("nope/incoming");
     let err = HookServer::bind(cfg, FakeNode::new())
         .err()
-        .expect("missing incoming dir");
+        .expect("an incoming dir that cannot be created");
     assert!(err.to_string().contains("incoming directory"), "{err}");
     assert!(err.to_string().contains("nope"), "{err}");
 }

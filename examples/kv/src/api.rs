@@ -11,7 +11,7 @@
 //! | `POST /add-learner` | `{"id": 2, "addr": "127.0.0.1:21002"}` | `{"log_index": …}` |
 //! | `POST /change-membership` | `{"members": [1, 2, 3]}` | `{"log_index": …}` |
 //! | `POST /snapshot` | | `{"queued": true}` |
-//! | `GET /metrics` | | see [`MetricsView`] |
+//! | `GET /metrics` | | see [`MetricsView`] (`snapshots_refused`: refusals by error code) |
 //!
 //! Errors are `{"error": "...", ...}` with a 4xx/5xx status. A write to a node that is not the
 //! leader answers 421 with `leader_id` and `leader_addr`; a write that meets a leader whose
@@ -37,6 +37,7 @@ use serde_json::json;
 use snaprelay_hook::ipc::{LogIdRef, Role};
 use snaprelay_hook::{Node, RaftNode, SnapshotDir};
 
+use crate::log_store::LogStore;
 use crate::network::SnapshotHeader;
 use crate::state_machine::{SnapshotFile, StoreView};
 use crate::{NodeId, Raft, Request, TypeConfig};
@@ -49,6 +50,10 @@ const MAX_RPC_BYTES: usize = 256 << 20;
 /// Largest snapshot a node accepts through replication.
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 
+/// The hook's node: raft plus a reader of this node's log.
+pub type HookNode =
+    RaftNode<TypeConfig, crate::state_machine::KvStateMachine, LogStore<TypeConfig>>;
+
 #[derive(Clone)]
 pub struct App {
     pub id: NodeId,
@@ -57,6 +62,8 @@ pub struct App {
     pub raft: Raft,
     pub store: StoreView,
     pub snapshots: SnapshotDir,
+    /// The hook's view of this node (status, refusal counts).
+    pub hook: Arc<HookNode>,
     /// Fault injection for tests: while set, this node refuses raft RPCs, as if cut off
     /// from the network, so a test can make a follower fall behind on purpose.
     pub isolated: Arc<AtomicBool>,
@@ -328,10 +335,20 @@ pub struct MetricsView {
     /// Last log id of the snapshot openraft considers current.
     pub snapshot: Option<LogIdRef>,
     pub purged: Option<LogIdRef>,
+    /// The local committed log id.
+    #[serde(default)]
+    pub committed: Option<LogIdRef>,
+    /// A snapshot staged by the hook and not adopted yet.
+    #[serde(default)]
+    pub staged: Option<LogIdRef>,
     pub snapshots_built_locally: u64,
     pub snapshots_adopted: u64,
     /// Snapshots received from the leader through replication.
     pub snapshots_installed: u64,
+    /// Snapshots the hook refused, by error code (`checksum_mismatch`, `invalid_snapshot`,
+    /// …); none of them became current.
+    #[serde(default)]
+    pub snapshots_refused: BTreeMap<String, u64>,
     /// The state machine's current snapshot data file.
     pub snapshot_path: Option<String>,
     pub snapshot_dir: String,
@@ -340,7 +357,7 @@ pub struct MetricsView {
 
 async fn metrics(State(app): State<App>) -> Json<MetricsView> {
     use std::sync::atomic::Ordering::Relaxed;
-    let state = RaftNode::new(app.raft.clone()).state();
+    let state = app.hook.state();
     let counters = app.store.counters();
     Json(MetricsView {
         id: state.node_id,
@@ -350,9 +367,12 @@ async fn metrics(State(app): State<App>) -> Json<MetricsView> {
         last_applied: state.last_applied,
         snapshot: state.snapshot,
         purged: state.purged,
+        committed: state.committed,
+        staged: state.staged,
         snapshots_built_locally: counters.built_locally.load(Relaxed),
         snapshots_adopted: counters.adopted.load(Relaxed),
         snapshots_installed: counters.installed.load(Relaxed),
+        snapshots_refused: app.hook.refusals().snapshot(),
         snapshot_path: app
             .store
             .current_snapshot_path()

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use snaprelay_example_kv::node::{run, NodeConfig};
+use snaprelay_hook::Principal;
 
 /// An openraft key-value node whose followers adopt the leader's snapshots through a
 /// snaprelay hook socket.
@@ -28,9 +29,15 @@ struct Args {
     /// Make the hook socket group-accessible (0660) instead of 0600.
     #[arg(long)]
     hook_group_access: bool,
-    /// A uid allowed on the hook socket (repeatable); default: only this process's uid.
-    #[arg(long = "hook-allow-uid")]
-    hook_allow_uids: Vec<u32>,
+    /// A user (name or uid) allowed on the hook socket (repeatable). Default, when no user
+    /// or group is given: this process's uid and, with --hook-group-access, the socket's
+    /// group.
+    #[arg(long = "hook-allow-user", value_name = "NAME|UID")]
+    hook_allow_users: Vec<Principal>,
+    /// A group (name or gid) whose members may use the hook socket (repeatable): the
+    /// peer's primary or any supplementary group.
+    #[arg(long = "hook-allow-group", value_name = "NAME|GID")]
+    hook_allow_groups: Vec<Principal>,
     /// Build (or adopt) a snapshot every N applied logs.
     #[arg(long, default_value_t = 500)]
     snapshot_policy_logs: u64,
@@ -63,7 +70,8 @@ async fn main() -> ExitCode {
         dir: args.dir,
         hook_socket: args.hook_socket,
         hook_group_access: args.hook_group_access,
-        hook_allowed_uids: args.hook_allow_uids,
+        hook_allow_users: args.hook_allow_users,
+        hook_allow_groups: args.hook_allow_groups,
         snapshot_policy_logs: args.snapshot_policy_logs,
         max_in_snapshot_log_to_keep: args.max_in_snapshot_log_to_keep,
         defer_limit: args

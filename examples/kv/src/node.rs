@@ -7,8 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use openraft::storage::RaftLogStorage;
 use openraft::SnapshotPolicy;
-use snaprelay_hook::{BuildPolicy, HookConfig, HookServer, LeaderFlag, RaftNode, SnapshotDir};
+use snaprelay_hook::{
+    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, SnapshotDir,
+};
 use tokio::sync::watch;
 
 use crate::api::{router, App};
@@ -28,7 +31,8 @@ pub struct NodeConfig {
     pub dir: PathBuf,
     pub hook_socket: PathBuf,
     pub hook_group_access: bool,
-    pub hook_allowed_uids: Vec<u32>,
+    pub hook_allow_users: Vec<Principal>,
+    pub hook_allow_groups: Vec<Principal>,
     /// openraft `SnapshotPolicy::LogsSinceLast(n)`.
     pub snapshot_policy_logs: u64,
     pub max_in_snapshot_log_to_keep: u64,
@@ -79,11 +83,14 @@ pub async fn run(
     .validate()
     .context("raft configuration")?;
     let network = HttpNetwork::new().context("creating the HTTP client")?;
+    let mut log_store = LogStore::<TypeConfig>::new();
+    // The hook checks handed-over snapshots against this node's own log.
+    let log_reader = log_store.get_log_reader().await;
     let raft: Raft = openraft::Raft::new(
         config.id,
         Arc::new(raft_config),
         network,
-        LogStore::<TypeConfig>::new(),
+        log_store,
         state_machine,
     )
     .await
@@ -96,8 +103,10 @@ pub async fn run(
         snapshots.incoming_dir(),
     );
     hook_config.group_access = config.hook_group_access;
-    hook_config.allowed_uids = config.hook_allowed_uids.clone();
-    let hook = HookServer::bind(hook_config, RaftNode::new(raft.clone()))?;
+    hook_config.allow_users = config.hook_allow_users.clone();
+    hook_config.allow_groups = config.hook_allow_groups.clone();
+    let hook_node = Arc::new(RaftNode::new(raft.clone(), log_reader));
+    let hook = HookServer::bind(hook_config, hook_node.clone())?;
 
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -108,6 +117,7 @@ pub async fn run(
         raft: raft.clone(),
         store,
         snapshots,
+        hook: hook_node,
         isolated: Default::default(),
     };
     tracing::info!(id = config.id, http = %config.http, hook = %config.hook_socket.display(), "node running");

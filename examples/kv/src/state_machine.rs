@@ -28,7 +28,7 @@ use snaprelay_hook::decision::is_newer;
 use snaprelay_hook::ipc::LogIdRef;
 use snaprelay_hook::{
     log_id_ref, AdoptSnapshot, BuildDecision, BuildInputs, BuildPolicy, Incoming, LeaderFlag,
-    SnapshotDir, StageOutcome,
+    Refusal, SnapshotDir, StageOutcome,
 };
 
 use crate::{LogId, Request, Response, SnapshotMeta, StoredMembership, TypeConfig};
@@ -116,6 +116,7 @@ struct Staged {
     log_id: LogIdRef,
     meta: SnapshotMeta,
     raft_meta: serde_json::Value,
+    sha256: String,
     path: PathBuf,
 }
 
@@ -230,29 +231,38 @@ impl KvStateMachine {
         }
         let mut state = KvState::default();
         let mut snapshots = Snapshots::default();
-        if let Some(newest) = dir.newest()? {
-            let bytes = std::fs::read(&newest.data_path)?;
-            state = KvState::decode(&bytes, &newest.data_path)?;
-            let meta = state.meta();
+        // A bad newest snapshot (wrong sha256, label not its content, undecodable) is moved
+        // aside and the previous one loaded, or none: the node then catches up from the
+        // leader. Nothing in the directory can keep the node from starting.
+        let loaded = dir.newest_valid(|snapshot, data| {
             let named = LogIdRef {
-                term: newest.envelope.last_log_term,
-                index: newest.envelope.last_log_index,
+                term: snapshot.envelope.last_log_term,
+                index: snapshot.envelope.last_log_index,
             };
+            let meta: SnapshotMeta = serde_json::from_value(snapshot.envelope.raft_meta.clone())
+                .map_err(|e| format!("raft_meta is not a SnapshotMeta: {e}"))?;
             if meta.last_log_id.as_ref().map(log_id_ref) != Some(named) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "snapshot {} holds state at {:?}, not at {named}, which its envelope names",
-                        newest.data_path.display(),
-                        meta.last_log_id
-                    ),
+                return Err(format!(
+                    "its envelope says {named}, its raft_meta {:?}",
+                    meta.last_log_id
                 ));
             }
+            let state: KvState = serde_json::from_reader(data).map_err(|e| e.to_string())?;
+            if state.last_applied.as_ref().map(log_id_ref) != Some(named) {
+                return Err(format!(
+                    "it holds the state at {:?}, not at {named}",
+                    state.last_applied
+                ));
+            }
+            Ok(state)
+        })?;
+        if let Some((newest, loaded)) = loaded {
             tracing::info!(snapshot = %newest.meta_path.display(), "loaded the newest snapshot");
             snapshots.current = Some(Current {
-                meta,
+                meta: loaded.meta(),
                 data_path: newest.data_path,
             });
+            state = loaded;
         }
         Ok(KvStateMachine {
             view: StoreView {
@@ -341,10 +351,13 @@ impl RaftSnapshotBuilder<TypeConfig> for KvSnapshotBuilder {
                     log_id,
                     meta,
                     raft_meta,
+                    sha256,
                     path,
                 } = staged;
-                let snapshot =
-                    blocking(move || Ok(dir.commit_file(&path, log_id, raft_meta)?)).await?;
+                let snapshot = blocking(move || {
+                    Ok(dir.commit_file(&path, log_id, raft_meta, Some(&sha256))?)
+                })
+                .await?;
                 self.view.counters.adopted.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(snapshot = %log_id, "adopted the leader's snapshot");
                 (meta, snapshot.data_path)
@@ -465,7 +478,7 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
                     ),
                 ));
             }
-            let committed = dir.commit_file(&snapshot.path, log_id, raft_meta)?;
+            let committed = dir.commit_file(&snapshot.path, log_id, raft_meta, None)?;
             Ok((state, committed))
         })
         .await?;
@@ -504,25 +517,22 @@ impl RaftStateMachine<TypeConfig> for KvStateMachine {
 }
 
 impl AdoptSnapshot for KvStateMachine {
-    async fn force_save_snapshot(&mut self, incoming: Incoming) -> io::Result<StageOutcome> {
-        let log_id = incoming.log_id();
-        let meta: SnapshotMeta = incoming.raft_meta().map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "raft_meta of snapshot {log_id} is not this application's SnapshotMeta: {e}"
-                ),
-            )
-        })?;
-        if meta.last_log_id.as_ref().map(log_id_ref) != Some(log_id) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "envelope says snapshot {log_id}, its raft_meta says {:?}",
-                    meta.last_log_id
-                ),
-            ));
+    /// Decodes the file: a snapshot this node could not load at startup is refused here,
+    /// and so is one whose state is not at its label (a relabelled snapshot).
+    fn validate(data: &mut dyn Read, log_id: LogIdRef) -> Result<(), String> {
+        let state: KvState =
+            serde_json::from_reader(io::BufReader::new(data)).map_err(|e| e.to_string())?;
+        let at = state.last_applied.as_ref().map(log_id_ref);
+        if at != Some(log_id) {
+            return Err(format!("it holds the state at {at:?}, not at {log_id}"));
         }
+        Ok(())
+    }
+
+    async fn force_save_snapshot(&mut self, incoming: Incoming) -> Result<StageOutcome, Refusal> {
+        let log_id = incoming.log_id();
+        // The hook checked that raft_meta is our SnapshotMeta at the envelope's log id.
+        let meta: SnapshotMeta = incoming.raft_meta().map_err(io::Error::other)?;
         let replaced = {
             let mut snapshots = lock(&self.view.snapshots);
             let staged_newer = snapshots
@@ -541,6 +551,7 @@ impl AdoptSnapshot for KvStateMachine {
                     log_id,
                     meta,
                     raft_meta: incoming.envelope.raft_meta.clone(),
+                    sha256: incoming.sha256.clone(),
                     path,
                 })
                 .map(|old| old.path)
@@ -622,19 +633,23 @@ mod tests {
             .incoming_dir()
             .join(format!("from-leader-{applied}.bin"));
         std::fs::write(&path, &bytes).unwrap();
-        let incoming = Incoming {
-            envelope: Envelope {
-                format: 1,
-                last_log_index: applied,
-                last_log_term: 1,
-                data: "x.bin".into(),
-                size: bytes.len() as u64,
-                raft_meta: serde_json::to_value(&built.meta).unwrap(),
-                chunk_index: None,
-            },
-            path,
-            sha256: "00".repeat(32),
+        let envelope = Envelope {
+            format: 1,
+            last_log_index: applied,
+            last_log_term: 1,
+            data: "x.bin".into(),
+            size: bytes.len() as u64,
+            raft_meta: serde_json::to_value(&built.meta).unwrap(),
+            chunk_index: None,
+            sha256: None,
         };
+        let incoming = Incoming::open(
+            envelope,
+            path.to_str().unwrap(),
+            follower.dir.incoming_dir(),
+            "00".repeat(32),
+        )
+        .unwrap();
         (incoming, bytes)
     }
 
@@ -729,17 +744,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mismatched_envelope_and_meta_are_refused() {
+    async fn validation_decodes_and_checks_the_label() {
         let root = tempfile::tempdir().unwrap();
-        let mut follower = machine(root.path(), "follower", 3, false).await;
-        let (mut incoming, _) = leader_snapshot(root.path(), 5, &follower).await;
-        incoming.envelope.last_log_index = 6;
-        let err = follower
-            .force_save_snapshot(incoming.clone())
-            .await
-            .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        assert!(err.to_string().contains("raft_meta says"), "{err}");
+        let follower = machine(root.path(), "follower", 3, false).await;
+        let (incoming, bytes) = leader_snapshot(root.path(), 5, &follower).await;
+        let at = |index| LogIdRef { term: 1, index };
+        KvStateMachine::validate(&mut &bytes[..], at(5)).unwrap();
+        let err = KvStateMachine::validate(&mut &bytes[..], at(6)).unwrap_err();
+        assert!(err.contains("not at 1-6"), "{err}");
+        let err = KvStateMachine::validate(&mut &b"{\"hello\":\"world\"}"[..], at(5)).unwrap_err();
+        assert!(err.contains("missing field"), "{err}");
         assert!(incoming.path.exists());
     }
 

@@ -1,0 +1,330 @@
+//! What the node checks of a file the sidecar hands it, before the file can be staged: that
+//! the node can open and read it, that it is a regular file of the envelope's size (never a
+//! symlink, FIFO or device), and which inode it is, so that a file swapped in after the check
+//! is noticed when it is staged.
+//!
+//! The file is opened relative to the incoming directory's fd with
+//! `O_RDONLY|O_NOFOLLOW|O_NONBLOCK`: a symlink at the name fails (`ELOOP`), and a FIFO
+//! cannot block the open. Every refusal is a [`Refusal`]: a protocol error code and a message
+//! naming the file and the reason.
+//!
+//! Then [`IncomingFile::verify_sha256`] hashes the opened file in one streaming pass (1 MiB
+//! positioned reads, bounded memory) and compares with the sha256 the sidecar claims; the
+//! application's validation reads the same opened file ([`IncomingFile::reader`]). Staging
+//! renames the file into the snapshot directory and checks, with [`IncomingFile::is_at`],
+//! that the staged name is the inode that was hashed.
+//!
+//! What this cannot stop: the sidecar's user owns the file and could rewrite it in place
+//! (same inode) after it was hashed. The node records the sha256 in the snapshot's envelope
+//! and checks it again at startup, where a mismatch moves the snapshot aside instead of
+//! loading it.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{open, openat, OFlag};
+use nix::sys::stat::Mode;
+use snaprelay_contract::ipc::ErrorCode;
+
+/// A file refused before staging: the code the sidecar sees, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// An I/O failure of the node's own: transient (`internal`).
+impl From<std::io::Error> for Refusal {
+    fn from(e: std::io::Error) -> Refusal {
+        Refusal::new(ErrorCode::Internal, e.to_string())
+    }
+}
+
+impl From<crate::SnapshotDirError> for Refusal {
+    fn from(e: crate::SnapshotDirError) -> Refusal {
+        let code = match e {
+            crate::SnapshotDirError::Replaced { .. } => ErrorCode::ChecksumMismatch,
+            _ => ErrorCode::Internal,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+/// A data file the node has opened in the incoming directory: regular, of the expected size,
+/// readable by the node. Clones share the open file.
+#[derive(Debug, Clone)]
+pub struct IncomingFile {
+    file: Arc<File>,
+    dev: u64,
+    ino: u64,
+    size: u64,
+}
+
+impl PartialEq for IncomingFile {
+    fn eq(&self, other: &IncomingFile) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
+}
+
+impl IncomingFile {
+    /// The open file. Clones share its offset: read it with positioned reads
+    /// (`FileExt::read_at`).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A reader of the whole file from its start, with its own position (positioned reads
+    /// on the shared open file).
+    pub fn reader(&self) -> impl Read + '_ {
+        PositionedReader {
+            file: &self.file,
+            offset: 0,
+        }
+    }
+
+    /// Hashes the file in one streaming pass and compares with `expected` (64 lowercase hex
+    /// digits). Blocking: run it on a blocking thread. A mismatch, or a file that is not the
+    /// size it was opened with, is [`ErrorCode::ChecksumMismatch`].
+    pub fn verify_sha256(&self, expected: &str, shown: &Path) -> Result<(), Refusal> {
+        let actual = self.sha256().map_err(|e| {
+            Refusal::new(
+                ErrorCode::Internal,
+                format!("reading {}: {e}", shown.display()),
+            )
+        })?;
+        if actual.1 != self.size {
+            return Err(Refusal::new(
+                ErrorCode::ChecksumMismatch,
+                format!(
+                    "{} changed size while it was hashed ({} bytes, opened at {})",
+                    shown.display(),
+                    actual.1,
+                    self.size
+                ),
+            ));
+        }
+        if actual.0 != expected {
+            return Err(Refusal::new(
+                ErrorCode::ChecksumMismatch,
+                format!(
+                    "{} has sha256 {}, but the request says {expected}",
+                    shown.display(),
+                    actual.0
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether `path` (not following a symlink) is the inode this file was opened as.
+    pub fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path)
+            .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == (self.dev, self.ino))
+    }
+
+    /// sha256 (lowercase hex) and length of the file's content.
+    pub fn sha256(&self) -> std::io::Result<(String, u64)> {
+        sha256_of(&mut self.reader())
+    }
+}
+
+/// sha256 (lowercase hex) and length of everything `input` yields, in 1 MiB pieces.
+pub fn sha256_of(input: &mut dyn Read) -> std::io::Result<(String, u64)> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, total))
+}
+
+struct PositionedReader<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.offset)?;
+        self.offset += n as u64;
+        Ok(n)
+    }
+}
+
+/// Opens `name` inside `dir` for reading, as the node: no symlink, no blocking, a regular
+/// file of `size` bytes. A file the node cannot open is refused with [`ErrorCode::Unreadable`]
+/// and a message saying what the deployment must fix.
+pub fn open_incoming(dir: &Path, name: &str, size: u64) -> Result<IncomingFile, Refusal> {
+    let path = dir.join(name);
+    let shown = path.display();
+    let dir_fd = open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        Refusal::new(
+            ErrorCode::Internal,
+            format!(
+                "opening the incoming directory {}: {}",
+                dir.display(),
+                e.desc()
+            ),
+        )
+    })?;
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = openat(&dir_fd, name, flags, Mode::empty()).map_err(|e| match e {
+        Errno::EACCES | Errno::EPERM => Refusal::new(
+            ErrorCode::Unreadable,
+            format!(
+                "the node cannot read {shown} ({}): the incoming directory must be setgid to \
+                 the node's group (mode 2770) so that files the sidecar writes there are \
+                 group-readable by the node",
+                e.desc()
+            ),
+        ),
+        Errno::ELOOP => Refusal::new(
+            ErrorCode::BadRequest,
+            format!("path {shown} is a symbolic link, not a regular file"),
+        ),
+        Errno::ENOENT => Refusal::new(ErrorCode::BadRequest, format!("path {shown}: no such file")),
+        e => Refusal::new(ErrorCode::BadRequest, format!("path {shown}: {}", e.desc())),
+    })?;
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("inspecting {shown}: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!("path {shown} is not a regular file"),
+        ));
+    }
+    if meta.size() != size {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!(
+                "path {shown} is {} bytes, but the envelope says {size}",
+                meta.size()
+            ),
+        ));
+    }
+    Ok(IncomingFile {
+        file: Arc::new(file),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size,
+    })
+}
+
+/// The file name of `path` inside `dir` (`path` canonical, directly inside `dir`).
+pub(crate) fn name_in(path: &Path, dir: &Path) -> Option<String> {
+    (path.parent() == Some(dir))
+        .then(|| path.file_name()?.to_str().map(str::to_owned))
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::io::Read;
+
+    #[test]
+    fn regular_file_of_the_right_size_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.bin"), b"abc").unwrap();
+        let file = open_incoming(dir.path(), "a.bin", 3).unwrap();
+        assert!(file.is_at(&dir.path().join("a.bin")));
+        fs::rename(dir.path().join("a.bin"), dir.path().join("b.bin")).unwrap();
+        assert!(
+            file.is_at(&dir.path().join("b.bin")),
+            "a rename keeps the inode"
+        );
+        fs::write(dir.path().join("a.bin"), b"abc").unwrap();
+        assert!(
+            !file.is_at(&dir.path().join("a.bin")),
+            "another file at the name"
+        );
+    }
+
+    #[test]
+    fn sha256_is_checked_in_one_pass_over_the_opened_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("a.bin"), b"abc").unwrap();
+        let file = open_incoming(dir.path(), "a.bin", 3).unwrap();
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let shown = dir.path().join("a.bin");
+        file.verify_sha256(abc, &shown).unwrap();
+        let err = file.verify_sha256(&"0".repeat(64), &shown).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ChecksumMismatch);
+        assert!(
+            err.message.contains(abc) && err.message.contains("a.bin"),
+            "{err}"
+        );
+        // The reader starts at 0 every time, whatever was read before.
+        let mut text = String::new();
+        file.reader().read_to_string(&mut text).unwrap();
+        assert_eq!(text, "abc");
+        // Grown after it was opened: refused, not hashed as if complete.
+        fs::write(dir.path().join("a.bin"), b"abcd").unwrap();
+        let err = file.verify_sha256(abc, &shown).unwrap_err();
+        assert!(err.message.contains("changed size"), "{err}");
+    }
+
+    #[test]
+    fn symlinks_fifos_directories_and_wrong_sizes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::write(&outside, b"abc").unwrap();
+        let incoming = dir.path().join("in");
+        fs::create_dir(&incoming).unwrap();
+        std::os::unix::fs::symlink(&outside, incoming.join("link.bin")).unwrap();
+        nix::unistd::mkfifo(&incoming.join("fifo.bin"), Mode::from_bits_truncate(0o600)).unwrap();
+        fs::create_dir(incoming.join("dir.bin")).unwrap();
+        fs::write(incoming.join("short.bin"), b"ab").unwrap();
+        let cases = [
+            ("link.bin", "symbolic link"),
+            ("fifo.bin", "not a regular file"),
+            ("dir.bin", "not a regular file"),
+            ("short.bin", "is 2 bytes, but the envelope says 3"),
+            ("missing.bin", "no such file"),
+        ];
+        for (name, expected) in cases {
+            let err = open_incoming(&incoming, name, 3).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{name}");
+            assert!(err.message.contains(expected), "{name}: {err}");
+            assert!(err.message.contains(name), "{name}: {err}");
+        }
+    }
+}
