@@ -7,6 +7,7 @@ mod support;
 mod chunk_index;
 mod corruption;
 mod crash_safety;
+mod deployment;
 mod e2e_cluster;
 mod gc;
 mod incremental;
