@@ -641,6 +641,10 @@ fn store_settings(raw: RawStore, overrides: &Overrides, env: &dyn Env) -> Result
     })
 }
 
+/// What snaprelay@.service passes (SetCredential=) for a credential whose file is not
+/// installed, so that the unit still starts for stores that need no credentials.
+pub const CREDENTIAL_PLACEHOLDER: &str = "snaprelay-credential-not-installed";
+
 /// Resolves a secret given inline, as a file, or from the environment (in that order);
 /// giving both the inline value and the file is an error.
 fn secret_value(
@@ -664,6 +668,16 @@ fn secret_value(
                 )
             })?;
             let value = text.trim_end_matches(['\n', '\r']).to_owned();
+            if value == CREDENTIAL_PLACEHOLDER {
+                return Err(ConfigError::invalid(
+                    format!("{key}_file"),
+                    format!(
+                        "{} holds snaprelay@.service's placeholder, not a credential: install \
+                         the credential file the unit's LoadCredential= names (README, Operating)",
+                        path.display()
+                    ),
+                ));
+            }
             if value.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("{key}_file"),
@@ -1012,6 +1026,15 @@ mod tests {
     }
 
     #[test]
+    fn the_units_credential_placeholder_is_the_one_refused() {
+        let unit = include_str!("../systemd/snaprelay@.service");
+        assert!(
+            unit.contains(&format!("SetCredential=s3-secret:{CREDENTIAL_PLACEHOLDER}")),
+            "snaprelay@.service and CREDENTIAL_PLACEHOLDER disagree"
+        );
+    }
+
+    #[test]
     fn secret_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret");
@@ -1028,6 +1051,14 @@ mod tests {
             e.starts_with("store.secret_access_key_file: cannot read"),
             "{e}"
         );
+        // What the shipped unit passes when the credential file was not installed.
+        std::fs::write(&path, format!("{CREDENTIAL_PLACEHOLDER}\n")).unwrap();
+        let e = err(&text);
+        assert!(
+            e.starts_with("store.secret_access_key_file:") && e.contains("placeholder"),
+            "{e}"
+        );
+        std::fs::write(&path, "from-file\n").unwrap();
         let both = format!("{text}secret_access_key = \"x\"\n");
         assert!(err(&both).starts_with("store.secret_access_key: give either"));
     }
