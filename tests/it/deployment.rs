@@ -259,6 +259,20 @@ impl Root {
     }
 }
 
+/// `chown -R`, the way systemd takes over a state directory that belongs to someone else.
+fn chown_tree(path: &Path, owner: &Account) {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    if meta.uid() == owner.uid && meta.gid() == owner.gid {
+        return;
+    }
+    std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid)).unwrap();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            chown_tree(&entry.unwrap().path(), owner);
+        }
+    }
+}
+
 fn mode(text: &str) -> u32 {
     u32::from_str_radix(text, 8).unwrap_or_else(|_| panic!("bad mode {text:?}"))
 }
@@ -312,6 +326,12 @@ impl Launch {
         ] {
             let dir_mode = mode(unit.one(mode_key).unwrap_or(default_mode));
             for dir in unit.all(key).iter().flat_map(|v| v.split_whitespace()) {
+                // systemd: an existing directory of another owner (tmpfiles may have made it
+                // and directories inside it) is chowned recursively to the unit's user.
+                let path = PathBuf::from(root.path(&format!("{base}{}", spec(dir))));
+                if path.exists() {
+                    chown_tree(&path, &owner);
+                }
                 root.dir(&format!("{base}{}", spec(dir)), dir_mode, Some(&owner));
             }
         }
