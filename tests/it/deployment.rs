@@ -236,6 +236,10 @@ impl Root {
                 &format!(" {top}"),
                 &format!(" {}{top}", self.dir.path().display()),
             );
+            out = out.replace(
+                &format!("file://{top}"),
+                &format!("file://{}{top}", self.dir.path().display()),
+            );
         }
         out
     }
@@ -390,7 +394,8 @@ impl Launch {
             line = line.replace(&format!("${{{k}}}"), v);
         }
         let line = root.paths_in(&format!(" {line}"));
-        let bin_dir = Path::new(env!("CARGO_BIN_EXE_snaprelay")).parent().unwrap();
+        // kv-node is built on demand when the workspace build did not build it.
+        let bin_dir = support::cluster::kv_node_bin().parent().unwrap().to_owned();
         let exec: Vec<String> = line
             .split_whitespace()
             .map(|w| match w.strip_prefix("/usr/bin/") {
