@@ -529,18 +529,33 @@ fn writable_by_unit(unit: &Unit, instance: &str, path: &str) -> bool {
         .any(|d| Path::new(path).starts_with(Path::new(d)))
 }
 
+/// As installed: sysusers, tmpfiles (including the per-node `.incoming` line), the units.
 #[tokio::test(flavor = "multi_thread")]
 async fn shipped_units_publish_and_adopt_across_users() {
+    deployment(true).await;
+}
+
+/// The same without the tmpfiles line for the node's `.incoming`: the node creates it itself,
+/// with the mode the deployment needs, and adopted files are still the node's to read.
+#[tokio::test(flavor = "multi_thread")]
+async fn shipped_units_work_when_the_node_creates_its_incoming_dir() {
+    deployment(false).await;
+}
+
+async fn deployment(incoming_tmpfiles_line: bool) {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        let msg = "shipped_units_publish_and_adopt_across_users: needs root (to create the \
-                   sysusers accounts and switch to them); run the tests as root, as CI does";
+        let msg = "deployment tests need root (to create the sysusers accounts and switch \
+                   to them); run the tests as root, as CI does";
         if std::env::var_os("CI").is_some() {
             panic!("{msg}");
         }
         eprintln!("SKIPPED {msg}");
         return;
     }
+    // Both tests create and remove the same system accounts: one at a time.
+    static ACCOUNTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _accounts_lock = ACCOUNTS.lock().await;
     let node_unit = Unit::parse("kv-node@.service");
     let sidecar_unit = Unit::parse("snaprelay@.service");
     let accounts = Accounts::from_sysusers();
@@ -566,6 +581,9 @@ async fn shipped_units_publish_and_adopt_across_users() {
             f[0], "d",
             "tmpfiles line not understood by this test: {line}"
         );
+        if !incoming_tmpfiles_line && f[1].ends_with("/.incoming") {
+            continue;
+        }
         let owner = Account {
             uid: accounts.owner(f[3]).uid,
             gid: gid_of(f[4]),
