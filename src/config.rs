@@ -948,6 +948,16 @@ fn secret_value(
             let text =
                 String::from_utf8(bytes).map_err(|_| file_err("it is not UTF-8 text".into()))?;
             let value = text.trim_end_matches(['\n', '\r']).to_owned();
+            if value == crate::systemd::CREDENTIAL_PLACEHOLDER {
+                return Err(ConfigError::invalid(
+                    format!("{key}_file"),
+                    format!(
+                        "{} holds snaprelay@.service's placeholder, not a credential: install \
+                         the credential file the unit's LoadCredential= names (README, Operating)",
+                        path.display()
+                    ),
+                ));
+            }
             if value.is_empty() {
                 return Err(ConfigError::invalid(
                     format!("{key}_file"),
@@ -1612,6 +1622,18 @@ mod tests {
     }
 
     #[test]
+    fn the_units_credential_placeholder_is_the_one_refused() {
+        let unit = include_str!("../systemd/snaprelay@.service");
+        for credential in ["s3-key-id", "s3-secret", "signing-key"] {
+            let line = format!(
+                "SetCredential={credential}:{}",
+                crate::systemd::CREDENTIAL_PLACEHOLDER
+            );
+            assert!(unit.contains(&line), "snaprelay@.service lacks {line}");
+        }
+    }
+
+    #[test]
     fn secret_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secret");
@@ -1628,6 +1650,18 @@ mod tests {
             e.starts_with("store.secret_access_key_file: cannot read"),
             "{e}"
         );
+        // What the shipped unit passes when the credential file was not installed.
+        std::fs::write(
+            &path,
+            format!("{}\n", crate::systemd::CREDENTIAL_PLACEHOLDER),
+        )
+        .unwrap();
+        let e = err(&text);
+        assert!(
+            e.starts_with("store.secret_access_key_file:") && e.contains("placeholder"),
+            "{e}"
+        );
+        std::fs::write(&path, "from-file\n").unwrap();
         let both = format!("{text}secret_access_key = \"x\"\n");
         assert!(err(&both).starts_with("store.secret_access_key: give either"));
     }

@@ -14,6 +14,11 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Health;
 use crate::progress::Progress;
 
+/// What snaprelay@.service passes (`SetCredential=`) for a credential whose file is not
+/// installed, so that the unit still starts for a store that needs none; a config that names
+/// such a credential fails with an error saying which file to install.
+pub const CREDENTIAL_PLACEHOLDER: &str = "snaprelay-credential-not-installed";
+
 #[derive(Clone)]
 pub struct Supervisor {
     inner: Arc<Inner>,

@@ -232,6 +232,13 @@ impl Signer {
         let bytes = read_limited(path, MAX_KEY_FILE_BYTES, true)?;
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| format!("{} is not a PEM file", path.display()))?;
+        if text.trim_end() == crate::systemd::CREDENTIAL_PLACEHOLDER {
+            return Err(format!(
+                "{} holds snaprelay@.service's placeholder, not a key: install the key file the \
+                 unit's LoadCredential=signing-key names (README, Operating)",
+                path.display()
+            ));
+        }
         let mut signer = Signer::from_pem(text).map_err(|e| format!("{} {e}", path.display()))?;
         signer.path = Some(path.to_owned());
         Ok(signer)
