@@ -15,53 +15,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::chunk::ChunkParams;
+pub use crate::error::ConfigError;
+pub use crate::secret::Secret;
 use crate::signing::{self, Keyring, Signer, TrustedKey};
 use crate::store::{S3Settings, StoreSettings, StoreUrl};
 
-/// A configuration problem, naming the key (`upload.concurrency`) or the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("{key}: {reason}")]
-    Invalid { key: String, reason: String },
-    #[error("config file {path}: {reason}")]
-    File { path: PathBuf, reason: String },
-}
-
-impl ConfigError {
-    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid {
-            key: key.into(),
-            reason: reason.into(),
-        }
-    }
-}
-
 type Result<T> = std::result::Result<T, ConfigError>;
-
-/// A secret value (S3 secret key, session token). Debug and Display print a mask.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"********\"")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("********")
-    }
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]

@@ -606,7 +606,12 @@ impl Daemon {
             _ = cancel.cancelled() => Ok(()),
             r = gc::collect(repo, &retention, true, self.config.upload.concurrency) => {
                 let report = r.context("collecting garbage")?;
-                self.metrics.gc_done(&report);
+                self.metrics.gc_done(crate::metrics::GcCounts {
+                    manifests_deleted: report.manifests_deleted.len() as u64,
+                    chunks_deleted: report.chunks_deleted,
+                    bytes_deleted: report.bytes_deleted,
+                    chunks_deferred: report.chunks_deferred,
+                });
                 for refused in &report.manifests_refused {
                     if let Some(reason) = refused.reason {
                         self.metrics.signature_failure(reason);

@@ -4,10 +4,28 @@
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 
-use crate::config::ConfigError;
 use crate::node::HookError;
 use crate::snapdir::SnapdirError;
+
+/// A configuration problem, naming the key (`upload.concurrency`) or the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 /// What a failure means to the caller; the CLI turns it into an exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

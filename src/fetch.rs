@@ -43,7 +43,7 @@ pub struct FetchReport {
     pub bytes_reused: u64,
     pub data: PathBuf,
     pub meta: PathBuf,
-    #[serde(rename = "elapsed_ms", serialize_with = "crate::publish::as_millis")]
+    #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
 }
 

@@ -59,7 +59,7 @@ pub struct GcReport {
     /// verify (also listed in `manifests_deleted`).
     pub manifests_refused: Vec<RefusedManifest>,
     pub applied: bool,
-    #[serde(rename = "elapsed_ms", serialize_with = "crate::publish::as_millis")]
+    #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
 }
 

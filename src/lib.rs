@@ -17,6 +17,7 @@
 //! - [`http`]: the HTTP listener serving /metrics, /healthz and /readyz.
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
+//! - [`secret`]: values that are never shown (credentials, secret options).
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
@@ -46,6 +47,7 @@ pub mod node;
 pub mod progress;
 pub mod publish;
 pub mod repo;
+pub mod secret;
 pub mod signing;
 pub mod store;
 pub mod systemd;

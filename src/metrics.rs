@@ -132,6 +132,15 @@ metrics! {
         "The node's role as its hook reports it: 1 for the current role, 0 for the others";
 }
 
+/// The numbers of one GC run that the metrics count.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GcCounts {
+    pub manifests_deleted: u64,
+    pub chunks_deleted: u64,
+    pub bytes_deleted: u64,
+    pub chunks_deferred: u64,
+}
+
 /// The daemon's metrics. A cheap clone: all clones update and encode the same registry.
 #[derive(Clone)]
 pub struct Metrics {
@@ -313,13 +322,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn gc_done(&self, report: &crate::gc::GcReport) {
+    /// What a GC run deleted, and the chunks it left for a later run.
+    pub fn gc_done(&self, gc: GcCounts) {
         let m = &self.inner;
-        m.gc_deleted_manifests
-            .inc_by(report.manifests_deleted.len() as u64);
-        m.gc_deleted_chunks.inc_by(report.chunks_deleted);
-        m.gc_deleted_bytes.inc_by(report.bytes_deleted);
-        m.gc_deferred_chunks.inc_by(report.chunks_deferred);
+        m.gc_deleted_manifests.inc_by(gc.manifests_deleted);
+        m.gc_deleted_chunks.inc_by(gc.chunks_deleted);
+        m.gc_deleted_bytes.inc_by(gc.bytes_deleted);
+        m.gc_deferred_chunks.inc_by(gc.chunks_deferred);
     }
 
     /// The node's role as the hook reports it (`Role`'s Display): `leader`, `follower`,
@@ -464,12 +473,11 @@ pub(crate) mod tests {
         m.verification_failure();
         m.store_error("unreachable");
         m.signature_failure(crate::signing::Reason::UnknownKey);
-        m.gc_done(&crate::gc::GcReport {
-            manifests_deleted: vec!["m".into()],
+        m.gc_done(GcCounts {
+            manifests_deleted: 1,
             chunks_deleted: 5,
             bytes_deleted: 4096,
             chunks_deferred: 2,
-            ..Default::default()
         });
         m.follower_position(Some(30), Some(42));
     }

@@ -1,5 +1,6 @@
 //! Progress reporting for long transfers. The library calls a [`Progress`]; the CLI passes a
-//! terminal bar when stderr is a terminal, everything else passes [`Silent`].
+//! terminal bar when stderr is a terminal, everything else passes [`Silent`]. Also how the
+//! reports of finished transfers show their duration ([`as_millis`]).
 
 use std::io::IsTerminal;
 
@@ -50,4 +51,12 @@ impl Progress for Bar {
     fn finish(&self) {
         self.0.finish_and_clear();
     }
+}
+
+/// Serializes a duration as whole milliseconds (the `elapsed_ms` of every `--json` report).
+pub(crate) fn as_millis<S: serde::Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
 }

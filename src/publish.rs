@@ -47,15 +47,8 @@ pub struct PublishReport {
     pub chunks_total: u64,
     pub chunks_transferred: u64,
     pub bytes_transferred: u64,
-    #[serde(rename = "elapsed_ms", serialize_with = "as_millis")]
+    #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
-}
-
-pub(crate) fn as_millis<S: serde::Serializer>(
-    d: &Duration,
-    s: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
 }
 
 pub struct Publisher<'a> {

@@ -16,7 +16,8 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 
-use crate::config::{ConfigError, Secret};
+use crate::error::ConfigError;
+use crate::secret::Secret;
 
 /// Where a repository lives.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,7 +33,7 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     pub bad_manifests: Vec<BadManifest>,
     pub bad_chunks: Vec<BadChunk>,
-    #[serde(rename = "elapsed_ms", serialize_with = "crate::publish::as_millis")]
+    #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
 }
 

@@ -15,6 +15,7 @@ mod gc;
 mod handover;
 mod hostile_fs;
 mod incremental;
+mod layout;
 mod operate;
 mod roundtrip;
 mod signing;
