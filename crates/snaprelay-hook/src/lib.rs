@@ -41,15 +41,22 @@ pub mod node;
 pub mod raft;
 pub mod server;
 pub mod snapshot_dir;
+pub mod store;
 pub mod verify;
 
 pub use access::{AllowList, AllowListError, PeerCredentials, Principal};
 pub use adopt::{AdoptSnapshot, Incoming, StageOutcome};
+pub use decision::is_newer;
 pub use decision::{BuildDecision, BuildInputs, BuildPolicy};
 pub use node::{Node, NodeError, NodeState, RefusalCounts};
 pub use raft::{log_id_ref, CommittedTerm, LeaderFlag, RaftNode};
 pub use server::{HookConfig, HookError, HookServer};
+pub use snaprelay_contract::ipc::LogIdRef;
 pub use snapshot_dir::{SnapshotDir, SnapshotDirError, REJECTED_DIR};
+pub use store::{
+    serve_hook, SnapshotApp, SnapshotCounters, SnapshotFile, SnapshotStore, StoreBuilder,
+    StoreHandle, StoreNode, StoreOptions,
+};
 pub use verify::{IncomingFile, Refusal};
 
 /// The contract types the hook speaks, re-exported so that an application needs one dependency.

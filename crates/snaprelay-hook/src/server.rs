@@ -217,6 +217,11 @@ impl<N: Node> HookServer<N> {
         &self.socket_path
     }
 
+    /// The node this server serves (shared: e.g. for the application's own metrics).
+    pub fn node(&self) -> Arc<N> {
+        self.node.clone()
+    }
+
     /// Serves connections until `shutdown` completes, then closes them all (an interrupted
     /// request is safe to abandon: staging is a rename inside the state machine, and the
     /// sidecar retries) and removes the socket file.
