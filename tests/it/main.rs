@@ -8,6 +8,7 @@ mod chunk_index;
 mod corruption;
 mod crash_safety;
 mod e2e_cluster;
+mod e2e_counter;
 mod gc;
 mod incremental;
 mod operate;
