@@ -513,6 +513,15 @@ impl<N: Node> Connection<N> {
                     }
                     return match codec.decode_eof(buf) {
                         Ok(Some(line)) => Next::Line(line),
+                        // A last line that is not UTF-8 is answered like any other.
+                        Err(LinesCodecError::Io(e))
+                            if e.kind() == std::io::ErrorKind::InvalidData =>
+                        {
+                            Next::Bad(ResponseFrame::error(
+                                ErrorCode::BadRequest,
+                                "invalid frame: the line is not UTF-8",
+                            ))
+                        }
                         _ => Next::Close("closed by the peer"),
                     };
                 }
