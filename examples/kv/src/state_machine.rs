@@ -314,6 +314,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_newer_snapshot_replaces_the_staged_one() {
+        // A staged snapshot that cannot be adopted yet never blocks a newer valid one.
+        let root = tempfile::tempdir().unwrap();
+        let (mut follower, app) = machine(root.path(), "follower", 3, false).await;
+        let (older, _) = leader_snapshot(root.path(), 5, &follower).await;
+        let (newer, newer_bytes) = leader_snapshot(root.path(), 7, &follower).await;
+        assert_eq!(
+            follower.force_save_snapshot(older).await.unwrap(),
+            StageOutcome::Staged
+        );
+        assert_eq!(
+            follower.force_save_snapshot(newer).await.unwrap(),
+            StageOutcome::Staged
+        );
+        let dir = follower.handle().dir().path().to_owned();
+        let staged: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".staged-"))
+            .collect();
+        assert_eq!(
+            staged.len(),
+            1,
+            "the older staged file was removed: {staged:?}"
+        );
+        apply(&mut follower, 4..=7).await;
+        let adopted = follower
+            .try_create_snapshot_builder(false)
+            .await
+            .expect("the newer staged snapshot is adoptable")
+            .build_snapshot()
+            .await
+            .unwrap();
+        assert_eq!(adopted.meta.last_log_id, Some(log_id(7)));
+        assert_eq!(adopted.snapshot.read_all().unwrap(), newer_bytes);
+        assert_eq!(app.get("k7").as_deref(), Some("v7"));
+    }
+
+    #[tokio::test]
     async fn validation_decodes_and_checks_the_label() {
         let root = tempfile::tempdir().unwrap();
         let (follower, _) = machine(root.path(), "follower", 3, false).await;
