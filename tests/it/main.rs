@@ -10,6 +10,7 @@ mod corruption;
 mod crash_safety;
 mod deployment;
 mod e2e_cluster;
+mod e2e_counter;
 mod full_disk;
 mod gc;
 mod handover;

@@ -217,6 +217,11 @@ impl<N: Node> HookServer<N> {
         &self.socket_path
     }
 
+    /// The node this server serves (shared: e.g. for the application's own metrics).
+    pub fn node(&self) -> Arc<N> {
+        self.node.clone()
+    }
+
     /// Serves connections until `shutdown` completes, then closes them all (an interrupted
     /// request is safe to abandon: staging is a rename inside the state machine, and the
     /// sidecar retries) and removes the socket file.
@@ -508,6 +513,15 @@ impl<N: Node> Connection<N> {
                     }
                     return match codec.decode_eof(buf) {
                         Ok(Some(line)) => Next::Line(line),
+                        // A last line that is not UTF-8 is answered like any other.
+                        Err(LinesCodecError::Io(e))
+                            if e.kind() == std::io::ErrorKind::InvalidData =>
+                        {
+                            Next::Bad(ResponseFrame::error(
+                                ErrorCode::BadRequest,
+                                "invalid frame: the line is not UTF-8",
+                            ))
+                        }
                         _ => Next::Close("closed by the peer"),
                     };
                 }

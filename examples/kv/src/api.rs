@@ -35,11 +35,11 @@ use openraft::{BasicNode, Snapshot};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use snaprelay_hook::ipc::{LogIdRef, Role};
-use snaprelay_hook::{Node, RaftNode, SnapshotDir};
+use snaprelay_hook::{Node, SnapshotFile, StoreHandle, StoreNode};
 
 use crate::log_store::LogStore;
 use crate::network::SnapshotHeader;
-use crate::state_machine::{SnapshotFile, StoreView};
+use crate::state_machine::KvApp;
 use crate::{NodeId, Raft, Request, TypeConfig};
 
 /// How long a write waits for a leader (election, lease) before giving up.
@@ -51,8 +51,7 @@ const MAX_RPC_BYTES: usize = 256 << 20;
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 
 /// The hook's node: raft plus a reader of this node's log.
-pub type HookNode =
-    RaftNode<TypeConfig, crate::state_machine::KvStateMachine, LogStore<TypeConfig>>;
+pub type HookNode = StoreNode<TypeConfig, KvApp, LogStore<TypeConfig>>;
 
 #[derive(Clone)]
 pub struct App {
@@ -60,8 +59,10 @@ pub struct App {
     /// This node's HTTP address, as other nodes reach it.
     pub addr: String,
     pub raft: Raft,
-    pub store: StoreView,
-    pub snapshots: SnapshotDir,
+    /// The key-value state.
+    pub kv: KvApp,
+    /// The snapshot store: directory, current snapshot, counters.
+    pub store: StoreHandle<TypeConfig>,
     /// The hook's view of this node (status, refusal counts).
     pub hook: Arc<HookNode>,
     /// Fault injection for tests: while set, this node refuses raft RPCs, as if cut off
@@ -175,7 +176,7 @@ async fn raft_snapshot(
     let header: SnapshotHeader = serde_json::from_slice(&body[..split])
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("snapshot header: {e}")))?;
     let data = body.slice(split + 1..);
-    let dir = app.snapshots.clone();
+    let dir = app.store.dir().clone();
     let temp = tokio::task::spawn_blocking(move || {
         let path = dir.write_temp(|w| w.write_all(&data))?;
         let file = SnapshotFile::open(&path)?;
@@ -196,7 +197,7 @@ async fn raft_snapshot(
     };
     let result = app.raft.install_full_snapshot(header.vote, snapshot).await;
     // Installed (and renamed into place) or not needed: either way the temp file is done with.
-    let _ = app.snapshots.discard(&temp_path);
+    let _ = app.store.dir().discard(&temp_path);
     Ok(Json(result.map_err(|e| e.to_string())))
 }
 
@@ -276,7 +277,7 @@ struct ReadQuery {
 }
 
 async fn read(State(app): State<App>, Query(query): Query<ReadQuery>) -> Json<serde_json::Value> {
-    let value = app.store.get(&query.key);
+    let value = app.kv.get(&query.key);
     Json(json!({ "key": query.key, "value": value }))
 }
 
@@ -377,7 +378,7 @@ async fn metrics(State(app): State<App>) -> Json<MetricsView> {
             .store
             .current_snapshot_path()
             .map(|p| p.display().to_string()),
-        snapshot_dir: app.snapshots.path().display().to_string(),
-        incoming_dir: app.snapshots.incoming_dir().display().to_string(),
+        snapshot_dir: app.store.dir().path().display().to_string(),
+        incoming_dir: app.store.dir().incoming_dir().display().to_string(),
     })
 }

@@ -6,9 +6,10 @@
 //!
 //! - [`log_store`]: an in-memory, generic `RaftLogStorage` (logs and vote are lost on restart:
 //!   fine for an example, not for production).
-//! - [`state_machine`]: the key-value map; snapshots are files in the snapshot directory,
-//!   written through the hook's `SnapshotDir`, whose bytes are a pure function of the applied
-//!   log prefix; `try_create_snapshot_builder` follows the hook's adopt/build/defer decision.
+//! - [`state_machine`]: the key-value map as a `snaprelay_hook::SnapshotApp` (apply, and
+//!   snapshot bytes that are a pure function of the applied log prefix); the hook's
+//!   `SnapshotStore` around it is the state machine openraft runs, and does all the snapshot
+//!   bookkeeping and checks.
 //! - [`network`]: raft RPCs to the other nodes over HTTP (reqwest).
 //! - [`api`]: the HTTP server: raft RPC endpoints and the client API (axum).
 //! - [`node`]: wiring: directories, raft, hook socket, HTTP server, shutdown.

@@ -18,8 +18,8 @@ use openraft::{BasicNode, OptionalSend};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::state_machine::KvSnapshot;
 use crate::{NodeId, SnapshotMeta, TypeConfig};
+use snaprelay_hook::SnapshotFile;
 
 /// What precedes a snapshot's bytes in a `/raft/snapshot` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,7 +114,7 @@ impl HttpConnection {
 }
 
 impl RaftNetworkV2<TypeConfig> for HttpConnection {
-    type SnapshotData = crate::state_machine::SnapshotFile;
+    type SnapshotData = SnapshotFile;
 
     async fn append_entries(
         &mut self,
@@ -135,7 +135,7 @@ impl RaftNetworkV2<TypeConfig> for HttpConnection {
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<TypeConfig>,
-        snapshot: KvSnapshot,
+        snapshot: openraft::alias::SnapshotOf<TypeConfig, SnapshotFile>,
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {

@@ -9,15 +9,13 @@ use std::sync::Arc;
 use anyhow::Context;
 use openraft::storage::RaftLogStorage;
 use openraft::SnapshotPolicy;
-use snaprelay_hook::{
-    BuildPolicy, HookConfig, HookServer, LeaderFlag, Principal, RaftNode, SnapshotDir,
-};
+use snaprelay_hook::{serve_hook, HookConfig, Principal, SnapshotDir, StoreOptions};
 use tokio::sync::watch;
 
 use crate::api::{router, App};
 use crate::log_store::LogStore;
 use crate::network::HttpNetwork;
-use crate::state_machine::KvStateMachine;
+use crate::state_machine::{KvApp, KvStateMachine};
 use crate::{NodeId, Raft, TypeConfig};
 
 /// A node's settings, validated by the binary's argument parser.
@@ -50,15 +48,14 @@ pub async fn run(
     let snapshot_dir = config.dir.join("snapshots");
     let snapshots = SnapshotDir::open(&snapshot_dir)
         .with_context(|| format!("opening snapshot directory {}", snapshot_dir.display()))?;
-    let leader = LeaderFlag::new();
-    let state_machine = KvStateMachine::open(
-        snapshots.clone(),
-        leader.clone(),
-        BuildPolicy::new(config.defer_limit),
-        config.keep_snapshots,
-    )
-    .with_context(|| format!("loading state from {}", snapshots.path().display()))?;
-    let store = state_machine.view();
+    let kv = KvApp::default();
+    let options = StoreOptions {
+        defer_limit: config.defer_limit,
+        keep_snapshots: config.keep_snapshots,
+    };
+    let state_machine = KvStateMachine::open(snapshots.clone(), kv.clone(), options)
+        .with_context(|| format!("loading state from {}", snapshots.path().display()))?;
+    let store = state_machine.handle();
 
     let raft_config = openraft::Config {
         cluster_name: "snaprelay-example-kv".into(),
@@ -95,7 +92,6 @@ pub async fn run(
     )
     .await
     .context("starting raft")?;
-    leader.track(&raft);
 
     let mut hook_config = HookConfig::new(
         &config.hook_socket,
@@ -105,8 +101,7 @@ pub async fn run(
     hook_config.group_access = config.hook_group_access;
     hook_config.allow_users = config.hook_allow_users.clone();
     hook_config.allow_groups = config.hook_allow_groups.clone();
-    let hook_node = Arc::new(RaftNode::new(raft.clone(), log_reader));
-    let hook = HookServer::bind(hook_config, hook_node.clone())?;
+    let hook = serve_hook(&raft, &store, log_reader, hook_config)?;
 
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -115,9 +110,9 @@ pub async fn run(
         id: config.id,
         addr: config.http.to_string(),
         raft: raft.clone(),
+        kv,
         store,
-        snapshots,
-        hook: hook_node,
+        hook: hook.node(),
         isolated: Default::default(),
     };
     tracing::info!(id = config.id, http = %config.http, hook = %config.hook_socket.display(), "node running");

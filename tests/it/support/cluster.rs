@@ -1,6 +1,7 @@
-//! A real cluster for end-to-end tests: `kv-node` processes (the example openraft
-//! application, talking HTTP over loopback) and `snaprelay run` sidecars, each a separate
-//! process with its own directory, socket and log file. Everything is killed on drop.
+//! A real cluster for end-to-end tests: node processes (an example openraft application,
+//! `kv-node` by default or `counter-node`, talking HTTP over loopback) and `snaprelay run`
+//! sidecars, each a separate process with its own directory, socket and log file.
+//! Everything is killed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,18 +11,27 @@ use serde_json::{json, Value};
 
 /// The `kv-node` binary, built on demand when the workspace build did not build it.
 pub fn kv_node_bin() -> PathBuf {
+    example_bin("snaprelay-example-kv", "kv-node")
+}
+
+/// The `counter-node` binary (the minimal example), built on demand likewise.
+pub fn counter_node_bin() -> PathBuf {
+    example_bin("snaprelay-example-counter", "counter-node")
+}
+
+fn example_bin(package: &str, name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_BIN_EXE_snaprelay"))
         .parent()
         .unwrap()
         .to_owned();
-    let bin = dir.join("kv-node");
+    let bin = dir.join(name);
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", "snaprelay-example-kv", "--bin", "kv-node"])
+            .args(["build", "-p", package, "--bin", name])
             .status()
-            .expect("running cargo build for kv-node");
-        assert!(status.success(), "building kv-node failed");
+            .unwrap_or_else(|e| panic!("running cargo build for {name}: {e}"));
+        assert!(status.success(), "building {name} failed");
     }
     bin
 }
@@ -80,17 +90,31 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub sidecars: Vec<Option<Sidecar>>,
     pub store: StoreSection,
-    /// Extra kv-node arguments (snapshot policy and the like).
+    /// Extra node arguments (snapshot policy and the like).
     pub node_args: Vec<String>,
     /// Extra TOML appended to a node's sidecar config (e.g. `[signing]`), by node id.
     pub sidecar_config: std::collections::HashMap<u64, String>,
+    /// The node binary: `kv-node` unless started with [`Cluster::start_with`].
+    pub node_bin: PathBuf,
     pub http: reqwest::Client,
 }
 
 impl Cluster {
     /// Starts `n` nodes, forms a cluster of all of them, and starts a sidecar per node.
     pub async fn start(n: u64, store: StoreSection, node_args: &[&str]) -> Cluster {
-        let mut cluster = Cluster::start_nodes(n, store, node_args).await;
+        Cluster::start_with(kv_node_bin(), n, store, node_args).await
+    }
+
+    /// [`Cluster::start`] with another node binary (same command line and HTTP API subset:
+    /// `--id --http --dir --hook-socket`, `/init`, `/add-learner`, `/change-membership`,
+    /// `/write`, `/snapshot`, `/metrics`).
+    pub async fn start_with(
+        bin: PathBuf,
+        n: u64,
+        store: StoreSection,
+        node_args: &[&str],
+    ) -> Cluster {
+        let mut cluster = Cluster::start_nodes_with(bin, n, store, node_args).await;
         for id in 1..=n {
             cluster.start_sidecar(id);
         }
@@ -99,6 +123,15 @@ impl Cluster {
 
     /// Starts `n` nodes and forms a cluster of all of them, without sidecars.
     pub async fn start_nodes(n: u64, store: StoreSection, node_args: &[&str]) -> Cluster {
+        Cluster::start_nodes_with(kv_node_bin(), n, store, node_args).await
+    }
+
+    async fn start_nodes_with(
+        node_bin: PathBuf,
+        n: u64,
+        store: StoreSection,
+        node_args: &[&str],
+    ) -> Cluster {
         let work = tempfile::Builder::new()
             .prefix("snaprelay-e2e-")
             .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -110,6 +143,7 @@ impl Cluster {
             store,
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             sidecar_config: Default::default(),
+            node_bin,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -135,14 +169,14 @@ impl Cluster {
         cluster
     }
 
-    /// Spawns a kv-node process (not yet a member).
+    /// Spawns a node process (not yet a member).
     pub fn spawn_node(&mut self, id: u64) -> &Node {
         let dir = self.work.path().join(format!("node{id}"));
         std::fs::create_dir_all(&dir).unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let socket = dir.join("hook.sock");
         let log = dir.join("node.log");
-        let child = Command::new(kv_node_bin())
+        let child = Command::new(&self.node_bin)
             .args(["--id", &id.to_string(), "--http", &addr])
             .arg("--dir")
             .arg(&dir)
