@@ -33,8 +33,6 @@ const LEASES: &str = "leases";
 const MAX_LEASE_BYTES: usize = 4 << 10;
 /// Where `check-config` writes and deletes its scratch objects.
 const PROBE_PREFIX: &str = "probe";
-/// A scratch object GC writes to read the store's clock.
-const CLOCK_KEY: &str = "gc-clock";
 /// repository.json is a few hundred bytes; anything much larger is not ours.
 const MAX_REPOSITORY_BYTES: u64 = 64 << 10;
 
@@ -481,26 +479,6 @@ impl Repo {
             }
         }
         Ok(chunks)
-    }
-
-    /// The store's idea of "now": the last-modified time of a scratch object written just
-    /// now. GC compares chunk ages with it, so a skewed local clock cannot make it delete
-    /// young chunks.
-    pub async fn store_now(&self) -> Result<chrono::DateTime<Utc>> {
-        let key = self.store.key(CLOCK_KEY);
-        let body = Utc::now().to_rfc3339();
-        self.store
-            .backend
-            .put(&key, PutPayload::from(body))
-            .await
-            .map_err(store_err("put", &key))?;
-        let meta = self
-            .store
-            .backend
-            .head(&key)
-            .await
-            .map_err(store_err("head", &key))?;
-        Ok(meta.last_modified)
     }
 
     /// Writes (or rewrites) the lease object `name`; `body` says who holds it.

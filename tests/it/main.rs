@@ -9,6 +9,7 @@ mod corruption;
 mod crash_safety;
 mod e2e_cluster;
 mod gc;
+mod gc_interleavings;
 mod incremental;
 mod operate;
 mod roundtrip;
