@@ -182,6 +182,8 @@ async fn referenced_by(
         }
         match repo.read_manifest(id).await {
             Ok(m) => referenced.extend(m.chunks.iter().map(|c| c.sha256)),
+            // The store did not answer: nothing is known about the manifest yet.
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
                 return Err(Error::InvalidManifest {
                     key: id.to_string(),

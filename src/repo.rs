@@ -655,9 +655,22 @@ async fn get_limited(store: &Store, key: &Path, limit: u64) -> Result<Bytes> {
     if size > limit {
         return Err(too_large(size));
     }
+    let expected = result.range.end - result.range.start;
     let bytes = result.bytes().await.map_err(store_err("get", key))?;
     if bytes.len() as u64 > limit {
         return Err(too_large(bytes.len() as u64));
+    }
+    // A body that ends early is the connection's fault, not the object's: an error to
+    // retry, never a "corrupt chunk" or "invalid manifest".
+    if (bytes.len() as u64) < expected {
+        return Err(store_err("get", key)(object_store::Error::Generic {
+            store: "snaprelay",
+            source: format!(
+                "the response ended after {} of {expected} bytes",
+                bytes.len()
+            )
+            .into(),
+        }));
     }
     Ok(bytes)
 }

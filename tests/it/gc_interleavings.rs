@@ -489,3 +489,65 @@ async fn interleavings_are_reproducible() {
         assert!(a.steps.len() > 10, "{}", trace(&a.steps));
     }
 }
+
+/// A batch of deletes is bounded by the check that allowed it: deletes are sent only
+/// before half a TTL has passed since that check's lease write, however the renewals go
+/// meanwhile, and one cut off (it may still land) leaves the GC's lease to go stale, so
+/// that a publish starting now waits it out.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_gc_batch_ends_at_its_checks_deadline_and_a_cut_off_delete_keeps_the_lease() {
+    use snaprelay::lease::Lease;
+    use snaprelay::repo::LeaseKind;
+    use support::faults::{FaultyStore, Op};
+
+    let plain: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let store = |backend: Arc<dyn ObjectStore>| Store {
+        backend,
+        prefix: Path::default(),
+        url: StoreUrl::Memory,
+    };
+    let repo = Repo::open_or_create(store(plain.clone()), CLUSTER, params())
+        .await
+        .unwrap();
+    // Chunks no manifest names (a killed push's), older than no grace at all.
+    for i in 0..24u64 {
+        let data = bytes::Bytes::from(random(i, 100));
+        repo.put_chunk(&snaprelay::chunk::Digest::of(&data), data)
+            .await
+            .unwrap();
+    }
+    // Every delete takes a little under TTL/8: four fit before the deadline.
+    let latency = TTL / 8 - Duration::from_millis(50);
+    let slow = Repo::open(
+        store(Arc::new(FaultyStore::slow(
+            plain.clone(),
+            Op::Delete,
+            latency,
+        ))),
+        CLUSTER,
+    )
+    .await
+    .unwrap();
+    let retention = Retention {
+        keep_last: 1,
+        pinned: Vec::new(),
+        grace: Duration::ZERO,
+    };
+    let options = GcOptions {
+        ttl: TTL,
+        ..GcOptions::new(1)
+    };
+    let err = gc::collect_with(&slow, &retention, true, &options)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLapsed { .. }), "{err}");
+    let left = repo.list_chunks().await.unwrap().len();
+    assert_eq!(left, 24 - 4, "deletes went on past the check's deadline");
+    let leases = repo.list_leases().await.unwrap();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    let publish = Lease::take(&repo, LeaseKind::Publish, TTL, None)
+        .await
+        .unwrap();
+    assert!(!publish.seen().clear(), "the publish must wait for that GC");
+    publish.release().await;
+}
