@@ -2,7 +2,7 @@
 //! that knows object keys:
 //!
 //! ```text
-//! <prefix>/repository.json
+//! <prefix>/repository.json          format 2: features, cluster id, incarnation, chunking
 //! <prefix>/manifests/<index:020>-<term:020>-<sha256[..16]>.json
 //! <prefix>/chunks/<sha256[..2]>/<sha256>
 //! <prefix>/leases/<publish|gc>-<16 hex>.json
@@ -22,7 +22,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::chunk::{ChunkParams, Digest};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES, REPOSITORY_FORMAT};
+use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES};
 use crate::store::Store;
 
 const REPOSITORY_KEY: &str = "repository.json";
@@ -188,17 +188,12 @@ impl Repo {
         if let Some(descriptor) = Self::read_descriptor(&store).await? {
             return Self::checked(store, descriptor, cluster_id);
         }
-        let descriptor = Repository {
-            format: REPOSITORY_FORMAT,
-            cluster_id: cluster_id.to_owned(),
-            chunking: params,
-            created_at: Utc::now(),
-        };
+        let descriptor = Repository::new(cluster_id, params);
         let key = store.key(REPOSITORY_KEY);
         let body = serde_json::to_vec_pretty(&descriptor).expect("Repository serializes");
         match put_create(&store, &key, body.into()).await {
             Ok(()) => {
-                tracing::info!(store = %store.url, cluster_id, "created repository");
+                tracing::info!(store = %store.url, cluster_id, incarnation = %descriptor.incarnation, "created repository");
                 Ok(Repo { store, descriptor })
             }
             Err(Error::Store {
@@ -293,14 +288,22 @@ impl Repo {
             location: store.url.to_string(),
             reason,
         };
-        let descriptor: Repository =
-            serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-        descriptor.validate().map_err(invalid)?;
+        let descriptor = Repository::parse(&bytes).map_err(invalid)?;
         Ok(Some(descriptor))
     }
 
     pub fn descriptor(&self) -> &Repository {
         &self.descriptor
+    }
+
+    /// `repository.json` as the store holds it now (`None` if it is gone): to notice a
+    /// repository re-created under a running process.
+    pub async fn current_descriptor(&self) -> Result<Option<Repository>> {
+        Self::read_descriptor(&self.store).await
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.descriptor.incarnation
     }
 
     pub fn params(&self) -> ChunkParams {
