@@ -19,6 +19,8 @@
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
 //! - [`gc`]: retention: old manifests, then unreferenced chunks past a grace period.
+//! - [`lease`]: how a GC and a publish running at once keep out of each other's way.
+//! - [`incarnation`]: which incarnation of the repository a sidecar follows.
 //! - [`verify`]: re-download and re-hash what the store holds.
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
@@ -34,6 +36,7 @@ pub mod daemon;
 pub mod error;
 pub mod fetch;
 pub mod gc;
+pub mod incarnation;
 pub mod lease;
 pub mod manifest;
 pub mod metrics;

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::daemon::DaemonState;
+use crate::incarnation::Record;
 use crate::ipc::Status;
 use crate::node::HookClient;
 use crate::repo::Repo;
@@ -30,6 +31,11 @@ struct Report {
     stored_bytes: Option<u64>,
     /// Newest index in the store minus the node's snapshot index.
     lag: Option<u64>,
+    /// The store's repository incarnation (`repository.json`).
+    incarnation: Option<String>,
+    /// The incarnation this node's sidecar recorded (`daemon.state_dir/incarnation.json`).
+    recorded_incarnation: Option<String>,
+    incarnation_record_error: Option<String>,
     daemon: Option<DaemonState>,
 }
 
@@ -55,6 +61,9 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         chunks: None,
         stored_bytes: None,
         lag: None,
+        incarnation: None,
+        recorded_incarnation: None,
+        incarnation_record_error: None,
         daemon: config
             .daemon
             .state_dir
@@ -65,10 +74,11 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         let repo = Repo::open(Store::open(&config.store)?, &config.cluster_id).await?;
         let manifests = repo.list_manifests(None).await?;
         let chunks = repo.list_chunks().await?;
-        anyhow::Ok((manifests, chunks))
+        anyhow::Ok((repo.incarnation().to_owned(), manifests, chunks))
     };
     match store_part.await {
-        Ok((manifests, chunks)) => {
+        Ok((incarnation, manifests, chunks)) => {
+            report.incarnation = Some(incarnation);
             report.manifests = Some(manifests.len() as u64);
             if let Some(newest) = manifests.last() {
                 report.newest_index = Some(newest.id.index);
@@ -81,6 +91,14 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             );
         }
         Err(e) => report.store_error = Some(format!("{e:#}")),
+    }
+    let recorded = config.daemon.state_dir.as_deref().map(Record::read);
+    match recorded {
+        Some(Ok(Some(r))) if r.store == report.store => {
+            report.recorded_incarnation = Some(r.incarnation)
+        }
+        Some(Err(e)) => report.incarnation_record_error = Some(e),
+        _ => {}
     }
     if let (Some(newest), Some(node)) = (report.newest_index, &report.node) {
         report.lag = Some(newest.saturating_sub(node.snapshot.map(|s| s.index).unwrap_or(0)));
@@ -106,6 +124,12 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         (None, Some(e)) => println!("node      UNREACHABLE: {e}"),
         (None, None) => {}
     }
+    if let Some(e) = &report.incarnation_record_error {
+        println!(
+            "          the incarnation record ({}) is unreadable: {e}",
+            crate::incarnation::FILE
+        );
+    }
     match &report.store_error {
         None => println!(
             "store     {}: newest snapshot {} (term {}), {} manifest(s), {} chunk(s), {:.1} MiB",
@@ -117,6 +141,20 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             report.stored_bytes.unwrap_or(0) as f64 / 1048576.0
         ),
         Some(e) => println!("store     {}: ERROR: {e}", report.store),
+    }
+    match (&report.incarnation, &report.recorded_incarnation) {
+        (Some(found), Some(recorded)) if found != recorded => println!(
+            "          incarnation {found}; THIS NODE FOLLOWS {recorded}: the repository was re-created (its sidecar refuses it)"
+        ),
+        (Some(found), _) => println!("          incarnation {found}"),
+        (None, Some(recorded)) => println!("          this node follows incarnation {recorded}"),
+        (None, None) => {}
+    }
+    if let Some(e) = &report.incarnation_record_error {
+        println!(
+            "          the incarnation record ({}) is unreadable: {e}",
+            crate::incarnation::FILE
+        );
     }
     if let Some(lag) = report.lag {
         println!("lag       {lag} log index(es) behind the store's newest snapshot");

@@ -10,6 +10,7 @@ mod crash_safety;
 mod e2e_cluster;
 mod gc;
 mod gc_interleavings;
+mod incarnation;
 mod incremental;
 mod operate;
 mod roundtrip;
