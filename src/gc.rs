@@ -230,6 +230,8 @@ async fn sort_chunks(
             doomed.push((sha, chunk.size));
         }
     }
+    // In key order, not the listing map's: the same store state gives the same deletions.
+    doomed.sort_unstable();
     Ok(doomed)
 }
 
