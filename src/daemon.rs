@@ -14,7 +14,8 @@
 //! Every step is safe to abandon at any await (the manifest is the store's commit point; a
 //! fetch's staging file is hidden and resumed next time), so shutdown simply stops waiting.
 //! Failures are retried with exponential backoff and jitter; the loop never exits on a
-//! transient error.
+//! transient error. It does exit on a repository re-created under it (another incarnation,
+//! see [`crate::incarnation`]): only the operator can decide to follow that one.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use crate::error::FailureReason;
 use crate::fetch::{self, Fetcher};
 use crate::gc::{self, Retention};
 use crate::health::Health;
+use crate::incarnation::{Incarnation, IncarnationError};
 use crate::ipc::{Role, Status};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
@@ -89,6 +91,8 @@ pub struct Daemon {
     /// What the operator sees in `systemctl status`.
     last_event: String,
     state: DaemonState,
+    /// The repository incarnation this sidecar follows (see `incarnation`).
+    incarnation: Incarnation,
 }
 
 impl Daemon {
@@ -99,6 +103,10 @@ impl Daemon {
             .context("[node] with hook_socket is required for `run`")?;
         let node = HookClient::new(&node_config.hook_socket, node_config.hook_timeout);
         let store = Store::open(&config.store)?;
+        let incarnation = Incarnation::load(
+            config.daemon.state_dir.as_deref(),
+            &config.store.url.to_string(),
+        )?;
         let backoff = Backoff::new(config.daemon.poll_interval, config.daemon.max_backoff);
         // A step may legitimately wait out a hook timeout and a full backoff; longer than
         // that without progress (transfers report progress per chunk) means stuck.
@@ -124,6 +132,7 @@ impl Daemon {
                 pid: std::process::id(),
                 ..DaemonState::default()
             },
+            incarnation,
         })
     }
 
@@ -455,32 +464,70 @@ impl Daemon {
     /// The repository, created on the leader's first publish. (A cheap clone: the store
     /// handle is shared.)
     async fn repo_for_publish(&mut self) -> anyhow::Result<Repo> {
-        if self.repo.is_none() {
-            let repo = Repo::open_or_create_with(
-                self.store.clone(),
-                &self.config.cluster_id,
-                self.config.chunking,
-                self.config.signing.clone(),
-            )
-            .await?;
-            self.repo = Some(repo);
+        match self.repo.clone() {
+            Some(repo) => self.check_incarnation(&repo).await?,
+            None => {
+                let repo = match self.incarnation.gone() {
+                    // Creating a repository now would make another incarnation.
+                    Some(gone) => {
+                        let opened = Repo::open_with(
+                            self.store.clone(),
+                            &self.config.cluster_id,
+                            self.config.signing.clone(),
+                        )
+                        .await;
+                        match opened {
+                            Err(Error::NoRepository { .. }) => return Err(gone.into()),
+                            other => other?,
+                        }
+                    }
+                    None => {
+                        Repo::open_or_create_with(
+                            self.store.clone(),
+                            &self.config.cluster_id,
+                            self.config.chunking,
+                            self.config.signing.clone(),
+                        )
+                        .await?
+                    }
+                };
+                self.incarnation.check(repo.descriptor())?;
+                self.repo = Some(repo);
+            }
         }
         Ok(self.repo.clone().expect("set above"))
+    }
+
+    /// Reads `repository.json` again and checks its incarnation: one small read per new
+    /// snapshot, so that a repository re-created under this running sidecar is noticed
+    /// before anything from it reaches the node.
+    async fn check_incarnation(&mut self, repo: &Repo) -> anyhow::Result<()> {
+        match repo.current_descriptor().await? {
+            Some(descriptor) => self.incarnation.check(&descriptor)?,
+            None => self.incarnation.missing()?,
+        }
+        Ok(())
     }
 
     /// Follower: fetch and hand over the newest snapshot newer than the node's.
     async fn follow(&mut self, status: &Status, cancel: &CancellationToken) -> anyhow::Result<()> {
         if self.repo.is_none() {
-            match Repo::open_with(
+            let opened = Repo::open_with(
                 self.store.clone(),
                 &self.config.cluster_id,
                 self.config.signing.clone(),
             )
-            .await
-            {
-                Ok(repo) => self.repo = Some(repo),
+            .await;
+            match opened {
+                Ok(repo) => {
+                    self.incarnation.check(repo.descriptor())?;
+                    self.repo = Some(repo);
+                }
                 // Nothing published yet: the leader's sidecar creates the repository.
-                Err(Error::NoRepository { .. }) => return Ok(()),
+                Err(Error::NoRepository { .. }) => {
+                    self.incarnation.missing()?;
+                    return Ok(());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -519,6 +566,7 @@ impl Daemon {
             return Ok(());
         };
         let repo = &repo;
+        self.check_incarnation(repo).await?;
         let started = Instant::now();
         let incoming = self.incoming_dir(status);
         let snapshot_dir = self.snapshot_dir(status);
@@ -687,12 +735,15 @@ fn log_signing(keyring: &Keyring) {
 /// Errors that retrying cannot fix: the operator must change the config or the store.
 fn is_fatal(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<Error>(),
-            Some(
-                Error::ClusterMismatch { .. } | Error::InvalidRepository { .. } | Error::Config(_)
+        c.is::<IncarnationError>()
+            || matches!(
+                c.downcast_ref::<Error>(),
+                Some(
+                    Error::ClusterMismatch { .. }
+                        | Error::InvalidRepository { .. }
+                        | Error::Config(_)
+                )
             )
-        )
     })
 }
 

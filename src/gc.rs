@@ -4,11 +4,18 @@
 //! a grace period measured by the store's own clock.
 //!
 //! Order matters. Manifests go first, so a reader never sees a manifest whose chunks are
-//! gone. Then the GC takes a lease (see [`crate::lease`]) and lists the manifests again, so
-//! that a snapshot a publisher committed meanwhile keeps its chunks. The chunks no manifest
-//! names and older than the grace period are deleted a batch at a time, each batch only
-//! while no publish is in flight (it may count on an old chunk): otherwise the rest waits
-//! for the next GC.
+//! gone. Then the GC takes a lease (see [`crate::lease`], which has the protocol and why it
+//! holds) and lists the manifests again, so that a snapshot a publisher committed meanwhile
+//! keeps its chunks. The chunks no manifest names and older than the grace period are
+//! deleted a batch at a time, each batch only after a check of the leases shows no publish
+//! in flight (it may count on an old chunk), and only on the strength of a manifest listing
+//! taken after such a check, with none in between showing a publish: a publish seen when
+//! the lease was taken makes the GC list the manifests again once it is gone (its manifest
+//! exists by then); a publish seen before a batch stops the deleting, and the rest waits
+//! for the next GC. A GC never waits for a publish: publishes wait for GCs.
+//!
+//! A dry run writes nothing, not even a lease: it measures the grace period by this
+//! machine's clock (the report says so), where an applied GC uses the store's.
 //!
 //! Under `signing.require`, only manifests that verify count: one that fails the signature
 //! check, or a genuine one copied under another name or from another cluster, is garbage.
@@ -19,6 +26,8 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -41,6 +50,38 @@ pub struct Retention {
     pub grace: Duration,
 }
 
+/// Whose clock a GC measured chunk ages with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clock {
+    /// The store's: the time it gave the GC's lease (an applied GC).
+    Store,
+    /// This machine's (a dry run, which writes nothing to read the store's clock from).
+    #[default]
+    Local,
+}
+
+/// How a GC goes about it.
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Deletes in flight at once.
+    pub concurrency: usize,
+    /// Chunks deleted between two checks of the leases: a publish that starts meanwhile
+    /// waits for at most one batch.
+    pub batch: usize,
+    pub ttl: Duration,
+}
+
+impl GcOptions {
+    pub fn new(concurrency: usize) -> GcOptions {
+        GcOptions {
+            concurrency: concurrency.max(1),
+            batch: DELETE_BATCH,
+            ttl: lease::DEFAULT_TTL,
+        }
+    }
+}
+
 /// What a GC will do (dry run) or did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
@@ -59,6 +100,8 @@ pub struct GcReport {
     /// verify (also listed in `manifests_deleted`).
     pub manifests_refused: Vec<RefusedManifest>,
     pub applied: bool,
+    /// Whose clock measured the grace period.
+    pub clock: Clock,
     #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
 }
@@ -125,12 +168,23 @@ async fn authentic(
 ///
 /// Errors: any failure to read a kept manifest stops the GC before a chunk is deleted (its
 /// references would be unknown). Cancel safety: stopping between deletions leaves a valid
-/// repository; the next GC finishes the job.
+/// repository; the next GC finishes the job. (A delete cut off in flight leaves the GC's
+/// lease to go stale, see [`crate::lease`].)
 pub async fn collect(
     repo: &Repo,
     retention: &Retention,
     apply: bool,
     concurrency: usize,
+) -> Result<GcReport> {
+    collect_with(repo, retention, apply, &GcOptions::new(concurrency)).await
+}
+
+/// [`collect`] with every knob.
+pub async fn collect_with(
+    repo: &Repo,
+    retention: &Retention,
+    apply: bool,
+    options: &GcOptions,
 ) -> Result<GcReport> {
     let started = Instant::now();
     let keyring = repo.keyring();
@@ -174,22 +228,15 @@ pub async fn collect(
         }
     }
 
-    let mut lease = match apply {
-        true => Some(Lease::take(repo, LeaseKind::Gc, lease::DEFAULT_TTL, None).await?),
-        false => None,
+    let result = match apply {
+        true => {
+            let mut lease = Lease::take(repo, LeaseKind::Gc, options.ttl, None).await?;
+            let result = collect_chunks(repo, retention, &mut lease, options, &mut report).await;
+            lease.release().await;
+            result
+        }
+        false => count_chunks(repo, retention, &kept, &mut report).await,
     };
-    let result = collect_chunks(
-        repo,
-        retention,
-        &kept,
-        lease.as_mut(),
-        concurrency,
-        &mut report,
-    )
-    .await;
-    if let Some(lease) = lease {
-        lease.release().await;
-    }
     result?;
     report.elapsed = started.elapsed();
     tracing::info!(
@@ -209,47 +256,24 @@ pub async fn collect(
 /// for at most one batch.
 const DELETE_BATCH: usize = 256;
 
-/// The chunk half of a GC: with `lease` (an applied GC), deletes unreferenced chunks older
-/// than the grace period, a batch at a time, while no publish is in flight; without, only
-/// counts them.
-async fn collect_chunks(
+/// The chunks the manifests listed now name, reading only those not in `read` yet.
+async fn referenced_by(
     repo: &Repo,
-    retention: &Retention,
-    kept: &[ManifestId],
-    lease: Option<&mut Lease>,
-    concurrency: usize,
-    report: &mut GcReport,
+    ids: &[ManifestId],
+    read: &mut HashSet<ManifestId>,
+    referenced: &mut HashSet<Digest>,
 ) -> Result<()> {
-    if let Some(lease) = lease.as_deref() {
-        // Leases of processes that died: nobody will delete them otherwise.
-        for stale in lease.stale() {
-            tracing::info!(lease = %stale.name, last_written = %stale.last_modified, "deleting a stale lease");
-            if let Err(e) = repo.delete_lease(&stale.name).await {
-                tracing::warn!(lease = %stale.name, error = %e, "could not delete a stale lease");
-            }
+    for id in ids {
+        if read.contains(id) {
+            continue;
         }
-    }
-    // References of every manifest that exists now (kept ones, plus any a publisher
-    // committed since the first listing). Listed after the lease was written: a publish
-    // that commits a manifest later either was seen (and no chunk is deleted while it
-    // runs) or saw this GC's lease and waited for it before looking at any chunk.
-    let survivors: Vec<ManifestId> = match lease {
-        Some(_) => repo
-            .list_manifests(None)
-            .await?
-            .into_iter()
-            .map(|e| e.id)
-            .collect(),
-        None => kept.to_vec(),
-    };
-    let mut referenced: HashSet<Digest> = HashSet::new();
-    let requires = repo.keyring().requires();
-    for id in &survivors {
         match repo.read_manifest(id).await {
             Ok(m) => referenced.extend(m.chunks.iter().map(|c| c.sha256)),
+            // The store did not answer: nothing is known about the manifest yet.
+            Err(e) if e.is_transient() => return Err(e),
             // Written since the first listing and not genuine: no reference (the next GC
             // deletes it).
-            Err(e) if requires && refusal(&e).is_some() => {
+            Err(e) if repo.keyring().requires() && refusal(&e).is_some() => {
                 tracing::warn!(manifest = %id, error = %e, "GC does not count a manifest that does not verify");
             }
             Err(e) => {
@@ -261,16 +285,33 @@ async fn collect_chunks(
                 })
             }
         }
+        read.insert(id.clone());
     }
+    Ok(())
+}
 
-    let now = match lease.as_deref().and_then(Lease::store_now) {
-        Some(now) => now,
-        None => repo.store_now().await?,
-    };
+async fn manifest_ids(repo: &Repo) -> Result<Vec<ManifestId>> {
+    Ok(repo
+        .list_manifests(None)
+        .await?
+        .into_iter()
+        .map(|e| e.id)
+        .collect())
+}
+
+/// Sorts the listed chunks into kept (named by a manifest), in grace (younger than the
+/// grace period by `now`) and doomed.
+async fn sort_chunks(
+    repo: &Repo,
+    retention: &Retention,
+    referenced: &HashSet<Digest>,
+    now: DateTime<Utc>,
+    report: &mut GcReport,
+) -> Result<Vec<(Digest, u64)>> {
     let grace = chrono::Duration::from_std(retention.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = now
         .checked_sub_signed(grace)
-        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC);
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut doomed = Vec::new();
     for (sha, chunk) in repo.list_chunks().await? {
         if referenced.contains(&sha) {
@@ -281,19 +322,72 @@ async fn collect_chunks(
             doomed.push((sha, chunk.size));
         }
     }
-    let Some(lease) = lease else {
-        // A dry run: what would be deleted.
-        report.chunks_deleted = doomed.len() as u64;
-        report.bytes_deleted = doomed.iter().map(|(_, size)| size).sum();
-        return Ok(());
+    // In key order, not the listing map's: the same store state gives the same deletions.
+    doomed.sort_unstable();
+    Ok(doomed)
+}
+
+/// A dry run's chunk half: what would be deleted, measured by the local clock. Reads only.
+async fn count_chunks(
+    repo: &Repo,
+    retention: &Retention,
+    kept: &[ManifestId],
+    report: &mut GcReport,
+) -> Result<()> {
+    let mut referenced = HashSet::new();
+    referenced_by(repo, kept, &mut HashSet::new(), &mut referenced).await?;
+    report.clock = Clock::Local;
+    let doomed = sort_chunks(repo, retention, &referenced, Utc::now(), report).await?;
+    report.chunks_deleted = doomed.len() as u64;
+    report.bytes_deleted = doomed.iter().map(|(_, size)| size).sum();
+    Ok(())
+}
+
+/// The chunk half of an applied GC: deletes unreferenced chunks older than the grace
+/// period, a batch at a time, as the lease protocol allows.
+async fn collect_chunks(
+    repo: &Repo,
+    retention: &Retention,
+    lease: &mut Lease,
+    options: &GcOptions,
+    report: &mut GcReport,
+) -> Result<()> {
+    // Leases of processes that died: nobody will delete them otherwise. (A stale lease's
+    // holder knows it is not fresh, and never relies on that name again.)
+    for stale in lease.stale() {
+        tracing::info!(lease = %stale.name, last_written = %stale.last_modified, "deleting a stale lease");
+        if let Err(e) = repo.delete_lease(&stale.name).await {
+            tracing::warn!(lease = %stale.name, error = %e, "could not delete a stale lease");
+        }
+    }
+    // The check the manifest listing in use was taken after, and the first check of the
+    // run of checks since that saw no publish (`None`: the last one saw one).
+    let taken = lease.seen().clone();
+    let mut listed_after = taken.seq;
+    let mut clear_since = taken.clear().then_some(taken.seq);
+    // References of every manifest that exists now (kept ones, plus any a publisher
+    // committed since the first listing).
+    let mut read = HashSet::new();
+    let mut referenced = HashSet::new();
+    referenced_by(repo, &manifest_ids(repo).await?, &mut read, &mut referenced).await?;
+    let now = match taken.store_now {
+        Some(now) => {
+            report.clock = Clock::Store;
+            now
+        }
+        // This check could not judge the store, so nothing is deleted below.
+        None => Utc::now(),
     };
-    for (n, batch) in doomed.chunks(DELETE_BATCH).enumerate() {
-        lease.check().await?;
-        if !lease.holds() {
+    let mut doomed = sort_chunks(repo, retention, &referenced, now, report).await?;
+
+    let mut done = 0;
+    while done < doomed.len() {
+        let seen = lease.check().await?.clone();
+        if !seen.clear() || !lease.fresh() {
             // A publish in flight may count on any of these chunks; or this GC cannot be
             // sure a publish would see it.
-            report.chunks_deferred = (doomed.len() - n * DELETE_BATCH) as u64;
-            report.publishes_in_flight = lease.others().iter().map(|l| l.name.clone()).collect();
+            report.chunks_deferred = (doomed.len() - done) as u64;
+            report.publishes_in_flight = seen.others.iter().map(|l| l.name.clone()).collect();
             tracing::info!(
                 chunks = report.chunks_deferred,
                 publishes = ?report.publishes_in_flight,
@@ -301,24 +395,69 @@ async fn collect_chunks(
             );
             break;
         }
-        let results: Vec<Result<()>> = futures::stream::iter(batch)
-            .map(|(sha, _)| {
-                let lease = &*lease;
-                async move {
-                    // A delete that lands after the lease lapsed could hit a chunk a
-                    // publish counted on; give up on it before then.
-                    match tokio::time::timeout(lease.remaining(), repo.delete_chunk(sha)).await {
-                        Ok(result) => result,
-                        Err(_) => Err(lease.lapsed()),
-                    }
-                }
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        let since = *clear_since.get_or_insert(seen.seq);
+        if since > listed_after {
+            // A publish was in flight when the manifests were listed, and has ended since
+            // (its lease is gone, after its manifest was written): list them again.
+            listed_after = seen.seq;
+            referenced_by(repo, &manifest_ids(repo).await?, &mut read, &mut referenced).await?;
+            let before = doomed.len() - done;
+            let rest: Vec<(Digest, u64)> = doomed
+                .split_off(done)
+                .into_iter()
+                .filter(|(sha, _)| !referenced.contains(sha))
+                .collect();
+            report.chunks_kept += (before - rest.len()) as u64;
+            doomed.extend(rest);
+            tracing::info!(
+                now_referenced = before - (doomed.len() - done),
+                "a publish ended while this GC listed the manifests; listed them again"
+            );
+            // Check once more: the batch's deadline counts from a check after the listing.
+            continue;
+        }
+        let batch = &doomed[done..(done + options.batch.max(1)).min(doomed.len())];
+        delete_batch(repo, lease, batch, seen.deadline, options.concurrency).await?;
+        done += batch.len();
         report.chunks_deleted += batch.len() as u64;
         report.bytes_deleted += batch.iter().map(|(_, size)| size).sum::<u64>();
     }
+    Ok(())
+}
+
+/// Deletes `batch`, each delete sent before `deadline` (half a TTL after the check that
+/// allowed it) and cut off there: a delete that lands later could hit a chunk a publish
+/// that started since counts on.
+async fn delete_batch(
+    repo: &Repo,
+    lease: &Lease,
+    batch: &[(Digest, u64)],
+    deadline: tokio::time::Instant,
+    concurrency: usize,
+) -> Result<()> {
+    let results: Vec<Result<()>> = futures::stream::iter(batch.iter().map(|(sha, _)| *sha))
+        .map(|sha| {
+            let guard = lease.guard();
+            async move {
+                // `timeout_at` polls the request once even after the deadline.
+                if tokio::time::Instant::now() >= deadline {
+                    guard.done(); // nothing was sent
+                    return Err(lease.lapsed());
+                }
+                match tokio::time::timeout_at(deadline, repo.delete_chunk(&sha)).await {
+                    Ok(Ok(())) => {
+                        guard.done();
+                        Ok(())
+                    }
+                    // Failed or cut off: it may still land; the guard, dropped, says so.
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(lease.lapsed()),
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect::<Result<Vec<()>>>()?;
     Ok(())
 }

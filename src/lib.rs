@@ -23,6 +23,7 @@
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
 //! - [`gc`]: retention: old manifests, then unreferenced chunks past a grace period.
 //! - [`lease`]: how a publish and a GC running at once keep out of each other's way.
+//! - [`incarnation`]: which incarnation of the repository a sidecar follows.
 //! - [`verify`]: re-download and re-hash what the store holds.
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
@@ -40,6 +41,7 @@ pub mod fetch;
 pub mod gc;
 pub mod health;
 pub mod http;
+pub mod incarnation;
 pub mod lease;
 pub mod manifest;
 pub mod metrics;

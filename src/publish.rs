@@ -8,7 +8,9 @@
 //! not uploaded again, and the manifest goes last: it is the commit point, so abandoning a
 //! publish at any moment (error, cancel, SIGKILL) leaves only unreferenced chunks, which
 //! the next attempt reuses and GC eventually removes. A lease under `leases/` keeps a GC
-//! elsewhere from deleting, meanwhile, an old chunk this publish found present and skipped.
+//! elsewhere from deleting, meanwhile, an old chunk this publish found present and skipped
+//! (see [`crate::lease`]: the publish looks at the store only after its lease's wait for
+//! GCs, and writes the manifest only while the lease is fresh).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -27,10 +29,13 @@ use crate::error::{Error, Result};
 use crate::lease::{self, Lease};
 use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, MANIFEST_FORMAT};
 use crate::progress::Progress;
-use crate::repo::{Repo, StoredChunk};
+use crate::repo::{ManifestId, Repo, StoredChunk};
 use crate::snapdir::{SnapdirError, Snapshot};
 use snaprelay_contract::chunking::ChunkIndex;
 use snaprelay_contract::dir::{Dir, NotRegular};
+
+/// Times a publish takes its lease again when it lapses before the manifest is written.
+const COMMIT_ATTEMPTS: usize = 3;
 
 /// What a publish did.
 #[derive(Debug, Clone, Serialize)]
@@ -57,6 +62,7 @@ pub struct Publisher<'a> {
     node_id: Option<u64>,
     progress: &'a dyn Progress,
     use_index: bool,
+    lease_ttl: Duration,
 }
 
 /// Counters shared by the uploads of one publish.
@@ -79,7 +85,15 @@ impl<'a> Publisher<'a> {
             node_id,
             progress,
             use_index: true,
+            lease_ttl: lease::DEFAULT_TTL,
         }
+    }
+
+    /// The TTL of the publish's lease (default [`lease::DEFAULT_TTL`]); tests shorten it to
+    /// run the protocol's time-based paths in few steps.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
     }
 
     /// Whether to use the chunk index a node wrote beside the snapshot (default: yes). With
@@ -109,7 +123,7 @@ impl<'a> Publisher<'a> {
         // The lease comes before any look at what the store holds (see `lease`); reading
         // the node's index meanwhile hides its round trips.
         let (lease, node_index) = tokio::join!(
-            Lease::for_publish(self.repo, lease::DEFAULT_TTL, self.node_id),
+            Lease::for_publish(self.repo, self.lease_ttl, self.node_id),
             async {
                 match self.use_index {
                     true => self.usable_index(snapshot).await,
@@ -117,9 +131,9 @@ impl<'a> Publisher<'a> {
                 }
             }
         );
-        let lease = lease?;
+        let mut lease = lease?;
         let result = self
-            .publish_leased(snapshot, node_index, &lease, started)
+            .publish_leased(snapshot, node_index, &mut lease, started)
             .await;
         lease.release().await;
         result
@@ -129,7 +143,7 @@ impl<'a> Publisher<'a> {
         &self,
         snapshot: &OpenSnapshot,
         node_index: Option<NodeIndex>,
-        lease: &Lease,
+        lease: &mut Lease,
         started: Instant,
     ) -> Result<PublishReport> {
         let env = &snapshot.envelope;
@@ -182,13 +196,6 @@ impl<'a> Publisher<'a> {
         };
         let size = env.size;
 
-        // A GC that could have deleted a chunk counted as present since the listing saw the
-        // lease and kept every chunk; without that certainty, look again.
-        let guarded = lease.holds();
-        if !guarded {
-            self.restore_vanished(snapshot, &chunks).await?;
-        }
-
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             cluster_id: self.repo.cluster_id().to_owned(),
@@ -204,16 +211,7 @@ impl<'a> Publisher<'a> {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             },
         };
-        let id = self.repo.put_manifest(&manifest).await?;
-        if guarded && !lease.holds() {
-            // The lease lapsed while the manifest was on its way: a GC may have deleted a
-            // chunk meanwhile. Put back whatever is missing now.
-            tracing::warn!(
-                index,
-                "the publish lease lapsed while the manifest was written; checking its chunks"
-            );
-            self.restore_vanished(snapshot, &manifest.chunks).await?;
-        }
+        let id = self.commit(snapshot, &manifest, lease).await?;
         self.progress.finish();
         let report = PublishReport {
             index,
@@ -455,11 +453,59 @@ impl<'a> Publisher<'a> {
         Ok((chunks, sha256))
     }
 
-    /// When the publish's lease cannot vouch that no GC ran meanwhile (see `lease`), a GC
-    /// elsewhere may have deleted an old, unreferenced chunk this publish counted as
-    /// present. Listing once more just before the manifest — the commit point — and
-    /// re-sending what vanished keeps the rule that a manifest exists only when all its
-    /// chunks do.
+    /// Writes the manifest — the commit point — while the lease vouches that no GC deleted
+    /// a chunk this publish counted on: fresh from the take (after which the store was
+    /// looked at) to the end of the write. When it is not, a GC may have taken the lease
+    /// for stale: take a new one, wait for GCs, put back whatever vanished, then write (see
+    /// `lease` for why that is enough).
+    async fn commit(
+        &self,
+        snapshot: &OpenSnapshot,
+        manifest: &Manifest,
+        lease: &mut Lease,
+    ) -> Result<ManifestId> {
+        let index = manifest.last_log_index;
+        for _ in 0..COMMIT_ATTEMPTS {
+            if !lease.fresh() {
+                tracing::warn!(
+                    index,
+                    "the publish lease lapsed; taking it again and checking every chunk before the manifest"
+                );
+                lease.retake().await?;
+                self.restore_vanished(snapshot, &manifest.chunks).await?;
+                if !lease.fresh() {
+                    continue;
+                }
+            }
+            let guard = lease.guard();
+            match tokio::time::timeout(lease.remaining(), self.repo.put_manifest(manifest)).await {
+                Ok(Ok(id)) => {
+                    guard.done();
+                    if lease.fresh() {
+                        // Whatever an earlier write cut off could break is put right.
+                        lease.settled();
+                        return Ok(id);
+                    }
+                    tracing::warn!(
+                        index,
+                        "the publish lease lapsed while the manifest was written; checking its chunks"
+                    );
+                }
+                // It may still land; the dropped guard leaves the lease to go stale.
+                Ok(Err(e)) => return Err(e),
+                Err(_) => tracing::warn!(
+                    index,
+                    "the manifest's write outlasted the publish lease; checking its chunks"
+                ),
+            }
+        }
+        Err(lease.lapsed())
+    }
+
+    /// After a lapse of the publish's lease (and its re-take), a GC elsewhere may have
+    /// deleted an old, unreferenced chunk this publish counted as present. Listing again
+    /// under the new lease and re-sending what vanished keeps the rule that a manifest
+    /// exists only when all its chunks do.
     async fn restore_vanished(&self, snapshot: &OpenSnapshot, chunks: &[ChunkRef]) -> Result<()> {
         let present = self.repo.list_chunks().await?;
         let mut offset = 0u64;

@@ -2,7 +2,7 @@
 //! that knows object keys:
 //!
 //! ```text
-//! <prefix>/repository.json
+//! <prefix>/repository.json          format 2: features, cluster id, incarnation, chunking
 //! <prefix>/manifests/<index:020>-<term:020>-<sha256[..16]>.json
 //! <prefix>/chunks/<sha256[..2]>/<sha256>
 //! <prefix>/leases/<publish|gc>-<16 hex>.json
@@ -28,7 +28,7 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::chunk::{ChunkParams, Digest};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES, REPOSITORY_FORMAT};
+use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES};
 use crate::signing::{Authenticity, Keyring, OpenError, PayloadType, Refusal};
 use crate::store::Store;
 
@@ -40,8 +40,6 @@ const LEASES: &str = "leases";
 const MAX_LEASE_BYTES: usize = 4 << 10;
 /// Where `check-config` writes and deletes its scratch objects.
 const PROBE_PREFIX: &str = "probe";
-/// A scratch object GC writes to read the store's clock.
-const CLOCK_KEY: &str = "gc-clock";
 /// repository.json is a few hundred bytes; anything much larger is not ours.
 const MAX_REPOSITORY_BYTES: u64 = 64 << 10;
 
@@ -218,18 +216,13 @@ impl Repo {
         if let Some((descriptor, auth)) = Self::read_descriptor(&store, &keyring).await? {
             return Self::checked(store, descriptor, cluster_id, keyring, auth);
         }
-        let descriptor = Repository {
-            format: REPOSITORY_FORMAT,
-            cluster_id: cluster_id.to_owned(),
-            chunking: params,
-            created_at: Utc::now(),
-        };
+        let descriptor = Repository::new(cluster_id, params);
         let key = store.key(REPOSITORY_KEY);
         let payload = serde_json::to_vec_pretty(&descriptor).expect("Repository serializes");
         let body = keyring.seal(PayloadType::Repository, payload);
         match put_create(&store, &key, body.into()).await {
             Ok(()) => {
-                tracing::info!(store = %store.url, cluster_id, "created repository");
+                tracing::info!(store = %store.url, cluster_id, incarnation = %descriptor.incarnation, "created repository");
                 let descriptor_authenticity = match keyring.signer() {
                     Some(s) => Authenticity::Verified(s.id()),
                     None => Authenticity::NotChecked {
@@ -459,6 +452,18 @@ impl Repo {
     /// How this repository seals and checks documents.
     pub fn keyring(&self) -> &Keyring {
         &self.keyring
+    }
+
+    /// `repository.json` as the store holds it now (`None` if it is gone): to notice a
+    /// repository re-created under a running process.
+    pub async fn current_descriptor(&self) -> Result<Option<Repository>> {
+        Ok(Self::read_descriptor(&self.store, &self.keyring)
+            .await?
+            .map(|(descriptor, _)| descriptor))
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.descriptor.incarnation
     }
 
     pub fn params(&self) -> ChunkParams {
@@ -735,26 +740,6 @@ impl Repo {
         Ok(chunks)
     }
 
-    /// The store's idea of "now": the last-modified time of a scratch object written just
-    /// now. GC compares chunk ages with it, so a skewed local clock cannot make it delete
-    /// young chunks.
-    pub async fn store_now(&self) -> Result<chrono::DateTime<Utc>> {
-        let key = self.store.key(CLOCK_KEY);
-        let body = Utc::now().to_rfc3339();
-        self.store
-            .backend
-            .put(&key, PutPayload::from(body))
-            .await
-            .map_err(store_err("put", &key))?;
-        let meta = self
-            .store
-            .backend
-            .head(&key)
-            .await
-            .map_err(store_err("head", &key))?;
-        Ok(meta.last_modified)
-    }
-
     /// Writes (or rewrites) the lease object `name`; `body` says who holds it.
     pub async fn put_lease(&self, name: &str, body: Bytes) -> Result<()> {
         debug_assert!(LeaseKind::of_name(name).is_some() && body.len() <= MAX_LEASE_BYTES);
@@ -917,10 +902,8 @@ fn parse_descriptor(payload: &[u8], location: &str) -> Result<Repository> {
         location: location.to_owned(),
         reason,
     };
-    let descriptor: Repository =
-        serde_json::from_slice(payload).map_err(|e| invalid(e.to_string()))?;
-    descriptor.validate().map_err(invalid)?;
-    Ok(descriptor)
+    // Format and features first, so that a newer build's repository is refused by name.
+    Repository::parse(payload).map_err(invalid)
 }
 
 /// Reads a whole object of at most `limit` bytes. A larger object is refused after a `head`
@@ -940,9 +923,22 @@ async fn get_limited(store: &Store, key: &Path, limit: u64) -> Result<Bytes> {
     if size > limit {
         return Err(too_large(size));
     }
+    let expected = result.range.end - result.range.start;
     let bytes = result.bytes().await.map_err(store_err("get", key))?;
     if bytes.len() as u64 > limit {
         return Err(too_large(bytes.len() as u64));
+    }
+    // A body that ends early is the connection's fault, not the object's: an error to
+    // retry, never a "corrupt chunk" or "invalid manifest".
+    if (bytes.len() as u64) < expected {
+        return Err(store_err("get", key)(object_store::Error::Generic {
+            store: "snaprelay",
+            source: format!(
+                "the response ended after {} of {expected} bytes",
+                bytes.len()
+            )
+            .into(),
+        }));
     }
     Ok(bytes)
 }

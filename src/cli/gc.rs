@@ -61,7 +61,9 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         );
     }
     if !args.apply && (report.chunks_deleted > 0 || !report.manifests_deleted.is_empty()) {
-        println!("(dry run: pass --apply to delete)");
+        println!(
+            "(dry run: pass --apply to delete; chunk ages were measured by this machine's clock)"
+        );
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::daemon::DaemonState;
+use crate::incarnation::Record;
 use crate::ipc::Status;
 use crate::node::HookClient;
 use crate::repo::Repo;
@@ -42,6 +43,11 @@ struct Report {
     signatures: &'static str,
     /// Manifests newer than the newest snapshot that fail the signature check.
     refused: Vec<RefusedManifest>,
+    /// The store's repository incarnation (`repository.json`).
+    incarnation: Option<String>,
+    /// The incarnation this node's sidecar recorded (`daemon.state_dir/incarnation.json`).
+    recorded_incarnation: Option<String>,
+    incarnation_record_error: Option<String>,
     daemon: Option<DaemonState>,
 }
 
@@ -73,6 +79,9 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             (false, false) => "not_configured",
         },
         refused: Vec::new(),
+        incarnation: None,
+        recorded_incarnation: None,
+        incarnation_record_error: None,
         daemon: config
             .daemon
             .state_dir
@@ -89,10 +98,11 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         let manifests = repo.list_manifests(None).await?;
         let chunks = repo.list_chunks().await?;
         let newest = repo.newest_verified(None).await?;
-        anyhow::Ok((manifests, chunks, newest))
+        anyhow::Ok((repo.incarnation().to_owned(), manifests, chunks, newest))
     };
     match store_part.await {
-        Ok((manifests, chunks, (newest, refused))) => {
+        Ok((incarnation, manifests, chunks, (newest, refused))) => {
+            report.incarnation = Some(incarnation);
             report.manifests = Some(manifests.len() as u64);
             if let Some(newest) = newest {
                 report.newest_index = Some(newest.index);
@@ -112,6 +122,14 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             );
         }
         Err(e) => report.store_error = Some(crate::error::chain(&e)),
+    }
+    let recorded = config.daemon.state_dir.as_deref().map(Record::read);
+    match recorded {
+        Some(Ok(Some(r))) if r.store == report.store => {
+            report.recorded_incarnation = Some(r.incarnation)
+        }
+        Some(Err(e)) => report.incarnation_record_error = Some(e),
+        _ => {}
     }
     if let (Some(newest), Some(node)) = (report.newest_index, &report.node) {
         report.lag = Some(newest.saturating_sub(node.snapshot.map(|s| s.index).unwrap_or(0)));
@@ -137,6 +155,12 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         (None, Some(e)) => println!("node      UNREACHABLE: {e}"),
         (None, None) => {}
     }
+    if let Some(e) = &report.incarnation_record_error {
+        println!(
+            "          the incarnation record ({}) is unreadable: {e}",
+            crate::incarnation::FILE
+        );
+    }
     match &report.store_error {
         None => println!(
             "store     {}: newest snapshot {} (term {}), {} manifest(s), {} chunk(s), {:.1} MiB",
@@ -148,6 +172,20 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             report.stored_bytes.unwrap_or(0) as f64 / 1048576.0
         ),
         Some(e) => println!("store     {}: ERROR: {e}", report.store),
+    }
+    match (&report.incarnation, &report.recorded_incarnation) {
+        (Some(found), Some(recorded)) if found != recorded => println!(
+            "          incarnation {found}; THIS NODE FOLLOWS {recorded}: the repository was re-created (its sidecar refuses it)"
+        ),
+        (Some(found), _) => println!("          incarnation {found}"),
+        (None, Some(recorded)) => println!("          this node follows incarnation {recorded}"),
+        (None, None) => {}
+    }
+    if let Some(e) = &report.incarnation_record_error {
+        println!(
+            "          the incarnation record ({}) is unreadable: {e}",
+            crate::incarnation::FILE
+        );
     }
     if let Some(lag) = report.lag {
         println!("lag       {lag} log index(es) behind the store's newest snapshot");

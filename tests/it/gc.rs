@@ -38,6 +38,21 @@ async fn stored_chunks(target: &Target) -> HashSet<String> {
         .collect()
 }
 
+/// Every object in the store with its size and last-modified time.
+async fn everything(target: &Target) -> Vec<(String, u64, String)> {
+    use futures::TryStreamExt;
+    let store = target.store();
+    let mut all: Vec<(String, u64, String)> = store
+        .backend
+        .list(Some(&store.prefix))
+        .map_ok(|m| (m.location.to_string(), m.size, m.last_modified.to_rfc3339()))
+        .try_collect()
+        .await
+        .unwrap();
+    all.sort();
+    all
+}
+
 async fn referenced(target: &Target) -> HashSet<String> {
     let repo = target.repo().await;
     let mut set = HashSet::new();
@@ -57,8 +72,16 @@ async fn retention(target: Target) {
     }
     let before = stored_chunks(&target).await;
 
-    // A dry run deletes nothing but says what it would.
+    // A dry run writes nothing at all (no lease, no clock probe) and deletes nothing, but
+    // says what it would, by this machine's clock.
+    let objects = everything(&target).await;
     let dry = target.json(&["gc", "--keep-last", "2", "--grace", "0s", "--json"]);
+    assert_eq!(
+        everything(&target).await,
+        objects,
+        "a dry run wrote to the store"
+    );
+    assert_eq!(dry["clock"], "local", "{dry}");
     assert_eq!(
         dry["manifests_deleted"].as_array().unwrap().len(),
         3,
@@ -99,6 +122,7 @@ async fn retention(target: Target) {
         "--json",
     ]);
     assert!(done["applied"].as_bool().unwrap());
+    assert_eq!(done["clock"], "store", "{done}");
     let listed = target.json(&["list", "--json"]);
     let indexes: Vec<u64> = listed["snapshots"]
         .as_array()

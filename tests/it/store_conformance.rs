@@ -273,3 +273,241 @@ async fn unreachable_store_is_classified() {
     assert_eq!(err.class().exit_code(), 3, "{err}");
     assert!(err.is_transient());
 }
+
+// ---------------------------------------------------------------------------------------
+// The same flows on a store that misbehaves (support::faults): errors before and after an
+// operation took effect, timeouts, latency, truncated bodies, disconnects mid-body and
+// mid-listing, on every kind of operation, seeded. After each run: no manifest names a
+// missing or damaged chunk, a pull either fails with an error that says the store failed
+// (never "corrupt") and leaves nothing at the snapshot's final names, or produces a file
+// whose sha256 is the manifest's, and verify either fails the same way or reports the
+// store as it is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::ObjectStore;
+use snaprelay::gc::{self, Retention};
+use support::faults::{FaultyStore, Plan};
+
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    File,
+}
+
+/// The three snapshots of a fault run: the second and third reuse most of the first.
+fn fault_data(index: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let random = |seed: u64, len: usize| {
+        let mut v = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    };
+    let mut data = random(1, 96 << 10);
+    if index > 1 {
+        data[..32 << 10].copy_from_slice(&random(index, 32 << 10));
+    }
+    data
+}
+
+fn store_over(backend: Arc<dyn ObjectStore>) -> Store {
+    Store {
+        backend,
+        prefix: object_store::path::Path::default(),
+        url: StoreUrl::Memory,
+    }
+}
+
+/// What happened across a suite's runs, to show the faults bite.
+#[derive(Debug, Default)]
+struct Tally {
+    faults: usize,
+    failed: std::collections::BTreeMap<&'static str, usize>,
+    pulled: usize,
+}
+
+/// One seeded run; returns what broke, if anything.
+async fn fault_run(kind: Backend, seed: u64, tally: &mut Tally) -> Vec<String> {
+    let work = tempfile::tempdir().unwrap();
+    let plain: Arc<dyn ObjectStore> = match kind {
+        Backend::Memory => Arc::new(InMemory::new()),
+        Backend::File => {
+            let root = work.path().join("store");
+            std::fs::create_dir_all(&root).unwrap();
+            Arc::new(LocalFileSystem::new_with_prefix(&root).unwrap())
+        }
+    };
+    let params = small_params();
+    let snaps = work.path().join("snaps");
+    let metas: Vec<_> = (1..=3)
+        .map(|i| support::write_snapshot(&snaps, i, 1, &fault_data(i)))
+        .collect();
+    let repo = Repo::open_or_create(store_over(plain.clone()), "alpha", params)
+        .await
+        .unwrap();
+    Publisher::new(&repo, 2, Some(1), &Silent)
+        .publish(&Snapshot::open(&metas[0]).unwrap())
+        .await
+        .unwrap();
+
+    let faulty = FaultyStore::new(
+        plain.clone(),
+        Plan {
+            seed,
+            rate: 0.2,
+            max_faults: 8,
+            // Real time (the publish and pull pipelines have blocking threads waiting on
+            // the async side, which a paused clock cannot advance past): short.
+            timeout: Duration::from_millis(200),
+            max_latency: Duration::from_millis(50),
+        },
+    );
+    let mut broke = Vec::new();
+    let mut failed = Vec::new();
+    let mut expect_transient = |broke: &mut Vec<String>, what: &'static str, e: &Error| {
+        failed.push(what);
+        if !e.is_transient() || e.to_string().is_empty() {
+            broke.push(format!("{what} failed with a non-transient error: {e}"));
+        }
+    };
+    let frepo = match Repo::open(store_over(Arc::new(faulty.clone())), "alpha").await {
+        Ok(r) => r,
+        Err(e) => {
+            expect_transient(&mut broke, "opening", &e);
+            Repo::open(store_over(Arc::new(faulty.clone())), "alpha")
+                .await
+                .unwrap_or_else(|_| repo.clone())
+        }
+    };
+
+    // A publish, then a publish racing the most aggressive GC.
+    let publish = |i: usize| {
+        let frepo = frepo.clone();
+        let meta = metas[i].clone();
+        async move {
+            Publisher::new(&frepo, 2, Some(1), &Silent)
+                .publish(&Snapshot::open(&meta).unwrap())
+                .await
+        }
+    };
+    if let Err(e) = publish(1).await {
+        expect_transient(&mut broke, "a publish", &e);
+    }
+    let retention = Retention {
+        keep_last: 1,
+        pinned: Vec::new(),
+        grace: Duration::ZERO,
+    };
+    let (published, collected) = tokio::join!(publish(2), gc::collect(&frepo, &retention, true, 2));
+    if let Err(e) = published {
+        expect_transient(&mut broke, "a publish racing a GC", &e);
+    }
+    if let Err(e) = collected {
+        expect_transient(&mut broke, "a GC", &e);
+    }
+
+    // A pull into an empty directory.
+    let target = work.path().join("pulled");
+    let pulled = async {
+        let id = frepo
+            .newest_manifest(None)
+            .await?
+            .ok_or(Error::NoSnapshots)?;
+        let manifest = frepo.read_manifest(&id).await?;
+        let report = Fetcher::new(&frepo, 2, &Silent)
+            .fetch(&manifest, &target, &[])
+            .await?;
+        Ok::<_, Error>((manifest, report))
+    }
+    .await;
+    match pulled {
+        Ok((manifest, report)) => {
+            tally.pulled += 1;
+            let sha = support::sha256_file(&report.data);
+            if sha != manifest.sha256.to_hex() {
+                broke.push(format!("pulled {} hashes to {sha}", report.data.display()));
+            }
+            if std::fs::read(&report.data).unwrap() != fault_data(manifest.last_log_index) {
+                broke.push("the pulled file is not the published snapshot".into());
+            }
+        }
+        Err(e) => {
+            expect_transient(&mut broke, "a pull", &e);
+            let finals: Vec<String> = support::entries(&target)
+                .into_iter()
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            if !finals.is_empty() {
+                broke.push(format!("a failed pull left {finals:?} in the target"));
+            }
+        }
+    }
+
+    // Verify through the faults: an error, or the truth.
+    let ids: Vec<ManifestId> = repo
+        .list_manifests(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    match snaprelay::verify::verify(&frepo, &ids, 2, &Silent).await {
+        Ok(report) if report.is_clean() => {}
+        Ok(report) => broke.push(format!(
+            "verify reported damage that is not there: {report:?}"
+        )),
+        Err(e) => expect_transient(&mut broke, "verify", &e),
+    }
+
+    for what in failed {
+        *tally.failed.entry(what).or_default() += 1;
+    }
+    tally.faults += faulty.log().len();
+    // The store itself: every manifest complete, every chunk intact.
+    let truth = snaprelay::verify::verify(&repo, &ids, 2, &Silent)
+        .await
+        .unwrap();
+    if !truth.is_clean() {
+        broke.push(format!("the store is damaged: {truth:?}"));
+    }
+    if !broke.is_empty() {
+        broke.push(format!("faults injected: {:?}", faulty.log()));
+    }
+    broke
+}
+
+async fn fault_suite(kind: Backend, seeds: std::ops::Range<u64>) {
+    let mut failed = Vec::new();
+    let mut tally = Tally::default();
+    let runs = seeds.end - seeds.start;
+    for seed in seeds {
+        let broke = fault_run(kind, seed, &mut tally).await;
+        if !broke.is_empty() {
+            failed.push(format!("seed {seed}: {}", broke.join("; ")));
+        }
+    }
+    eprintln!("{kind:?}: {runs} fault runs, {tally:?}");
+    assert!(
+        tally.faults > runs as usize && tally.pulled > 0 && !tally.failed.is_empty(),
+        "the faults did not bite: {tally:?}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {runs} fault runs on {kind:?} broke an invariant:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn flows_keep_their_invariants_under_store_faults_memory() {
+    fault_suite(Backend::Memory, 0..60).await;
+}
+
+#[tokio::test]
+async fn flows_keep_their_invariants_under_store_faults_file() {
+    fault_suite(Backend::File, 1000..1030).await;
+}

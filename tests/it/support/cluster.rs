@@ -213,20 +213,34 @@ impl Cluster {
 
     /// Like [`Cluster::start_sidecar`], with extra environment variables.
     pub fn start_sidecar_with_env(&mut self, id: u64, env: &[(&str, &str)]) {
+        self.start_sidecar_with(id, env, true);
+    }
+
+    /// Node `id`'s sidecar's `daemon.state_dir` (when it has one).
+    pub fn sidecar_state_dir(&self, id: u64) -> PathBuf {
+        self.node(id).dir.join("sidecar").join("state")
+    }
+
+    /// Like [`Cluster::start_sidecar_with_env`]; without `state_dir`, the config sets no
+    /// `daemon.state_dir`.
+    pub fn start_sidecar_with(&mut self, id: u64, env: &[(&str, &str)], state_dir: bool) {
         let node = self.node(id);
         let dir = node.dir.join("sidecar");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("snaprelay.toml");
         let metrics = format!("127.0.0.1:{}", free_port());
+        let state_dir = match state_dir {
+            true => format!("state_dir = \"{}\"\n", self.sidecar_state_dir(id).display()),
+            false => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
                 "cluster_id = \"e2e\"\nnode_id = {id}\n{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"60s\"\n\
-                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\nstate_dir = \"{}\"\n\
+                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n{state_dir}\
                  [metrics]\nlisten = \"{metrics}\"\n{}",
                 self.store.0,
                 node.socket.display(),
-                dir.join("state").display(),
                 self.sidecar_config.get(&id).map(String::as_str).unwrap_or(""),
             ),
         )
@@ -286,6 +300,26 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits up to `timeout` for node `id`'s sidecar to exit by itself; its status, or
+    /// `None` if it is still running.
+    pub fn wait_sidecar_exit(
+        &mut self,
+        id: u64,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let s = self.sidecars[id as usize - 1].as_mut().expect("no sidecar");
+        let child = s.child.as_mut().expect("sidecar not running");
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(status) = child.try_wait().unwrap() {
+                s.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGKILLs node `id`.

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod faults;
+pub mod interleave;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
