@@ -12,6 +12,8 @@
 //!   chunking and chunk index both sides agree on).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
+//! - [`signing`]: Ed25519 keys, the DSSE envelope every manifest and `repository.json` is
+//!   stored in, and the keyring that seals and checks them.
 //! - [`metrics`]: the daemon's Prometheus metrics.
 //! - [`health`]: what /healthz and /readyz answer: loop progress, store and hook reachability.
 //! - [`http`]: the HTTP listener serving /metrics, /healthz and /readyz.

@@ -1,4 +1,4 @@
-//! The snapshot directory contract (DESIGN §1), shared by the node (writer) and snaprelay
+//! The snapshot directory contract (the README's "Snapshot directory contract"), shared by the node (writer) and snaprelay
 //! (reader; writer only of pulled snapshots and of the follower's incoming directory).
 //!
 //! A snapshot is a data file plus `<name>.meta.json`, the [`Envelope`]. The meta file is the

@@ -2,7 +2,7 @@
 //! snapshot current, build one from its own state, or wait for the leader's.
 //!
 //! Pure: no I/O, no openraft types, so that every case is a one-line test. The rule
-//! (OPENRAFT.md, "The adoption protocol that works"):
+//! (docs/adoption.md, "The protocol"):
 //!
 //! 1. A staged snapshot at `L` is adopted when `L <= last_applied` (so `L` is committed and
 //!    the node's state at `L` equals the leader's) and `L` is newer than the current snapshot.

@@ -1,9 +1,9 @@
 //! The openraft glue: [`RaftNode`] serves the hook's requests from a `Raft<C, SM>`, and
 //! [`LeaderFlag`] tells the application's snapshot builder whether this node leads.
 //!
-//! `save_snapshot` follows the adoption protocol of OPENRAFT.md. Replacing the state machine's
-//! snapshot behind openraft's back is not noticed (no meta update, no purge), so adoption goes
-//! through openraft's own snapshot build:
+//! `save_snapshot` follows the adoption protocol of docs/adoption.md. Replacing the state
+//! machine's snapshot behind openraft's back is not noticed (no meta update, no purge), so
+//! adoption goes through openraft's own snapshot build:
 //!
 //! 1. `L` not newer than `metrics.snapshot` → `stale`.
 //! 2. Checks, each a distinct refusal (see [`snaprelay_contract::ipc`]'s error codes): the

@@ -1,4 +1,4 @@
-//! [`HookServer`]: the node's end of the IPC hook (DESIGN §3), a Unix domain socket.
+//! [`HookServer`]: the node's end of the IPC hook (the README's "IPC hook protocol"), a Unix domain socket.
 //!
 //! It owns the socket file (mode 0600, or 0660 in group mode), checks every peer's
 //! credentials (SO_PEERCRED, SO_PEERGROUPS) against an [`AllowList`], and serves the protocol of

@@ -1,4 +1,4 @@
-//! [`SnapshotDir`]: the node's side of the snapshot directory contract (DESIGN §1).
+//! [`SnapshotDir`]: the node's side of the snapshot directory contract (the README's "Snapshot directory contract").
 //!
 //! The node is the only writer of its snapshot directory; the sidecar writes only into the
 //! incoming directory (default `<dir>/.incoming`, same filesystem, so adoption is a rename).
