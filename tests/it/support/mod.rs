@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod hook_proxy;
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
