@@ -136,8 +136,11 @@ pub struct DaemonConfig {
     pub trigger_interval: Option<Duration>,
     /// Longest wait between retries after failures.
     pub max_backoff: Duration,
-    /// Where `run` records its last results for `snaprelay status` (off when unset).
+    /// Where `run` records its last results for `snaprelay status` and the manifests it
+    /// quarantined (in memory only when unset).
     pub state_dir: Option<PathBuf>,
+    /// Follower: how long a quarantined manifest is left alone before it is tried again.
+    pub quarantine_retry: Duration,
 }
 
 impl Default for DaemonConfig {
@@ -148,6 +151,7 @@ impl Default for DaemonConfig {
             trigger_interval: None,
             max_backoff: Duration::from_secs(30),
             state_dir: None,
+            quarantine_retry: Duration::from_secs(3600),
         }
     }
 }
@@ -254,6 +258,7 @@ struct RawDaemon {
     trigger_interval: Option<String>,
     max_backoff: Option<String>,
     state_dir: Option<PathBuf>,
+    quarantine_retry: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -502,6 +507,10 @@ impl Config {
         if let Some(dir) = &self.daemon.state_dir {
             out.push_str(&format!("state_dir = {}\n", q(&dir.display().to_string())));
         }
+        out.push_str(&format!(
+            "quarantine_retry = {}\n",
+            d(self.daemon.quarantine_retry)
+        ));
         out.push_str(&format!(
             "\n[retention]\nkeep_last = {}\ngrace = {}\ngc_after_publish = {}\n",
             self.retention.keep_last,
@@ -1062,6 +1071,11 @@ fn daemon_config(raw: RawDaemon) -> Result<DaemonConfig> {
             .state_dir
             .map(|p| absolute("daemon.state_dir", p))
             .transpose()?,
+        quarantine_retry: duration(
+            "daemon.quarantine_retry",
+            raw.quarantine_retry,
+            default.quarantine_retry,
+        )?,
     };
     if config.max_backoff < config.poll_interval {
         return Err(ConfigError::invalid(
@@ -1175,6 +1189,11 @@ mod tests {
         assert_eq!(config.cluster_id, "kv-prod");
         assert_eq!(config.upload.concurrency, 8);
         assert!(config.signing.requires() && config.signing.signer().is_some());
+        // The daemon keys shown commented out hold their defaults.
+        let uncommented = text.replace("# quarantine_retry = ", "quarantine_retry = ");
+        let shown = load(&uncommented).unwrap().daemon;
+        let defaults = DaemonConfig::default();
+        assert_eq!(shown.quarantine_retry, defaults.quarantine_retry);
     }
 
     /// Every shipped config parses. The S3 one names secret files that exist only under
@@ -1677,6 +1696,19 @@ mod tests {
         assert_eq!(node.hook_socket, PathBuf::from("/run/kv/hook.sock"));
         assert_eq!(c.daemon.poll_interval, Duration::from_millis(500));
         assert_eq!(c.daemon.trigger_interval, Some(Duration::from_secs(600)));
+        assert_eq!(c.daemon.quarantine_retry, Duration::from_secs(3600));
+        let c = load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nquarantine_retry = \"10m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.quarantine_retry, Duration::from_secs(600));
+        let shown = c.to_display_toml();
+        assert!(shown.contains("quarantine_retry = \"10m\"\n"), "{shown}");
+        let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nquarantine_retry = \"0s\"\n");
+        assert!(
+            e.starts_with("daemon.quarantine_retry: must be greater than zero"),
+            "{e}"
+        );
         let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[node]\nhook_socket = \"rel.sock\"\n");
         assert!(
             e.starts_with("node.hook_socket: rel.sock must be an absolute path"),

@@ -26,6 +26,8 @@
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
 //! - [`daemon`]: `snaprelay run`: role tracking, publishing as leader, adopting as follower.
+//! - [`quarantine`]: manifests a follower refused for good (for a while), persisted in the
+//!   state dir; which failures are permanent for a manifest.
 //! - [`systemd`]: sd_notify readiness, status, stopping and a progress-driven watchdog.
 //! - [`watch`]: snapshot directory events, debounced.
 //! - [`error`]: the error type and how failures are classified: exit codes, retries, metric labels.
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod node;
 pub mod progress;
 pub mod publish;
+pub mod quarantine;
 pub mod repo;
 pub mod signing;
 pub mod store;

@@ -128,6 +128,10 @@ metrics! {
         "Chunks garbage collection left for a later run because publishes were in flight";
     signature_failures: Labelled<Counter> = Family::default(), "signature_failures",
         "Manifests refused because they are unsigned, signed by an unknown key, or their signature does not verify, by reason";
+    manifests_quarantined: Labelled<Counter> = Family::default(), "manifests_quarantined",
+        "Manifests a follower quarantined (not fetched again until their retry time or an operator's clear), by reason";
+    quarantined_manifests: Gauge = Gauge::default(), "quarantined_manifests",
+        "Manifests in this follower's quarantine now";
     role: Labelled<Gauge> = Family::default(), "role",
         "The node's role as its hook reports it: 1 for the current role, 0 for the others";
 }
@@ -192,6 +196,9 @@ impl Metrics {
         start_at_zero(&series.store_errors, "kind", &STORE_ERROR_KINDS);
         let signature_reasons = crate::signing::Reason::ALL.map(crate::signing::Reason::as_str);
         start_at_zero(&series.signature_failures, "reason", &signature_reasons);
+        let quarantine_reasons =
+            crate::quarantine::Reason::ALL.map(crate::quarantine::Reason::as_str);
+        start_at_zero(&series.manifests_quarantined, "reason", &quarantine_reasons);
         let metrics = Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -313,6 +320,22 @@ impl Metrics {
             .inc();
     }
 
+    /// A manifest quarantined (counted once per quarantine), and the quarantine's size now.
+    pub fn quarantined(&self, reason: crate::quarantine::Reason, size: usize) {
+        self.inner
+            .manifests_quarantined
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
+        self.quarantine_size(size);
+    }
+
+    /// How many manifests the quarantine holds.
+    pub fn quarantine_size(&self, size: usize) {
+        self.inner
+            .quarantined_manifests
+            .set(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+
     pub fn gc_done(&self, report: &crate::gc::GcReport) {
         let m = &self.inner;
         m.gc_deleted_manifests
@@ -423,7 +446,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 28] = [
+    const FAMILIES: [(&str, &str); 30] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -450,6 +473,8 @@ pub(crate) mod tests {
         ("snaprelay_gc_deleted_bytes_total", "counter"),
         ("snaprelay_gc_deferred_chunks_total", "counter"),
         ("snaprelay_signature_failures_total", "counter"),
+        ("snaprelay_manifests_quarantined_total", "counter"),
+        ("snaprelay_quarantined_manifests", "gauge"),
         ("snaprelay_role", "gauge"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -464,6 +489,7 @@ pub(crate) mod tests {
         m.verification_failure();
         m.store_error("unreachable");
         m.signature_failure(crate::signing::Reason::UnknownKey);
+        m.quarantined(crate::quarantine::Reason::ChunkMissing, 3);
         m.gc_done(&crate::gc::GcReport {
             manifests_deleted: vec!["m".into()],
             chunks_deleted: 5,
@@ -541,6 +567,15 @@ pub(crate) mod tests {
             ("snaprelay_adoptions_total{outcome=\"adopted\"}", 0.0),
             ("snaprelay_verification_failures_total", 1.0),
             ("snaprelay_store_errors_total{kind=\"unreachable\"}", 1.0),
+            (
+                "snaprelay_manifests_quarantined_total{reason=\"chunk_missing\"}",
+                1.0,
+            ),
+            (
+                "snaprelay_manifests_quarantined_total{reason=\"log_mismatch\"}",
+                0.0,
+            ),
+            ("snaprelay_quarantined_manifests", 3.0),
             ("snaprelay_gc_deleted_manifests_total", 1.0),
             ("snaprelay_gc_deleted_chunks_total", 5.0),
             ("snaprelay_gc_deleted_bytes_total", 4096.0),
