@@ -23,10 +23,12 @@
 //! Every step is safe to abandon at any await (the manifest is the store's commit point; a
 //! fetch's staging file is hidden and resumed next time), so shutdown simply stops waiting.
 //! Failures are retried with exponential backoff and jitter; the loop never exits on a
-//! transient error.
+//! transient error. A store probe on its own task keeps `/readyz` honest about a store that
+//! hangs, and the watchdog is petted unless a step is stuck ([`crate::liveness`]).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -41,6 +43,7 @@ use crate::fetch::{self, Fetcher};
 use crate::gc::{self, Retention};
 use crate::health::Health;
 use crate::ipc::{LogIdRef, Role, SaveOutcome, Status};
+use crate::liveness::{Liveness, ProgressStore};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::node::{HookClient, HookError};
@@ -50,6 +53,7 @@ use crate::repo::{ManifestEntry, ManifestId, Repo};
 use crate::signing::Keyring;
 use crate::snapdir::{self, Snapshot};
 use crate::store::Store;
+use crate::store_probe::StoreProbe;
 use crate::systemd::Supervisor;
 use crate::watch::DirWatcher;
 
@@ -84,7 +88,10 @@ pub struct Daemon {
     config: Config,
     node_config: NodeConfig,
     node: HookClient,
+    /// The store, reporting each answer as progress of the running step.
     store: Store,
+    /// The store as configured, for the probe (its answers are not the loop's progress).
+    probe_store: Store,
     repo: Option<Repo>,
     role: Option<Role>,
     watcher: Option<DirWatcher>,
@@ -101,6 +108,7 @@ pub struct Daemon {
     /// the node never answered).
     incoming_dirty: bool,
     backoff: Backoff,
+    liveness: Liveness,
     supervisor: Supervisor,
     metrics: Metrics,
     health: Health,
@@ -127,6 +135,13 @@ impl Answered {
     }
 }
 
+/// What woke the loop.
+enum Work {
+    Step,
+    Publish,
+    Trigger,
+}
+
 impl Daemon {
     pub fn new(config: Config) -> anyhow::Result<Daemon> {
         let node_config = config
@@ -134,12 +149,14 @@ impl Daemon {
             .clone()
             .context("[node] with hook_socket is required for `run`")?;
         let node = HookClient::new(&node_config.hook_socket, node_config.hook_timeout);
-        let store = Store::open(&config.store)?;
+        let probe_store = Store::open(&config.store)?;
+        let store = Store {
+            backend: Arc::new(ProgressStore::new(probe_store.backend.clone())),
+            ..probe_store.clone()
+        };
         let backoff = Backoff::new(config.daemon.poll_interval, config.daemon.max_backoff);
-        // A step may legitimately wait out a hook timeout and a full backoff; longer than
-        // that without progress (transfers report progress per chunk) means stuck.
-        let stuck_after = (node_config.hook_timeout + config.daemon.max_backoff) * 2;
-        let health = Health::new(stuck_after, config.metrics.max_lag);
+        let liveness = Liveness::new(stuck_after(&config, &node_config));
+        let health = Health::new(liveness.clone(), config.metrics.max_lag);
         let quarantine = Quarantine::open(
             config.daemon.state_dir.as_deref(),
             config.daemon.quarantine_retry,
@@ -151,6 +168,7 @@ impl Daemon {
             node_config,
             node,
             store,
+            probe_store,
             repo: None,
             role: None,
             watcher: None,
@@ -160,7 +178,8 @@ impl Daemon {
             quarantine,
             incoming_dirty: true,
             backoff,
-            supervisor: Supervisor::from_env(health.clone()),
+            supervisor: Supervisor::from_env(liveness.clone()),
+            liveness,
             metrics,
             health,
             last_event: String::new(),
@@ -181,6 +200,10 @@ impl Daemon {
             "snaprelay started"
         );
         log_signing(&self.config.signing);
+        tracing::info!(
+            stuck_after_ms = self.liveness.stuck_after().as_millis() as u64,
+            "a step with no progress for this long counts as stuck"
+        );
         let watchdog = self.supervisor.spawn_watchdog(cancel.clone());
         let server = match self.config.metrics.listen {
             Some(listen) => {
@@ -195,8 +218,19 @@ impl Daemon {
             }
             None => None,
         };
+        let probe = tokio::spawn(
+            StoreProbe {
+                store: self.probe_store.clone(),
+                health: self.health.clone(),
+                metrics: self.metrics.clone(),
+                interval: self.config.daemon.store_probe_interval,
+                timeout: self.config.daemon.store_probe_timeout,
+            }
+            .run(cancel.clone()),
+        );
         if !self.wait_ready(&cancel).await? {
             self.supervisor.stopping();
+            let _ = probe.await;
             return Ok(());
         }
         let daemon = self.config.daemon.clone();
@@ -209,16 +243,25 @@ impl Daemon {
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         });
+        let liveness = self.liveness.clone();
         loop {
-            let outcome = tokio::select! {
+            // Waiting here is the loop's own choice: idle, never stuck.
+            let work = tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = poll.tick() => self.step(&cancel).await,
-                _ = changed(&mut self.watcher) => self.publish_pending(&cancel).await,
-                _ = rescan.tick(), if self.role == Some(Role::Leader) => self.publish_pending(&cancel).await,
-                _ = tick(&mut trigger), if self.role == Some(Role::Leader) => self.trigger().await,
+                _ = poll.tick() => Work::Step,
+                _ = changed(&mut self.watcher) => Work::Publish,
+                _ = rescan.tick(), if self.role == Some(Role::Leader) => Work::Publish,
+                _ = tick(&mut trigger), if self.role == Some(Role::Leader) => Work::Trigger,
             };
-            // Finishing a step, even a failed one, shows the loop is not stuck.
-            self.supervisor.alive();
+            let outcome = liveness
+                .scope(async {
+                    match work {
+                        Work::Step => self.step(&cancel).await,
+                        Work::Publish => self.publish_pending(&cancel).await,
+                        Work::Trigger => self.trigger().await,
+                    }
+                })
+                .await;
             match outcome {
                 Ok(()) => {
                     if let Some((failures, since)) = self.backoff.reset() {
@@ -249,6 +292,7 @@ impl Daemon {
         if let Some(w) = watchdog {
             w.abort();
         }
+        let _ = probe.await;
         if let Some(server) = server {
             let _ = server.await;
         }
@@ -267,11 +311,11 @@ impl Daemon {
                 let status = self.node.status().await?;
                 anyhow::Ok(status)
             };
+            let liveness = self.liveness.clone();
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return Ok(false),
-                r = probe => r,
+                r = liveness.scope(probe) => r,
             };
-            self.supervisor.alive();
             match outcome {
                 Ok(status) => {
                     self.backoff.reset();
@@ -851,6 +895,15 @@ fn vanished(err: &Error) -> bool {
             ..
         }
     )
+}
+
+/// The `daemon.stuck_after` in force: the configured one, or twice the longest a single
+/// wait may take without progress (a hook request, or a store request with its retries).
+fn stuck_after(config: &Config, node: &NodeConfig) -> Duration {
+    config.daemon.stuck_after.unwrap_or_else(|| {
+        let store = config.store.request_timeout + config.store.retry_timeout;
+        node.hook_timeout.max(store) * 2
+    })
 }
 
 /// Says at start-up whether what this sidecar adopts is authenticated.

@@ -14,6 +14,9 @@
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
 //! - [`metrics`]: the daemon's Prometheus metrics.
 //! - [`health`]: what /healthz and /readyz answer: loop progress, store and hook reachability.
+//! - [`liveness`]: whether the daemon's loop is stuck: busy steps, progress, the store's
+//!   answers as progress; what /healthz and the systemd watchdog go by.
+//! - [`store_probe`]: a small request on its own deadline, so readiness sees a hanging store.
 //! - [`http`]: the HTTP listener serving /metrics, /healthz and /readyz.
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
@@ -42,6 +45,7 @@ pub mod gc;
 pub mod health;
 pub mod http;
 pub mod lease;
+pub mod liveness;
 pub mod manifest;
 pub mod metrics;
 pub mod node;
@@ -51,6 +55,7 @@ pub mod quarantine;
 pub mod repo;
 pub mod signing;
 pub mod store;
+pub mod store_probe;
 pub mod systemd;
 pub mod verify;
 pub mod watch;

@@ -132,6 +132,8 @@ metrics! {
         "Manifests a follower quarantined (not fetched again until their retry time or an operator's clear), by reason";
     quarantined_manifests: Gauge = Gauge::default(), "quarantined_manifests",
         "Manifests in this follower's quarantine now";
+    store_up: MaybeGauge<i64, std::sync::atomic::AtomicI64> = Family::default(), "store_up",
+        "1 if the store answered the last probe within its deadline, 0 if not";
     role: Labelled<Gauge> = Family::default(), "role",
         "The node's role as its hook reports it: 1 for the current role, 0 for the others";
 }
@@ -336,6 +338,14 @@ impl Metrics {
             .set(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
+    /// What the last store probe found.
+    pub fn store_up(&self, up: bool) {
+        self.inner
+            .store_up
+            .get_or_create(&NO_LABELS)
+            .set(i64::from(up));
+    }
+
     pub fn gc_done(&self, report: &crate::gc::GcReport) {
         let m = &self.inner;
         m.gc_deleted_manifests
@@ -446,7 +456,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 30] = [
+    const FAMILIES: [(&str, &str); 31] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -475,6 +485,7 @@ pub(crate) mod tests {
         ("snaprelay_signature_failures_total", "counter"),
         ("snaprelay_manifests_quarantined_total", "counter"),
         ("snaprelay_quarantined_manifests", "gauge"),
+        ("snaprelay_store_up", "gauge"),
         ("snaprelay_role", "gauge"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -490,6 +501,7 @@ pub(crate) mod tests {
         m.store_error("unreachable");
         m.signature_failure(crate::signing::Reason::UnknownKey);
         m.quarantined(crate::quarantine::Reason::ChunkMissing, 3);
+        m.store_up(false);
         m.gc_done(&crate::gc::GcReport {
             manifests_deleted: vec!["m".into()],
             chunks_deleted: 5,
@@ -576,6 +588,7 @@ pub(crate) mod tests {
                 0.0,
             ),
             ("snaprelay_quarantined_manifests", 3.0),
+            ("snaprelay_store_up", 0.0),
             ("snaprelay_gc_deleted_manifests_total", 1.0),
             ("snaprelay_gc_deleted_chunks_total", 5.0),
             ("snaprelay_gc_deleted_bytes_total", 4096.0),

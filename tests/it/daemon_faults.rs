@@ -1,7 +1,9 @@
 //! The daemon-level fault suite: real `kv-node` processes and `snaprelay run` sidecars
 //! (through the cluster harness), the file store and the S3 server, with the faults an
-//! operator meets: poison manifests of each kind, a follower node killed at each step of a
-//! handover (through a proxy on the hook socket), and a transfer cut in the middle.
+//! operator meets: poison manifests of each kind, a store that refuses or hangs (through a
+//! loopback TCP proxy the test controls), a follower node killed at each step of a
+//! handover (through a proxy on the hook socket), a transfer cut in the middle, and a
+//! watchdog that must tell waiting from stuck.
 //!
 //! After each fault the test checks what an operator would: no follower adopted anything
 //! unverified or mislabelled, the next real snapshot is adopted, nothing is left in the
@@ -332,6 +334,133 @@ fn s3_upstream(s3: &support::S3) -> String {
         .to_owned()
 }
 
+/// Waits until node `id`'s sidecar answers `/readyz` with `status` (and a body containing
+/// `reason`); returns how long that took.
+async fn readiness(c: &Cluster, id: u64, status: u16, reason: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    c.wait_for(
+        &format!("node {id}'s sidecar /readyz to answer {status} ({reason})"),
+        timeout,
+        || async {
+            let (code, body) = c.sidecar_http(id, "/readyz").await;
+            (code == status && body.contains(reason)).then_some(())
+        },
+    )
+    .await;
+    started.elapsed()
+}
+
+/// Finding 6: a store that refuses connections, or accepts them and never answers (through
+/// a proxy in front of the S3 server). Readiness fails within the probe's deadline and
+/// says why; a warning names the outage and an info line its end; the sidecars are not
+/// stuck (they wait correctly); when the store is back, readiness returns and the snapshot
+/// the leader took during the outage reaches the followers. One 60-second outage is timed.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_outages_refused_and_held_readiness_and_recovery() {
+    let Some(s3) = support::s3("store_outages_refused_and_held_readiness_and_recovery") else {
+        return;
+    };
+    let proxy = Proxy::start(&s3_upstream(&s3)).await;
+    let store = s3_through(&s3, &support::unique("outage"), &proxy, "");
+    let node_args = node_args();
+    let mut c = Cluster::start_nodes(3, store, &args(&node_args)).await;
+    c.sidecar_daemon = "store_probe_interval = \"500ms\"\nstore_probe_timeout = \"1s\"\n".into();
+    for id in 1..=3 {
+        c.start_sidecar(id);
+    }
+    c.write_keys("a", 50, 100).await;
+    let leader = c.leader(1).await.unwrap();
+    let followers: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    let s1 = leader_snapshot(&c, leader, None).await;
+    for &f in &followers {
+        adopted(&c, f, s1, Duration::from_secs(30)).await;
+    }
+    for id in 1..=3 {
+        readiness(&c, id, 200, "ok", Duration::from_secs(30)).await;
+    }
+
+    let probe_warnings = |c: &Cluster, id: u64| {
+        std::fs::read_to_string(&c.sidecar(id).log)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                l.contains("WARN")
+                    && (l.contains("did not answer the probe in time")
+                        || l.contains("store probe failed"))
+            })
+            .count()
+    };
+    for mode in [Mode::Hold, Mode::Refuse] {
+        let warned: Vec<usize> = (1..=3).map(|id| probe_warnings(&c, id)).collect();
+        proxy.set(mode);
+        for id in 1..=3 {
+            let took = readiness(&c, id, 503, "store unreachable", Duration::from_secs(30)).await;
+            figure(
+                &format!("{mode:?} outage: /readyz 503 on node {id}'s sidecar"),
+                format!("{} ms after it began", took.as_millis()),
+            );
+            // Waiting for a store is waiting correctly: alive.
+            assert_eq!(c.sidecar_http(id, "/healthz").await.0, 200);
+            c.wait_for("the probe's verdict", Duration::from_secs(10), || async {
+                (c.sidecar_metric(id, "snaprelay_store_up").await == Some(0.0)).then_some(())
+            })
+            .await;
+            // One warning per outage, however long.
+            assert_eq!(
+                probe_warnings(&c, id),
+                warned[id as usize - 1] + 1,
+                "node {id}"
+            );
+        }
+        proxy.set(Mode::Forward);
+        for id in 1..=3 {
+            readiness(&c, id, 200, "ok", Duration::from_secs(30)).await;
+        }
+    }
+
+    // The long outage, held (the worse kind: every request waits for its timeout). The
+    // leader takes a snapshot meanwhile.
+    proxy.set(Mode::Hold);
+    let outage = Instant::now();
+    c.write_keys("b", 50, 100).await;
+    let s2 = leader_snapshot(&c, leader, Some(s1)).await;
+    for id in 1..=3 {
+        readiness(&c, id, 503, "store unreachable", Duration::from_secs(30)).await;
+    }
+    // The outage's length, not a synchronisation: nothing is waited for here.
+    tokio::time::sleep(Duration::from_secs(60).saturating_sub(outage.elapsed())).await;
+    for id in 1..=3 {
+        assert_eq!(
+            c.sidecar_http(id, "/healthz").await.0,
+            200,
+            "node {id} stuck"
+        );
+    }
+    proxy.set(Mode::Forward);
+    let ended = Instant::now();
+    for id in 1..=3 {
+        readiness(&c, id, 200, "ok", Duration::from_secs(60)).await;
+    }
+    figure(
+        "60 s held outage: every sidecar ready again",
+        format!("{} ms after it ended", ended.elapsed().as_millis()),
+    );
+    for &f in &followers {
+        adopted(&c, f, s2, Duration::from_secs(120)).await;
+    }
+    figure(
+        "60 s held outage: the snapshot taken during it adopted by both followers",
+        format!("{} ms after it ended", ended.elapsed().as_millis()),
+    );
+    for &f in &followers {
+        same_bytes_as_leader(&c, leader, f).await;
+        incoming_is_empty(&c, f).await;
+        let log = std::fs::read_to_string(&c.sidecar(f).log).unwrap();
+        assert!(log.contains("the store answers again"), "node {f}:\n{log}");
+        assert_eq!(c.sidecar_metric(f, "snaprelay_store_up").await, Some(1.0));
+    }
+}
+
 /// Finding 4: a transfer cut in the middle (the store stops answering half way through a
 /// follower's first fetch) keeps the staging file; once the store is back, the fetch
 /// resumes from it and downloads only what it lacked.
@@ -538,4 +667,131 @@ async fn follower_node_killed_at_each_handover_step_still_adopts() {
         log.contains("removed leftovers of earlier fetches"),
         "{log}"
     );
+}
+
+/// Reads notifications from a `NOTIFY_SOCKET` datagram socket (playing systemd).
+struct Systemd {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl Systemd {
+    fn bind(path: PathBuf) -> Systemd {
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Systemd { socket, path }
+    }
+
+    /// Every message received within `window`.
+    fn receive(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got
+    }
+
+    fn pets(&self, window: Duration) -> usize {
+        self.receive(window)
+            .iter()
+            .filter(|m| m.contains("WATCHDOG=1"))
+            .count()
+    }
+
+    /// Throws away what was sent so far.
+    fn drain(&self) {
+        let mut buf = vec![0u8; 4096];
+        self.socket.set_nonblocking(true).unwrap();
+        while self.socket.recv(&mut buf).is_ok() {}
+        self.socket.set_nonblocking(false).unwrap();
+    }
+}
+
+/// Finding 6, the watchdog: a sidecar that waits correctly (a publish waiting for a GC's
+/// lease, looking again every half second, for longer than the stuck limit) is petted
+/// throughout; one whose step hangs on a store request past the limit is not, and
+/// `/healthz` says why; when the request is released, the petting resumes.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_tells_waiting_from_stuck() {
+    let Some(s3) = support::s3("the_watchdog_tells_waiting_from_stuck") else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let prefix = support::unique("watchdog");
+    let proxy = Proxy::start(&s3_upstream(&s3)).await;
+    // A request waits for its answer far longer than a step may go without progress.
+    let store = s3_through(
+        &s3,
+        &prefix,
+        &proxy,
+        "request_timeout = \"300s\"\nmax_retries = 0\n",
+    );
+    let mut c = Cluster::start_nodes(1, store, &[]).await;
+    c.sidecar_daemon = "stuck_after = \"3s\"\n".into();
+    let systemd = Systemd::bind(work.path().join("notify.sock"));
+    let notify = systemd.path.to_str().unwrap().to_owned();
+    c.start_sidecar_with_env(
+        1,
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "1000000")],
+    );
+    c.write_keys("a", 20, 100).await;
+    let s1 = leader_snapshot(&c, 1, None).await;
+    let repo = c
+        .wait_for("the repository", Duration::from_secs(30), || async {
+            Repo::open(Store::open(&s3.settings(&prefix)).unwrap(), "e2e")
+                .await
+                .ok()
+        })
+        .await;
+    published(&c, &repo, s1).await;
+
+    // Waiting correctly: a live GC lease makes the next publish wait.
+    repo.put_lease(
+        "gc-0123456789abcdef.json",
+        bytes::Bytes::from_static(b"{\"holder\":\"test\"}"),
+    )
+    .await
+    .unwrap();
+    c.write_keys("b", 20, 100).await;
+    let s2 = leader_snapshot(&c, 1, Some(s1)).await;
+    let pets = systemd.pets(Duration::from_secs(8));
+    assert!(
+        repo.manifest_for(s2.1, s2.0).await.unwrap().is_none(),
+        "the publish did not wait"
+    );
+    assert!(
+        pets >= 12,
+        "{pets} watchdog pets in 8 s of a lease wait (stuck after 3 s)"
+    );
+    assert_eq!(c.sidecar_http(1, "/healthz").await.0, 200);
+    repo.delete_lease("gc-0123456789abcdef.json").await.unwrap();
+    published(&c, &repo, s2).await;
+
+    // Stuck: the next publish's first request hangs.
+    proxy.set(Mode::Hold);
+    c.write_keys("c", 20, 100).await;
+    leader_snapshot(&c, 1, Some(s2)).await;
+    c.wait_for(
+        "/healthz to say the loop is stuck",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = c.sidecar_http(1, "/healthz").await;
+            (code == 503 && body.contains("no progress")).then_some(())
+        },
+    )
+    .await;
+    systemd.drain();
+    let pets = systemd.pets(Duration::from_secs(3));
+    assert_eq!(pets, 0, "the watchdog was petted while the loop was stuck");
+    assert!(c.sidecar_log(1).contains("the main loop is stuck"));
+    proxy.set(Mode::Forward);
+    let pets = systemd.pets(Duration::from_secs(3));
+    assert!(pets >= 3, "{pets} pets after the store came back");
+    assert_eq!(c.sidecar_http(1, "/healthz").await.0, 200);
 }
