@@ -307,6 +307,62 @@ async fn poison_manifests_never_stop_the_pipeline() {
             assert!(warnings <= 1, "node {f} quarantined {p} {warnings} times");
         }
     }
+
+    // The last poison is still a candidate (newer than the followers' snapshot): it is in
+    // the quarantine file, which a restarted sidecar goes by, and which an operator lists
+    // and clears; once cleared, the daemon tries it again (and quarantines it again).
+    let f = followers[0];
+    let last_poison = planted.last().unwrap().to_string();
+    c.start_sidecar(f);
+    c.wait_for(
+        "the restarted sidecar to look at the store",
+        Duration::from_secs(30),
+        || async {
+            (c.sidecar_metric(f, "snaprelay_follower_lag").await == Some(0.0)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        c.sidecar_metric(f, "snaprelay_quarantined_manifests").await,
+        Some(1.0)
+    );
+    let this_run = || std::fs::read_to_string(&c.sidecar(f).log).unwrap();
+    assert_eq!(quarantine_warnings(&this_run(), &last_poison), 0);
+    let listed = cli_json(&c, f, &["quarantine", "list", "--json"]);
+    let entries = listed["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{listed}");
+    assert_eq!(entries[0]["manifest"], last_poison.as_str());
+    assert_eq!(entries[0]["reason"], "chunk_corrupt");
+    assert!(
+        entries[0]["error"].as_str().unwrap().contains("is corrupt"),
+        "{listed}"
+    );
+    let text = cli(&c, f, &["quarantine", "list"]);
+    assert!(
+        text.contains(&last_poison) && text.contains("chunk_corrupt"),
+        "{text}"
+    );
+    let cleared = cli(&c, f, &["quarantine", "clear", &last_poison]);
+    assert!(
+        cleared.contains(&format!("cleared {last_poison}")),
+        "{cleared}"
+    );
+    c.wait_for(
+        "the daemon to try the cleared manifest again",
+        Duration::from_secs(30),
+        || async { (quarantine_warnings(&this_run(), &last_poison) == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        c.sidecar_metric(
+            f,
+            "snaprelay_manifests_quarantined_total{reason=\"chunk_corrupt\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(log_id(&c.metrics(f).await["snapshot"]), Some(last));
+    incoming_is_empty(&c, f).await;
 }
 
 fn quarantine_warnings(log: &str, manifest: &impl std::fmt::Display) -> usize {
@@ -314,6 +370,26 @@ fn quarantine_warnings(log: &str, manifest: &impl std::fmt::Display) -> usize {
     log.lines()
         .filter(|l| l.contains("manifest quarantined") && l.contains(&manifest))
         .count()
+}
+
+/// Runs `snaprelay` with node `id`'s sidecar config; its stdout, which must succeed.
+fn cli(c: &Cluster, id: u64, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snaprelay"))
+        .arg("--config")
+        .arg(&c.sidecar(id).config)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        support::fail_text(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn cli_json(c: &Cluster, id: u64, args: &[&str]) -> Value {
+    serde_json::from_str(&cli(c, id, args)).unwrap()
 }
 
 /// The `[store]` section of a sidecar reaching the S3 server through `proxy`, with `extra`
