@@ -95,6 +95,9 @@ pub struct Daemon {
     repo: Option<Repo>,
     role: Option<Role>,
     watcher: Option<DirWatcher>,
+    /// Recorded as the publisher of this sidecar's manifests: the configured `node_id`, or
+    /// the node's own id from its status.
+    node_id: Option<u64>,
     /// Leader: newest log id (index, term) known to be in the store.
     published: Option<(u64, u64)>,
     /// Follower: the node's last `staged` or `stale` answer, which holds while its status
@@ -164,6 +167,7 @@ impl Daemon {
         let metrics = Metrics::new();
         metrics.quarantine_size(quarantine.len());
         Ok(Daemon {
+            node_id: config.node_id,
             config,
             node_config,
             node,
@@ -418,6 +422,7 @@ impl Daemon {
     async fn step(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
         let status = self.node.status().await?;
         self.health.hook_reachable(true);
+        self.learn_node_id(&status);
         if self.role != Some(status.role) {
             tracing::info!(role = %status.role, node_id = status.node_id, term = status.term, "node role");
             self.role = Some(status.role);
@@ -453,6 +458,29 @@ impl Daemon {
                 self.watcher = None;
                 Ok(())
             }
+        }
+    }
+
+    /// The publisher's node id: the configured one, else the node's own (said once).
+    fn learn_node_id(&mut self, status: &Status) {
+        match self.node_id {
+            None => {
+                tracing::info!(
+                    node_id = status.node_id,
+                    "node_id is not configured: recording the node's own id as the publisher of its snapshots"
+                );
+                self.node_id = Some(status.node_id);
+            }
+            Some(id) if id != status.node_id && self.config.node_id == Some(id) => {
+                tracing::warn!(
+                    configured = id,
+                    node = status.node_id,
+                    "node_id in the config is not the node's own id; manifests name the configured one"
+                );
+                // Said once: from now on the id is taken as the operator meant it.
+                self.config.node_id = None;
+            }
+            Some(_) => {}
         }
     }
 
@@ -521,7 +549,7 @@ impl Daemon {
         let publisher = Publisher::new(
             &repo,
             self.config.upload.concurrency,
-            self.config.node_id,
+            self.node_id,
             &progress,
         );
         let report = tokio::select! {

@@ -2,8 +2,8 @@
 //! (through the cluster harness), the file store and the S3 server, with the faults an
 //! operator meets: poison manifests of each kind, a store that refuses or hangs (through a
 //! loopback TCP proxy the test controls), a follower node killed at each step of a
-//! handover (through a proxy on the hook socket), a transfer cut in the middle, and a
-//! watchdog that must tell waiting from stuck.
+//! handover (through a proxy on the hook socket), a transfer cut in the middle, a deposed
+//! leader that keeps publishing, and a watchdog that must tell waiting from stuck.
 //!
 //! After each fault the test checks what an operator would: no follower adopted anything
 //! unverified or mislabelled, the next real snapshot is adopted, nothing is left in the
@@ -85,9 +85,15 @@ async fn incoming_is_empty(c: &Cluster, id: u64) {
 
 /// The follower holds exactly the leader's bytes for `snapshot` and built nothing itself.
 async fn same_bytes_as_leader(c: &Cluster, leader: u64, id: u64) {
-    let lm = c.metrics(leader).await;
     let m = c.metrics(id).await;
     assert_eq!(m["snapshots_built_locally"], 0, "node {id}: {m}");
+    same_file_as_leader(c, leader, id).await;
+}
+
+/// Node `id`'s current snapshot file is byte for byte the leader's.
+async fn same_file_as_leader(c: &Cluster, leader: u64, id: u64) {
+    let lm = c.metrics(leader).await;
+    let m = c.metrics(id).await;
     assert_eq!(
         std::fs::read(lm["snapshot_path"].as_str().unwrap()).unwrap(),
         std::fs::read(m["snapshot_path"].as_str().unwrap()).unwrap(),
@@ -743,6 +749,86 @@ async fn follower_node_killed_at_each_handover_step_still_adopts() {
         log.contains("removed leftovers of earlier fetches"),
         "{log}"
     );
+}
+
+/// Two leaders' sidecars publishing at once. The leader's node freezes (SIGSTOP) while its
+/// sidecar keeps running: the sidecar still takes it for the leader (its status requests
+/// time out) and publishes the older snapshot the node took before it froze, once the store
+/// is reachable for it, after the new leader has published newer ones. Both are published,
+/// each naming its publisher's node id (learned from the node: no `node_id` in the
+/// configs); nothing goes back to the old one, and every node ends with the new leader's
+/// snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deposed_leaders_sidecar_publishing_an_older_snapshot_changes_nothing() {
+    let Some(s3) =
+        support::s3("a_deposed_leaders_sidecar_publishing_an_older_snapshot_changes_nothing")
+    else {
+        return;
+    };
+    let prefix = support::unique("deposed");
+    let proxy = Proxy::start(&s3_upstream(&s3)).await;
+    let node_args = node_args();
+    let mut c = Cluster::start_nodes(3, StoreSection::s3(&s3, &prefix), &args(&node_args)).await;
+    c.omit_node_id = true;
+    // A frozen node's status request fails soon, so its sidecar goes on with what it knows.
+    c.hook_timeout = "2s".into();
+    let old = c.leader(1).await.unwrap();
+    c.sidecar_store
+        .insert(old, s3_through(&s3, &prefix, &proxy, "max_retries = 0\n"));
+    for id in 1..=3 {
+        c.start_sidecar(id);
+    }
+    let others: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
+    c.write_keys_via(old, "a", 50, 100).await;
+    let s1 = leader_snapshot(&c, old, None).await;
+    for &f in &others {
+        adopted(&c, f, s1, Duration::from_secs(30)).await;
+    }
+    // The old leader takes a snapshot its sidecar cannot publish yet, then freezes.
+    proxy.set(Mode::Refuse);
+    c.write_keys_via(old, "b", 30, 100).await;
+    let stale = leader_snapshot(&c, old, Some(s1)).await;
+    c.signal_node(old, libc::SIGSTOP);
+    let new = c
+        .wait_for("a new leader", Duration::from_secs(30), || async {
+            c.leader(others[0]).await.filter(|l| *l != old)
+        })
+        .await;
+    let follower = others.iter().copied().find(|&i| i != new).unwrap();
+    c.write_keys_via(new, "c", 30, 100).await;
+    let fresh = leader_snapshot(&c, new, Some(s1)).await;
+    let repo = Repo::open(Store::open(&s3.settings(&prefix)).unwrap(), "e2e")
+        .await
+        .unwrap();
+    let (_, fresh_m) = published(&c, &repo, fresh).await;
+    adopted(&c, follower, fresh, Duration::from_secs(30)).await;
+    // The old leader's sidecar reaches the store again: it publishes what its node has,
+    // whatever newer manifests the store holds.
+    proxy.set(Mode::Forward);
+    let (_, stale_m) = published(&c, &repo, stale).await;
+    assert!(stale.1 < fresh.1, "{stale:?} {fresh:?}");
+    assert_eq!(stale_m.publisher.node_id, Some(old));
+    assert_eq!(fresh_m.publisher.node_id, Some(new));
+    let listed = cli(&c, follower, &["list"]);
+    assert!(
+        listed.contains(&format!("node {old} (v")) && listed.contains(&format!("node {new} (v")),
+        "{listed}"
+    );
+    // Nobody goes back to the older snapshot; the next real one flows.
+    c.write_keys_via(new, "d", 20, 100).await;
+    let next = leader_snapshot(&c, new, Some(fresh)).await;
+    adopted(&c, follower, next, Duration::from_secs(30)).await;
+    same_bytes_as_leader(&c, new, follower).await;
+    // Thawed, the old leader steps down and adopts the new leader's snapshot.
+    c.signal_node(old, libc::SIGCONT);
+    adopted(&c, old, next, Duration::from_secs(60)).await;
+    // (It built its own snapshots while it led.)
+    same_file_as_leader(&c, new, old).await;
+    for id in [old, follower] {
+        incoming_is_empty(&c, id).await;
+    }
+    let log = c.sidecar_log(follower);
+    assert!(!log.contains("manifest quarantined"), "{log}");
 }
 
 /// Reads notifications from a `NOTIFY_SOCKET` datagram socket (playing systemd).
