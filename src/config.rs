@@ -95,8 +95,19 @@ pub struct DaemonConfig {
     pub trigger_interval: Option<Duration>,
     /// Longest wait between retries after failures.
     pub max_backoff: Duration,
-    /// Where `run` records its last results for `snaprelay status` (off when unset).
+    /// Where `run` records its last results for `snaprelay status` and the manifests it
+    /// quarantined (in memory only when unset).
     pub state_dir: Option<PathBuf>,
+    /// Follower: how long a quarantined manifest is left alone before it is tried again.
+    pub quarantine_retry: Duration,
+    /// How often a small request checks that the store answers (for `/readyz`).
+    pub store_probe_interval: Duration,
+    /// How long that request may take before the store counts as unreachable.
+    pub store_probe_timeout: Duration,
+    /// How long a step may go without any progress (no store answer, no chunk moved)
+    /// before the daemon counts as stuck: `/healthz` fails and the systemd watchdog is no
+    /// longer petted. Unset: twice the longest single wait the configuration allows.
+    pub stuck_after: Option<Duration>,
 }
 
 impl Default for DaemonConfig {
@@ -107,6 +118,10 @@ impl Default for DaemonConfig {
             trigger_interval: None,
             max_backoff: Duration::from_secs(30),
             state_dir: None,
+            quarantine_retry: Duration::from_secs(3600),
+            store_probe_interval: Duration::from_secs(5),
+            store_probe_timeout: Duration::from_secs(3),
+            stuck_after: None,
         }
     }
 }
@@ -213,6 +228,10 @@ struct RawDaemon {
     trigger_interval: Option<String>,
     max_backoff: Option<String>,
     state_dir: Option<PathBuf>,
+    quarantine_retry: Option<String>,
+    store_probe_interval: Option<String>,
+    store_probe_timeout: Option<String>,
+    stuck_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -460,6 +479,15 @@ impl Config {
         }
         if let Some(dir) = &self.daemon.state_dir {
             out.push_str(&format!("state_dir = {}\n", q(&dir.display().to_string())));
+        }
+        out.push_str(&format!(
+            "quarantine_retry = {}\nstore_probe_interval = {}\nstore_probe_timeout = {}\n",
+            d(self.daemon.quarantine_retry),
+            d(self.daemon.store_probe_interval),
+            d(self.daemon.store_probe_timeout),
+        ));
+        if let Some(t) = self.daemon.stuck_after {
+            out.push_str(&format!("stuck_after = {}\n", d(t)));
         }
         out.push_str(&format!(
             "\n[retention]\nkeep_last = {}\ngrace = {}\ngc_after_publish = {}\n",
@@ -1021,6 +1049,25 @@ fn daemon_config(raw: RawDaemon) -> Result<DaemonConfig> {
             .state_dir
             .map(|p| absolute("daemon.state_dir", p))
             .transpose()?,
+        quarantine_retry: duration(
+            "daemon.quarantine_retry",
+            raw.quarantine_retry,
+            default.quarantine_retry,
+        )?,
+        store_probe_interval: duration(
+            "daemon.store_probe_interval",
+            raw.store_probe_interval,
+            default.store_probe_interval,
+        )?,
+        store_probe_timeout: duration(
+            "daemon.store_probe_timeout",
+            raw.store_probe_timeout,
+            default.store_probe_timeout,
+        )?,
+        stuck_after: raw
+            .stuck_after
+            .map(|t| duration("daemon.stuck_after", Some(t), Duration::ZERO))
+            .transpose()?,
     };
     if config.max_backoff < config.poll_interval {
         return Err(ConfigError::invalid(
@@ -1134,6 +1181,22 @@ mod tests {
         assert_eq!(config.cluster_id, "kv-prod");
         assert_eq!(config.upload.concurrency, 8);
         assert!(config.signing.requires() && config.signing.signer().is_some());
+        // The daemon keys shown commented out hold their defaults.
+        let mut uncommented = text.clone();
+        for key in [
+            "quarantine_retry",
+            "store_probe_interval",
+            "store_probe_timeout",
+            "stuck_after",
+        ] {
+            uncommented = uncommented.replace(&format!("# {key} = "), &format!("{key} = "));
+        }
+        let shown = load(&uncommented).unwrap().daemon;
+        let defaults = DaemonConfig::default();
+        assert_eq!(shown.quarantine_retry, defaults.quarantine_retry);
+        assert_eq!(shown.store_probe_interval, defaults.store_probe_interval);
+        assert_eq!(shown.store_probe_timeout, defaults.store_probe_timeout);
+        assert_eq!(shown.stuck_after, Some(Duration::from_secs(180)));
     }
 
     /// Every shipped config parses. The S3 one names secret files that exist only under
@@ -1636,6 +1699,27 @@ mod tests {
         assert_eq!(node.hook_socket, PathBuf::from("/run/kv/hook.sock"));
         assert_eq!(c.daemon.poll_interval, Duration::from_millis(500));
         assert_eq!(c.daemon.trigger_interval, Some(Duration::from_secs(600)));
+        assert_eq!(c.daemon.quarantine_retry, Duration::from_secs(3600));
+        assert_eq!(c.daemon.store_probe_interval, Duration::from_secs(5));
+        assert_eq!(c.daemon.store_probe_timeout, Duration::from_secs(3));
+        assert_eq!(c.daemon.stuck_after, None);
+        let c = load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nquarantine_retry = \"10m\"\n\
+             store_probe_interval = \"1s\"\nstore_probe_timeout = \"500ms\"\nstuck_after = \"5m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.quarantine_retry, Duration::from_secs(600));
+        assert_eq!(c.daemon.store_probe_interval, Duration::from_secs(1));
+        assert_eq!(c.daemon.store_probe_timeout, Duration::from_millis(500));
+        assert_eq!(c.daemon.stuck_after, Some(Duration::from_secs(300)));
+        let shown = c.to_display_toml();
+        assert!(shown.contains("quarantine_retry = \"10m\"\n"), "{shown}");
+        assert!(shown.contains("stuck_after = \"5m\"\n"), "{shown}");
+        let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nstore_probe_timeout = \"0s\"\n");
+        assert!(
+            e.starts_with("daemon.store_probe_timeout: must be greater than zero"),
+            "{e}"
+        );
         let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[node]\nhook_socket = \"rel.sock\"\n");
         assert!(
             e.starts_with("node.hook_socket: rel.sock must be an absolute path"),

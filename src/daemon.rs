@@ -1,24 +1,36 @@
 //! `snaprelay run`: the sidecar loop. It learns the node's role from the hook's `status`
 //! (polled), and
 //!
-//! - as leader, publishes every committed snapshot in the node's directory that is newer
-//!   than what the store holds (file events plus periodic rescans; optionally asks the node
-//!   to build one every `trigger_interval`);
-//! - as follower or learner, fetches the newest manifest that is newer than the node's
-//!   snapshot into the node's incoming directory, verified, and hands it over with
-//!   `save_snapshot`. A manifest that cannot be used (it fails the signature check, or is
-//!   invalid, misnamed or of another cluster) is quarantined for the life of the process:
-//!   never read or fetched again, and the next older candidate is tried at once, so a
-//!   planted manifest never delays a good one.
+//! - as leader, publishes the node's newest committed snapshot whenever the store has no
+//!   (verified) manifest for exactly its log id, whatever else the store holds: a newer
+//!   manifest, planted or left by another leader, says nothing about this snapshot (file
+//!   events plus periodic rescans; optionally asks the node to build one every
+//!   `trigger_interval`);
+//! - as follower or learner, walks the manifests newer than the node's snapshot, newest
+//!   first, and hands the first usable one to the node (`save_snapshot`), fetched and
+//!   verified into the node's incoming directory. A manifest beyond the node's committed
+//!   index is passed over without a look (it may become valid later; it never delays an
+//!   older one). One the node holds staged stops the walk; the node's status, not this
+//!   process's memory, says what it holds, so a node that restarted and forgot a staged
+//!   snapshot gets it again. A manifest whose failure is permanent for it is quarantined
+//!   ([`crate::quarantine`]) and the walk moves on to the next candidate at once; any other
+//!   failure is retried with backoff, and the fetch resumes from its staging file.
+//!
+//! The incoming directory holds only what this sidecar is doing: leftovers of earlier runs
+//! are removed at start-up, the files of a handover once the node answered it, and at most
+//! the staging file of the fetch being resumed is kept.
 //!
 //! Every step is safe to abandon at any await (the manifest is the store's commit point; a
 //! fetch's staging file is hidden and resumed next time), so shutdown simply stops waiting.
 //! Failures are retried with exponential backoff and jitter; the loop never exits on a
-//! transient error. It does exit on a repository re-created under it (another incarnation,
-//! see [`crate::incarnation`]): only the operator can decide to follow that one.
+//! transient error. A store probe on its own task keeps `/readyz` honest about a store that
+//! hangs, and the watchdog is petted unless a step is stuck ([`crate::liveness`]). It does
+//! exit on a repository re-created under it (another incarnation, see
+//! [`crate::incarnation`]): only the operator can decide to follow that one.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -33,15 +45,18 @@ use crate::fetch::{self, Fetcher};
 use crate::gc::{self, Retention};
 use crate::health::Health;
 use crate::incarnation::{Incarnation, IncarnationError};
-use crate::ipc::{Role, Status};
+use crate::ipc::{LogIdRef, Role, SaveOutcome, Status};
+use crate::liveness::{Liveness, ProgressStore};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
-use crate::node::HookClient;
+use crate::node::{HookClient, HookError};
 use crate::publish::Publisher;
-use crate::repo::{ManifestId, Repo};
+use crate::quarantine::{self, Quarantine, Verdict};
+use crate::repo::{ManifestEntry, ManifestId, Repo};
 use crate::signing::Keyring;
 use crate::snapdir::{self, Snapshot};
 use crate::store::Store;
+use crate::store_probe::StoreProbe;
 use crate::systemd::Supervisor;
 use crate::watch::DirWatcher;
 
@@ -69,22 +84,37 @@ impl DaemonState {
 
 /// Local snapshots offered as chunk sources to a follower's fetch.
 const REUSE_LOCAL_SNAPSHOTS: usize = 2;
+/// Manifests beyond the node's committed index, reported once each (bounded memory).
+const AHEAD_REPORTED: usize = 1000;
 
 pub struct Daemon {
     config: Config,
     node_config: NodeConfig,
     node: HookClient,
+    /// The store, reporting each answer as progress of the running step.
     store: Store,
+    /// The store as configured, for the probe (its answers are not the loop's progress).
+    probe_store: Store,
     repo: Option<Repo>,
     role: Option<Role>,
     watcher: Option<DirWatcher>,
+    /// Recorded as the publisher of this sidecar's manifests: the configured `node_id`, or
+    /// the node's own id from its status.
+    node_id: Option<u64>,
     /// Leader: newest log id (index, term) known to be in the store.
     published: Option<(u64, u64)>,
-    /// Follower: the manifest last handed to the node, not to be fetched again.
-    handed: Option<ManifestId>,
-    /// Follower: manifests refused for good.
+    /// Follower: the node's last `staged` or `stale` answer, which holds while its status
+    /// stays as it was (a node that restarts forgets what it staged: see `follow`).
+    answered: Option<Answered>,
+    /// Follower: manifests beyond the node's committed index already reported.
+    ahead: HashSet<ManifestId>,
+    /// Follower: manifests refused for good (for a while).
     quarantine: Quarantine,
+    /// Whether the incoming directory may hold leftovers (at start-up; after a handover
+    /// the node never answered).
+    incoming_dirty: bool,
     backoff: Backoff,
+    liveness: Liveness,
     supervisor: Supervisor,
     metrics: Metrics,
     health: Health,
@@ -95,6 +125,31 @@ pub struct Daemon {
     incarnation: Incarnation,
 }
 
+/// A node's answer to a handover that leaves the snapshot to the node.
+#[derive(Debug)]
+struct Answered {
+    id: ManifestId,
+    outcome: SaveOutcome,
+    /// The node's (snapshot, staged) at the first poll after the answer.
+    seen: Option<(Option<LogIdRef>, Option<LogIdRef>)>,
+}
+
+impl Answered {
+    /// Whether the answer still holds: the node's (snapshot, staged) are what they were at
+    /// the first poll after it (which it records).
+    fn holds(&mut self, status: &Status) -> bool {
+        let now = (status.snapshot, status.staged);
+        *self.seen.get_or_insert(now) == now
+    }
+}
+
+/// What woke the loop.
+enum Work {
+    Step,
+    Publish,
+    Trigger,
+}
+
 impl Daemon {
     pub fn new(config: Config) -> anyhow::Result<Daemon> {
         let node_config = config
@@ -102,30 +157,43 @@ impl Daemon {
             .clone()
             .context("[node] with hook_socket is required for `run`")?;
         let node = HookClient::new(&node_config.hook_socket, node_config.hook_timeout);
-        let store = Store::open(&config.store)?;
+        let probe_store = Store::open(&config.store)?;
+        let store = Store {
+            backend: Arc::new(ProgressStore::new(probe_store.backend.clone())),
+            ..probe_store.clone()
+        };
         let incarnation = Incarnation::load(
             config.daemon.state_dir.as_deref(),
             &config.store.url.to_string(),
         )?;
         let backoff = Backoff::new(config.daemon.poll_interval, config.daemon.max_backoff);
-        // A step may legitimately wait out a hook timeout and a full backoff; longer than
-        // that without progress (transfers report progress per chunk) means stuck.
-        let stuck_after = (node_config.hook_timeout + config.daemon.max_backoff) * 2;
-        let health = Health::new(stuck_after, config.metrics.max_lag);
+        let liveness = Liveness::new(stuck_after(&config, &node_config));
+        let health = Health::new(liveness.clone(), config.metrics.max_lag);
+        let quarantine = Quarantine::open(
+            config.daemon.state_dir.as_deref(),
+            config.daemon.quarantine_retry,
+        );
+        let metrics = Metrics::new();
+        metrics.quarantine_size(quarantine.len());
         Ok(Daemon {
+            node_id: config.node_id,
             config,
             node_config,
             node,
             store,
+            probe_store,
             repo: None,
             role: None,
             watcher: None,
             published: None,
-            handed: None,
-            quarantine: Quarantine::default(),
+            answered: None,
+            ahead: HashSet::new(),
+            quarantine,
+            incoming_dirty: true,
             backoff,
-            supervisor: Supervisor::from_env(health.clone()),
-            metrics: Metrics::new(),
+            supervisor: Supervisor::from_env(liveness.clone()),
+            liveness,
+            metrics,
             health,
             last_event: String::new(),
             state: DaemonState {
@@ -146,6 +214,10 @@ impl Daemon {
             "snaprelay started"
         );
         log_signing(&self.config.signing);
+        tracing::info!(
+            stuck_after_ms = self.liveness.stuck_after().as_millis() as u64,
+            "a step with no progress for this long counts as stuck"
+        );
         let watchdog = self.supervisor.spawn_watchdog(cancel.clone());
         let server = match self.config.metrics.listen {
             Some(listen) => {
@@ -160,8 +232,19 @@ impl Daemon {
             }
             None => None,
         };
+        let probe = tokio::spawn(
+            StoreProbe {
+                store: self.probe_store.clone(),
+                health: self.health.clone(),
+                metrics: self.metrics.clone(),
+                interval: self.config.daemon.store_probe_interval,
+                timeout: self.config.daemon.store_probe_timeout,
+            }
+            .run(cancel.clone()),
+        );
         if !self.wait_ready(&cancel).await? {
             self.supervisor.stopping();
+            let _ = probe.await;
             return Ok(());
         }
         let daemon = self.config.daemon.clone();
@@ -174,16 +257,25 @@ impl Daemon {
             i.set_missed_tick_behavior(MissedTickBehavior::Delay);
             i
         });
+        let liveness = self.liveness.clone();
         loop {
-            let outcome = tokio::select! {
+            // Waiting here is the loop's own choice: idle, never stuck.
+            let work = tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = poll.tick() => self.step(&cancel).await,
-                _ = changed(&mut self.watcher) => self.publish_pending(&cancel).await,
-                _ = rescan.tick(), if self.role == Some(Role::Leader) => self.publish_pending(&cancel).await,
-                _ = tick(&mut trigger), if self.role == Some(Role::Leader) => self.trigger().await,
+                _ = poll.tick() => Work::Step,
+                _ = changed(&mut self.watcher) => Work::Publish,
+                _ = rescan.tick(), if self.role == Some(Role::Leader) => Work::Publish,
+                _ = tick(&mut trigger), if self.role == Some(Role::Leader) => Work::Trigger,
             };
-            // Finishing a step, even a failed one, shows the loop is not stuck.
-            self.supervisor.alive();
+            let outcome = liveness
+                .scope(async {
+                    match work {
+                        Work::Step => self.step(&cancel).await,
+                        Work::Publish => self.publish_pending(&cancel).await,
+                        Work::Trigger => self.trigger().await,
+                    }
+                })
+                .await;
             match outcome {
                 Ok(()) => {
                     if let Some((failures, since)) = self.backoff.reset() {
@@ -214,6 +306,7 @@ impl Daemon {
         if let Some(w) = watchdog {
             w.abort();
         }
+        let _ = probe.await;
         if let Some(server) = server {
             let _ = server.await;
         }
@@ -232,11 +325,11 @@ impl Daemon {
                 let status = self.node.status().await?;
                 anyhow::Ok(status)
             };
+            let liveness = self.liveness.clone();
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => return Ok(false),
-                r = probe => r,
+                r = liveness.scope(probe) => r,
             };
-            self.supervisor.alive();
             match outcome {
                 Ok(status) => {
                     self.backoff.reset();
@@ -339,6 +432,7 @@ impl Daemon {
     async fn step(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
         let status = self.node.status().await?;
         self.health.hook_reachable(true);
+        self.learn_node_id(&status);
         if self.role != Some(status.role) {
             tracing::info!(role = %status.role, node_id = status.node_id, term = status.term, "node role");
             self.role = Some(status.role);
@@ -346,7 +440,11 @@ impl Daemon {
             let event = std::mem::take(&mut self.last_event);
             self.report(event);
             self.published = None;
-            self.handed = None;
+            self.answered = None;
+        }
+        if status.role != Role::Follower && status.role != Role::Learner && self.incoming_dirty {
+            // Nothing is being fetched: whatever a fetch left is a leftover.
+            self.clean_incoming(&status, &[]);
         }
         match status.role {
             Role::Leader => {
@@ -369,6 +467,43 @@ impl Daemon {
             Role::Candidate | Role::Shutdown => {
                 self.watcher = None;
                 Ok(())
+            }
+        }
+    }
+
+    /// The publisher's node id: the configured one, else the node's own (said once).
+    fn learn_node_id(&mut self, status: &Status) {
+        match self.node_id {
+            None => {
+                tracing::info!(
+                    node_id = status.node_id,
+                    "node_id is not configured: recording the node's own id as the publisher of its snapshots"
+                );
+                self.node_id = Some(status.node_id);
+            }
+            Some(id) if id != status.node_id && self.config.node_id == Some(id) => {
+                tracing::warn!(
+                    configured = id,
+                    node = status.node_id,
+                    "node_id in the config is not the node's own id; manifests name the configured one"
+                );
+                // Said once: from now on the id is taken as the operator meant it.
+                self.config.node_id = None;
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Removes what earlier fetches left in the node's incoming directory, keeping what
+    /// resumes the fetch of the first of `resume` (log ids, most wanted first) that has
+    /// files there. A failure is only reported: the files are hidden or complete, never
+    /// read by the node unless handed over.
+    fn clean_incoming(&mut self, status: &Status, resume: &[(u64, u64)]) {
+        let dir = self.incoming_dir(status);
+        match fetch::clean_incoming(&dir, resume) {
+            Ok(_) => self.incoming_dirty = false,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot clean the incoming directory")
             }
         }
     }
@@ -409,23 +544,22 @@ impl Daemon {
             return Ok(());
         }
         let repo = self.repo_for_publish().await?;
-        // A newer manifest (from a previous leader) supersedes this one: nothing to do. Only
-        // one that verifies: a forgery must not stop the leader from publishing.
-        if let (Some(id), _) = repo
-            .newest_verified(Some(log_id.0.saturating_sub(1)))
-            .await?
-        {
-            if (id.index, id.term) >= log_id {
-                self.published = Some((id.index, id.term));
-                return Ok(());
-            }
+        // Only a manifest for exactly this log id (one that verifies, under signing) means
+        // the snapshot is there. Anything newer, whoever wrote it (a planted far-future
+        // manifest, a deposed leader), says nothing about this snapshot, and must not stop
+        // the pipeline.
+        if let Some(id) = repo.manifest_for(log_id.0, log_id.1).await? {
+            tracing::debug!(manifest = %id, "the node's newest snapshot is in the store");
+            self.health.store_reachable(true);
+            self.published = Some(log_id);
+            return Ok(());
         }
         let snapshot = newest.clone();
         let progress = self.supervisor.progress();
         let publisher = Publisher::new(
             &repo,
             self.config.upload.concurrency,
-            self.config.node_id,
+            self.node_id,
             &progress,
         );
         let report = tokio::select! {
@@ -509,7 +643,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// Follower: fetch and hand over the newest snapshot newer than the node's.
+    /// Follower: hand the node the newest usable snapshot newer than its own.
+    ///
+    /// Candidates are the manifests newer than the node's snapshot, newest first, minus the
+    /// quarantined ones and those beyond the node's committed index (not looked at: they
+    /// may become valid later, and must not delay an older one). The walk stops at the
+    /// first candidate the node already holds (staged) or has answered for, or that is
+    /// handed over; a candidate whose failure is permanent for it is quarantined and the
+    /// walk goes on at once.
     async fn follow(&mut self, status: &Status, cancel: &CancellationToken) -> anyhow::Result<()> {
         if self.repo.is_none() {
             let opened = Repo::open_with(
@@ -533,53 +674,104 @@ impl Daemon {
         }
         let repo = self.repo.clone().expect("set above");
         let after = status.snapshot.map(|s| s.index);
+        self.quarantine.refresh();
+        self.quarantine.forget_through(after);
+        self.metrics.quarantine_size(self.quarantine.len());
         let listed = repo.list_manifests(after).await?;
         self.health.store_reachable(true);
-        self.quarantine.forget_through(after);
-        // The newest usable candidate, newest first. Each is read (signature first) before
-        // any of it is believed or any chunk fetched.
-        let mut chosen: Option<(ManifestId, Manifest)> = None;
-        let mut newest_index = after;
+
+        let now = chrono::Utc::now();
+        let mut candidates: Vec<&ManifestEntry> = Vec::new();
+        // What a fetch may resume later, most wanted first: a candidate beyond the committed
+        // index today is one tomorrow, so its staging file stays.
+        let mut wanted: Vec<(u64, u64)> = Vec::new();
         for entry in listed.iter().rev() {
-            let id = &entry.id;
-            if self.quarantine.contains(id) {
+            match self.quarantine.verdict(entry, now) {
+                Verdict::Held => continue,
+                Verdict::Retry(old) => {
+                    tracing::info!(manifest = %entry.id, reason = %old.reason, "a quarantined manifest's retry time came; trying it again");
+                    self.quarantine.remove(&entry.id);
+                }
+                Verdict::Clear => {}
+            }
+            wanted.push((entry.id.index, entry.id.term));
+            if beyond_committed(status, &entry.id) {
+                self.report_ahead(&entry.id, status);
                 continue;
             }
-            if self.handed.as_ref() == Some(id) {
-                newest_index = newest_index.max(Some(id.index));
+            candidates.push(entry);
+        }
+        let newest = candidates.first().map(|e| e.id.index).max(after);
+        self.metrics.follower_position(after, newest);
+        self.health
+            .lag(newest.map(|n| n.saturating_sub(after.unwrap_or(0))));
+
+        for entry in candidates {
+            let id = &entry.id;
+            if node_holds(status, id) || self.still_answered(status, id) {
                 break;
             }
-            match repo.read_manifest(id).await {
-                Ok(m) => {
-                    newest_index = newest_index.max(Some(id.index));
-                    chosen = Some((id.clone(), m));
-                    break;
-                }
-                Err(e) if Quarantine::applies(&e) => self.refuse(id, &e),
-                Err(e) => return Err(e.into()),
+            // Signature first: nothing a manifest says is believed before it verifies.
+            let manifest = match repo.read_manifest(id).await {
+                Ok(m) => m,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => match quarantine::Reason::of_error(&e) {
+                    Some((reason, signature)) => {
+                        self.quarantine_manifest(entry, reason, signature, &e.into());
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
+            };
+            match self
+                .hand_over(&repo, entry, &manifest, status, cancel)
+                .await
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => match quarantine::Reason::of(&e) {
+                    Some((reason, signature)) => {
+                        self.metrics.fetch_failed(FailureReason::of(&e));
+                        self.quarantine_manifest(entry, reason, signature, &e);
+                    }
+                    None => return Err(e),
+                },
             }
         }
-        self.metrics.follower_position(after, newest_index);
-        self.health
-            .lag(newest_index.map(|n| n.saturating_sub(after.unwrap_or(0))));
-        let Some((id, manifest)) = chosen else {
-            return Ok(());
-        };
-        let repo = &repo;
+        if self.incoming_dirty {
+            self.clean_incoming(status, &wanted);
+        }
+        Ok(())
+    }
+
+    /// Fetches `manifest` into the node's incoming directory and hands it over. Returns an
+    /// error for anything that went wrong, the node's refusal included (the caller tells
+    /// what is permanent for the manifest from what is not).
+    async fn hand_over(
+        &mut self,
+        repo: &Repo,
+        entry: &ManifestEntry,
+        manifest: &Manifest,
+        status: &Status,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let id = &entry.id;
         self.check_incarnation(repo).await?;
         let started = Instant::now();
         let incoming = self.incoming_dir(status);
+        // Only what resumes this fetch stays.
+        self.clean_incoming(status, &[(id.index, id.term)]);
         let snapshot_dir = self.snapshot_dir(status);
         let mut sources = fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
         sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
         let progress = self.supervisor.progress();
         let node = fetch::NodeAccess::of_socket(&self.node_config.hook_socket)?;
-        let fetcher =
-            Fetcher::new(repo, self.config.download.concurrency, &progress).hand_over_to(node);
+        let fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress)
+            .hand_over_to(node)
+            .resumable(true);
         let report = tokio::select! {
             // An abandoned fetch leaves only the hidden staging file, resumed next time.
             _ = cancel.cancelled() => return Ok(()),
-            r = fetcher.fetch(&manifest, &incoming, &sources) => r.with_context(|| format!("fetching snapshot {}", id.index))?,
+            r = fetcher.fetch(manifest, &incoming, &sources) => r.with_context(|| format!("fetching snapshot {}", id.index))?,
         };
         tracing::info!(
             stage = "fetch",
@@ -598,14 +790,31 @@ impl Daemon {
             report.chunks_reused,
             report.elapsed,
         );
+        // Until the node answers, its files are the node's to take: if it never does (it
+        // died, it timed out), the next fetch of this snapshot resumes from them.
+        self.incoming_dirty = true;
         let envelope = Snapshot::open(&report.meta)?.envelope;
         let saved = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            r = self.node.save_snapshot(envelope, &report.data, &report.sha256) => r?,
+            r = self.node.save_snapshot(envelope, &report.data, &report.sha256) => r,
+        };
+        let saved = match saved {
+            Ok(saved) => saved,
+            Err(e @ HookError::Refused { code, .. }) => {
+                // Answered: the files go, but a refusal that is not the snapshot's leaves
+                // the data as the staging file, so the next attempt downloads nothing.
+                let resume = !code.refuses_snapshot();
+                self.release(&report, resume);
+                return Err(anyhow::Error::new(e)
+                    .context(format!("handing snapshot {} to the node", id.index)));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("handing snapshot {} to the node", id.index)))
+            }
         };
         // The node moved the data file away if it kept it; what is left is ours to remove.
-        let _ = std::fs::remove_file(&report.meta);
-        let _ = std::fs::remove_file(&report.data);
+        self.release(&report, false);
         tracing::info!(
             stage = "adopt",
             index = report.index,
@@ -617,22 +826,90 @@ impl Daemon {
         let outcome = format!("{:?}", saved.outcome).to_lowercase();
         self.metrics.adopted(id.index, &outcome);
         self.report(format!("{outcome} {} (term {})", id.index, id.term));
-        self.handed = Some(id);
+        self.answered = match saved.outcome {
+            SaveOutcome::Adopted => None,
+            outcome => Some(Answered {
+                id: id.clone(),
+                outcome,
+                seen: None,
+            }),
+        };
         Ok(())
     }
 
-    /// Follower: quarantines a manifest that cannot be used, saying so once.
-    fn refuse(&mut self, id: &ManifestId, err: &Error) {
-        let signature = match err {
-            Error::Unauthenticated { refusal, .. } => Some(refusal.reason),
-            _ => None,
-        };
-        let reason = signature.map_or("invalid", |r| r.as_str());
-        if self.quarantine.insert(id.clone(), reason) {
-            tracing::warn!(manifest = %id, reason, error = %err, "manifest quarantined: it will not be fetched; trying the next candidate");
-            if let Some(r) = signature {
-                self.metrics.signature_failure(r);
+    /// Removes a handover's files once the node answered (see [`fetch::release`]).
+    fn release(&mut self, report: &fetch::FetchReport, resume: bool) {
+        match fetch::release(report, resume) {
+            Ok(()) => self.incoming_dirty = false,
+            Err(e) => {
+                tracing::warn!(data = %report.data.display(), error = %e, "cannot remove a handed-over file; removing it later")
             }
+        }
+    }
+
+    /// Whether the node's last `staged` or `stale` answer for `id` still holds: its
+    /// snapshot and staged snapshot are what they were at the first poll after it. A node
+    /// that restarts forgets what it staged (its status changes), and gets it again.
+    fn still_answered(&mut self, status: &Status, id: &ManifestId) -> bool {
+        let Some(answered) = &mut self.answered else {
+            return false;
+        };
+        if answered.id != *id {
+            return false;
+        }
+        if answered.holds(status) {
+            return true;
+        }
+        tracing::info!(manifest = %id, answer = ?answered.outcome, "the node no longer holds a snapshot it was handed; handing it over again");
+        self.answered = None;
+        false
+    }
+
+    /// Says once per manifest that it is beyond what the node has committed.
+    fn report_ahead(&mut self, id: &ManifestId, status: &Status) {
+        if self.ahead.len() >= AHEAD_REPORTED {
+            self.ahead.clear();
+        }
+        if self.ahead.insert(id.clone()) {
+            tracing::info!(
+                manifest = %id,
+                committed = status.committed.map(|c| c.index),
+                "not fetching a manifest beyond what the node has committed; it is looked at again once the node commits that far"
+            );
+        }
+    }
+
+    /// Quarantines a manifest whose failure is permanent for it, saying so once.
+    fn quarantine_manifest(
+        &mut self,
+        entry: &ManifestEntry,
+        reason: quarantine::Reason,
+        signature: Option<crate::signing::Reason>,
+        err: &anyhow::Error,
+    ) {
+        let error = crate::error::chain(err);
+        let quarantined =
+            self.quarantine
+                .insert(entry, reason, signature, error.clone(), chrono::Utc::now());
+        tracing::warn!(
+            manifest = %entry.id,
+            reason = reason.as_str(),
+            signature = signature.map(|s| s.as_str()),
+            retry_after = %quarantined.retry_after,
+            error,
+            "manifest quarantined: not fetched again before its retry time; trying the next candidate"
+        );
+        self.metrics.quarantined(reason, self.quarantine.len());
+        if let Some(s) = signature {
+            self.metrics.signature_failure(s);
+        }
+        if matches!(
+            reason,
+            quarantine::Reason::ChunkMissing
+                | quarantine::Reason::ChunkCorrupt
+                | quarantine::Reason::FileMismatch
+        ) {
+            self.metrics.verification_failure();
         }
     }
 
@@ -677,43 +954,38 @@ impl Daemon {
     }
 }
 
-/// Follower: the manifests this process never reads or fetches again, and why. Minimal and
-/// in memory; entries at or below the node's snapshot are forgotten, as they are no longer
-/// candidates.
-#[derive(Debug, Default)]
-struct Quarantine {
-    refused: HashMap<ManifestId, &'static str>,
+/// Whether `id` is beyond the node's committed index (a node that does not report it is
+/// not second-guessed: it answers `not_committed` itself).
+fn beyond_committed(status: &Status, id: &ManifestId) -> bool {
+    status.committed.is_some_and(|c| id.index > c.index)
 }
 
-impl Quarantine {
-    /// Whether `err` from reading a manifest is a property of that manifest, permanent for
-    /// it: quarantine it and move on (anything else, e.g. the store not answering, is
-    /// retried).
-    fn applies(err: &Error) -> bool {
-        matches!(
-            err,
-            Error::Unauthenticated { .. }
-                | Error::InvalidManifest { .. }
-                | Error::MisnamedManifest { .. }
-                | Error::ClusterMismatch { .. }
-                | Error::ObjectTooLarge { .. }
-        )
-    }
+/// Whether the node holds, staged, `id` or a snapshot at least as new that it can adopt
+/// (within its committed index): handing `id` over would change nothing.
+fn node_holds(status: &Status, id: &ManifestId) -> bool {
+    status.staged.is_some_and(|staged| {
+        staged.index >= id.index && status.committed.is_none_or(|c| staged.index <= c.index)
+    })
+}
 
-    fn contains(&self, id: &ManifestId) -> bool {
-        self.refused.contains_key(id)
-    }
-
-    /// Returns whether `id` is new here.
-    fn insert(&mut self, id: ManifestId, reason: &'static str) -> bool {
-        self.refused.insert(id, reason).is_none()
-    }
-
-    fn forget_through(&mut self, index: Option<u64>) {
-        if let Some(index) = index {
-            self.refused.retain(|id, _| id.index > index);
+/// A manifest deleted since it was listed (a GC): not a failure, just not a candidate.
+fn vanished(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
         }
-    }
+    )
+}
+
+/// The `daemon.stuck_after` in force: the configured one, or twice the longest a single
+/// wait may take without progress (a hook request, or a store request with its retries).
+fn stuck_after(config: &Config, node: &NodeConfig) -> Duration {
+    config.daemon.stuck_after.unwrap_or_else(|| {
+        let store = config.store.request_timeout + config.store.retry_timeout;
+        node.hook_timeout.max(store) * 2
+    })
 }
 
 /// Says at start-up whether what this sidecar adopts is authenticated.
@@ -807,6 +1079,85 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(snapshot: Option<u64>, staged: Option<u64>, committed: Option<u64>) -> Status {
+        let id = |index| LogIdRef { term: 2, index };
+        Status {
+            node_id: 2,
+            role: Role::Follower,
+            leader: Some(1),
+            term: 2,
+            last_applied: committed.map(id),
+            snapshot: snapshot.map(id),
+            purged: None,
+            snapshot_dir: "/s".into(),
+            incoming_dir: "/s/.incoming".into(),
+            committed: committed.map(id),
+            staged: staged.map(id),
+        }
+    }
+
+    fn manifest(index: u64) -> ManifestId {
+        ManifestId {
+            index,
+            term: 2,
+            sha_prefix: "0123456789abcdef".into(),
+        }
+    }
+
+    #[test]
+    fn far_future_manifests_are_passed_over_and_staged_ones_stop_the_walk_only_if_adoptable() {
+        let s = status(Some(100), None, Some(150));
+        assert!(!beyond_committed(&s, &manifest(150)));
+        assert!(beyond_committed(&s, &manifest(1_000_000_000_000)));
+        // A node that does not report its committed index answers for itself.
+        assert!(!beyond_committed(
+            &status(Some(100), None, None),
+            &manifest(1 << 40)
+        ));
+
+        assert!(!node_holds(&s, &manifest(120)));
+        let staged = status(Some(100), Some(120), Some(150));
+        assert!(node_holds(&staged, &manifest(120)));
+        assert!(
+            node_holds(&staged, &manifest(110)),
+            "an older one is no use"
+        );
+        assert!(
+            !node_holds(&staged, &manifest(130)),
+            "a newer one is handed over"
+        );
+        // A staged snapshot beyond what the node committed (an old node staged a forgery)
+        // blocks nothing.
+        let stuck = status(Some(100), Some(1 << 40), Some(150));
+        assert!(!node_holds(&stuck, &manifest(140)));
+    }
+
+    /// Finding 5: the node answered `staged`, then restarted and forgot it. Its status no
+    /// longer shows it: the answer no longer holds, so the sidecar hands it over again.
+    #[test]
+    fn an_answer_holds_until_the_nodes_status_changes() {
+        let mut staged = Answered {
+            id: manifest(120),
+            outcome: SaveOutcome::Staged,
+            seen: None,
+        };
+        assert!(staged.holds(&status(Some(100), Some(120), Some(150))));
+        assert!(staged.holds(&status(Some(100), Some(120), Some(160))));
+        // Restarted: nothing staged any more.
+        assert!(!staged.holds(&status(Some(100), None, Some(100))));
+
+        // A node that reports nothing staged (it predates the field) is not asked again
+        // while its snapshot stays where it was.
+        let mut old_node = Answered {
+            id: manifest(120),
+            outcome: SaveOutcome::Staged,
+            seen: None,
+        };
+        assert!(old_node.holds(&status(Some(100), None, None)));
+        assert!(old_node.holds(&status(Some(100), None, None)));
+        assert!(!old_node.holds(&status(Some(90), None, None)));
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_and_resets() {

@@ -198,14 +198,19 @@ impl Error {
     }
 
     /// Whether trying the same operation again later may succeed. Corruption is never
-    /// transient: the bytes in the store will not heal by themselves.
+    /// transient: the bytes in the store will not heal by themselves. A full disk is: space
+    /// is freed (by the node pruning old snapshots, by an operator).
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Store { source, .. } => store_error_class(source) == ErrorClass::Unreachable,
             Error::LeaseLapsed { .. } => true,
             Error::Io { source, .. } => matches!(
                 source.kind(),
-                io::ErrorKind::Interrupted | io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                io::ErrorKind::Interrupted
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::WouldBlock
+                    | io::ErrorKind::StorageFull
+                    | io::ErrorKind::QuotaExceeded
             ),
             _ => false,
         }

@@ -7,7 +7,12 @@
 //! or the store, `concurrency` at a time. Every chunk's sha256 is checked before its bytes
 //! are written, and the whole file's sha256 before it is renamed into place; the envelope is
 //! written last, so a node sees the snapshot whole or not at all. On an error the staging
-//! file is removed and the target directory is as it was.
+//! file is removed and the target directory is as it was; a daemon's fetcher
+//! ([`Fetcher::resumable`]) keeps it instead unless the manifest itself is at fault, so the
+//! next attempt resumes where this one stopped.
+//!
+//! [`clean_incoming`] and [`release`] keep a node's incoming directory to what a sidecar is
+//! doing right now: at most the one staging file it resumes, nothing once the node answered.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -142,6 +147,7 @@ pub struct Fetcher<'a> {
     concurrency: usize,
     progress: &'a dyn Progress,
     node: Option<NodeAccess>,
+    resumable: bool,
 }
 
 impl<'a> Fetcher<'a> {
@@ -151,7 +157,22 @@ impl<'a> Fetcher<'a> {
             concurrency: concurrency.max(1),
             progress,
             node: None,
+            resumable: false,
         }
+    }
+
+    /// Keeps the staging file when a fetch fails for a reason that is not the manifest's
+    /// (the store stopped answering, the disk filled up): the next fetch of the same
+    /// snapshot reuses its verified chunks instead of downloading them again. (A failure
+    /// that condemns the manifest, such as a missing or corrupt chunk, still removes it.)
+    pub fn resumable(mut self, yes: bool) -> Self {
+        self.resumable = yes;
+        self
+    }
+
+    /// Whether a failed fetch leaves its staging file for the next attempt.
+    fn keeps_staging(&self, err: &Error) -> bool {
+        self.resumable && crate::quarantine::Reason::of_error(err).is_none()
     }
 
     /// The files fetched are for `node`, which must be able to read them: each is given
@@ -232,7 +253,11 @@ impl<'a> Fetcher<'a> {
         let counts = match result {
             Ok(counts) => counts,
             Err(e) => {
-                let _ = dir.remove(&staging.name);
+                if self.keeps_staging(&e) {
+                    tracing::debug!(path = %staging.path.display(), error = %e, "keeping the staging file for the next attempt");
+                } else {
+                    let _ = dir.remove(&staging.name);
+                }
                 return Err(e);
             }
         };
@@ -500,6 +525,121 @@ fn commit(
     Ok((data, meta))
 }
 
+/// What a sidecar may have left in a node's incoming directory, by its name: the files of
+/// one fetch of the snapshot at (index, term), or a temp file of a write or a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ours {
+    Data(u64, u64),
+    Meta(u64, u64),
+    Staging(u64, u64),
+    Temp,
+}
+
+impl Ours {
+    fn of(name: &str) -> Option<Ours> {
+        // The names `fetch` writes: `file_names(index, term)`, the hidden staging file of
+        // the data, and `Dir::create_temp`'s `.<name>.<pid>.tmp` of the meta file.
+        if name.starts_with(".snaprelay-handover-probe.") && name.ends_with(".tmp") {
+            return Some(Ours::Temp);
+        }
+        let (hidden, rest) = match name.strip_prefix('.') {
+            Some(rest) => (true, rest),
+            None => (false, name),
+        };
+        let digits = rest.strip_prefix("snapshot-")?;
+        let index = digits.get(..20)?.parse().ok()?;
+        let term = digits.get(21..41)?.parse().ok()?;
+        let (data, meta) = snapdir::file_names(index, term);
+        match (hidden, rest) {
+            (false, r) if r == data => Some(Ours::Data(index, term)),
+            (false, r) if r == meta => Some(Ours::Meta(index, term)),
+            (true, r) if r == format!("{data}.partial") => Some(Ours::Staging(index, term)),
+            (true, r) if r.starts_with(&format!("{meta}.")) && r.ends_with(".tmp") => {
+                Some(Ours::Temp)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Removes what fetches left in `dir` (a node's incoming directory), except what resumes
+/// one fetch: the files of the first of `resume` (log ids (index, term), the most wanted
+/// first) that has any there. That is its staging file, or its whole data file of an
+/// attempt the node never answered, which becomes the staging file again (every chunk in
+/// it is verified again before it is used). Files this module does not name are left
+/// alone. Returns how many files were removed.
+///
+/// Call it only while no fetch into `dir` runs.
+pub fn clean_incoming(dir: &Path, resume: &[(u64, u64)]) -> io::Result<usize> {
+    let names: Vec<String> = match fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let opened = Dir::open(dir)?;
+    let staging_of =
+        |(index, term): (u64, u64)| format!(".{}.partial", snapdir::file_names(index, term).0);
+    let ours: Vec<(&String, Ours)> = names
+        .iter()
+        .filter_map(|n| Some((n, Ours::of(n)?)))
+        .collect();
+    let has_files = |id: (u64, u64)| {
+        ours.iter()
+            .any(|(_, o)| matches!(o, Ours::Staging(i, t) | Ours::Data(i, t) if (*i, *t) == id))
+    };
+    let keep = resume.iter().copied().find(|&id| has_files(id));
+    let has_staging = keep.is_some_and(|k| names.contains(&staging_of(k)));
+    let mut removed = 0;
+    for (name, what) in ours {
+        let resumed = match what {
+            Ours::Staging(i, t) => keep == Some((i, t)),
+            Ours::Data(i, t) if keep == Some((i, t)) && !has_staging => {
+                opened.rename(name, &staging_of((i, t))).is_ok()
+            }
+            _ => false,
+        };
+        if resumed {
+            tracing::debug!(dir = %dir.display(), name, "kept to resume a fetch");
+            continue;
+        }
+        match opened.remove(name) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), name, error = %e, "cannot remove a leftover")
+            }
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed leftovers of earlier fetches from the incoming directory");
+    }
+    Ok(removed)
+}
+
+/// After the node answered a handover of `report`'s files: removes the envelope, and the
+/// data file if the node left it there, unless `resume` (the node will take the same
+/// snapshot later: it is renamed back to its staging file, which the next fetch reuses
+/// without downloading).
+pub fn release(report: &FetchReport, resume: bool) -> io::Result<()> {
+    let Some(dir) = report.data.parent() else {
+        return Ok(());
+    };
+    let opened = Dir::open(dir)?;
+    let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+    if let Some(meta) = name(&report.meta) {
+        opened.remove(&meta)?;
+    }
+    let Some(data) = name(&report.data) else {
+        return Ok(());
+    };
+    if resume && opened.entry(&data)?.is_some() {
+        return opened.rename(&data, &format!(".{data}.partial"));
+    }
+    opened.remove(&data)
+}
+
 /// Who a fetched file is handed over to: the node's uid and gid, those of its hook socket
 /// (the node created it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -649,4 +789,70 @@ async fn read_chunk(
     .await
     .ok()
     .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_names_fetches_write_are_ours() {
+        let (data, meta) = snapdir::file_names(12, 3);
+        assert_eq!(Ours::of(&data), Some(Ours::Data(12, 3)));
+        assert_eq!(Ours::of(&meta), Some(Ours::Meta(12, 3)));
+        assert_eq!(
+            Ours::of(&format!(".{data}.partial")),
+            Some(Ours::Staging(12, 3))
+        );
+        assert_eq!(Ours::of(&format!(".{meta}.4242.tmp")), Some(Ours::Temp));
+        assert_eq!(
+            Ours::of(".snaprelay-handover-probe.77.tmp"),
+            Some(Ours::Temp)
+        );
+        for other in [
+            "node-12-3.snap",
+            "snapshot-12-3.bin",
+            &format!("{data}.partial"),
+            &format!(".{data}"),
+            &format!("{data}x"),
+            ".snapshot-x",
+            "",
+        ] {
+            assert_eq!(Ours::of(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn cleaning_keeps_only_what_resumes_the_current_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (old_data, old_meta) = snapdir::file_names(5, 1);
+        let (data, meta) = snapdir::file_names(9, 2);
+        for name in [
+            old_data.clone(),
+            old_meta.clone(),
+            format!(".{old_data}.partial"),
+            format!(".{meta}.99.tmp"),
+            data.clone(),
+            meta.clone(),
+            "the-nodes-own-file".into(),
+        ] {
+            fs::write(d.join(name), b"x").unwrap();
+        }
+        // The most wanted snapshot has nothing there: the next one's files are kept.
+        assert_eq!(clean_incoming(d, &[(11, 2), (9, 2)]).unwrap(), 5);
+        let mut left: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        // The whole file the node never took is the staging file of the fetch again.
+        assert_eq!(
+            left,
+            [format!(".{data}.partial"), "the-nodes-own-file".into()]
+        );
+        // Fetching something else: the staging file goes too.
+        assert_eq!(clean_incoming(d, &[(11, 2)]).unwrap(), 1);
+        assert_eq!(clean_incoming(&d.join("missing"), &[]).unwrap(), 0);
+    }
 }

@@ -1,11 +1,14 @@
-//! What `/healthz` and `/readyz` answer ([`Health`]): whether the daemon's main loop is making
-//! progress, and whether the store and the node's hook answered at the last check. The daemon
-//! updates it; the HTTP listener in [`crate::http`] and the systemd watchdog read it.
+//! What `/healthz` and `/readyz` answer ([`Health`]): whether the daemon's main loop is stuck
+//! (see [`crate::liveness`]), and whether the store and the node's hook answered at the last
+//! check (the store's by the store probe too, so a store that hangs is noticed within the
+//! probe's deadline, not the request timeout). The daemon updates it; the HTTP listener in
+//! [`crate::http`] reads it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::liveness::Liveness;
 
 /// What `/healthz` and `/readyz` answer from; the daemon updates it. A cheap clone.
 #[derive(Clone)]
@@ -14,10 +17,7 @@ pub struct Health {
 }
 
 struct HealthInner {
-    started: Instant,
-    /// Milliseconds since `started` at the last sign of progress.
-    last_progress_ms: AtomicU64,
-    stuck_after: Duration,
+    liveness: Liveness,
     max_lag: Option<u64>,
     checks: Mutex<Checks>,
 }
@@ -33,32 +33,23 @@ struct Checks {
 impl fmt::Debug for Health {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Health")
-            .field("stuck_after", &self.inner.stuck_after)
+            .field("liveness", &self.inner.liveness)
             .field("max_lag", &self.inner.max_lag)
             .finish_non_exhaustive()
     }
 }
 
 impl Health {
-    /// `stuck_after`: how long the main loop may go without progress before `/healthz`
-    /// fails. `max_lag`: the follower lag, in log indexes, above which `/readyz` fails.
-    pub fn new(stuck_after: Duration, max_lag: Option<u64>) -> Health {
+    /// `liveness`: whether the main loop is stuck. `max_lag`: the follower lag, in log
+    /// indexes, above which `/readyz` fails.
+    pub fn new(liveness: Liveness, max_lag: Option<u64>) -> Health {
         Health {
             inner: Arc::new(HealthInner {
-                started: Instant::now(),
-                last_progress_ms: AtomicU64::new(0),
-                stuck_after,
+                liveness,
                 max_lag,
                 checks: Mutex::new(Checks::default()),
             }),
         }
-    }
-
-    /// The main loop finished a step, or a transfer moved data (call often: a long
-    /// transfer that does not call this looks stuck).
-    pub fn loop_progress(&self) {
-        let ms = self.inner.started.elapsed().as_millis() as u64;
-        self.inner.last_progress_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn store_reachable(&self, ok: bool) {
@@ -74,21 +65,20 @@ impl Health {
         self.checks().lag = lag;
     }
 
-    /// (healthy, reason) for `/healthz`: the process is alive and the main loop made
-    /// progress within `stuck_after`.
+    /// (healthy, reason) for `/healthz`: the process is alive and the main loop is not
+    /// stuck (idle, or its step made progress within the limit).
     pub fn live(&self) -> (bool, String) {
-        let quiet = self.since_progress();
-        if quiet <= self.inner.stuck_after {
-            return (true, "ok".into());
-        }
-        (
-            false,
-            format!(
-                "main loop made no progress for {} (limit {})",
-                whole_seconds(quiet),
-                whole_seconds(self.inner.stuck_after)
+        match self.inner.liveness.stuck() {
+            None => (true, "ok".into()),
+            Some(quiet) => (
+                false,
+                format!(
+                    "main loop made no progress for {} (limit {})",
+                    whole_seconds(quiet),
+                    whole_seconds(self.inner.liveness.stuck_after())
+                ),
             ),
-        )
+        }
     }
 
     /// (ready, reason) for `/readyz`: the store and the node's hook were reachable at the
@@ -124,11 +114,6 @@ impl Health {
         }
     }
 
-    fn since_progress(&self) -> Duration {
-        let last = Duration::from_millis(self.inner.last_progress_ms.load(Ordering::Relaxed));
-        self.inner.started.elapsed().saturating_sub(last)
-    }
-
     fn checks(&self) -> MutexGuard<'_, Checks> {
         self.inner
             .checks
@@ -145,21 +130,31 @@ fn whole_seconds(d: Duration) -> humantime::FormattedDuration {
 mod tests {
     use super::*;
 
-    #[test]
-    fn live_fails_once_the_loop_stops_making_progress() {
-        let health = Health::new(Duration::from_millis(100), None);
+    fn make(stuck_after: Duration, max_lag: Option<u64>) -> Health {
+        Health::new(Liveness::new(stuck_after), max_lag)
+    }
+
+    #[tokio::test]
+    async fn live_fails_once_a_step_stops_making_progress() {
+        let live = Liveness::new(Duration::from_millis(100));
+        let health = Health::new(live.clone(), None);
         assert_eq!(health.live(), (true, "ok".to_owned()));
-        std::thread::sleep(Duration::from_millis(250));
-        let (live, reason) = health.live();
-        assert!(!live);
-        assert!(reason.contains("no progress"), "{reason}");
-        health.loop_progress();
-        assert!(health.live().0);
+        let (during, after_progress) = live
+            .scope(async {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let during = health.live();
+                live.progress();
+                (during, health.live())
+            })
+            .await;
+        assert!(!during.0);
+        assert!(during.1.contains("no progress"), "{}", during.1);
+        assert!(after_progress.0);
     }
 
     #[test]
     fn ready_names_what_is_wrong() {
-        let health = Health::new(Duration::from_secs(600), Some(10));
+        let health = make(Duration::from_secs(600), Some(10));
         let (ready, reason) = health.ready();
         assert!(!ready, "not ready before the first checks");
         assert!(reason.contains("not checked yet"), "{reason}");
@@ -187,20 +182,25 @@ mod tests {
         assert!(health.ready().0);
 
         // Without a bound any lag is fine.
-        let unbounded = Health::new(Duration::from_secs(600), None);
+        let unbounded = make(Duration::from_secs(600), None);
         unbounded.store_reachable(true);
         unbounded.hook_reachable(true);
         unbounded.lag(Some(1_000_000));
         assert!(unbounded.ready().0);
     }
 
-    #[test]
-    fn ready_fails_when_the_loop_is_stuck() {
-        let health = Health::new(Duration::from_millis(50), None);
+    #[tokio::test]
+    async fn ready_fails_when_the_loop_is_stuck() {
+        let live = Liveness::new(Duration::from_millis(50));
+        let health = Health::new(live.clone(), None);
         health.store_reachable(true);
         health.hook_reachable(true);
-        std::thread::sleep(Duration::from_millis(150));
-        let (ready, reason) = health.ready();
+        let (ready, reason) = live
+            .scope(async {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                health.ready()
+            })
+            .await;
         assert!(!ready);
         assert!(reason.contains("no progress"), "{reason}");
     }

@@ -114,7 +114,10 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let metrics = Metrics::new();
-        let health = Health::new(Duration::from_secs(600), Some(5));
+        let health = Health::new(
+            crate::liveness::Liveness::new(Duration::from_secs(600)),
+            Some(5),
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(listener, metrics.clone(), health.clone(), async {
             let _ = stopped.await;

@@ -16,6 +16,9 @@
 //!   stored in, and the keyring that seals and checks them.
 //! - [`metrics`]: the daemon's Prometheus metrics.
 //! - [`health`]: what /healthz and /readyz answer: loop progress, store and hook reachability.
+//! - [`liveness`]: whether the daemon's loop is stuck: busy steps, progress, the store's
+//!   answers as progress; what /healthz and the systemd watchdog go by.
+//! - [`store_probe`]: a small request on its own deadline, so readiness sees a hanging store.
 //! - [`http`]: the HTTP listener serving /metrics, /healthz and /readyz.
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
@@ -30,6 +33,8 @@
 //! - [`progress`]: progress reporting hooks (a terminal bar in the CLI, nothing in tests).
 //! - [`cli`]: the `snaprelay` command line, one module per subcommand.
 //! - [`daemon`]: `snaprelay run`: role tracking, publishing as leader, adopting as follower.
+//! - [`quarantine`]: manifests a follower refused for good (for a while), persisted in the
+//!   state dir; which failures are permanent for a manifest.
 //! - [`systemd`]: sd_notify readiness, status, stopping and a progress-driven watchdog.
 //! - [`watch`]: snapshot directory events, debounced.
 //! - [`error`]: the error type and how failures are classified: exit codes, retries, metric labels.
@@ -45,15 +50,18 @@ pub mod health;
 pub mod http;
 pub mod incarnation;
 pub mod lease;
+pub mod liveness;
 pub mod manifest;
 pub mod metrics;
 pub mod node;
 pub mod progress;
 pub mod publish;
+pub mod quarantine;
 pub mod repo;
 pub mod secret;
 pub mod signing;
 pub mod store;
+pub mod store_probe;
 pub mod systemd;
 pub mod verify;
 pub mod watch;

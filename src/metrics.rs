@@ -128,6 +128,12 @@ metrics! {
         "Chunks garbage collection left for a later run because publishes were in flight";
     signature_failures: Labelled<Counter> = Family::default(), "signature_failures",
         "Manifests refused because they are unsigned, signed by an unknown key, or their signature does not verify, by reason";
+    manifests_quarantined: Labelled<Counter> = Family::default(), "manifests_quarantined",
+        "Manifests a follower quarantined (not fetched again until their retry time or an operator's clear), by reason";
+    quarantined_manifests: Gauge = Gauge::default(), "quarantined_manifests",
+        "Manifests in this follower's quarantine now";
+    store_up: MaybeGauge<i64, std::sync::atomic::AtomicI64> = Family::default(), "store_up",
+        "1 if the store answered the last probe within its deadline, 0 if not";
     role: Labelled<Gauge> = Family::default(), "role",
         "The node's role as its hook reports it: 1 for the current role, 0 for the others";
 }
@@ -201,6 +207,9 @@ impl Metrics {
         start_at_zero(&series.store_errors, "kind", &STORE_ERROR_KINDS);
         let signature_reasons = crate::signing::Reason::ALL.map(crate::signing::Reason::as_str);
         start_at_zero(&series.signature_failures, "reason", &signature_reasons);
+        let quarantine_reasons =
+            crate::quarantine::Reason::ALL.map(crate::quarantine::Reason::as_str);
+        start_at_zero(&series.manifests_quarantined, "reason", &quarantine_reasons);
         let metrics = Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -322,6 +331,30 @@ impl Metrics {
             .inc();
     }
 
+    /// A manifest quarantined (counted once per quarantine), and the quarantine's size now.
+    pub fn quarantined(&self, reason: crate::quarantine::Reason, size: usize) {
+        self.inner
+            .manifests_quarantined
+            .get_or_create(&[("reason", reason.as_str())])
+            .inc();
+        self.quarantine_size(size);
+    }
+
+    /// How many manifests the quarantine holds.
+    pub fn quarantine_size(&self, size: usize) {
+        self.inner
+            .quarantined_manifests
+            .set(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+
+    /// What the last store probe found.
+    pub fn store_up(&self, up: bool) {
+        self.inner
+            .store_up
+            .get_or_create(&NO_LABELS)
+            .set(i64::from(up));
+    }
+
     /// What a GC run deleted, and the chunks it left for a later run.
     pub fn gc_done(&self, gc: GcCounts) {
         let m = &self.inner;
@@ -432,7 +465,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 28] = [
+    const FAMILIES: [(&str, &str); 31] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -459,6 +492,9 @@ pub(crate) mod tests {
         ("snaprelay_gc_deleted_bytes_total", "counter"),
         ("snaprelay_gc_deferred_chunks_total", "counter"),
         ("snaprelay_signature_failures_total", "counter"),
+        ("snaprelay_manifests_quarantined_total", "counter"),
+        ("snaprelay_quarantined_manifests", "gauge"),
+        ("snaprelay_store_up", "gauge"),
         ("snaprelay_role", "gauge"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -473,6 +509,8 @@ pub(crate) mod tests {
         m.verification_failure();
         m.store_error("unreachable");
         m.signature_failure(crate::signing::Reason::UnknownKey);
+        m.quarantined(crate::quarantine::Reason::ChunkMissing, 3);
+        m.store_up(false);
         m.gc_done(GcCounts {
             manifests_deleted: 1,
             chunks_deleted: 5,
@@ -549,6 +587,16 @@ pub(crate) mod tests {
             ("snaprelay_adoptions_total{outcome=\"adopted\"}", 0.0),
             ("snaprelay_verification_failures_total", 1.0),
             ("snaprelay_store_errors_total{kind=\"unreachable\"}", 1.0),
+            (
+                "snaprelay_manifests_quarantined_total{reason=\"chunk_missing\"}",
+                1.0,
+            ),
+            (
+                "snaprelay_manifests_quarantined_total{reason=\"log_mismatch\"}",
+                0.0,
+            ),
+            ("snaprelay_quarantined_manifests", 3.0),
+            ("snaprelay_store_up", 0.0),
             ("snaprelay_gc_deleted_manifests_total", 1.0),
             ("snaprelay_gc_deleted_chunks_total", 5.0),
             ("snaprelay_gc_deleted_bytes_total", 4096.0),

@@ -108,6 +108,14 @@ impl HookClient {
                 socket: self.socket.clone(),
                 source,
             };
+            // A node that closes the connection without an answer died or restarted under
+            // the request: as unreachable as one that does not accept it.
+            let closed = || {
+                unreachable(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the node closed the connection without answering",
+                ))
+            };
             let frame = RequestFrame {
                 v: ipc::VERSION,
                 request,
@@ -130,6 +138,7 @@ impl HookClient {
                     }),
                     _ => Err(match e {
                         ipc::FrameError::Io(source) => unreachable(source),
+                        ipc::FrameError::Closed => closed(),
                         other => protocol(other.to_string()),
                     }),
                 };
@@ -139,6 +148,7 @@ impl HookClient {
                 .and_then(|line| ipc::parse_response(&line))
                 .map_err(|e| match e {
                     ipc::FrameError::Io(source) => unreachable(source),
+                    ipc::FrameError::Closed => closed(),
                     other => protocol(other.to_string()),
                 })?;
             match (frame.ok, frame.result, frame.error) {

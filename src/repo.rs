@@ -114,6 +114,9 @@ pub struct StoredChunk {
 pub struct ManifestEntry {
     pub id: ManifestId,
     pub stored_size: u64,
+    /// The store's timestamp of the object (a follower's quarantine tells a replaced
+    /// object from the one it refused by it).
+    pub last_modified: Option<chrono::DateTime<Utc>>,
 }
 
 /// A lease object as the store lists it (see [`crate::lease`]).
@@ -515,6 +518,7 @@ impl Repo {
                 Some(id) if after.is_none_or(|a| id.index > a) => entries.push(ManifestEntry {
                     id,
                     stored_size: meta.size,
+                    last_modified: Some(meta.last_modified),
                 }),
                 Some(_) => {}
                 None => {

@@ -1,17 +1,17 @@
 //! systemd integration through `sd_notify`: `READY=1` once the daemon can do its job,
 //! `STATUS=` lines an operator sees in `systemctl status`, `STOPPING=1` on shutdown, and a
-//! watchdog that is petted only while the main loop makes progress — a loop stuck on a
-//! hung request stops the petting and systemd restarts the unit. Without `NOTIFY_SOCKET`
-//! (not under systemd) every call is a no-op.
+//! watchdog that is petted unless the main loop is stuck ([`crate::liveness`]): a loop
+//! waiting by its own choice (a backoff, the next poll) or making progress (store answers,
+//! chunks moved) is petted however long it takes; a step with no progress for longer than
+//! `daemon.stuck_after` stops the petting, and systemd restarts the unit a `WatchdogSec`
+//! later. Without `NOTIFY_SOCKET` (not under systemd) every call is a no-op.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::Health;
+use crate::liveness::Liveness;
 use crate::progress::Progress;
 
 /// What snaprelay@.service passes (`SetCredential=`) for a credential whose file is not
@@ -25,21 +25,16 @@ pub struct Supervisor {
 }
 
 struct Inner {
-    health: Health,
-    started: Instant,
-    /// Milliseconds since `started` at the last sign of progress.
-    last_progress_ms: AtomicU64,
-    watchdog: Option<Duration>,
+    liveness: Liveness,
+    watchdog: Option<std::time::Duration>,
 }
 
 impl Supervisor {
     /// Reads `NOTIFY_SOCKET` / `WATCHDOG_USEC` as systemd sets them.
-    pub fn from_env(health: Health) -> Supervisor {
+    pub fn from_env(liveness: Liveness) -> Supervisor {
         Supervisor {
             inner: Arc::new(Inner {
-                health,
-                started: Instant::now(),
-                last_progress_ms: AtomicU64::new(0),
+                liveness,
                 watchdog: sd_notify::watchdog_enabled(),
             }),
         }
@@ -64,17 +59,9 @@ impl Supervisor {
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
 
-    /// Marks progress: the main loop finished a step, or a transfer moved a chunk.
+    /// Marks progress: a transfer moved a chunk.
     pub fn alive(&self) {
-        self.inner.health.loop_progress();
-        let ms = self.inner.started.elapsed().as_millis() as u64;
-        self.inner.last_progress_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Time since the last sign of progress (health checks use it too).
-    pub fn since_progress(&self) -> Duration {
-        let last = Duration::from_millis(self.inner.last_progress_ms.load(Ordering::Relaxed));
-        self.inner.started.elapsed().saturating_sub(last)
+        self.inner.liveness.progress();
     }
 
     /// A transfer progress sink that counts as progress for the watchdog, so a long upload
@@ -83,26 +70,38 @@ impl Supervisor {
         SupervisedProgress(self.clone())
     }
 
-    /// Pets the watchdog every half interval while progress is recent. No task without a
-    /// watchdog.
+    /// Pets the watchdog every half interval unless the main loop is stuck. No task
+    /// without a watchdog.
     pub fn spawn_watchdog(&self, cancel: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
         let interval = self.inner.watchdog?;
         let me = self.clone();
         Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval / 2);
+            let mut withheld = false;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let quiet = me.since_progress();
-                if quiet < interval {
-                    me.send(&[NotifyState::Watchdog]);
-                } else {
-                    tracing::warn!(
-                        quiet_ms = quiet.as_millis() as u64,
-                        "main loop made no progress; not petting the watchdog"
-                    );
+                match me.inner.liveness.stuck() {
+                    None => {
+                        if withheld {
+                            tracing::info!(
+                                "the main loop makes progress again; petting the watchdog"
+                            );
+                            withheld = false;
+                        }
+                        me.send(&[NotifyState::Watchdog]);
+                    }
+                    Some(quiet) if !withheld => {
+                        withheld = true;
+                        tracing::error!(
+                            quiet_ms = quiet.as_millis() as u64,
+                            limit_ms = me.inner.liveness.stuck_after().as_millis() as u64,
+                            "the main loop is stuck (no progress in its step); no longer petting the watchdog, so systemd restarts the service"
+                        );
+                    }
+                    Some(_) => {}
                 }
             }
         }))

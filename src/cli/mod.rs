@@ -16,6 +16,7 @@ mod keygen;
 mod list;
 mod pull;
 mod push;
+mod quarantine;
 mod run;
 mod sign_repository;
 mod status;
@@ -79,6 +80,8 @@ pub enum Command {
     Keygen(keygen::Args),
     /// Sign the store's repository.json with this node's key (key rotation, enabling signing).
     SignRepository(sign_repository::Args),
+    /// The manifests this follower's sidecar quarantined (`list`), or forget them (`clear`).
+    Quarantine(quarantine::Args),
     /// Validate and print the effective config (secrets masked), then probe the store and
     /// the node's hook.
     CheckConfig(check_config::Args),
@@ -116,6 +119,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => status::run(&config, args).await,
         Command::CheckConfig(args) => check_config::run(&config, args).await,
         Command::SignRepository(args) => sign_repository::run(&config, args).await,
+        Command::Quarantine(args) => quarantine::run(&config, args),
         Command::Keygen(_) => unreachable!("handled above"),
         Command::Run => run::run(&config).await,
     }

@@ -227,8 +227,9 @@ async fn followers_adopt_leader_snapshot_through_s3() {
 }
 
 /// A follower that is behind the snapshot (it has not even committed the snapshot's index)
-/// refuses it as `not_committed`, which its sidecar retries; it adopts the snapshot once it
-/// has caught up, without building one, and never before.
+/// is not handed it: its sidecar sees the node's committed index and passes the manifest
+/// over (the node would refuse it as `not_committed`); the follower adopts the snapshot
+/// once it has caught up, without building one, and never before.
 #[tokio::test(flavor = "multi_thread")]
 async fn lagging_follower_refuses_until_committed_then_adopts() {
     let work = tempfile::tempdir().unwrap();
@@ -250,11 +251,11 @@ async fn lagging_follower_refuses_until_committed_then_adopts() {
     let snap = leader_snapshot(&c, leader, None).await;
 
     c.wait_for(
-        "the lagging follower's node to refuse the snapshot it has not committed",
+        "the lagging follower's sidecar to pass over the snapshot its node has not committed",
         Duration::from_secs(30),
         || async {
             c.sidecar_log(lagging)
-                .contains("beyond what this node has committed")
+                .contains("not fetching a manifest beyond what the node has committed")
                 .then_some(())
         },
     )

@@ -96,6 +96,16 @@ pub struct Cluster {
     pub sidecar_config: std::collections::HashMap<u64, String>,
     /// The node binary: `kv-node` unless started with [`Cluster::start_with`].
     pub node_bin: PathBuf,
+    /// Extra `key = value` lines in every sidecar's `[daemon]` section.
+    pub sidecar_daemon: String,
+    /// A node's sidecar reaches the store another way (e.g. through its own proxy).
+    pub sidecar_store: std::collections::HashMap<u64, StoreSection>,
+    /// A node's sidecar talks to this socket instead of the node's own (a hook proxy).
+    pub sidecar_hook: std::collections::HashMap<u64, PathBuf>,
+    /// Leave `node_id` out of the sidecars' configs (they learn it from the node).
+    pub omit_node_id: bool,
+    /// The sidecars' `node.hook_timeout`.
+    pub hook_timeout: String,
     pub http: reqwest::Client,
 }
 
@@ -144,6 +154,11 @@ impl Cluster {
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             sidecar_config: Default::default(),
             node_bin,
+            sidecar_daemon: String::new(),
+            sidecar_store: Default::default(),
+            sidecar_hook: Default::default(),
+            omit_node_id: false,
+            hook_timeout: "60s".into(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -176,27 +191,57 @@ impl Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let socket = dir.join("hook.sock");
         let log = dir.join("node.log");
-        let child = Command::new(&self.node_bin)
-            .args(["--id", &id.to_string(), "--http", &addr])
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--hook-socket")
-            .arg(&socket)
-            .args(&self.node_args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawning kv-node");
-        self.nodes.push(Node {
+        let mut node = Node {
             id,
             addr,
             dir,
             socket,
             log,
-            child: Some(child),
-        });
+            child: None,
+        };
+        node.child = Some(self.node_process(&node));
+        self.nodes.push(node);
         self.nodes.last().unwrap()
+    }
+
+    /// Starts node `id` again (after [`Cluster::kill_node`]) with the same address, data
+    /// directory and socket; its log goes on in the same file.
+    pub async fn restart_node(&mut self, id: u64) {
+        let slot = self.nodes.iter().position(|n| n.id == id).unwrap();
+        assert!(self.nodes[slot].child.is_none(), "node {id} is running");
+        let child = self.node_process(&self.nodes[slot]);
+        self.nodes[slot].child = Some(child);
+        let node = &self.nodes[slot];
+        self.wait_http(node).await;
+    }
+
+    fn node_process(&self, node: &Node) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .unwrap();
+        Command::new(&self.node_bin)
+            .args(["--id", &node.id.to_string(), "--http", &node.addr])
+            .arg("--dir")
+            .arg(&node.dir)
+            .arg("--hook-socket")
+            .arg(&node.socket)
+            .args(&self.node_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawning kv-node")
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) to node `id`'s process.
+    pub fn signal_node(&self, id: u64, signal: i32) {
+        let child = self.node(id).child.as_ref().expect("node not running");
+        // SAFETY: kill(2) on a child this harness spawned and has not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
     }
 
     pub fn node(&self, id: u64) -> &Node {
@@ -233,14 +278,22 @@ impl Cluster {
             true => format!("state_dir = \"{}\"\n", self.sidecar_state_dir(id).display()),
             false => String::new(),
         };
+        let node_id = match self.omit_node_id {
+            true => String::new(),
+            false => format!("node_id = {id}\n"),
+        };
+        let store = self.sidecar_store.get(&id).unwrap_or(&self.store);
+        let hook = self.sidecar_hook.get(&id).unwrap_or(&node.socket);
         std::fs::write(
             &config,
             format!(
-                "cluster_id = \"e2e\"\nnode_id = {id}\n{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"60s\"\n\
-                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n{state_dir}\
+                "cluster_id = \"e2e\"\n{node_id}{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"{}\"\n\
+                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n{state_dir}{}\n\
                  [metrics]\nlisten = \"{metrics}\"\n{}",
-                self.store.0,
-                node.socket.display(),
+                store.0,
+                hook.display(),
+                self.hook_timeout,
+                self.sidecar_daemon,
                 self.sidecar_config.get(&id).map(String::as_str).unwrap_or(""),
             ),
         )
@@ -393,6 +446,19 @@ impl Cluster {
                     via = l;
                 }
             }
+            self.post(
+                via,
+                "/write",
+                json!({"key": format!("{prefix}{i:06}"), "value": value}),
+            )
+            .await;
+        }
+    }
+
+    /// Writes `count` keys through node `via` (which must lead, or accept writes).
+    pub async fn write_keys_via(&self, via: u64, prefix: &str, count: usize, value_len: usize) {
+        let value = "v".repeat(value_len);
+        for i in 0..count {
             self.post(
                 via,
                 "/write",

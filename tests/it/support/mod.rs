@@ -5,7 +5,9 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod hook_proxy;
 pub mod interleave;
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,139 @@
+//! The store probe ([`StoreProbe`]): a small request (a read of `repository.json`, a few
+//! hundred bytes) every `daemon.store_probe_interval`, on a task of its own, with a deadline
+//! of its own (`daemon.store_probe_timeout`). A store that hangs (a stopped server, a proxy
+//! that holds connections) leaves the main loop waiting for its request timeout, a minute
+//! by default; the probe marks the store unreachable in `/readyz` within a few seconds and
+//! says so once, as a warning, and again, as info, when the store answers again.
+
+use std::time::{Duration, Instant};
+
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::repo::Repo;
+use crate::store::Store;
+
+pub struct StoreProbe {
+    /// The store as configured, without the main loop's progress reporting: the probe's
+    /// answers are not the loop's progress.
+    pub store: Store,
+    pub health: Health,
+    pub metrics: Metrics,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+/// What one probe found.
+#[derive(Debug)]
+enum Answer {
+    Up,
+    Failed(String),
+    TimedOut,
+}
+
+impl StoreProbe {
+    /// Probes until `cancel` fires. Dropping a probe in flight is harmless: it only reads.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut down_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let answer = tokio::select! {
+                _ = cancel.cancelled() => return,
+                a = self.probe() => a,
+            };
+            let up = matches!(answer, Answer::Up);
+            self.health.store_reachable(up);
+            self.metrics.store_up(up);
+            match (answer, down_since) {
+                (Answer::Up, Some(since)) => {
+                    tracing::info!(
+                        store = %self.store.url,
+                        down_ms = since.elapsed().as_millis() as u64,
+                        "the store answers again"
+                    );
+                    down_since = None;
+                }
+                (Answer::Up, None) => {}
+                (Answer::TimedOut, None) => {
+                    tracing::warn!(
+                        store = %self.store.url,
+                        timeout_ms = self.timeout.as_millis() as u64,
+                        "the store did not answer the probe in time; reporting it unreachable"
+                    );
+                    down_since = Some(Instant::now());
+                }
+                (Answer::Failed(error), None) => {
+                    tracing::warn!(store = %self.store.url, error, "the store probe failed; reporting the store unreachable");
+                    down_since = Some(Instant::now());
+                }
+                (_, Some(_)) => {}
+            }
+        }
+    }
+
+    async fn probe(&self) -> Answer {
+        match tokio::time::timeout(self.timeout, Repo::exists(&self.store)).await {
+            Ok(Ok(_)) => Answer::Up,
+            Ok(Err(e)) => Answer::Failed(crate::error::chain(&e.into())),
+            Err(_) => Answer::TimedOut,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::liveness::Liveness;
+    use crate::store::{StoreSettings, StoreUrl};
+
+    /// A store that accepts connections and never answers: the probe reports it within its
+    /// own deadline, far below the request timeout.
+    #[tokio::test]
+    async fn a_hanging_store_is_unreachable_within_the_probes_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let mut settings = StoreSettings::for_url(StoreUrl::parse("s3://bucket/p").unwrap());
+        settings.s3.endpoint = Some(format!("http://{addr}"));
+        settings.s3.allow_http = true;
+        settings.s3.access_key_id = Some("k".into());
+        settings.s3.secret_access_key = Some(crate::config::Secret::new("s"));
+        settings.request_timeout = Duration::from_secs(600);
+        let health = Health::new(Liveness::new(Duration::from_secs(600)), None);
+        health.store_reachable(true);
+        let metrics = Metrics::new();
+        let probe = StoreProbe {
+            store: Store::open(&settings).unwrap(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(probe.run(cancel.clone()));
+        let started = Instant::now();
+        while health.ready().1 != "store unreachable; node hook not checked yet" {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{:?}",
+                health.ready()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(metrics.encode().contains("snaprelay_store_up 0\n"));
+        cancel.cancel();
+        task.await.unwrap();
+    }
+}
