@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::BufReader;
 use tokio::net::UnixStream;
 
 use crate::ipc::{
@@ -99,7 +98,7 @@ impl HookClient {
                 }
             })?;
             let (read, mut write) = stream.into_split();
-            let mut read = BufReader::new(read);
+            let mut read = ipc::LineReader::new(read);
             let protocol = |reason: String| HookError::Protocol {
                 socket: self.socket.clone(),
                 reason,
@@ -123,9 +122,10 @@ impl HookClient {
             if let Err(e) = ipc::write_frame(&mut write, &frame).await {
                 // A node that refuses this peer answers at once and closes; the request
                 // write can then fail (EPIPE) although the reason is waiting to be read.
-                return match ipc::read_line(&mut read)
+                return match read
+                    .next_line()
                     .await
-                    .map(|l| ipc::parse_response(&l))
+                    .map(|l| ipc::parse_response(l.as_bytes()))
                 {
                     Ok(Ok(ResponseFrame {
                         ok: false,
@@ -143,9 +143,10 @@ impl HookClient {
                     }),
                 };
             }
-            let frame = ipc::read_line(&mut read)
+            let frame = read
+                .next_line()
                 .await
-                .and_then(|line| ipc::parse_response(&line))
+                .and_then(|line| ipc::parse_response(line.as_bytes()))
                 .map_err(|e| match e {
                     ipc::FrameError::Io(source) => unreachable(source),
                     ipc::FrameError::Closed => closed(),

@@ -43,7 +43,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::snapdir::Envelope;
 
@@ -308,44 +308,51 @@ pub fn line_codec() -> tokio_util::codec::LinesCodec {
     tokio_util::codec::LinesCodec::new_with_max_length(MAX_LINE - 1)
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes. An oversized line is consumed up to its
-/// newline and reported as [`FrameError::TooLarge`], so the stream stays in sync.
-pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, FrameError> {
-    let mut line = Vec::new();
-    let mut oversized = false;
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            if line.is_empty() && !oversized {
-                return Err(FrameError::Closed);
+/// The reading side of a connection: lines decoded with [`line_codec`], one at a time, as
+/// [`FrameError`]s say what went wrong. Unlike a `FramedRead`, it goes on after a bad line:
+/// an oversized line is skipped to its newline ([`FrameError::TooLarge`]) and a line that is
+/// not UTF-8 is consumed ([`FrameError::Invalid`]), so the next line is read in sync.
+pub struct LineReader<R> {
+    inner: R,
+    codec: tokio_util::codec::LinesCodec,
+    buf: tokio_util::bytes::BytesMut,
+    eof: bool,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    pub fn new(inner: R) -> LineReader<R> {
+        LineReader {
+            inner,
+            codec: line_codec(),
+            buf: tokio_util::bytes::BytesMut::with_capacity(8 * 1024),
+            eof: false,
+        }
+    }
+
+    /// The next line, without its newline. A last line without a newline counts as a line;
+    /// after it, [`FrameError::Closed`].
+    pub async fn next_line(&mut self) -> Result<String, FrameError> {
+        use tokio_util::codec::{Decoder, LinesCodecError};
+        loop {
+            let decoded = match self.eof {
+                true => self.codec.decode_eof(&mut self.buf),
+                false => self.codec.decode(&mut self.buf),
+            };
+            match decoded {
+                Ok(Some(line)) => return Ok(line),
+                Ok(None) if self.eof => return Err(FrameError::Closed),
+                Ok(None) => {}
+                Err(LinesCodecError::MaxLineLengthExceeded) => return Err(FrameError::TooLarge),
+                Err(LinesCodecError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    return Err(FrameError::Invalid("the line is not UTF-8".into()));
+                }
+                Err(LinesCodecError::Io(e)) => return Err(FrameError::Io(e)),
             }
-            // A last line without newline: treat as a frame.
-            break;
-        }
-        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (buf.len(), false),
-        };
-        if !oversized {
-            if line.len() + take > MAX_LINE {
-                oversized = true;
-                line.clear();
-            } else {
-                line.extend_from_slice(&buf[..take]);
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                self.eof = true;
             }
         }
-        reader.consume(take);
-        if done {
-            break;
-        }
     }
-    if oversized {
-        return Err(FrameError::TooLarge);
-    }
-    while matches!(line.last(), Some(b'\n' | b'\r')) {
-        line.pop();
-    }
-    Ok(line)
 }
 
 /// Parses a request line, checking the version.
@@ -391,12 +398,12 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
 /// One request/response exchange on an open connection: writes `request` as a frame, reads
 /// one line and parses it as a response. The client side of the protocol in one call.
 pub async fn exchange<R, W>(
-    reader: &mut R,
+    reader: &mut LineReader<R>,
     writer: &mut W,
     request: Request,
 ) -> Result<ResponseFrame, FrameError>
 where
-    R: AsyncBufRead + Unpin,
+    R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     write_frame(
@@ -407,8 +414,8 @@ where
         },
     )
     .await?;
-    let line = read_line(reader).await?;
-    parse_response(&line)
+    let line = reader.next_line().await?;
+    parse_response(line.as_bytes())
 }
 
 #[cfg(test)]
@@ -485,17 +492,28 @@ mod tests {
         let mut input = vec![b'a'; MAX_LINE + 10];
         input.push(b'\n');
         input.extend_from_slice(b"{\"v\":1,\"op\":\"status\"}\n");
-        let mut reader = tokio::io::BufReader::new(&input[..]);
+        input.extend_from_slice(b"\xff\xfe\n");
+        input.extend_from_slice(b"{\"v\":1,\"op\":\"status\"}\r\n");
+        input.extend_from_slice(b"last line without newline");
+        let mut reader = LineReader::new(&input[..]);
         assert!(matches!(
-            read_line(&mut reader).await,
+            reader.next_line().await,
             Err(FrameError::TooLarge)
         ));
-        let line = read_line(&mut reader).await.unwrap();
-        assert_eq!(parse_request(&line).unwrap(), Request::Status {});
+        let line = reader.next_line().await.unwrap();
+        assert_eq!(parse_request(line.as_bytes()).unwrap(), Request::Status {});
         assert!(matches!(
-            read_line(&mut reader).await,
-            Err(FrameError::Closed)
+            reader.next_line().await,
+            Err(FrameError::Invalid(_))
         ));
+        let line = reader.next_line().await.unwrap();
+        assert_eq!(parse_request(line.as_bytes()).unwrap(), Request::Status {});
+        assert_eq!(
+            reader.next_line().await.unwrap(),
+            "last line without newline"
+        );
+        assert!(matches!(reader.next_line().await, Err(FrameError::Closed)));
+        assert!(matches!(reader.next_line().await, Err(FrameError::Closed)));
     }
 
     #[test]

@@ -10,14 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snaprelay_contract::ipc::{
-    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, RequestFrame, ResponseFrame,
-    Role, SaveOutcome, SaveResult, Status, MAX_LINE,
+    exchange, parse_response, ErrorCode, LineReader, LogIdRef, Request, RequestFrame,
+    ResponseFrame, Role, SaveOutcome, SaveResult, Status, MAX_LINE,
 };
 use snaprelay_contract::snapdir::Envelope;
 use snaprelay_hook::{
     HookConfig, HookError, HookServer, Incoming, Node, NodeError, NodeState, Principal,
 };
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::oneshot;
@@ -169,7 +169,7 @@ impl Harness {
 }
 
 struct Client {
-    reader: BufReader<OwnedReadHalf>,
+    reader: LineReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
 }
 
@@ -177,7 +177,7 @@ impl Client {
     fn new(stream: UnixStream) -> Client {
         let (read, writer) = stream.into_split();
         Client {
-            reader: BufReader::new(read),
+            reader: LineReader::new(read),
             writer,
         }
     }
@@ -188,11 +188,11 @@ impl Client {
     }
 
     async fn response(&mut self) -> ResponseFrame {
-        let line = tokio::time::timeout(Duration::from_secs(10), read_line(&mut self.reader))
+        let line = tokio::time::timeout(Duration::from_secs(10), self.reader.next_line())
             .await
             .expect("a response in time")
             .unwrap();
-        parse_response(&line).unwrap()
+        parse_response(line.as_bytes()).unwrap()
     }
 
     async fn call(&mut self, request: Request) -> ResponseFrame {
@@ -206,7 +206,7 @@ impl Client {
     /// Whether the server closed the connection (EOF without another line).
     async fn closed(&mut self) -> bool {
         matches!(
-            tokio::time::timeout(Duration::from_secs(10), read_line(&mut self.reader))
+            tokio::time::timeout(Duration::from_secs(10), self.reader.next_line())
                 .await
                 .expect("EOF in time"),
             Err(snaprelay_contract::ipc::FrameError::Closed)

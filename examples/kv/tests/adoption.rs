@@ -23,11 +23,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use snaprelay_example_kv::api::MetricsView;
 use snaprelay_hook::ipc::{
-    exchange, parse_response, read_line, ErrorCode, LogIdRef, Request, ResponseFrame, Role,
+    exchange, parse_response, ErrorCode, LineReader, LogIdRef, Request, ResponseFrame, Role,
     SaveOutcome, SaveResult, Status,
 };
 use snaprelay_hook::snapdir::{self, Snapshot};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
@@ -223,7 +223,7 @@ impl Drop for Cluster {
 
 /// A connection to a hook socket, as the sidecar holds one.
 struct HookClient {
-    reader: BufReader<OwnedReadHalf>,
+    reader: LineReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
 }
 
@@ -231,18 +231,18 @@ impl HookClient {
     async fn connect(socket: &Path) -> HookClient {
         let (read, writer) = UnixStream::connect(socket).await.unwrap().into_split();
         HookClient {
-            reader: BufReader::new(read),
+            reader: LineReader::new(read),
             writer,
         }
     }
 
     async fn response(&mut self) -> ResponseFrame {
         // `save_snapshot` may wait for a build: allow more than the hook's 30 s bound.
-        let line = tokio::time::timeout(Duration::from_secs(45), read_line(&mut self.reader))
+        let line = tokio::time::timeout(Duration::from_secs(45), self.reader.next_line())
             .await
             .expect("a hook response in time")
             .unwrap();
-        parse_response(&line).unwrap()
+        parse_response(line.as_bytes()).unwrap()
     }
 
     async fn call(&mut self, request: Request) -> ResponseFrame {

@@ -12,10 +12,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use snaprelay_example_kv::api::MetricsView;
 use snaprelay_hook::ipc::{
-    exchange, read_line, ErrorCode, Request, ResponseFrame, SaveResult, Status,
+    exchange, ErrorCode, LineReader, Request, ResponseFrame, SaveResult, Status,
 };
 use snaprelay_hook::snapdir::Envelope;
-use tokio::io::BufReader;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
@@ -246,7 +245,7 @@ impl Drop for KvNode {
 
 /// A connection to a hook socket, as the sidecar holds one.
 pub struct HookClient {
-    pub reader: BufReader<OwnedReadHalf>,
+    pub reader: LineReader<OwnedReadHalf>,
     pub writer: OwnedWriteHalf,
 }
 
@@ -262,7 +261,7 @@ impl HookClient {
     pub async fn connect(socket: &Path) -> HookClient {
         let (read, writer) = UnixStream::connect(socket).await.unwrap().into_split();
         HookClient {
-            reader: BufReader::new(read),
+            reader: LineReader::new(read),
             writer,
         }
     }
@@ -276,10 +275,11 @@ impl HookClient {
     }
 
     pub async fn line(&mut self) -> Vec<u8> {
-        tokio::time::timeout(Duration::from_secs(45), read_line(&mut self.reader))
+        tokio::time::timeout(Duration::from_secs(45), self.reader.next_line())
             .await
             .expect("a hook response in time")
             .unwrap()
+            .into_bytes()
     }
 
     pub async fn status(&mut self) -> Status {
