@@ -737,13 +737,7 @@ mod tests {
         lease.retake().await.unwrap();
         assert_ne!(lease.name(), old);
         assert!(lease.fresh() && lease.seen().clear());
-        let names: Vec<String> = repo
-            .list_leases()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let names = names_in(&repo).await;
         assert_eq!(names, vec![lease.name().to_owned()]);
         lease.release().await;
         assert!(repo.list_leases().await.unwrap().is_empty());
@@ -767,6 +761,11 @@ mod tests {
         publish.settled(); // what it could have broken was put right
         publish.release().await;
         assert_eq!(repo.list_leases().await.unwrap().len(), 1);
+    }
+
+    async fn names_in(repo: &Repo) -> Vec<String> {
+        let leases = repo.list_leases().await.unwrap();
+        leases.into_iter().map(|l| l.name).collect()
     }
 
     /// The deadline of a check is half a TTL after its write was sent, whatever renewals
@@ -803,13 +802,7 @@ mod tests {
         // Under the paused clock this returns once every other task is idle: both
         // cancelled leases' clean-up tasks have run to their end.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let left: Vec<String> = repo
-            .list_leases()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| l.name)
-            .collect();
+        let left = names_in(&repo).await;
         assert_eq!(left.len(), 1, "{left:?}");
         assert_ne!(
             left[0], idle_name,

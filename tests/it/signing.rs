@@ -45,6 +45,16 @@ fn target(dir: &Path, store: &Path, extra: &str) -> Target {
     }
 }
 
+/// The genuine node of most scenarios: its key (`keys/node1`), the trusted keys file naming
+/// only it, and a target whose config signs with it and requires signatures.
+fn genuine_node(w: &Path, store: &Path) -> (Key, PathBuf, Target) {
+    let node = support::keygen(&w.join("keys"), "node1");
+    let trusted = w.join("trusted_keys");
+    support::write_trusted(&trusted, &[&node]);
+    let genuine = target(w, store, &support::signing_section(Some(&node), &trusted));
+    (node, trusted, genuine)
+}
+
 /// The repository as `target`'s config opens it (its keyring).
 async fn repo_of(target: &Target) -> Repo {
     let config = Config::load(
@@ -131,11 +141,8 @@ async fn readers_refuse_manifests_that_do_not_verify() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let store = w.join("store");
-    let node = support::keygen(&w.join("keys"), "node1");
+    let (node, _, genuine) = genuine_node(w, &store);
     let thief = support::keygen(&w.join("attacker"), "attacker");
-    let trusted = w.join("trusted_keys");
-    support::write_trusted(&trusted, &[&node]);
-    let genuine = target(w, &store, &support::signing_section(Some(&node), &trusted));
     // The attacker: no signing at all, and signing with a key of their own.
     let unsigned = target(w, &store, "");
     let forger = target(
@@ -277,14 +284,7 @@ async fn a_forgery_under_the_next_manifest_name_is_replaced() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let store_dir = w.join("store");
-    let node = support::keygen(&w.join("keys"), "node1");
-    let trusted = w.join("trusted_keys");
-    support::write_trusted(&trusted, &[&node]);
-    let genuine = target(
-        w,
-        &store_dir,
-        &support::signing_section(Some(&node), &trusted),
-    );
+    let (_, _, genuine) = genuine_node(w, &store_dir);
     let snaps = w.join("leader");
     let first = support::write_random_snapshot(&snaps, 10, 1, 200_000, 1);
     genuine.json(&["push", first.to_str().unwrap(), "--json"]);
@@ -317,15 +317,8 @@ async fn gc_counts_only_manifests_that_verify() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let store_dir = w.join("store");
-    let node = support::keygen(&w.join("keys"), "node1");
+    let (_, _, genuine) = genuine_node(w, &store_dir);
     let thief = support::keygen(&w.join("attacker"), "attacker");
-    let trusted = w.join("trusted_keys");
-    support::write_trusted(&trusted, &[&node]);
-    let genuine = target(
-        w,
-        &store_dir,
-        &support::signing_section(Some(&node), &trusted),
-    );
     let snaps = w.join("leader");
     for (index, seed) in [(1, 11), (2, 12), (3, 13)] {
         let meta = support::write_random_snapshot(&snaps, index, 1, 1 << 20, seed);
@@ -432,14 +425,7 @@ async fn repository_json_is_signed_and_checked() {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let store_dir = w.join("store");
-    let node = support::keygen(&w.join("keys"), "node1");
-    let trusted = w.join("trusted_keys");
-    support::write_trusted(&trusted, &[&node]);
-    let genuine = target(
-        w,
-        &store_dir,
-        &support::signing_section(Some(&node), &trusted),
-    );
+    let (node, _, genuine) = genuine_node(w, &store_dir);
     let meta = support::write_random_snapshot(&w.join("leader"), 10, 1, 100_000, 1);
     genuine.json(&["push", meta.to_str().unwrap(), "--json"]);
 
