@@ -8,6 +8,7 @@ mod chunk_index;
 mod config_inputs;
 mod corruption;
 mod crash_safety;
+mod demo;
 mod deployment;
 mod e2e_cluster;
 mod e2e_counter;
