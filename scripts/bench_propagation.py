@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench.common import BENCH_DIR  # noqa: E402
 from bench.server import Server  # noqa: E402
-from kvcluster import free_port, http, retry  # noqa: E402
+from kvcluster import Failed, describe, form_cluster, free_port, http, retry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")  # --bin-dir
@@ -105,12 +105,13 @@ class Cluster:
             self.nodes[i] = {"addr": addr, "dir": d, "sock": sock}
         for n in self.nodes.values():
             retry("node start", lambda n=n: http(n["addr"], "/metrics"))
-        retry("init", lambda: http(self.nodes[1]["addr"], "/init", {}) or True)
-        for i in (2, 3):
-            retry("add learner", lambda i=i: http(self.nodes[1]["addr"], "/add-learner",
-                                                  {"id": i, "addr": self.nodes[i]["addr"]}) or True)
-        retry("membership", lambda: http(self.nodes[1]["addr"], "/change-membership",
-                                         {"members": [1, 2, 3]}) or True)
+        # Follows the leader wherever it moves meanwhile (always asking node 1 could not end
+        # once node 1 had lost the leadership).
+        try:
+            form_cluster(self.nodes)
+        except Failed as e:
+            raise SystemExit(f"forming the cluster: {e.what}; node {e.node}'s last answer: "
+                             f"{describe(e.answer)}")
         for i, n in self.nodes.items():
             cfg = os.path.join(n["dir"], "snaprelay.toml")
             with open(cfg, "w") as f:

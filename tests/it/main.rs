@@ -9,6 +9,7 @@ mod config_inputs;
 mod corruption;
 mod crash_safety;
 mod daemon_faults;
+mod demo;
 mod deployment;
 mod e2e_cluster;
 mod e2e_counter;

@@ -16,6 +16,10 @@
 //! Errors are `{"error": "...", ...}` with a 4xx/5xx status. A write to a node that is not the
 //! leader answers 421 with `leader_id` and `leader_addr`; a write that meets a leader whose
 //! lease has not been established yet (or no leader at all) is retried for a few seconds.
+//! `/add-learner` and `/change-membership` answer 421 the same way when another node leads;
+//! 503 when asking again may succeed (no leader yet, this leader's lease not established, an
+//! earlier membership change not committed yet); 400 or 409 when the request cannot succeed
+//! as it is (e.g. a voter that is not a learner yet); 500 when raft has stopped.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +32,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use openraft::errors::{
+    ChangeMembershipError, ClientWriteError, ForwardReason, ForwardToLeader, RaftError,
+};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
@@ -295,7 +302,7 @@ async fn add_learner(
         .raft
         .add_learner(request.id, BasicNode::new(request.addr), true)
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+        .map_err(|e| membership_refused(app.id, e))?;
     Ok(Json(json!({ "log_index": written.log_id.index })))
 }
 
@@ -312,8 +319,65 @@ async fn change_membership(
         .raft
         .change_membership(request.members, false)
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e))?;
+        .map_err(|e| membership_refused(app.id, e))?;
     Ok(Json(json!({ "log_index": written.log_id.index })))
+}
+
+/// The answer to a membership change openraft refused, by what the client can do about it (see
+/// the module doc). Both changes are idempotent (the same learner, the same voter set), so
+/// asking again, here or at the leader, is always safe.
+fn membership_refused(
+    this: NodeId,
+    error: RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+) -> ApiError {
+    let error = match error {
+        RaftError::APIError(e) => e,
+        RaftError::Fatal(fatal) => return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, fatal),
+    };
+    let status = match &error {
+        ClientWriteError::ForwardToLeader(forward)
+        | ClientWriteError::LogEntryDiscarded(forward) => {
+            return not_leading(this, forward, &error);
+        }
+        ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(_) | ChangeMembershipError::UncommittedLeaderLog(_),
+        ) => StatusCode::SERVICE_UNAVAILABLE,
+        ClientWriteError::ChangeMembershipError(ChangeMembershipError::EmptyMembership(_)) => {
+            StatusCode::BAD_REQUEST
+        }
+        ClientWriteError::ChangeMembershipError(_) | ClientWriteError::PreconditionFailed(_) => {
+            StatusCode::CONFLICT
+        }
+    };
+    ApiError::new(status, error)
+}
+
+/// 421 naming the leader when another node leads; otherwise 503, saying why (openraft's own
+/// text for these says only "has to forward request to: None, None").
+fn not_leading(
+    this: NodeId,
+    forward: &ForwardToLeader<TypeConfig>,
+    error: &ClientWriteError<TypeConfig>,
+) -> ApiError {
+    if let Some(leader) = forward.leader_id.filter(|&leader| leader != this) {
+        let addr = forward.leader_node.as_ref().map(|n| n.addr.clone());
+        let message = match error {
+            ClientWriteError::LogEntryDiscarded(_) => error.to_string(),
+            _ => "not the leader".to_string(),
+        };
+        return ApiError(
+            StatusCode::MISDIRECTED_REQUEST,
+            json!({ "error": message, "leader_id": leader, "leader_addr": addr }),
+        );
+    }
+    let why = match forward.reason {
+        ForwardReason::LeaseExpired => "this leader has not heard from a quorum within its lease",
+        ForwardReason::LeadershipTransfer => "leadership is being transferred",
+        ForwardReason::NotLeader => {
+            "no leader known yet (an election is in progress, or this node is in no cluster)"
+        }
+    };
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why)
 }
 
 async fn trigger_snapshot(State(app): State<App>) -> ApiResult<serde_json::Value> {
@@ -381,4 +445,168 @@ async fn metrics(State(app): State<App>) -> Json<MetricsView> {
         snapshot_dir: app.store.dir().path().display().to_string(),
         incoming_dir: app.store.dir().incoming_dir().display().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! What the membership endpoints answer when openraft refuses, from real nodes (raft, HTTP
+    //! server and hook socket, in-process) on loopback. A client tells by the status alone
+    //! whether to ask the leader (421), ask again (503) or stop (any other).
+
+    use std::net::SocketAddr;
+
+    use serde_json::Value;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::node::{run, NodeConfig};
+
+    struct TestNode {
+        addr: String,
+        stop: Option<oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<anyhow::Result<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestNode {
+        async fn start(id: NodeId) -> TestNode {
+            let dir = tempfile::tempdir().unwrap();
+            let http: SocketAddr = {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                probe.local_addr().unwrap()
+            };
+            let config = NodeConfig {
+                id,
+                http,
+                dir: dir.path().to_owned(),
+                hook_socket: dir.path().join("hook.sock"),
+                hook_group_access: false,
+                hook_allow_users: Vec::new(),
+                hook_allow_groups: Vec::new(),
+                snapshot_policy_logs: 1000,
+                max_in_snapshot_log_to_keep: 1000,
+                defer_limit: 4000,
+                keep_snapshots: 2,
+            };
+            let (stop, stopped) = oneshot::channel::<()>();
+            let task = tokio::spawn(run(config, async {
+                let _ = stopped.await;
+            }));
+            let node = TestNode {
+                addr: http.to_string(),
+                stop: Some(stop),
+                task,
+                _dir: dir,
+            };
+            // Up once it answers; the server is bound before raft can be asked anything.
+            while get(&node.addr, "/metrics").await.is_none() {
+                assert!(!node.task.is_finished(), "node {id} stopped while starting");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            node
+        }
+
+        async fn stop(mut self) {
+            drop(self.stop.take());
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
+    async fn get(addr: &str, path: &str) -> Option<Value> {
+        let response = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+        response.json().await.ok()
+    }
+
+    async fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("http://{addr}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Node 1 initialized alone and leading, with a committed write of its own term (so its
+    /// first membership is committed and no change is in progress).
+    async fn leading_alone() -> TestNode {
+        let node = TestNode::start(1).await;
+        assert_eq!(post(&node.addr, "/init", json!({})).await.0, 200);
+        // `/write` waits for a leader whose lease is established.
+        let (status, body) = post(&node.addr, "/write", json!({"key": "k", "value": "v"})).await;
+        assert_eq!(status, 200, "{body}");
+        node
+    }
+
+    /// The refusals a leader gives mid-change (the joint configuration not acknowledged by a
+    /// quorum within the lease yet, or not committed yet) pass by themselves: ask again.
+    #[test]
+    fn a_leader_mid_change_answers_ask_again() {
+        let lease = ForwardToLeader::empty().with_reason(ForwardReason::LeaseExpired);
+        let in_progress = openraft::errors::InProgress {
+            committed: None,
+            membership_log_id: None,
+        };
+        for error in [
+            ClientWriteError::ForwardToLeader(lease),
+            ClientWriteError::ChangeMembershipError(in_progress.into()),
+        ] {
+            let ApiError(status, body) = membership_refused(1, RaftError::APIError(error));
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn membership_change_naming_a_node_that_is_not_a_learner_is_refused_for_good() {
+        let leader = leading_alone().await;
+        let (status, body) = post(
+            &leader.addr,
+            "/change-membership",
+            json!({"members": [1, 2]}),
+        )
+        .await;
+        // Asking again cannot help: node 2 has to be added as a learner first.
+        assert_eq!(status, 409, "{body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("learner"),
+            "{body}"
+        );
+        let (status, body) = post(&leader.addr, "/change-membership", json!({"members": []})).await;
+        assert_eq!(status, 400, "{body}");
+        leader.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn membership_change_on_a_node_that_does_not_lead_names_the_leader() {
+        let leader = leading_alone().await;
+        let learner = TestNode::start(2).await;
+        // Not in any cluster yet, it knows no leader: the same request may succeed later.
+        let (status, body) = post(
+            &learner.addr,
+            "/add-learner",
+            json!({"id": 3, "addr": "127.0.0.1:1"}),
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        let (status, body) = post(
+            &leader.addr,
+            "/add-learner",
+            json!({"id": 2, "addr": learner.addr}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        // Caught up (add-learner waits for that), the learner follows node 1: it says so.
+        for (path, request) in [
+            ("/change-membership", json!({"members": [1, 2]})),
+            ("/add-learner", json!({"id": 3, "addr": "127.0.0.1:1"})),
+        ] {
+            let (status, body) = post(&learner.addr, path, request).await;
+            assert_eq!(status, 421, "{path}: {body}");
+            assert_eq!(body["leader_id"], 1, "{path}: {body}");
+            assert_eq!(body["leader_addr"], leader.addr.as_str(), "{path}: {body}");
+        }
+        learner.stop().await;
+        leader.stop().await;
+    }
 }
