@@ -18,6 +18,8 @@
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
 //! - [`secret`]: values that are never shown (credentials, secret options).
+//! - [`pack`]: packs (the objects holding chunks and tree blocks) and blob encodings.
+//! - [`tree`]: a snapshot's chunk list as content-defined blocks.
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
@@ -46,6 +48,7 @@ pub mod lease;
 pub mod manifest;
 pub mod metrics;
 pub mod node;
+pub mod pack;
 pub mod progress;
 pub mod publish;
 pub mod repo;
@@ -53,6 +56,7 @@ pub mod secret;
 pub mod signing;
 pub mod store;
 pub mod systemd;
+pub mod tree;
 pub mod verify;
 pub mod watch;
 
