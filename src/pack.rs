@@ -1,6 +1,7 @@
 //! Packs: the immutable objects that hold every chunk and every tree block of a format-2
 //! repository, and the encoding of the blobs in them. This module is pure format and codec
-//! (no store I/O except through [`upload`], which streams a pack to a store it is given);
+//! (no store I/O except through [`upload`], which streams a pack to a store it is given;
+//! [`plan`] decides which ranges a reader fetches and which packs a writer re-packs);
 //! [`crate::repo`] names the objects.
 //!
 //! A pack is its blobs, back to back from offset 0, then a trailer that lists them, then a
@@ -25,6 +26,7 @@
 //! reserved for `aead` (client-side encryption: nonce, ciphertext and tag as the stored
 //! bytes; nothing else in the layout changes); a reader refuses a code it does not know.
 
+pub mod plan;
 pub mod upload;
 
 use std::fmt;
