@@ -21,6 +21,7 @@
 //! - [`secret`]: values that are never shown (credentials, secret options).
 //! - [`pack`]: packs (the objects holding chunks and tree blocks) and blob encodings.
 //! - [`tree`]: a snapshot's chunk list as content-defined blocks.
+//! - [`packer`]: a snapshot into packs, reusing a base manifest's blocks (not wired yet).
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
@@ -52,6 +53,7 @@ pub mod manifest_v2;
 pub mod metrics;
 pub mod node;
 pub mod pack;
+pub mod packer;
 pub mod progress;
 pub mod publish;
 pub mod repo;
