@@ -25,6 +25,7 @@
 //! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
 //! - [`publish`]: leader side: snapshot → missing chunks → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
+//! - [`assemble`]: a format-2 snapshot into a file, from packs and a local snapshot (not wired yet).
 //! - [`gc`]: retention: old manifests, then unreferenced chunks past a grace period.
 //! - [`lease`]: how a publish and a GC running at once keep out of each other's way.
 //! - [`incarnation`]: which incarnation of the repository a sidecar follows.
@@ -37,6 +38,7 @@
 //! - [`window`]: finding an earlier file's chunks near their new position, in bounded memory.
 //! - [`error`]: the error type and how failures are classified: exit codes, retries, metric labels.
 
+pub mod assemble;
 pub mod chunk;
 pub mod cli;
 pub mod config;
