@@ -1,8 +1,9 @@
 //! Assembling a format-2 snapshot into a file: the data path of a follower's fetch. Blocks
 //! whose logical id a local snapshot has are copied from it with `copy_file_range` (a reflink
 //! where the file system has them, an in-kernel copy otherwise), neighbouring blocks in one
-//! call; every other block is read from its tree pack and checked against the manifest, and
-//! its chunks are read from the data packs in coalesced ranged GETs ([`crate::pack::plan`]),
+//! call; every other block is read from its tree pack and checked against the manifest, its
+//! chunks that the local snapshot's other blocks hold are copied likewise, and the rest are
+//! read from the data packs in coalesced ranged GETs ([`crate::pack::plan`]),
 //! each blob decoded and checked against its id before it is written where it belongs.
 //!
 //! A local snapshot is either *trusted* (the caller knows it is a file it assembled and
@@ -12,7 +13,9 @@
 //! manifest names, in its order (see docs/format.md for why that needs no whole-file hash).
 //!
 //! Not wired into [`crate::fetch`] yet (its staging file, resume and write-behind stay to
-//! be carried over). Memory: one block and the ranges of one block in flight.
+//! be carried over). Memory: one block and the ranges of one block in flight, plus the chunk
+//! map of the local snapshot's changed blocks (proportional to the change; [`crate::window`]
+//! bounds it when this is wired).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -46,6 +49,8 @@ pub struct AssembleStats {
     pub blocks_copied: u64,
     pub bytes_copied: u64,
     pub blocks_fetched: u64,
+    /// Chunks of changed blocks taken from the local snapshot.
+    pub chunks_copied: u64,
     pub chunks_fetched: u64,
     /// Stored bytes read from data packs (gaps read through included).
     pub bytes_read: u64,
@@ -77,6 +82,26 @@ pub async fn assemble(
                 .collect()
         })
         .unwrap_or_default();
+    // The chunks of the local snapshot's blocks that the new one does not have as a whole:
+    // where changed blocks find most of their chunks (a scattered update changes every
+    // block, and only a few chunks of each).
+    let mut local_chunks: HashMap<Digest, u64> = HashMap::new();
+    if let Some(l) = &local {
+        let logicals: std::collections::HashSet<Digest> =
+            manifest.blocks.iter().map(|b| b.logical).collect();
+        let offsets: Vec<u64> = l.manifest.block_offsets().map(|(at, _)| at).collect();
+        for (i, b) in l.manifest.blocks.iter().enumerate() {
+            if logicals.contains(&b.logical) {
+                continue;
+            }
+            let block = repo.read_block(descriptor, l.manifest, i).await?;
+            let mut at = offsets[i];
+            for c in &block.chunks {
+                local_chunks.entry(c.id).or_insert(at);
+                at += c.plain_len as u64;
+            }
+        }
+    }
     let mut stats = AssembleStats::default();
     // A pending copy from the local file: (from, to, len), grown while blocks follow on.
     let mut copy: Option<(u64, u64, u64)> = None;
@@ -104,7 +129,25 @@ pub async fn assemble(
             }
         }
         let block = repo.read_block(descriptor, manifest, i).await?;
-        fetch_block(repo, manifest, &block, at, &out, limits, &mut stats)
+        // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
+        let mut wanted = Vec::new();
+        let mut from_local = Vec::new();
+        let mut to = at;
+        for (j, c) in block.chunks.iter().enumerate() {
+            match (&local, local_chunks.get(&c.id)) {
+                (Some(_), Some(&from)) => from_local.push((j, from, to)),
+                _ => wanted.push((j, to)),
+            }
+            to += c.plain_len as u64;
+        }
+        if let Some(l) = &local {
+            let missed = reuse_chunks(&l.file, l.trusted, &out, &block, &from_local, &mut copy)
+                .await
+                .map_err(io_err("copying into"))?;
+            stats.chunks_copied += (from_local.len() - missed.len()) as u64;
+            wanted.extend(missed);
+        }
+        fetch_block(repo, manifest, &block, &wanted, &out, limits, &mut stats)
             .await
             .map_err(|e| match e {
                 Error::Io { source, .. } => io_err("writing")(source),
@@ -191,32 +234,75 @@ async fn copy_range(
     .map_err(std::io::Error::other)?
 }
 
-/// Reads a block's chunks from the store (coalesced ranges, a few in flight), checks each,
-/// and writes it at its place from `at` on.
+/// Copies chunks `(index in block, local offset, new offset)` from the local file: trusted,
+/// by extending the pending copy (flushing it when they do not follow on); otherwise each
+/// read and hashed first. Returns the `(index, new offset)` of those that did not match.
+async fn reuse_chunks(
+    file: &Arc<File>,
+    trusted: bool,
+    out: &Arc<File>,
+    block: &Block,
+    chunks: &[(usize, u64, u64)],
+    copy: &mut Option<(u64, u64, u64)>,
+) -> std::io::Result<Vec<(usize, u64)>> {
+    if trusted {
+        for &(j, from, to) in chunks {
+            let len = block.chunks[j].plain_len as u64;
+            *copy = match copy.take() {
+                Some((f, t, n)) if f + n == from && t + n == to => Some((f, t, n + len)),
+                other => {
+                    if let Some(c) = other {
+                        copy_range(file, out, c).await?;
+                    }
+                    Some((from, to, len))
+                }
+            };
+        }
+        return Ok(Vec::new());
+    }
+    let (file, out) = (file.clone(), out.clone());
+    let chunks: Vec<_> = chunks
+        .iter()
+        .map(|&(j, from, to)| (j, from, to, block.chunks[j].id, block.chunks[j].plain_len))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut missed = Vec::new();
+        for (j, from, to, id, len) in chunks {
+            let mut buf = vec![0u8; len as usize];
+            if file.read_exact_at(&mut buf, from).is_ok() && Digest::of(&buf) == id {
+                out.write_all_at(&buf, to)?;
+            } else {
+                missed.push((j, to));
+            }
+        }
+        Ok(missed)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Reads chunks `(index in block, offset in the file)` of a block from the store (coalesced
+/// ranges, a few in flight), checks each, and writes it at its offset.
 async fn fetch_block(
     repo: &Repo,
     manifest: &Manifest,
     block: &Block,
-    at: u64,
+    wanted: &[(usize, u64)],
     out: &Arc<File>,
     limits: RangeLimits,
     stats: &mut AssembleStats,
 ) -> Result<()> {
     let sizes: HashMap<_, _> = manifest.packs.iter().map(|p| (p.id, p.size)).collect();
-    let mut offset = at;
-    let needed: Vec<Needed<(usize, u64)>> = block
-        .chunks
+    let needed: Vec<Needed<(usize, u64)>> = wanted
         .iter()
-        .enumerate()
-        .map(|(j, c)| {
-            let n = Needed {
+        .map(|&(j, to)| {
+            let c = &block.chunks[j];
+            Needed {
                 pack: block.packs[c.pack as usize],
                 offset: c.offset as u64,
                 stored_len: c.stored_len,
-                tag: (j, offset),
-            };
-            offset += c.plain_len as u64;
-            n
+                tag: (j, to),
+            }
         })
         .collect();
     let ranges = coalesce(&needed, limits);
@@ -411,7 +497,12 @@ mod tests {
                 s.blocks_copied >= 2 * s.blocks_fetched && s.blocks_fetched <= 6,
                 "{s:?}"
             );
-            assert!(s.bytes_read < b.len() as u64 / 2, "{s:?}");
+            assert!(
+                s.chunks_copied > 0,
+                "changed blocks take most chunks locally: {s:?}"
+            );
+            // Three 50-byte edits: at most a few chunks each come from the store.
+            assert!(s.chunks_fetched <= 12, "{s:?}");
         }
 
         // An untrusted local file that does not hold what its manifest says is not copied.
