@@ -213,6 +213,64 @@ pub fn index<R: Read>(reader: R, params: ChunkParams) -> std::io::Result<Vec<Chu
     Ok(spans)
 }
 
+/// A file with no name, for data only this process needs for a while (the chunk list of a
+/// snapshot cut here, say): created unlinked in the temp directory (`O_TMPFILE`, or
+/// created and unlinked at once where that is not supported), so that nothing is left
+/// behind whatever happens to the process.
+pub fn scratch_file() -> std::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let dir = std::env::temp_dir();
+    let flags = OFlags::RDWR | OFlags::CLOEXEC;
+    match rustix::fs::openat(
+        rustix::fs::CWD,
+        &dir,
+        flags | OFlags::TMPFILE,
+        Mode::from_raw_mode(0o600),
+    ) {
+        Ok(fd) => Ok(std::fs::File::from(fd)),
+        Err(_) => {
+            let path = dir.join(format!(
+                ".snaprelay-scratch-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            let fd = rustix::fs::openat(
+                rustix::fs::CWD,
+                &path,
+                flags | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(0o600),
+            )?;
+            let _ = std::fs::remove_file(&path);
+            Ok(std::fs::File::from(fd))
+        }
+    }
+}
+
+/// Cuts and hashes a whole stream into an index file of its own (in [`scratch_file`]),
+/// streaming: the chunk list of a local snapshot nobody indexed. Blocking.
+pub fn index_to_scratch<R: Read>(
+    reader: R,
+    params: ChunkParams,
+) -> std::io::Result<snaprelay_contract::chunking::IndexFile> {
+    use snaprelay_contract::chunking::{IndexFile, IndexWriter, Indexer};
+    let mut indexer = Indexer::with_sink(params, IndexWriter::new(scratch_file()?)?);
+    let mut reader = reader;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        indexer.feed(&buf[..n])?;
+    }
+    let (writer, size, sha256) = indexer.end()?;
+    let file = writer.finish(params, size, sha256)?;
+    IndexFile::from_file(file, std::path::Path::new("(scratch index)"), size)
+        .map_err(std::io::Error::other)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,5 +392,18 @@ mod tests {
             new_bytes < 4 * 65536,
             "an insertion of 100 bytes changed {new_bytes} bytes of chunks"
         );
+    }
+    #[test]
+    fn a_scratch_index_lists_what_index_lists() {
+        let data = random(2 << 20, 4);
+        let spans = index(&data[..], small()).unwrap();
+        let scratch = index_to_scratch(&data[..], small())
+            .unwrap()
+            .read_all()
+            .unwrap();
+        let listed: Vec<_> = spans.iter().map(|s| (s.sha256, s.len)).collect();
+        assert_eq!(scratch.chunks, listed);
+        assert_eq!(scratch.size, data.len() as u64);
+        assert_eq!(scratch.sha256, Digest::of(&data));
     }
 }

@@ -94,11 +94,26 @@ pub enum Error {
     #[error("the store holds no snapshot")]
     NoSnapshots,
 
+    /// A chunk stored as an object of its own is missing (in a repository of packs, a
+    /// missing pack is [`Error::PackMissing`]).
     #[error("chunk {sha256} is missing from the store")]
     ChunkMissing { sha256: String },
 
     #[error("chunk {sha256} is corrupt: {reason}")]
     ChunkCorrupt { sha256: String, reason: String },
+
+    #[error("pack {pack} is missing from the store")]
+    PackMissing { pack: String },
+
+    #[error("pack {pack} is corrupt: {reason}")]
+    PackCorrupt { pack: String, reason: String },
+
+    #[error("tree block {block} (in pack {pack}) is corrupt: {reason}")]
+    BlockCorrupt {
+        block: String,
+        pack: String,
+        reason: String,
+    },
 
     #[error("assembled snapshot {index} does not match its manifest: sha256 {actual}, expected {expected}")]
     FileCorrupt {
@@ -195,6 +210,20 @@ impl Error {
             Error::LeaseLapsed { .. } => ErrorClass::Unreachable,
             _ => ErrorClass::Data,
         }
+    }
+
+    /// Whether the store's content failed verification (damaged or missing data), as
+    /// opposed to the store failing to answer: what the verification-failure metric counts.
+    pub fn is_verification_failure(&self) -> bool {
+        matches!(
+            self,
+            Error::ChunkCorrupt { .. }
+                | Error::ChunkMissing { .. }
+                | Error::PackMissing { .. }
+                | Error::PackCorrupt { .. }
+                | Error::BlockCorrupt { .. }
+                | Error::FileCorrupt { .. }
+        )
     }
 
     /// Whether trying the same operation again later may succeed. Corruption is never
@@ -334,6 +363,9 @@ impl FailureReason {
                     | Error::ObjectTooLarge { .. }
                     | Error::ChunkMissing { .. }
                     | Error::ChunkCorrupt { .. }
+                    | Error::PackMissing { .. }
+                    | Error::PackCorrupt { .. }
+                    | Error::BlockCorrupt { .. }
                     | Error::FileCorrupt { .. }
                     | Error::IndexMismatch { .. } => FailureReason::Corrupt,
                     Error::Config(_)

@@ -31,7 +31,7 @@ use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, 
 use crate::progress::Progress;
 use crate::repo::{ManifestId, Repo, StoredChunk};
 use crate::snapdir::{SnapdirError, Snapshot};
-use snaprelay_contract::chunking::ChunkIndex;
+use snaprelay_contract::chunking::{ChunkIndex, IndexFile};
 use snaprelay_contract::dir::{Dir, NotRegular};
 
 /// Times a publish takes its lease again when it lapses before the manifest is written.
@@ -255,8 +255,11 @@ impl<'a> Publisher<'a> {
         let read = tokio::task::spawn_blocking(move || -> Result<NodeIndex, String> {
             let index_file = index_file?;
             let modified_index = index_file.metadata().and_then(|m| m.modified());
-            let index =
-                ChunkIndex::read_file(index_file, &path, size).map_err(|e| e.to_string())?;
+            // Held in memory whole while this publish stores chunks as objects (a few
+            // hundred per GiB at its chunking); the pack publisher streams it instead.
+            let index = IndexFile::from_file(index_file, &path, size)
+                .and_then(|f| f.read_all())
+                .map_err(|e| e.to_string())?;
             // The data file is immutable once committed; one written after its index is not
             // what the index describes. (Both as opened: fstat, never the paths again.)
             match (
@@ -592,7 +595,7 @@ fn previous_chunks(snapshot: &Snapshot, chunking: chunk::ChunkParams) -> HashSet
         .rev()
         .filter(|s| s.envelope.log_id() < snapshot.envelope.log_id())
         .filter_map(|s| Some((s.chunk_index_path()?, s.envelope.size)))
-        .find_map(|(path, size)| ChunkIndex::read(&path, size).ok())
+        .find_map(|(path, size)| IndexFile::open(&path, size).and_then(|f| f.read_all()).ok())
         .filter(|index| index.chunking == chunking)
         .map(|index| index.chunks.into_iter().map(|(sha, _)| sha).collect())
         .unwrap_or_default()

@@ -5,12 +5,18 @@
 //! <prefix>/repository.json          format 2: features, cluster id, incarnation, chunking
 //! <prefix>/manifests/<index:020>-<term:020>-<sha256[..16]>.json
 //! <prefix>/chunks/<sha256[..2]>/<sha256>
+//! <prefix>/packs/<id[..2]>/<id>      format 2 (not written yet): packs of chunks or tree blocks
 //! <prefix>/leases/<publish|gc>-<16 hex>.json
 //! ```
 //!
 //! Manifests are immutable and written last (create-only), so a manifest exists only when
 //! every chunk it names does. There is no mutable "latest" pointer: the newest snapshot is
 //! the greatest manifest key.
+//!
+//! Every byte read from a pack is checked before it is used: a trailer against its digest
+//! ([`Repo::read_trailer`]), a tree block against its manifest ([`Repo::read_block`]), a
+//! chunk against its id ([`crate::pack::decode_blob`]), and every response's object size
+//! against what the manifest says the pack holds.
 //!
 //! `repository.json` and every manifest are stored as a signed envelope (see
 //! [`crate::signing`]): the repository's [`Keyring`] seals what this process writes and
@@ -19,6 +25,7 @@
 //! manifest (`manifest_for`, `newest_verified`) pass over it.
 
 use std::fmt;
+use std::ops::Range;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -29,12 +36,16 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use crate::chunk::{ChunkParams, Digest};
 use crate::error::{Error, Result};
 use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES};
+use crate::pack::upload::{PackWriter, PartBudget};
+use crate::pack::{PackId, PackKind, Trailer, FOOTER_LEN};
 use crate::signing::{Authenticity, Keyring, OpenError, PayloadType, Refusal};
 use crate::store::Store;
+use crate::tree::Block;
 
 const REPOSITORY_KEY: &str = "repository.json";
 const MANIFESTS: &str = "manifests";
 const CHUNKS: &str = "chunks";
+const PACKS: &str = "packs";
 const LEASES: &str = "leases";
 /// A lease object names its holder in a few hundred bytes.
 const MAX_LEASE_BYTES: usize = 4 << 10;
@@ -104,6 +115,14 @@ impl fmt::Display for ManifestId {
 /// A chunk as the store lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredChunk {
+    pub size: u64,
+    /// The store's own timestamp (GC measures its grace period from it, not our clock).
+    pub last_modified: chrono::DateTime<Utc>,
+}
+
+/// A pack as the store lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPack {
     pub size: u64,
     /// The store's own timestamp (GC measures its grace period from it, not our clock).
     pub last_modified: chrono::DateTime<Utc>,
@@ -494,6 +513,11 @@ impl Repo {
         self.store.key(&format!("{CHUNKS}/{}/{hex}", &hex[..2]))
     }
 
+    fn pack_key(&self, id: &PackId) -> Path {
+        let hex = id.to_hex();
+        self.store.key(&format!("{PACKS}/{}/{hex}", &hex[..2]))
+    }
+
     /// Manifests with an index greater than `after` (all if `None`), oldest first. Keys under
     /// `manifests/` that are not manifest names are skipped with a warning.
     pub async fn list_manifests(&self, after: Option<u64>) -> Result<Vec<ManifestEntry>> {
@@ -744,6 +768,175 @@ impl Repo {
         Ok(chunks)
     }
 
+    /// Every pack in the store with its size and the store's timestamp: one listing (a page
+    /// names a thousand packs). Objects under `packs/` that are not pack keys (a local
+    /// store's staging files of an unfinished upload, say) are skipped.
+    pub async fn list_packs(&self) -> Result<std::collections::HashMap<PackId, StoredPack>> {
+        let prefix = self.store.key(PACKS);
+        let mut stream = self.store.backend.list(Some(&prefix));
+        let mut packs = std::collections::HashMap::new();
+        while let Some(meta) = stream
+            .try_next()
+            .await
+            .map_err(store_err("list", &prefix))?
+        {
+            let parsed = meta
+                .location
+                .filename()
+                .and_then(|name| name.parse::<PackId>().ok())
+                .filter(|id| self.pack_key(id) == meta.location);
+            match parsed {
+                Some(id) => {
+                    packs.insert(
+                        id,
+                        StoredPack {
+                            size: meta.size,
+                            last_modified: meta.last_modified,
+                        },
+                    );
+                }
+                None => {
+                    tracing::debug!(key = %meta.location, "ignoring an object under packs/ that is not a pack")
+                }
+            }
+        }
+        Ok(packs)
+    }
+
+    /// A writer for a new pack (see [`crate::pack::upload`]); nothing is visible in the
+    /// store until it is finished.
+    pub fn new_pack(&self, kind: PackKind, budget: PartBudget) -> PackWriter {
+        let id = PackId::random();
+        PackWriter::new(
+            self.store.backend.clone(),
+            self.pack_key(&id),
+            id,
+            kind,
+            budget,
+        )
+    }
+
+    /// Bytes `range` of pack `id`, which the caller's manifest (or listing) says is `size`
+    /// bytes long. A pack of another size is corrupt (it is not the one named); a body that
+    /// ends early is the connection's fault, an error to retry.
+    pub async fn read_pack(&self, id: &PackId, size: u64, range: Range<u64>) -> Result<Bytes> {
+        let key = self.pack_key(id);
+        if range.start >= range.end || range.end > size {
+            return Err(Error::PackCorrupt {
+                pack: id.to_hex(),
+                reason: format!("bytes {range:?} are not within its {size} bytes"),
+            });
+        }
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(range.clone())),
+            ..Default::default()
+        };
+        let result = match self.store.backend.get_opts(&key, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(Error::PackMissing { pack: id.to_hex() })
+            }
+            Err(e) => return Err(store_err("get", &key)(e)),
+        };
+        if result.meta.size != size {
+            return Err(Error::PackCorrupt {
+                pack: id.to_hex(),
+                reason: format!(
+                    "the store holds {} bytes under its name, the manifest says {size}",
+                    result.meta.size
+                ),
+            });
+        }
+        let wanted = range.end - range.start;
+        let bytes = result.bytes().await.map_err(store_err("get", &key))?;
+        if bytes.len() as u64 != wanted {
+            return Err(store_err("get", &key)(object_store::Error::Generic {
+                store: "snaprelay",
+                source: format!(
+                    "the response to a request for {wanted} bytes held {}",
+                    bytes.len()
+                )
+                .into(),
+            }));
+        }
+        Ok(bytes)
+    }
+
+    /// A pack's trailer, checked (its digest, and that its blobs fill the pack), for a pack
+    /// of `size` bytes. One ranged read of the pack's last 64 KiB usually covers it.
+    pub async fn read_trailer(&self, id: &PackId, size: u64) -> Result<Trailer> {
+        let corrupt = |reason: String| Error::PackCorrupt {
+            pack: id.to_hex(),
+            reason,
+        };
+        if size < FOOTER_LEN {
+            return Err(corrupt(Trailer::footer(&[], size).unwrap_err()));
+        }
+        let tail_len = size.min(64 << 10);
+        let tail = self.read_pack(id, size, size - tail_len..size).await?;
+        let footer = &tail[tail.len() - FOOTER_LEN as usize..];
+        let trailer_len = Trailer::footer(footer, size).map_err(corrupt)?;
+        let start = size - FOOTER_LEN - trailer_len;
+        let trailer = match start >= size - tail_len {
+            true => {
+                tail.slice((start - (size - tail_len)) as usize..tail.len() - FOOTER_LEN as usize)
+            }
+            false => self.read_pack(id, size, start..size - FOOTER_LEN).await?,
+        };
+        Trailer::decode(&trailer, size).map_err(corrupt)
+    }
+
+    /// Block `index` of `manifest` (validated), read from its tree pack and checked against
+    /// the manifest: its id, its logical id, its totals, the packs it uses, and the tree
+    /// rule (every block but the last ends where the rule ends one).
+    ///
+    /// Takes the format-2 descriptor and manifest explicitly: until publish and fetch move
+    /// onto packs, the repository this `Repo` opened is described by [`crate::manifest`].
+    pub async fn read_block(
+        &self,
+        descriptor: &crate::manifest_v2::Repository,
+        manifest: &crate::manifest_v2::Manifest,
+        index: usize,
+    ) -> Result<Block> {
+        let b = &manifest.blocks[index];
+        let pack = &manifest.packs[b.pack as usize];
+        let stored = self
+            .read_pack(
+                &pack.id,
+                pack.size,
+                b.offset as u64..b.offset as u64 + b.stored_len as u64,
+            )
+            .await?;
+        manifest
+            .decode_block(descriptor, index, &stored)
+            .map_err(|reason| Error::BlockCorrupt {
+                block: b.id.to_hex(),
+                pack: pack.id.to_hex(),
+                reason,
+            })
+    }
+
+    /// Deletes a pack (GC and tests). Missing is fine.
+    pub async fn delete_pack(&self, id: &PackId) -> Result<()> {
+        let key = self.pack_key(id);
+        match self.store.backend.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(store_err("delete", &key)(e)),
+        }
+    }
+
+    /// Writes raw bytes where a pack lives: for tests that plant damage.
+    #[doc(hidden)]
+    pub async fn put_raw_pack(&self, id: &PackId, body: Bytes) -> Result<()> {
+        let key = self.pack_key(id);
+        self.store
+            .backend
+            .put(&key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(store_err("put", &key))
+    }
+
     /// Writes (or rewrites) the lease object `name`; `body` says who holds it.
     pub async fn put_lease(&self, name: &str, body: Bytes) -> Result<()> {
         debug_assert!(LeaseKind::of_name(name).is_some() && body.len() <= MAX_LEASE_BYTES);
@@ -982,5 +1175,168 @@ mod tests {
             ManifestId::parse("00000000000000000010-00000000000000000001-0000000000000000.json")
                 .unwrap();
         assert!(a < b && a.file_name() < b.file_name());
+    }
+    /// A format-2 snapshot's packs, written through [`Repo::new_pack`] and read back: the
+    /// trailer, a block checked against its manifest, its chunks; and each kind of damage
+    /// reported as the pack's or the block's fault, never returned as data.
+    #[tokio::test]
+    async fn packs_read_back_checked() {
+        use crate::manifest_v2::{self as v2, BlockRef, PackRef};
+        use crate::pack::{decode_blob, Encoder, Encoding};
+        use crate::store::{StoreSettings, StoreUrl};
+        use crate::tree::{BlockBuilder, Location};
+
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let descriptor = v2::Repository::new("c", v2::NewRepository::default());
+        let budget = PartBudget::new(2, 1 << 20);
+
+        // Three chunks (one compressible) in a data pack.
+        let chunks: Vec<Vec<u8>> = vec![
+            vec![7; 5000],
+            (0..6000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            b"tail".to_vec(),
+        ];
+        let mut data = repo.new_pack(PackKind::Data, budget.clone());
+        let mut encoder = Encoder::new(descriptor.compression());
+        let mut builder = BlockBuilder::default();
+        for c in &chunks {
+            let (stored, encoding) = encoder.encode(Bytes::from(c.clone()));
+            let stored_len = stored.len() as u32;
+            let offset = data
+                .append(Digest::of(c), encoding, c.len() as u32, stored)
+                .await
+                .unwrap();
+            let at = Location {
+                pack: data.id(),
+                offset,
+                stored_len,
+                encoding,
+            };
+            builder.push(Digest::of(c), c.len() as u32, at);
+        }
+        let data = data.finish().await.unwrap();
+        let block = builder.finish();
+        assert_eq!(
+            block.chunks[0].encoding,
+            Encoding::Zstd,
+            "a run of one byte compresses"
+        );
+
+        // The block in a tree pack, and the manifest naming both.
+        let plain = Bytes::from(block.encode());
+        let mut tree = repo.new_pack(PackKind::Tree, budget);
+        let block_len = plain.len() as u32;
+        let offset = tree
+            .append(Digest::of(&plain), Encoding::Raw, block_len, plain.clone())
+            .await
+            .unwrap();
+        let tree = tree.finish().await.unwrap();
+        let used: u64 = block.chunks.iter().map(|c| c.stored_len as u64).sum();
+        let manifest = v2::Manifest {
+            format: v2::MANIFEST_FORMAT,
+            cluster_id: "c".into(),
+            incarnation: descriptor.incarnation.clone(),
+            last_log_index: 1,
+            last_log_term: 1,
+            raft_meta: serde_json::json!({}),
+            size: chunks.iter().map(|c| c.len() as u64).sum(),
+            sha256: Digest::of(&chunks.concat()),
+            chunks: 3,
+            packs: vec![
+                PackRef {
+                    id: data.id,
+                    kind: PackKind::Data,
+                    size: data.size,
+                    used,
+                },
+                PackRef {
+                    id: tree.id,
+                    kind: PackKind::Tree,
+                    size: tree.size,
+                    used: block_len as u64,
+                },
+            ],
+            blocks: vec![BlockRef {
+                id: Digest::of(&plain),
+                logical: block.logical_id(),
+                pack: 1,
+                offset,
+                stored_len: block_len,
+                encoding: Encoding::Raw,
+                chunks: 3,
+                bytes: 11_004,
+                uses: vec![(0, used)],
+            }],
+            created_at: Utc::now(),
+            publisher: v2::Publisher {
+                node_id: None,
+                version: "test".into(),
+            },
+        };
+        manifest.validate(&descriptor).unwrap();
+
+        let trailer = repo.read_trailer(&data.id, data.size).await.unwrap();
+        assert_eq!(trailer.blobs.len(), 3);
+        let read = repo.read_block(&descriptor, &manifest, 0).await.unwrap();
+        assert_eq!(read, block);
+        let mut assembled = Vec::new();
+        for (i, c) in read.chunks.iter().enumerate() {
+            let at = read.location(i);
+            let stored = repo
+                .read_pack(
+                    &at.pack,
+                    data.size,
+                    at.offset as u64..(at.offset + at.stored_len) as u64,
+                )
+                .await
+                .unwrap();
+            assembled
+                .extend_from_slice(&decode_blob(&stored, c.encoding, c.plain_len, &c.id).unwrap());
+        }
+        assert_eq!(assembled, chunks.concat());
+        let listed = repo.list_packs().await.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[&data.id].size, data.size);
+
+        // A pack of another size than the manifest says is not the one named.
+        let e = repo
+            .read_pack(&data.id, data.size + 1, 0..10)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::PackCorrupt { .. }), "{e}");
+        // A flipped byte in the block: its id no longer matches.
+        let body = repo
+            .store
+            .backend
+            .get(&repo.pack_key(&tree.id))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let mut damaged = body.to_vec();
+        damaged[offset as usize + 20] ^= 1;
+        repo.put_raw_pack(&tree.id, damaged.clone().into())
+            .await
+            .unwrap();
+        let e = repo
+            .read_block(&descriptor, &manifest, 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::BlockCorrupt { .. }), "{e}");
+        // A flipped byte in the trailer: its digest no longer matches.
+        let last = damaged.len() - 20;
+        damaged[last] ^= 1;
+        repo.put_raw_pack(&tree.id, damaged.into()).await.unwrap();
+        let e = repo.read_trailer(&tree.id, tree.size).await.unwrap_err();
+        assert!(matches!(e, Error::PackCorrupt { .. }), "{e}");
+        // A pack that is gone.
+        repo.delete_pack(&data.id).await.unwrap();
+        let e = repo.read_trailer(&data.id, data.size).await.unwrap_err();
+        assert!(matches!(e, Error::PackMissing { .. }), "{e}");
+        assert_eq!(repo.list_packs().await.unwrap().len(), 1);
     }
 }

@@ -104,7 +104,7 @@ fn indexed_push(target: Target) {
     let err = support::stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("does not match its chunk index") && err.contains(".chunks.json"),
+        err.contains("does not match its chunk index") && err.contains(".chunks"),
         "{err}"
     );
     let listed = target.json(&["list", "--json"]);
@@ -149,7 +149,7 @@ fn unusable_indexes_fall_back_to_cutting_the_file() {
                 .unwrap()
                 .to_str()
                 .unwrap()
-                .replace(".meta.json", ".chunks.json"),
+                .replace(".meta.json", ".chunks"),
         )
     };
 
@@ -158,13 +158,13 @@ fn unusable_indexes_fall_back_to_cutting_the_file() {
     assert_eq!(report["chunk_index"], false);
     assert!(err.contains("repository cuts with"), "{err}");
 
-    // Not JSON.
+    // Not an index (the start of a format-1 JSON index, say).
     let (report, err) = push(&random(3 << 20, 3), Some(params()), &|meta| {
         std::fs::write(index_of(meta), b"{\"format\": 1").unwrap();
     });
     assert_eq!(report["chunk_index"], false);
     assert!(
-        err.contains(".chunks.json") && err.contains("not usable"),
+        err.contains(".chunks") && err.contains("not usable"),
         "{err}"
     );
 

@@ -360,7 +360,7 @@ fn push_does_not_follow_a_symlinked_chunk_index() {
         symlink(&copy, index).unwrap();
     });
     assert!(
-        support::stderr(&out).contains("chunks.json is a symbolic link"),
+        support::stderr(&out).contains(".chunks is a symbolic link"),
         "{}",
         fail_text(&out)
     );
@@ -375,7 +375,7 @@ fn push_does_not_hang_on_a_fifo_chunk_index() {
         mkfifo(index);
     });
     assert!(
-        support::stderr(&out).contains("chunks.json is a FIFO"),
+        support::stderr(&out).contains(".chunks is a FIFO"),
         "{}",
         fail_text(&out)
     );

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
-use snaprelay_contract::chunking::{ChunkIndex, ChunkParams, IndexingWriter};
+use snaprelay_contract::chunking::{ChunkParams, IndexingWriter};
 use snaprelay_contract::ipc::LogIdRef;
 use snaprelay_contract::snapdir::{
     self, commit_envelope, Envelope, SnapdirError, Snapshot, ENVELOPE_FORMAT,
@@ -152,41 +152,51 @@ impl SnapshotDir {
         Ok(self.write_temp_indexed(None, write)?.0)
     }
 
-    /// [`SnapshotDir::write_temp`], indexing the bytes on the way when `index` is set, and
-    /// hashing them either way: returns the path, the index and the file's sha256.
+    /// [`SnapshotDir::write_temp`], indexing the bytes on the way when `index` is set (into
+    /// a temp index file beside the data, streamed: the index never sits in memory), and
+    /// hashing them either way: returns the data's path, the index's path and the sha256.
     fn write_temp_indexed(
         &self,
         index: Option<ChunkParams>,
         write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-    ) -> Result<(PathBuf, Option<ChunkIndex>, String)> {
+    ) -> Result<(PathBuf, Option<PathBuf>, String)> {
         let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
         let path = self
             .dir
             .join(format!(".snaprelay-{}-{seq}.tmp", std::process::id()));
+        let index_path = index.map(|_| {
+            self.dir.join(format!(
+                ".snaprelay-{}-{seq}.chunks.tmp",
+                std::process::id()
+            ))
+        });
         let result = (|| {
             let file = File::create(&path)?;
-            let (file, index, sha256) = match index {
-                Some(params) => {
-                    let mut out = BufWriter::new(IndexingWriter::new(file, params));
+            let (file, sha256) = match (index, &index_path) {
+                (Some(params), Some(index_path)) => {
+                    let index_file = File::create(index_path)?;
+                    let mut out = BufWriter::new(IndexingWriter::new(file, params, index_file)?);
                     write(&mut out)?;
-                    let (file, index) = out.into_inner().map_err(|e| e.into_error())?.finish();
-                    let sha256 = index.sha256.to_string();
-                    (file, Some(index), sha256)
+                    let (file, _, header) =
+                        out.into_inner().map_err(|e| e.into_error())?.finish()?;
+                    (file, header.sha256.to_string())
                 }
-                None => {
+                _ => {
                     let mut out = BufWriter::new(HashingWriter::new(file));
                     write(&mut out)?;
-                    let (file, sha256) = out.into_inner().map_err(|e| e.into_error())?.finish();
-                    (file, None, sha256)
+                    out.into_inner().map_err(|e| e.into_error())?.finish()
                 }
             };
             file.sync_all()?;
-            Ok((index, sha256))
+            Ok(sha256)
         })();
         match result {
-            Ok((index, sha256)) => Ok((path, index, sha256)),
+            Ok(sha256) => Ok((path, index_path, sha256)),
             Err(e) => {
                 let _ = fs::remove_file(&path);
+                if let Some(index_path) = &index_path {
+                    let _ = fs::remove_file(index_path);
+                }
                 Err(io_err("writing snapshot data", &path)(e))
             }
         }
@@ -236,12 +246,15 @@ impl SnapshotDir {
         file: &Path,
         log_id: LogIdRef,
         raft_meta: serde_json::Value,
-        index: Option<ChunkIndex>,
+        index: Option<PathBuf>,
         sha256: Option<String>,
     ) -> Result<Snapshot> {
         if let Some(existing) = self.committed(log_id)? {
             if !same_file(file, &existing.data_path) {
                 self.discard(file)?;
+            }
+            if let Some(index) = &index {
+                self.discard(index)?;
             }
             return Ok(existing);
         }
@@ -263,8 +276,11 @@ impl SnapshotDir {
             .len();
         let chunk_index = match index {
             Some(index) => {
+                // Written and fsynced by the indexer; the envelope names it only once it is
+                // in place.
                 let name = snapdir::index_file_name(log_id.index, log_id.term);
-                snapdir::write_atomic(&self.dir.join(&name), &index.to_json())?;
+                rename_durable(&index, &self.dir.join(&name))
+                    .map_err(io_err("moving the chunk index into place", &index))?;
                 Some(name)
             }
             None => None,
@@ -561,6 +577,7 @@ fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use snaprelay_contract::chunking::IndexFile;
 
     fn id(index: u64) -> LogIdRef {
         LogIdRef { term: 2, index }
@@ -603,7 +620,10 @@ mod tests {
         );
         // The chunk index describes exactly the bytes written.
         assert_eq!(snapshot.envelope.chunk_index, Some(index_name));
-        let index = ChunkIndex::read(&snapshot.chunk_index_path().unwrap(), 10).unwrap();
+        let index = IndexFile::open(&snapshot.chunk_index_path().unwrap(), 10)
+            .unwrap()
+            .read_all()
+            .unwrap();
         let mut expected = snaprelay_contract::chunking::Indexer::new(ChunkParams::default());
         expected.update(b"state at 7");
         assert_eq!(index, expected.finish());
@@ -630,7 +650,10 @@ mod tests {
         let snapshot = recut
             .write(id(7), &meta(7), |w| w.write_all(&data))
             .unwrap();
-        let index = ChunkIndex::read(&snapshot.chunk_index_path().unwrap(), 300_000).unwrap();
+        let index = IndexFile::open(&snapshot.chunk_index_path().unwrap(), 300_000)
+            .unwrap()
+            .read_all()
+            .unwrap();
         assert_eq!(index.chunking, small);
         assert!(index.chunks.len() > 4, "{}", index.chunks.len());
 

@@ -1,0 +1,554 @@
+//! Assembling a format-2 snapshot into a file: the data path of a follower's fetch. Blocks
+//! whose logical id a local snapshot has are copied from it with `copy_file_range` (a reflink
+//! where the file system has them, an in-kernel copy otherwise), neighbouring blocks in one
+//! call; every other block is read from its tree pack and checked against the manifest, its
+//! chunks that the local snapshot's other blocks hold are copied likewise, and the rest are
+//! read from the data packs in coalesced ranged GETs ([`crate::pack::plan`]),
+//! each blob decoded and checked against its id before it is written where it belongs.
+//!
+//! A local snapshot is either *trusted* (the caller knows it is a file it assembled and
+//! verified, unchanged since), and its bytes are copied without being read, or not, and then
+//! every chunk of a block taken from it is hashed and compared first; a block that does not
+//! match is fetched from the store instead. Either way the assembled file is the chunks the
+//! manifest names, in its order (see docs/format.md for why that needs no whole-file hash).
+//!
+//! Not wired into [`crate::fetch`] yet (its staging file, resume and write-behind stay to
+//! be carried over). Memory: one block and the ranges of one block in flight, plus the chunk
+//! map of the local snapshot's changed blocks (proportional to the change; [`crate::window`]
+//! bounds it when this is wired).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::chunk::Digest;
+use crate::error::{Error, Result};
+use crate::manifest_v2::{Manifest, Repository};
+use crate::pack::decode_blob;
+use crate::pack::plan::{coalesce, Needed, RangeLimits};
+use crate::repo::Repo;
+use crate::tree::Block;
+
+/// Ranged reads in flight at once.
+const RANGES_IN_FLIGHT: usize = 4;
+
+/// A snapshot already on this machine, with its (validated) manifest.
+pub struct LocalSnapshot<'a> {
+    pub file: Arc<File>,
+    pub manifest: &'a Manifest,
+    /// The caller vouches that the file is what it verified against `manifest`.
+    pub trusted: bool,
+}
+
+/// What [`assemble`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AssembleStats {
+    pub blocks_copied: u64,
+    pub bytes_copied: u64,
+    pub blocks_fetched: u64,
+    /// Chunks of changed blocks taken from the local snapshot.
+    pub chunks_copied: u64,
+    pub chunks_fetched: u64,
+    /// Stored bytes read from data packs (gaps read through included).
+    pub bytes_read: u64,
+    pub ranges_read: u64,
+}
+
+/// Writes the snapshot `manifest` (validated against `descriptor`) into `out`, which is set
+/// to the snapshot's size; `out_name` names it in errors.
+pub async fn assemble(
+    repo: &Repo,
+    descriptor: &Repository,
+    manifest: &Manifest,
+    out: Arc<File>,
+    out_name: &str,
+    local: Option<LocalSnapshot<'_>>,
+    limits: RangeLimits,
+) -> Result<AssembleStats> {
+    let io_err = |what: &str| {
+        let what = format!("{what} {out_name}");
+        move |e: std::io::Error| Error::io(what, e)
+    };
+    out.set_len(manifest.size).map_err(io_err("sizing"))?;
+    let local_at: HashMap<Digest, u64> = local
+        .as_ref()
+        .map(|l| {
+            l.manifest
+                .block_offsets()
+                .map(|(at, b)| (b.logical, at))
+                .collect()
+        })
+        .unwrap_or_default();
+    // The chunks of the local snapshot's blocks that the new one does not have as a whole:
+    // where changed blocks find most of their chunks (a scattered update changes every
+    // block, and only a few chunks of each).
+    let mut local_chunks: HashMap<Digest, u64> = HashMap::new();
+    if let Some(l) = &local {
+        let logicals: std::collections::HashSet<Digest> =
+            manifest.blocks.iter().map(|b| b.logical).collect();
+        let offsets: Vec<u64> = l.manifest.block_offsets().map(|(at, _)| at).collect();
+        for (i, b) in l.manifest.blocks.iter().enumerate() {
+            if logicals.contains(&b.logical) {
+                continue;
+            }
+            let block = repo.read_block(descriptor, l.manifest, i).await?;
+            let mut at = offsets[i];
+            for c in &block.chunks {
+                local_chunks.entry(c.id).or_insert(at);
+                at += c.plain_len as u64;
+            }
+        }
+    }
+    let mut stats = AssembleStats::default();
+    // A pending copy from the local file: (from, to, len), grown while blocks follow on.
+    let mut copy: Option<(u64, u64, u64)> = None;
+    for (i, (at, b)) in manifest.block_offsets().enumerate() {
+        if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
+            let usable = l.trusted || {
+                let block = repo.read_block(descriptor, manifest, i).await?;
+                local_matches(&l.file, from, &block).await?
+            };
+            if usable {
+                stats.blocks_copied += 1;
+                stats.bytes_copied += b.bytes;
+                copy = match copy {
+                    Some((f, t, n)) if f + n == from && t + n == at => Some((f, t, n + b.bytes)),
+                    other => {
+                        if let Some(c) = other {
+                            copy_range(&l.file, &out, c)
+                                .await
+                                .map_err(io_err("copying into"))?;
+                        }
+                        Some((from, at, b.bytes))
+                    }
+                };
+                continue;
+            }
+        }
+        let block = repo.read_block(descriptor, manifest, i).await?;
+        // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
+        let mut wanted = Vec::new();
+        let mut from_local = Vec::new();
+        let mut to = at;
+        for (j, c) in block.chunks.iter().enumerate() {
+            match (&local, local_chunks.get(&c.id)) {
+                (Some(_), Some(&from)) => from_local.push((j, from, to)),
+                _ => wanted.push((j, to)),
+            }
+            to += c.plain_len as u64;
+        }
+        if let Some(l) = &local {
+            let missed = reuse_chunks(&l.file, l.trusted, &out, &block, &from_local, &mut copy)
+                .await
+                .map_err(io_err("copying into"))?;
+            stats.chunks_copied += (from_local.len() - missed.len()) as u64;
+            wanted.extend(missed);
+        }
+        fetch_block(repo, manifest, &block, &wanted, &out, limits, &mut stats)
+            .await
+            .map_err(|e| match e {
+                Error::Io { source, .. } => io_err("writing")(source),
+                other => other,
+            })?;
+        stats.blocks_fetched += 1;
+    }
+    if let (Some(l), Some(c)) = (&local, copy) {
+        copy_range(&l.file, &out, c)
+            .await
+            .map_err(io_err("copying into"))?;
+    }
+    Ok(stats)
+}
+
+/// Whether the local file holds the block's chunks from `from` on (each hashed).
+async fn local_matches(file: &Arc<File>, from: u64, block: &Block) -> Result<bool> {
+    let file = file.clone();
+    let chunks: Vec<(Digest, u32)> = block.chunks.iter().map(|c| (c.id, c.plain_len)).collect();
+    tokio::task::spawn_blocking(move || {
+        let mut at = from;
+        for (id, len) in chunks {
+            let mut buf = vec![0u8; len as usize];
+            if file.read_exact_at(&mut buf, at).is_err() || Digest::of(&buf) != id {
+                return false;
+            }
+            at += len as u64;
+        }
+        true
+    })
+    .await
+    .map_err(|e| Error::io("hashing task", std::io::Error::other(e)))
+}
+
+/// Copies `len` bytes at `from` in `src` to `to` in `dst`: `copy_file_range`, falling back
+/// to reads and writes where the kernel or file system does not do it.
+async fn copy_range(
+    src: &Arc<File>,
+    dst: &Arc<File>,
+    (from, to, len): (u64, u64, u64),
+) -> std::io::Result<()> {
+    let (src, dst) = (src.clone(), dst.clone());
+    tokio::task::spawn_blocking(move || {
+        let (mut off_in, mut off_out, mut left) = (from, to, len);
+        while left > 0 {
+            let step = left.min(1 << 30) as usize;
+            match rustix::fs::copy_file_range(
+                &src,
+                Some(&mut off_in),
+                &dst,
+                Some(&mut off_out),
+                step,
+            ) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the local snapshot is shorter than its manifest says",
+                    ))
+                }
+                Ok(n) => left -= n as u64,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(
+                    rustix::io::Errno::XDEV
+                    | rustix::io::Errno::NOSYS
+                    | rustix::io::Errno::INVAL
+                    | rustix::io::Errno::OPNOTSUPP,
+                ) => {
+                    let mut buf = vec![0u8; left.min(1 << 20) as usize];
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        src.read_exact_at(&mut buf[..n], off_in)?;
+                        dst.write_all_at(&buf[..n], off_out)?;
+                        off_in += n as u64;
+                        off_out += n as u64;
+                        left -= n as u64;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Copies chunks `(index in block, local offset, new offset)` from the local file: trusted,
+/// by extending the pending copy (flushing it when they do not follow on); otherwise each
+/// read and hashed first. Returns the `(index, new offset)` of those that did not match.
+async fn reuse_chunks(
+    file: &Arc<File>,
+    trusted: bool,
+    out: &Arc<File>,
+    block: &Block,
+    chunks: &[(usize, u64, u64)],
+    copy: &mut Option<(u64, u64, u64)>,
+) -> std::io::Result<Vec<(usize, u64)>> {
+    if trusted {
+        for &(j, from, to) in chunks {
+            let len = block.chunks[j].plain_len as u64;
+            *copy = match copy.take() {
+                Some((f, t, n)) if f + n == from && t + n == to => Some((f, t, n + len)),
+                other => {
+                    if let Some(c) = other {
+                        copy_range(file, out, c).await?;
+                    }
+                    Some((from, to, len))
+                }
+            };
+        }
+        return Ok(Vec::new());
+    }
+    let (file, out) = (file.clone(), out.clone());
+    let chunks: Vec<_> = chunks
+        .iter()
+        .map(|&(j, from, to)| (j, from, to, block.chunks[j].id, block.chunks[j].plain_len))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut missed = Vec::new();
+        for (j, from, to, id, len) in chunks {
+            let mut buf = vec![0u8; len as usize];
+            if file.read_exact_at(&mut buf, from).is_ok() && Digest::of(&buf) == id {
+                out.write_all_at(&buf, to)?;
+            } else {
+                missed.push((j, to));
+            }
+        }
+        Ok(missed)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Reads chunks `(index in block, offset in the file)` of a block from the store (coalesced
+/// ranges, a few in flight), checks each, and writes it at its offset.
+async fn fetch_block(
+    repo: &Repo,
+    manifest: &Manifest,
+    block: &Block,
+    wanted: &[(usize, u64)],
+    out: &Arc<File>,
+    limits: RangeLimits,
+    stats: &mut AssembleStats,
+) -> Result<()> {
+    let sizes: HashMap<_, _> = manifest.packs.iter().map(|p| (p.id, p.size)).collect();
+    let needed: Vec<Needed<(usize, u64)>> = wanted
+        .iter()
+        .map(|&(j, to)| {
+            let c = &block.chunks[j];
+            Needed {
+                pack: block.packs[c.pack as usize],
+                offset: c.offset as u64,
+                stored_len: c.stored_len,
+                tag: (j, to),
+            }
+        })
+        .collect();
+    let ranges = coalesce(&needed, limits);
+    stats.ranges_read += ranges.len() as u64;
+    stats.chunks_fetched += needed.len() as u64;
+    stats.bytes_read += ranges
+        .iter()
+        .map(|r| r.range.end - r.range.start)
+        .sum::<u64>();
+    futures::stream::iter(ranges)
+        .map(|r| {
+            // A validated block names only packs of its manifest; 0 makes any other corrupt.
+            let size = sizes.get(&r.pack).copied().unwrap_or(0);
+            async move {
+                let bytes = repo.read_pack(&r.pack, size, r.range.clone()).await?;
+                Ok::<_, Error>((r, bytes))
+            }
+        })
+        .buffer_unordered(RANGES_IN_FLIGHT)
+        .map_ok(|(r, bytes)| {
+            let out = out.clone();
+            let chunks: Vec<_> = r
+                .blobs
+                .iter()
+                .map(|&((j, to), start, len)| {
+                    let c = block.chunks[j];
+                    (c, to, bytes.slice(start..start + len as usize))
+                })
+                .collect();
+            async move {
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    for (c, to, stored) in chunks {
+                        let plain = decode_blob(&stored, c.encoding, c.plain_len, &c.id).map_err(
+                            |reason| Error::ChunkCorrupt {
+                                sha256: c.id.to_hex(),
+                                reason,
+                            },
+                        )?;
+                        out.write_all_at(&plain, to)
+                            .map_err(|e| Error::io("writing", e))?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| Error::io("verifying task", std::io::Error::other(e)))?
+            }
+        })
+        .try_buffer_unordered(RANGES_IN_FLIGHT)
+        .try_collect::<()>()
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkParams;
+    use crate::manifest_v2::{self as v2, NewRepository};
+    use crate::pack::upload::PartBudget;
+    use crate::packer::pack_snapshot;
+    use crate::store::{Store, StoreSettings, StoreUrl};
+    use rand::{RngCore, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    fn file_of(data: &[u8]) -> Arc<File> {
+        let mut f = crate::chunk::scratch_file().unwrap();
+        std::io::Write::write_all(&mut f, data).unwrap();
+        Arc::new(f)
+    }
+
+    fn contents(f: &File) -> Vec<u8> {
+        let mut v = vec![0u8; f.metadata().unwrap().len() as usize];
+        f.read_exact_at(&mut v, 0).unwrap();
+        v
+    }
+
+    async fn publish(
+        repo: &Repo,
+        d: &Repository,
+        base: Option<&Manifest>,
+        data: &[u8],
+        index: u64,
+    ) -> Manifest {
+        let chunks = crate::chunk::index_to_scratch(data, d.chunking)
+            .unwrap()
+            .read_all()
+            .unwrap()
+            .chunks;
+        let p = pack_snapshot(
+            repo,
+            d,
+            base,
+            file_of(data),
+            "node file",
+            &chunks,
+            PartBudget::new(2, 1 << 20),
+        )
+        .await
+        .unwrap();
+        let m = Manifest {
+            format: v2::MANIFEST_FORMAT,
+            cluster_id: d.cluster_id.clone(),
+            incarnation: d.incarnation.clone(),
+            last_log_index: index,
+            last_log_term: 1,
+            raft_meta: serde_json::json!({}),
+            size: p.size,
+            sha256: Digest::of(data),
+            chunks: p.chunks,
+            packs: p.packs,
+            blocks: p.blocks,
+            created_at: chrono::Utc::now(),
+            publisher: v2::Publisher {
+                node_id: None,
+                version: "test".into(),
+            },
+        };
+        m.validate(d).unwrap();
+        m
+    }
+
+    /// A full assembly, then an incremental one from the first file: unchanged blocks are
+    /// copied (trusted or, after hashing, untrusted), changed ones fetched in few ranges; a
+    /// damaged local file is not copied from, and a damaged pack is refused.
+    #[tokio::test]
+    async fn a_snapshot_assembles_from_the_store_and_from_a_local_one() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new(
+            "c",
+            NewRepository {
+                tree: crate::tree::TreeParams {
+                    min_chunks: 4,
+                    max_chunks: 32,
+                    boundary_bits: 3,
+                },
+                pack_size: 1 << 20,
+                ..NewRepository::default()
+            },
+        );
+        let a = random(6 << 20, 1);
+        let ma = publish(&repo, &d, None, &a, 1).await;
+        let mut b = a.clone();
+        for k in 1..=3 {
+            let at = k * b.len() / 4;
+            b[at..at + 50].copy_from_slice(&random(50, k as u64));
+        }
+        let mb = publish(&repo, &d, Some(&ma), &b, 2).await;
+
+        let fa = file_of(b"");
+        let s = assemble(
+            &repo,
+            &d,
+            &ma,
+            fa.clone(),
+            "a",
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(contents(&fa), a);
+        assert_eq!(s.blocks_copied, 0);
+        assert!(s.ranges_read <= s.blocks_fetched * 2, "{s:?}");
+
+        for trusted in [true, false] {
+            let fb = file_of(b"");
+            let local = LocalSnapshot {
+                file: fa.clone(),
+                manifest: &ma,
+                trusted,
+            };
+            let s = assemble(
+                &repo,
+                &d,
+                &mb,
+                fb.clone(),
+                "b",
+                Some(local),
+                RangeLimits::default(),
+            )
+            .await
+            .unwrap();
+            assert_eq!(contents(&fb), b, "trusted: {trusted}");
+            assert!(
+                s.blocks_copied >= 2 * s.blocks_fetched && s.blocks_fetched <= 6,
+                "{s:?}"
+            );
+            assert!(
+                s.chunks_copied > 0,
+                "changed blocks take most chunks locally: {s:?}"
+            );
+            // Three 50-byte edits: at most a few chunks each come from the store.
+            assert!(s.chunks_fetched <= 12, "{s:?}");
+        }
+
+        // An untrusted local file that does not hold what its manifest says is not copied.
+        let mut spoiled = a.clone();
+        spoiled[100] ^= 1;
+        let fb = file_of(b"");
+        let local = LocalSnapshot {
+            file: file_of(&spoiled),
+            manifest: &ma,
+            trusted: false,
+        };
+        assemble(
+            &repo,
+            &d,
+            &mb,
+            fb.clone(),
+            "b",
+            Some(local),
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(contents(&fb), b);
+
+        // A data pack with a flipped byte in a blob: refused, naming the chunk.
+        let block = repo.read_block(&d, &mb, 0).await.unwrap();
+        let at = block.location(0);
+        let size = mb.packs.iter().find(|p| p.id == at.pack).unwrap().size;
+        let mut body = repo
+            .read_pack(&at.pack, size, 0..size)
+            .await
+            .unwrap()
+            .to_vec();
+        body[at.offset as usize] ^= 1;
+        repo.put_raw_pack(&at.pack, body.into()).await.unwrap();
+        let e = assemble(
+            &repo,
+            &d,
+            &mb,
+            file_of(b""),
+            "b",
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
+    }
+}

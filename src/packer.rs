@@ -1,0 +1,514 @@
+//! Writing a snapshot into packs: the data path of a format-2 publish. Given the snapshot's
+//! chunk list (from the node's index, or from cutting the file) and a base manifest, it
+//! reuses every block whose logical id the base has (nothing read from the file), looks the
+//! chunks of the other blocks up among the base's changed blocks, uploads the chunks not
+//! found into data packs, writes the new blocks into tree packs, and returns the manifest's
+//! `packs` and `blocks`. Taking leases and committing the manifest stay the caller's, in the
+//! order they have today: every pack is finished before this returns, so a manifest written
+//! afterwards names only packs that exist.
+//!
+//! Not wired into [`crate::publish`] yet. Memory: the block plan (a few hundred bytes per
+//! block), the chunk map of the base's blocks that did not match, and one block's new chunks
+//! at a time. The chunk map is proportional to the change, which for scattered updates can
+//! be every block: [`crate::window`] is what bounds it when this is wired.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::chunk::Digest;
+use crate::error::{Error, Result};
+use crate::manifest_v2::{BlockRef, Manifest, PackRef, Repository};
+use crate::pack::upload::{PackWriter, PartBudget};
+use crate::pack::{Encoder, Encoding, PackId, PackKind};
+use crate::repo::Repo;
+use crate::tree::{BlockBuilder, Grouper, Location, LogicalHasher};
+
+/// What [`pack_snapshot`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PackStats {
+    pub blocks_reused: u64,
+    pub blocks_written: u64,
+    /// Chunks found in the base's changed blocks (or earlier in this snapshot).
+    pub chunks_found: u64,
+    pub chunks_uploaded: u64,
+    /// Plain and stored bytes of the uploaded chunks.
+    pub bytes_uploaded: u64,
+    pub stored_uploaded: u64,
+    pub packs_written: u64,
+}
+
+/// A snapshot's tree, as the manifest lists it.
+#[derive(Debug, Clone)]
+pub struct PackedSnapshot {
+    pub packs: Vec<PackRef>,
+    pub blocks: Vec<BlockRef>,
+    pub chunks: u64,
+    pub size: u64,
+    pub stats: PackStats,
+}
+
+/// One block of the new snapshot, planned from the chunk list alone.
+struct Planned {
+    first: usize,
+    count: usize,
+    offset: u64,
+    logical: Digest,
+}
+
+/// Groups a chunk list into blocks by the tree rule, with their logical ids.
+fn plan(descriptor: &Repository, chunks: &[(Digest, u64)]) -> Vec<Planned> {
+    let mut out = Vec::new();
+    let mut grouper = Grouper::new(descriptor.tree);
+    let mut hasher = LogicalHasher::new();
+    let (mut first, mut offset, mut block_offset) = (0, 0u64, 0u64);
+    for (i, (id, len)) in chunks.iter().enumerate() {
+        hasher.push(id, *len as u32);
+        offset += len;
+        if grouper.push(id) || i + 1 == chunks.len() {
+            out.push(Planned {
+                first,
+                count: i + 1 - first,
+                offset: block_offset,
+                logical: std::mem::take(&mut hasher).finish(),
+            });
+            first = i + 1;
+            block_offset = offset;
+        }
+    }
+    out
+}
+
+/// The manifest's pack table, built as packs are used.
+#[derive(Default)]
+struct PackTable {
+    packs: Vec<PackRef>,
+    index: HashMap<PackId, u32>,
+}
+
+impl PackTable {
+    fn slot(&mut self, id: PackId, kind: PackKind, size: u64) -> u32 {
+        *self.index.entry(id).or_insert_with(|| {
+            self.packs.push(PackRef {
+                id,
+                kind,
+                size,
+                used: 0,
+            });
+            (self.packs.len() - 1) as u32
+        })
+    }
+}
+
+/// The pack being filled of one kind, rotated at the repository's pack size.
+struct Filling {
+    kind: PackKind,
+    pack_size: u64,
+    budget: PartBudget,
+    writer: Option<PackWriter>,
+    written: Vec<(PackId, u64)>,
+}
+
+impl Filling {
+    async fn append(
+        &mut self,
+        repo: &Repo,
+        id: Digest,
+        encoding: Encoding,
+        plain_len: u32,
+        stored: Bytes,
+    ) -> Result<Location> {
+        let full = self
+            .writer
+            .as_ref()
+            .is_some_and(|w| w.is_full() || w.len() + stored.len() as u64 > self.pack_size);
+        if full {
+            self.finish_current().await?;
+        }
+        let (kind, budget) = (self.kind, &self.budget);
+        let writer = self
+            .writer
+            .get_or_insert_with(|| repo.new_pack(kind, budget.clone()));
+        let stored_len = stored.len() as u32;
+        let offset = writer.append(id, encoding, plain_len, stored).await?;
+        Ok(Location {
+            pack: writer.id(),
+            offset,
+            stored_len,
+            encoding,
+        })
+    }
+
+    async fn finish_current(&mut self) -> Result<()> {
+        if let Some(writer) = self.writer.take() {
+            let written = writer.finish().await?;
+            self.written.push((written.id, written.size));
+        }
+        Ok(())
+    }
+}
+
+/// Writes the snapshot `file`, cut into `chunks` (id and length, in file order), into packs
+/// of `repo` (described by `descriptor`), reusing what `base` (a validated manifest of the
+/// same repository) already stores. Every chunk read from the file is checked against its id
+/// before it is stored. `file_name` names the file in errors.
+pub async fn pack_snapshot(
+    repo: &Repo,
+    descriptor: &Repository,
+    base: Option<&Manifest>,
+    file: Arc<File>,
+    file_name: &str,
+    chunks: &[(Digest, u64)],
+    budget: PartBudget,
+) -> Result<PackedSnapshot> {
+    let planned = plan(descriptor, chunks);
+    let mut stats = PackStats::default();
+
+    // Which base blocks match a new block by content; the chunks of the others, by id.
+    let base_logical: HashMap<Digest, usize> = base
+        .map(|m| {
+            m.blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.logical, i))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut known: HashMap<Digest, Location> = HashMap::new();
+    if let Some(m) = base {
+        let reused: std::collections::HashSet<usize> = planned
+            .iter()
+            .filter_map(|p| base_logical.get(&p.logical).copied())
+            .collect();
+        for i in (0..m.blocks.len()).filter(|i| !reused.contains(i)) {
+            let block = repo.read_block(descriptor, m, i).await?;
+            for (j, c) in block.chunks.iter().enumerate() {
+                known.entry(c.id).or_insert_with(|| block.location(j));
+            }
+        }
+    }
+
+    let mut table = PackTable::default();
+    let mut blocks = Vec::with_capacity(planned.len());
+    let mut data = Filling {
+        kind: PackKind::Data,
+        pack_size: descriptor.pack_size,
+        budget: budget.clone(),
+        writer: None,
+        written: Vec::new(),
+    };
+    let mut tree = Filling {
+        kind: PackKind::Tree,
+        pack_size: descriptor.pack_size,
+        budget,
+        writer: None,
+        written: Vec::new(),
+    };
+    let mut encoder = Some(Encoder::new(descriptor.compression()));
+    for p in &planned {
+        if let Some(&b) = base_logical.get(&p.logical) {
+            // Same content: the base's block as it is, its packs carried over.
+            let m = base.expect("a logical id came from the base");
+            let old = &m.blocks[b];
+            let mut new = old.clone();
+            let tree_pack = &m.packs[old.pack as usize];
+            new.pack = table.slot(tree_pack.id, PackKind::Tree, tree_pack.size);
+            table.packs[new.pack as usize].used += old.stored_len as u64;
+            for (slot, n) in new.uses.iter_mut() {
+                let data_pack = &m.packs[*slot as usize];
+                *slot = table.slot(data_pack.id, PackKind::Data, data_pack.size);
+                table.packs[*slot as usize].used += *n;
+            }
+            blocks.push(new);
+            stats.blocks_reused += 1;
+            continue;
+        }
+        // The chunks of this block the store lacks, read, checked and encoded off the
+        // reactor: one block's worth at a time.
+        let mine = &chunks[p.first..p.first + p.count];
+        let mut missing = Vec::new();
+        let mut at = p.offset;
+        for (id, len) in mine {
+            if !known.contains_key(id) && !missing.iter().any(|(m, _, _)| m == id) {
+                missing.push((*id, at, *len));
+            }
+            at += len;
+        }
+        let encoded = {
+            let file = file.clone();
+            let name = file_name.to_owned();
+            let mut enc = encoder
+                .take()
+                .expect("the encoder is put back after each block");
+            let missing = missing.clone();
+            let (enc, result) = tokio::task::spawn_blocking(move || {
+                let result: Result<Vec<(Digest, u32, Bytes, Encoding)>> = missing
+                    .iter()
+                    .map(|&(id, offset, len)| {
+                        let mut buf = vec![0u8; len as usize];
+                        file.read_exact_at(&mut buf, offset)
+                            .map_err(|e| Error::io(format!("reading {name}"), e))?;
+                        if Digest::of(&buf) != id {
+                            return Err(Error::io(
+                                format!("reading {name}"),
+                                std::io::Error::other(format!(
+                                    "the {len} bytes at offset {offset} do not hash to chunk {id}: \
+                                     the file changed after it was cut"
+                                )),
+                            ));
+                        }
+                        let (stored, encoding) = enc.encode(Bytes::from(buf));
+                        Ok((id, len as u32, stored, encoding))
+                    })
+                    .collect();
+                (enc, result)
+            })
+            .await
+            .map_err(|e| Error::io("packing task", std::io::Error::other(e)))?;
+            encoder = Some(enc);
+            result?
+        };
+        for (id, plain_len, stored, encoding) in encoded {
+            stats.chunks_uploaded += 1;
+            stats.bytes_uploaded += plain_len as u64;
+            stats.stored_uploaded += stored.len() as u64;
+            let at = data.append(repo, id, encoding, plain_len, stored).await?;
+            known.insert(id, at);
+        }
+        stats.chunks_found += (p.count - missing.len()) as u64;
+        let mut builder = BlockBuilder::default();
+        for (id, len) in mine {
+            builder.push(*id, *len as u32, known[id]);
+        }
+        let block = builder.finish();
+        let plain = Bytes::from(block.encode());
+        let block_id = Digest::of(&plain);
+        let plain_len = plain.len() as u32;
+        let (stored, encoding) = encoder.as_mut().expect("the encoder is back").encode(plain);
+        let loc = tree
+            .append(repo, block_id, encoding, plain_len, stored)
+            .await?;
+        // Sizes of new packs are filled in once they are finished.
+        let pack = table.slot(loc.pack, PackKind::Tree, 0);
+        table.packs[pack as usize].used += loc.stored_len as u64;
+        let uses = block
+            .uses()
+            .into_iter()
+            .map(|(id, n)| {
+                let slot = table.slot(id, PackKind::Data, 0);
+                table.packs[slot as usize].used += n;
+                (slot, n)
+            })
+            .collect();
+        blocks.push(BlockRef {
+            id: block_id,
+            logical: p.logical,
+            pack,
+            offset: loc.offset,
+            stored_len: loc.stored_len,
+            encoding: loc.encoding,
+            chunks: p.count as u32,
+            bytes: mine.iter().map(|c| c.1).sum(),
+            uses,
+        });
+        stats.blocks_written += 1;
+    }
+    // Data packs first, then tree packs: what the tree names exists before the tree does.
+    data.finish_current().await?;
+    tree.finish_current().await?;
+    for (id, size) in data.written.iter().chain(&tree.written) {
+        stats.packs_written += 1;
+        if let Some(&slot) = table.index.get(id) {
+            table.packs[slot as usize].size = *size;
+        }
+    }
+    // Base packs found through the chunk map carry the base's recorded size.
+    if let Some(m) = base {
+        for p in &m.packs {
+            if let Some(&slot) = table.index.get(&p.id) {
+                table.packs[slot as usize].size = p.size;
+            }
+        }
+    }
+    Ok(PackedSnapshot {
+        packs: table.packs,
+        blocks,
+        chunks: chunks.len() as u64,
+        size: chunks.iter().map(|c| c.1).sum(),
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkParams;
+    use crate::manifest_v2::{self as v2, NewRepository};
+    use crate::pack::decode_blob;
+    use crate::store::{Store, StoreSettings, StoreUrl};
+    use rand::{RngCore, SeedableRng};
+
+    fn random(len: usize, seed: u64) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
+    }
+
+    fn file_of(data: &[u8]) -> Arc<File> {
+        let mut f = crate::chunk::scratch_file().unwrap();
+        std::io::Write::write_all(&mut f, data).unwrap();
+        Arc::new(f)
+    }
+
+    fn cut(data: &[u8], params: ChunkParams) -> Vec<(Digest, u64)> {
+        crate::chunk::index_to_scratch(data, params)
+            .unwrap()
+            .read_all()
+            .unwrap()
+            .chunks
+    }
+
+    fn manifest(d: &Repository, packed: &PackedSnapshot, data: &[u8], index: u64) -> Manifest {
+        Manifest {
+            format: v2::MANIFEST_FORMAT,
+            cluster_id: d.cluster_id.clone(),
+            incarnation: d.incarnation.clone(),
+            last_log_index: index,
+            last_log_term: 1,
+            raft_meta: serde_json::json!({}),
+            size: packed.size,
+            sha256: Digest::of(data),
+            chunks: packed.chunks,
+            packs: packed.packs.clone(),
+            blocks: packed.blocks.clone(),
+            created_at: chrono::Utc::now(),
+            publisher: v2::Publisher {
+                node_id: None,
+                version: "test".into(),
+            },
+        }
+    }
+
+    /// Reads a snapshot back the way a follower does: every block and blob checked.
+    async fn read_back(repo: &Repo, d: &Repository, m: &Manifest) -> Vec<u8> {
+        let mut out = Vec::new();
+        for i in 0..m.blocks.len() {
+            let block = repo.read_block(d, m, i).await.unwrap();
+            for (j, c) in block.chunks.iter().enumerate() {
+                let at = block.location(j);
+                let size = m.packs.iter().find(|p| p.id == at.pack).unwrap().size;
+                let stored = repo
+                    .read_pack(
+                        &at.pack,
+                        size,
+                        at.offset as u64..at.offset as u64 + at.stored_len as u64,
+                    )
+                    .await
+                    .unwrap();
+                out.extend_from_slice(
+                    &decode_blob(&stored, c.encoding, c.plain_len, &c.id).unwrap(),
+                );
+            }
+        }
+        out
+    }
+
+    /// A first snapshot, then one with scattered edits onto it: the second reuses every
+    /// block the edits missed, uploads about the edited chunks, and both read back whole.
+    #[tokio::test]
+    async fn an_incremental_snapshot_reuses_blocks_and_uploads_the_change() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        // Small tree parameters, so that 8 MiB makes dozens of blocks.
+        let settings = NewRepository {
+            tree: crate::tree::TreeParams {
+                min_chunks: 4,
+                max_chunks: 32,
+                boundary_bits: 3,
+            },
+            pack_size: 1 << 20,
+            ..NewRepository::default()
+        };
+        let d = v2::Repository::new("c", settings);
+        let budget = PartBudget::new(2, 1 << 20);
+
+        // Half random, half compressible text.
+        let mut a = random(4 << 20, 1);
+        a.extend(
+            (0..200_000u32)
+                .flat_map(|i| format!("key{i:08} value {} \n", i % 97).into_bytes())
+                .take(4 << 20),
+        );
+        let ca = cut(&a, d.chunking);
+        let first = pack_snapshot(&repo, &d, None, file_of(&a), "a", &ca, budget.clone())
+            .await
+            .unwrap();
+        let ma = manifest(&d, &first, &a, 1);
+        ma.validate(&d).unwrap();
+        assert_eq!(first.stats.blocks_reused, 0);
+        assert_eq!(first.stats.chunks_uploaded as usize, ca.len());
+        assert!(first.stats.packs_written >= 4, "{:?}", first.stats);
+        assert!(
+            first.stats.stored_uploaded < first.stats.bytes_uploaded * 8 / 10,
+            "the text half compresses: {:?}",
+            first.stats
+        );
+        assert_eq!(read_back(&repo, &d, &ma).await, a);
+
+        // Four 100-byte overwrites and an insertion, spread over the file.
+        let mut b = a.clone();
+        for k in 1..=4 {
+            let at = k * b.len() / 5;
+            b[at..at + 100].copy_from_slice(&random(100, 10 + k as u64));
+        }
+        b.splice(6 << 20..6 << 20, random(3000, 20));
+        let cb = cut(&b, d.chunking);
+        let second = pack_snapshot(&repo, &d, Some(&ma), file_of(&b), "b", &cb, budget)
+            .await
+            .unwrap();
+        let mb = manifest(&d, &second, &b, 2);
+        mb.validate(&d).unwrap();
+        let s = second.stats;
+        assert!(s.blocks_written <= 12, "{s:?}");
+        assert!(s.blocks_reused >= 2 * s.blocks_written, "{s:?}");
+        assert!(s.chunks_found > 0, "{s:?}");
+        assert!(s.bytes_uploaded < 20 * 65536, "{s:?}");
+        assert_eq!(read_back(&repo, &d, &mb).await, b);
+        // Every pack either manifest names exists, with the size it records.
+        let listed = repo.list_packs().await.unwrap();
+        for p in ma.packs.iter().chain(&mb.packs) {
+            assert_eq!(listed[&p.id].size, p.size, "{p:?}");
+        }
+    }
+
+    /// A file that no longer matches its chunk list is refused, not stored.
+    #[tokio::test]
+    async fn a_chunk_that_does_not_match_its_id_is_not_stored() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", NewRepository::default());
+        let a = random(300_000, 3);
+        let chunks = cut(&a, d.chunking);
+        let mut changed = a.clone();
+        changed[150_000] ^= 1;
+        let e = pack_snapshot(
+            &repo,
+            &d,
+            None,
+            file_of(&changed),
+            "a",
+            &chunks,
+            PartBudget::new(2, 1 << 20),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("do not hash to chunk"), "{e}");
+    }
+}
