@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Propagation benchmark: how long from the leader's snapshot meta file appearing to the
-last follower answering `adopted`, on SeaweedFS, with a 1 s sidecar poll interval.
+last follower answering `adopted`, on SeaweedFS, with a 1 s sidecar poll interval, and what
+the store bill says about it.
 
 Starts a 3-node cluster of the example application (`kv-node`, release build) with one
 `snaprelay run` sidecar per node (JSON logs), loads state through the HTTP API, and per
@@ -12,12 +13,26 @@ incremental snapshot), asks the leader for a snapshot, and measures
          outcome Adopted
     propagation = max(t1) - t0
 
+and, per round, each stage: when the leader's publish ended and how long it took, when each
+follower's fetch started and ended, when it adopted (all as seconds after t0), and the
+ratio propagation / publish. The leader's sidecar hints the followers' (`daemon.peers`)
+unless --no-hints; the other daemon settings are the defaults (`store_probe_interval` 10 s,
+`list_interval` 5 min).
+
+The store bill comes from each sidecar's `snaprelay_store_requests_total{kind}`, scraped from
+its /metrics before and after: per adopted snapshot and follower, the requests beyond the
+chunk reads (GETs minus `snaprelay_chunks_transferred_total{direction="download"}`), and,
+after the rounds, an idle window (--idle-seconds, default 310: longer than the 5 min full
+listing) per follower, scaled to an hour, in request units (a GET or HEAD 1, a LIST or PUT
+12: S3's price ratio).
+
 Its SeaweedFS is its own, started and stopped through scripts/s3-server.sh with its own state
 dir (.tools/bench/s3-propagation); while another server (the test suite's) holds the default
 ports, on every port shifted by --alt-port-offset.
 
 Usage: scripts/bench_propagation.py [--sizes 64MiB,1GiB] [--rounds 3] [--out FILE]
                                     [--bin-dir target/release] [--server-wait 0] [--alt-port-offset 120]
+                                    [--no-hints] [--idle-seconds 310] [--keep]
 """
 import argparse
 import base64
@@ -31,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench.common import BENCH_DIR  # noqa: E402
@@ -40,6 +56,8 @@ from kvcluster import Failed, describe, form_cluster, free_port, http, retry  # 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")  # --bin-dir
 VALUE_BYTES = 1 << 20  # one value per MiB of state
+UNITS = {"get": 1, "get_range": 1, "head": 1, "put": 12, "list": 12, "copy": 12, "rename": 12,
+         "delete": 0}
 
 
 def parse_size(text):
@@ -84,13 +102,41 @@ def stage_lines(log_path, index):
     return {f["stage"]: (ts, f.get("elapsed_ms")) for ts, f in events(log_path, index) if "stage" in f}
 
 
+def scrape(addr):
+    """{sample name with labels: value} of a sidecar's /metrics."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def bill(before, after):
+    """{kind: requests} between two scrapes, plus the chunk downloads."""
+    kinds = {k: after.get(f'snaprelay_store_requests_total{{kind="{k}"}}', 0)
+             - before.get(f'snaprelay_store_requests_total{{kind="{k}"}}', 0) for k in UNITS}
+    chunks = (after.get('snaprelay_chunks_transferred_total{direction="download"}', 0)
+              - before.get('snaprelay_chunks_transferred_total{direction="download"}', 0))
+    return kinds, chunks
+
+
+def units(kinds):
+    return sum(UNITS[k] * n for k, n in kinds.items())
+
+
 def fetched_bytes(log_path, index):
     return next((f.get("downloaded", 0) for _, f in events(log_path, index)
                  if f.get("message") == "snapshot fetched and verified"), None)
 
 
 class Cluster:
-    def __init__(self, work, env, prefix):
+    def __init__(self, work, env, prefix, hints=True):
         self.work, self.procs, self.nodes = work, [], {}
         for i in (1, 2, 3):
             d = os.path.join(work, f"node{i}")
@@ -102,7 +148,8 @@ class Cluster:
                  "--hook-socket", sock, "--snapshot-policy-logs", "1000000",
                  "--max-in-snapshot-log-to-keep", "4", "--keep-snapshots", "2"],
                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "node.log"), "w")))
-            self.nodes[i] = {"addr": addr, "dir": d, "sock": sock}
+            self.nodes[i] = {"addr": addr, "dir": d, "sock": sock,
+                             "listen": f"127.0.0.1:{free_port()}"}
         for n in self.nodes.values():
             retry("node start", lambda n=n: http(n["addr"], "/metrics"))
         # Follows the leader wherever it moves meanwhile (always asking node 1 could not end
@@ -114,17 +161,28 @@ class Cluster:
                              f"{describe(e.answer)}")
         for i, n in self.nodes.items():
             cfg = os.path.join(n["dir"], "snaprelay.toml")
+            peers = ", ".join(f'"{m["listen"]}"' for j, m in self.nodes.items() if j != i)
             with open(cfg, "w") as f:
                 f.write(f'cluster_id = "bench"\nnode_id = {i}\n[store]\n'
                         f'url = "s3://{env["SNAPRELAY_TEST_S3_BUCKET"]}/{prefix}"\n'
                         f'endpoint = "{env["SNAPRELAY_TEST_S3_ENDPOINT"]}"\nallow_http = true\n'
-                        f'[node]\nhook_socket = "{n["sock"]}"\n[daemon]\npoll_interval = "1s"\n')
+                        f'[node]\nhook_socket = "{n["sock"]}"\n[daemon]\npoll_interval = "1s"\n'
+                        + (f'peers = [{peers}]\n' if hints else '')
+                        + f'[metrics]\nlisten = "{n["listen"]}"\n')
             n["log"] = os.path.join(n["dir"], "snaprelay.log")
             penv = dict(os.environ, **env)
             self.procs.append(subprocess.Popen(
                 [os.path.join(BIN, "snaprelay"), "--config", cfg, "--log-format", "json", "run"],
                 stdout=subprocess.DEVNULL, stderr=open(n["log"], "w"), env=penv))
         self.leader = retry("leader", lambda: http(self.nodes[1]["addr"], "/metrics").get("leader"))
+        for n in self.nodes.values():
+            retry("sidecar metrics", lambda n=n: scrape(n["listen"]))
+
+    def followers(self):
+        return [i for i in self.nodes if i != self.leader]
+
+    def scrape_followers(self):
+        return {i: scrape(self.nodes[i]["listen"]) for i in self.followers()}
 
     def write(self, key, value):
         retry("write", lambda: http(self.nodes[self.leader]["addr"], "/write",
@@ -134,6 +192,7 @@ class Cluster:
         leader = self.nodes[self.leader]
         snapdir = os.path.join(leader["dir"], "snapshots")
         before = set(os.listdir(snapdir))
+        scraped = self.scrape_followers()
         http(leader["addr"], "/snapshot", {})
         snap = retry("leader snapshot", lambda: (lambda m: m["snapshot"] if m["snapshot"] and
                      m["snapshot"]["index"] > self.last_index else None)(http(leader["addr"], "/metrics")),
@@ -148,6 +207,9 @@ class Cluster:
             [max(adopted_times(self.nodes[i]["log"], snap["index"]), default=None) for i in followers]),
             timeout=timeout)
         moved = [fetched_bytes(self.nodes[i]["log"], snap["index"]) for i in followers]
+        # The adoption's requests are all made once it is logged.
+        after = self.scrape_followers()
+        self.bills = {i: bill(scraped[i], after[i]) for i in followers}
         # Where the time went: when each stage line was logged (s after t0) and how long the
         # stage itself took (ms), for the leader's publish and each follower's fetch/adopt.
         stages = {"leader": stage_lines(leader["log"], snap["index"])}
@@ -156,7 +218,27 @@ class Cluster:
         self.breakdown = "; ".join(
             f"{who} " + ", ".join(f"{st} at +{ts - t0:.2f}s ({ms} ms)" for st, (ts, ms) in lines.items())
             for who, lines in stages.items())
+        publish = stages["leader"].get("publish")
+        self.publish_s = (publish[1] or 0) / 1000 if publish else None
+        self.publish_end = publish[0] - t0 if publish else None
+        # When each follower's fetch began: the fetch line's time minus its duration.
+        self.fetch_starts = {}
+        for i in followers:
+            fetch = stages[f"node{i}"].get("fetch")
+            if fetch:
+                self.fetch_starts[i] = fetch[0] - t0 - (fetch[1] or 0) / 1000
         return max(ends) - t0, snap, moved
+
+    def idle(self, seconds):
+        """Request units per follower-hour, measured over `seconds` of nothing happening."""
+        before = self.scrape_followers()
+        time.sleep(seconds)
+        after = self.scrape_followers()
+        out = {}
+        for i in self.followers():
+            kinds, _ = bill(before[i], after[i])
+            out[i] = (kinds, units(kinds) * 3600 / seconds)
+        return out
 
     def stop(self):
         for p in self.procs:
@@ -179,6 +261,11 @@ def main():
                     help="seconds to keep retrying the default S3 ports while they are busy (default 0)")
     ap.add_argument("--alt-port-offset", type=int, default=120,
                     help="port shift for our SeaweedFS when the default ports are busy (default 120)")
+    ap.add_argument("--no-hints", action="store_true",
+                    help="no daemon.peers: followers learn of snapshots from the fallbacks only")
+    ap.add_argument("--keep", action="store_true", help="keep each cluster's work dir (logs) and say where")
+    ap.add_argument("--idle-seconds", type=float, default=310.0,
+                    help="idle window after the last size's rounds, for the idle bill (0: skip)")
     args = ap.parse_args()
     global BIN
     if args.bin_dir:
@@ -189,6 +276,7 @@ def main():
     subprocess.run(["bash", "scripts/s3-server.sh", "install"], cwd=ROOT, check=True)
     server = Server(wait_s=args.server_wait, alt_offset=args.alt_port_offset, state=BENCH_DIR / "s3-propagation")
     rows = []
+    idle = None
     try:
         server.start()
         env = server.env
@@ -196,7 +284,8 @@ def main():
             size = parse_size(size_text)
             keys = max(1, size // VALUE_BYTES)
             work = tempfile.mkdtemp(prefix="snaprelay-prop-", dir=os.path.join(ROOT, ".tools"))
-            cluster = Cluster(work, env, f"bench-prop/{int(time.time())}-{size_text}")
+            cluster = Cluster(work, env, f"bench-prop/{int(time.time())}-{size_text}",
+                              hints=not args.no_hints)
             cluster.last_index = 0
             try:
                 print(f"== {size_text}: loading {keys} values of {VALUE_BYTES} bytes", flush=True)
@@ -216,15 +305,38 @@ def main():
                         print(f"   {size_text} {kind:<11} round {r + 1}: index {snap['index']}: "
                               f"{took:.2f}s (followers downloaded {mib} MiB)", flush=True)
                         print(f"      {cluster.breakdown}", flush=True)
+                        beyond = []
+                        for i, (kinds, chunks) in sorted(cluster.bills.items()):
+                            extra = dict(kinds, get=kinds["get"] - chunks)
+                            beyond.append(units(extra))
+                            shown = ", ".join(f"{k} {int(n)}" for k, n in extra.items() if n)
+                            print(f"      node{i} requests beyond the {int(chunks)} chunk reads: "
+                                  f"{shown} = {units(extra):.0f} units", flush=True)
+                        starts = [v for _, v in sorted(cluster.fetch_starts.items())]
                         rows.append({"size": size_text, "kind": kind, "round": r + 1,
-                                     "seconds": took, "downloaded_mib": mib})
+                                     "seconds": took, "downloaded_mib": mib,
+                                     "publish_s": cluster.publish_s,
+                                     "publish_end": cluster.publish_end,
+                                     "fetch_starts": starts, "beyond_units": beyond})
+                if args.idle_seconds > 0 and size_text == args.sizes.split(",")[-1]:
+                    print(f"== idle for {args.idle_seconds:.0f} s", flush=True)
+                    idle = cluster.idle(args.idle_seconds)
+                    for i, (kinds, per_hour) in sorted(idle.items()):
+                        shown = ", ".join(f"{k} {int(n)}" for k, n in kinds.items() if n)
+                        print(f"   node{i}: {shown or 'nothing'} in {args.idle_seconds:.0f} s "
+                              f"= {per_hour:.0f} units per hour", flush=True)
             finally:
                 cluster.stop()
-                shutil.rmtree(work, ignore_errors=True)
+                if args.keep:
+                    print(f"   kept {work}", flush=True)
+                else:
+                    shutil.rmtree(work, ignore_errors=True)
     finally:
         server.stop()
-    lines = ["| size | snapshot | median s (meta file → last follower adopted) | rounds (s) | MiB downloaded per follower (median) |",
-             "|---|---|---:|---|---:|"]
+    lines = ["| size | snapshot | median s (meta file → last follower adopted) | rounds (s) "
+             "| publish s (ends at +s) | fetches start at +s | propagation / publish "
+             "| MiB downloaded per follower (median) | request units per follower beyond chunk reads |",
+             "|---|---|---:|---|---|---|---:|---:|---|"]
     for size_text in args.sizes.split(","):
         for kind in ("full", "incremental"):
             rs = [r for r in rows if r["size"] == size_text and r["kind"] == kind]
@@ -233,7 +345,22 @@ def main():
             med = statistics.median(r["seconds"] for r in rs)
             dl = statistics.median(x for r in rs for x in r["downloaded_mib"])
             each = ", ".join("%.2f" % r["seconds"] for r in rs)
-            lines.append(f"| {size_text} | {kind} | {med:.2f} | {each} | {dl:.1f} |")
+            pub = ", ".join(f"{r['publish_s']:.2f} (+{r['publish_end']:.2f})" if r["publish_s"] is not None
+                            else "?" for r in rs)
+            starts = "; ".join(", ".join(f"+{x:.2f}" for x in r["fetch_starts"]) for r in rs)
+            ratio = statistics.median(r["seconds"] / r["publish_s"] for r in rs if r["publish_s"])\
+                if any(r["publish_s"] for r in rs) else float("nan")
+            beyond = "; ".join(", ".join(f"{u:.0f}" for u in r["beyond_units"]) for r in rs)
+            lines.append(f"| {size_text} | {kind} | {med:.2f} | {each} | {pub} | {starts} | {ratio:.2f}x "
+                         f"| {dl:.1f} | {beyond} |")
+    if idle:
+        lines.append("")
+        lines.append(f"Idle follower, {args.idle_seconds:.0f} s measured, scaled to an hour: "
+                     + "; ".join(f"node{i} {per_hour:.0f} request units/h ("
+                                 + ", ".join(f"{k} {int(n)}" for k, n in kinds.items() if n) + ")"
+                                 for i, (kinds, per_hour) in sorted(idle.items())))
+    lines.append("")
+    lines.append("hints: " + ("off (--no-hints)" if args.no_hints else "on"))
     report = "\n".join(lines)
     print("\n" + report)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

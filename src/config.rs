@@ -87,8 +87,15 @@ pub struct NodeConfig {
 /// The `run` loop's timing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DaemonConfig {
-    /// How often the node's role and the store's newest manifest are checked.
+    /// How often the node's status (role, snapshot, committed index) is polled, over the
+    /// hook: no store request.
     pub poll_interval: Duration,
+    /// Follower: how often the manifests are listed even though nothing said a new one
+    /// landed (the fallback when hints and the advisory `latest` object both fail).
+    pub list_interval: Duration,
+    /// Leader: the followers' sidecars' HTTP listen addresses, told "look now" after each
+    /// publish.
+    pub peers: Vec<std::net::SocketAddr>,
     /// Leader: how often the snapshot directory is rescanned besides file events.
     pub rescan_interval: Duration,
     /// Leader: ask the node to build a snapshot this often (off when unset).
@@ -100,7 +107,9 @@ pub struct DaemonConfig {
     pub state_dir: Option<PathBuf>,
     /// Follower: how long a quarantined manifest is left alone before it is tried again.
     pub quarantine_retry: Duration,
-    /// How often a small request checks that the store answers (for `/readyz`).
+    /// How often the advisory `latest` object is read (a conditional GET): a follower
+    /// lists the manifests when it changed, and the same request tells `/readyz` whether
+    /// the store answers.
     pub store_probe_interval: Duration,
     /// How long that request may take before the store counts as unreachable.
     pub store_probe_timeout: Duration,
@@ -114,12 +123,16 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             poll_interval: Duration::from_secs(1),
+            list_interval: Duration::from_secs(300),
+            peers: Vec::new(),
             rescan_interval: Duration::from_secs(30),
             trigger_interval: None,
             max_backoff: Duration::from_secs(30),
             state_dir: None,
             quarantine_retry: Duration::from_secs(3600),
-            store_probe_interval: Duration::from_secs(5),
+            // With the defaults an idle follower makes 360 GETs and 12 LISTs an hour: 504
+            // request units (a LIST weighs 12 GETs), within the budget of 600.
+            store_probe_interval: Duration::from_secs(10),
             store_probe_timeout: Duration::from_secs(3),
             stuck_after: None,
         }
@@ -224,6 +237,8 @@ struct RawNode {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     poll_interval: Option<String>,
+    list_interval: Option<String>,
+    peers: Option<Vec<String>>,
     rescan_interval: Option<String>,
     trigger_interval: Option<String>,
     max_backoff: Option<String>,
@@ -469,13 +484,23 @@ impl Config {
             out.push_str(&format!("hook_timeout = {}\n", d(node.hook_timeout)));
         }
         out.push_str(&format!(
-            "\n[daemon]\npoll_interval = {}\nrescan_interval = {}\nmax_backoff = {}\n",
+            "\n[daemon]\npoll_interval = {}\nlist_interval = {}\nrescan_interval = {}\nmax_backoff = {}\n",
             d(self.daemon.poll_interval),
+            d(self.daemon.list_interval),
             d(self.daemon.rescan_interval),
             d(self.daemon.max_backoff)
         ));
         if let Some(t) = self.daemon.trigger_interval {
             out.push_str(&format!("trigger_interval = {}\n", d(t)));
+        }
+        if !self.daemon.peers.is_empty() {
+            let peers: Vec<String> = self
+                .daemon
+                .peers
+                .iter()
+                .map(|p| q(&p.to_string()))
+                .collect();
+            out.push_str(&format!("peers = [{}]\n", peers.join(", ")));
         }
         if let Some(dir) = &self.daemon.state_dir {
             out.push_str(&format!("state_dir = {}\n", q(&dir.display().to_string())));
@@ -1035,6 +1060,24 @@ fn daemon_config(raw: RawDaemon) -> Result<DaemonConfig> {
             raw.poll_interval,
             default.poll_interval,
         )?,
+        list_interval: duration(
+            "daemon.list_interval",
+            raw.list_interval,
+            default.list_interval,
+        )?,
+        peers: raw
+            .peers
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                p.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "daemon.peers",
+                        format!("{p:?} is not an address with a port (such as \"10.0.0.2:9101\")"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
         rescan_interval: duration(
             "daemon.rescan_interval",
             raw.rescan_interval,
@@ -1185,6 +1228,8 @@ mod tests {
         let mut uncommented = text.clone();
         for key in [
             "quarantine_retry",
+            "list_interval",
+            "peers",
             "store_probe_interval",
             "store_probe_timeout",
             "stuck_after",
@@ -1196,6 +1241,8 @@ mod tests {
         assert_eq!(shown.quarantine_retry, defaults.quarantine_retry);
         assert_eq!(shown.store_probe_interval, defaults.store_probe_interval);
         assert_eq!(shown.store_probe_timeout, defaults.store_probe_timeout);
+        assert_eq!(shown.list_interval, defaults.list_interval);
+        assert_eq!(shown.peers.len(), 2);
         assert_eq!(shown.stuck_after, Some(Duration::from_secs(180)));
     }
 
@@ -1700,20 +1747,36 @@ mod tests {
         assert_eq!(c.daemon.poll_interval, Duration::from_millis(500));
         assert_eq!(c.daemon.trigger_interval, Some(Duration::from_secs(600)));
         assert_eq!(c.daemon.quarantine_retry, Duration::from_secs(3600));
-        assert_eq!(c.daemon.store_probe_interval, Duration::from_secs(5));
+        assert_eq!(c.daemon.store_probe_interval, Duration::from_secs(10));
+        assert_eq!(c.daemon.list_interval, Duration::from_secs(300));
+        assert!(c.daemon.peers.is_empty());
         assert_eq!(c.daemon.store_probe_timeout, Duration::from_secs(3));
         assert_eq!(c.daemon.stuck_after, None);
         let c = load(
             "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nquarantine_retry = \"10m\"\n\
-             store_probe_interval = \"1s\"\nstore_probe_timeout = \"500ms\"\nstuck_after = \"5m\"\n",
+             store_probe_interval = \"1s\"\nstore_probe_timeout = \"500ms\"\nstuck_after = \"5m\"\n\
+             list_interval = \"1h\"\npeers = [\"127.0.0.1:9101\", \"[::1]:9102\"]\n",
         )
         .unwrap();
+        assert_eq!(c.daemon.list_interval, Duration::from_secs(3600));
+        assert_eq!(c.daemon.peers.len(), 2);
+        assert!(load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\npeers = [\"node2\"]\n"
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("daemon.peers"));
         assert_eq!(c.daemon.quarantine_retry, Duration::from_secs(600));
         assert_eq!(c.daemon.store_probe_interval, Duration::from_secs(1));
         assert_eq!(c.daemon.store_probe_timeout, Duration::from_millis(500));
         assert_eq!(c.daemon.stuck_after, Some(Duration::from_secs(300)));
         let shown = c.to_display_toml();
         assert!(shown.contains("quarantine_retry = \"10m\"\n"), "{shown}");
+        assert!(
+            shown.contains("peers = [\"127.0.0.1:9101\", \"[::1]:9102\"]\n"),
+            "{shown}"
+        );
+        assert_eq!(load(&shown).unwrap().daemon, c.daemon);
         assert!(shown.contains("stuck_after = \"5m\"\n"), "{shown}");
         let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nstore_probe_timeout = \"0s\"\n");
         assert!(

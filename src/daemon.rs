@@ -7,7 +7,9 @@
 //!   events plus periodic rescans; optionally asks the node to build one every
 //!   `trigger_interval`);
 //! - as follower or learner, walks the manifests newer than the node's snapshot, newest
-//!   first, and hands the first usable one to the node (`save_snapshot`), fetched and
+//!   first (listed only when something says a new one may have landed: the advisory `latest`
+//!   object changed, seen by the store probe, or a hint arrived; or `daemon.list_interval`
+//!   passed; or the last step failed: see [`ListSchedule`]), and hands the first usable one to the node (`save_snapshot`), fetched and
 //!   verified into the node's incoming directory. A manifest beyond the node's committed
 //!   index is passed over without a look (it may become valid later; it never delays an
 //!   older one). One the node holds staged stops the walk; the node's status, not this
@@ -24,7 +26,11 @@
 //! fetch's staging file is hidden and resumed next time), so shutdown simply stops waiting.
 //! Failures are retried with exponential backoff and jitter; the loop never exits on a
 //! transient error. A store probe on its own task keeps `/readyz` honest about a store that
-//! hangs, and the watchdog is petted unless a step is stuck ([`crate::liveness`]). It does
+//! hangs and watches the `latest` object, and the watchdog is petted unless a step is stuck
+//! ([`crate::liveness`]). After each publish, the leader rewrites `latest` and tells the
+//! followers' sidecars in `daemon.peers` to look now ([`crate::hint`]).
+//!
+//! Every store request goes through a [`CountingStore`]: `snaprelay_store_requests_total`. It does
 //! exit on a repository re-created under it (another incarnation, see
 //! [`crate::incarnation`]): only the operator can decide to follow that one.
 
@@ -35,10 +41,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::Rng;
+use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, NodeConfig};
+use crate::counting::{CountingStore, Requests};
 use crate::error::Error;
 use crate::error::FailureReason;
 use crate::fetch::{self, Fetcher};
@@ -123,6 +131,77 @@ pub struct Daemon {
     state: DaemonState,
     /// The repository incarnation this sidecar follows (see `incarnation`).
     incarnation: Incarnation,
+    /// Follower: when to list the manifests, and what the last listing found.
+    schedule: ListSchedule,
+    listing: Option<Listing>,
+    /// Notified by the store probe when `latest` changed.
+    changed: Arc<Notify>,
+    /// Notified by an accepted hint (the store probe looks at once).
+    hints: Arc<Notify>,
+    /// Leader: sends hints to `daemon.peers`.
+    http: Option<reqwest::Client>,
+    /// Every request made to the store.
+    requests: Requests,
+}
+
+/// The manifests a follower listed last: newer than `after` (the node's snapshot then).
+#[derive(Debug)]
+struct Listing {
+    after: Option<u64>,
+    entries: Vec<ManifestEntry>,
+}
+
+impl Listing {
+    /// The listed manifests newer than `after`, if this listing covers them (it was taken
+    /// with an `after` no greater).
+    fn after(&self, after: Option<u64>) -> Option<Vec<ManifestEntry>> {
+        (self.after <= after).then(|| {
+            self.entries
+                .iter()
+                .filter(|e| after.is_none_or(|a| e.id.index > a))
+                .cloned()
+                .collect()
+        })
+    }
+}
+
+/// When a follower lists the manifests: a LIST costs as much as twelve GETs, so an idle
+/// follower must not list on every poll. It lists when woken ([`ListSchedule::wake`]: the
+/// `latest` object changed, at start-up, after a failed step, after a manifest it wanted
+/// vanished) and otherwise every `interval`, the fallback that finds a manifest every
+/// advisory signal missed. Between listings, each poll works on the last listing: the
+/// node's position, its committed index and the quarantine are re-read every time, and
+/// none of that needs the store.
+#[derive(Debug)]
+struct ListSchedule {
+    interval: Duration,
+    due: bool,
+    last: Option<tokio::time::Instant>,
+}
+
+impl ListSchedule {
+    fn new(interval: Duration) -> ListSchedule {
+        ListSchedule {
+            interval,
+            due: true,
+            last: None,
+        }
+    }
+
+    fn wake(&mut self) {
+        self.due = true;
+    }
+
+    /// Whether to list now; if so, it counts as done.
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let due = self.due || self.last.is_none_or(|last| now >= last + self.interval);
+        if due {
+            self.due = false;
+            self.last = Some(now);
+        }
+        due
+    }
 }
 
 /// A node's answer to a handover that leaves the snapshot to the node.
@@ -157,7 +236,16 @@ impl Daemon {
             .clone()
             .context("[node] with hook_socket is required for `run`")?;
         let node = HookClient::new(&node_config.hook_socket, node_config.hook_timeout);
-        let probe_store = Store::open(&config.store)?;
+        let opened = Store::open(&config.store)?;
+        let metrics = Metrics::new();
+        let requests = {
+            let metrics = metrics.clone();
+            Requests::observed(move |kind, n| metrics.store_requests(kind, n))
+        };
+        let probe_store = Store {
+            backend: Arc::new(CountingStore::new(opened.backend.clone(), requests.clone())),
+            ..opened
+        };
         let store = Store {
             backend: Arc::new(ProgressStore::new(probe_store.backend.clone())),
             ..probe_store.clone()
@@ -173,8 +261,16 @@ impl Daemon {
             config.daemon.state_dir.as_deref(),
             config.daemon.quarantine_retry,
         );
-        let metrics = Metrics::new();
         metrics.quarantine_size(quarantine.len());
+        let schedule = ListSchedule::new(config.daemon.list_interval);
+        let http = match config.daemon.peers.is_empty() {
+            true => None,
+            false => Some(
+                reqwest::Client::builder()
+                    .build()
+                    .context("building the HTTP client for hints")?,
+            ),
+        };
         Ok(Daemon {
             node_id: config.node_id,
             config,
@@ -201,7 +297,18 @@ impl Daemon {
                 ..DaemonState::default()
             },
             incarnation,
+            schedule,
+            listing: None,
+            changed: Arc::new(Notify::new()),
+            hints: Arc::new(Notify::new()),
+            http,
+            requests,
         })
+    }
+
+    /// Every request this sidecar made to the store so far.
+    pub fn requests(&self) -> Requests {
+        self.requests.clone()
     }
 
     /// Runs until `cancel` fires. Returns an error only for problems no retry can fix
@@ -223,10 +330,16 @@ impl Daemon {
             Some(listen) => {
                 let listener = crate::http::bind(listen).await?;
                 tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+                let inbox = crate::hint::Inbox::new(
+                    &self.config.cluster_id,
+                    self.hints.clone(),
+                    self.metrics.clone(),
+                );
                 Some(tokio::spawn(crate::http::serve(
                     listener,
                     self.metrics.clone(),
                     self.health.clone(),
+                    inbox,
                     cancel.clone().cancelled_owned(),
                 )))
             }
@@ -239,6 +352,8 @@ impl Daemon {
                 metrics: self.metrics.clone(),
                 interval: self.config.daemon.store_probe_interval,
                 timeout: self.config.daemon.store_probe_timeout,
+                changed: self.changed.clone(),
+                hints: self.hints.clone(),
             }
             .run(cancel.clone()),
         );
@@ -258,11 +373,16 @@ impl Daemon {
             i
         });
         let liveness = self.liveness.clone();
+        let latest_changed = self.changed.clone();
         loop {
             // Waiting here is the loop's own choice: idle, never stuck.
             let work = tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = poll.tick() => Work::Step,
+                _ = latest_changed.notified() => {
+                    self.schedule.wake();
+                    Work::Step
+                }
                 _ = changed(&mut self.watcher) => Work::Publish,
                 _ = rescan.tick(), if self.role == Some(Role::Leader) => Work::Publish,
                 _ = tick(&mut trigger), if self.role == Some(Role::Leader) => Work::Trigger,
@@ -289,6 +409,8 @@ impl Daemon {
                 Err(e) => {
                     self.report_error(&e);
                     self.record_failure(&e);
+                    // What the last listing said may be what failed (a manifest gone).
+                    self.schedule.wake();
                     let wait = self.backoff.failed();
                     if self.backoff.failures == 1 {
                         tracing::warn!(error = %crate::error::chain(&e), retry_in_ms = wait.as_millis() as u64, "step failed; retrying");
@@ -441,6 +563,8 @@ impl Daemon {
             self.report(event);
             self.published = None;
             self.answered = None;
+            self.listing = None;
+            self.schedule.wake();
         }
         if status.role != Role::Follower && status.role != Role::Learner && self.incoming_dirty {
             // Nothing is being fetched: whatever a fetch left is a leftover.
@@ -585,6 +709,7 @@ impl Daemon {
                 report.chunks_total - report.chunks_transferred,
                 report.elapsed,
             );
+            self.announce(&report.manifest).await;
         }
         self.health.store_reachable(true);
         self.published = Some(log_id);
@@ -593,6 +718,29 @@ impl Daemon {
             self.collect_garbage(&repo, log_id, cancel).await?;
         }
         Ok(())
+    }
+
+    /// After a manifest landed: rewrites the advisory `latest` object, then tells the
+    /// peers to look (in the background: a slow peer must not hold up the loop). Both are
+    /// advisory, so a failure is only logged: followers find the manifest at their next
+    /// full listing.
+    async fn announce(&self, manifest: &str) {
+        let written = crate::latest::write(&self.store, &self.config.cluster_id, manifest).await;
+        if let Err(e) = written {
+            tracing::warn!(manifest, error = %e, "cannot rewrite the store's latest object; followers without hints find the manifest at their next full listing");
+        }
+        if let Some(client) = &self.http {
+            let client = client.clone();
+            let peers = self.config.daemon.peers.clone();
+            let metrics = self.metrics.clone();
+            let hint = crate::hint::Hint {
+                cluster_id: self.config.cluster_id.clone(),
+                manifest: Some(manifest.to_owned()),
+            };
+            tokio::spawn(async move {
+                crate::hint::send(&client, &peers, &hint, &metrics).await;
+            });
+        }
     }
 
     /// The repository, created on the leader's first publish. (A cheap clone: the store
@@ -652,7 +800,13 @@ impl Daemon {
     /// handed over; a candidate whose failure is permanent for it is quarantined and the
     /// walk goes on at once.
     async fn follow(&mut self, status: &Status, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let mut list_now = false;
         if self.repo.is_none() {
+            // Opening reads repository.json: a request, so only when a listing is due.
+            if !self.schedule.take() {
+                return Ok(());
+            }
+            list_now = true;
             let opened = Repo::open_with(
                 self.store.clone(),
                 &self.config.cluster_id,
@@ -677,8 +831,19 @@ impl Daemon {
         self.quarantine.refresh();
         self.quarantine.forget_through(after);
         self.metrics.quarantine_size(self.quarantine.len());
-        let listed = repo.list_manifests(after).await?;
-        self.health.store_reachable(true);
+        let cached = self.listing.as_ref().and_then(|l| l.after(after));
+        let listed = match cached {
+            Some(cached) if !list_now && !self.schedule.take() => cached,
+            _ => {
+                let listed = repo.list_manifests(after).await?;
+                self.health.store_reachable(true);
+                self.listing = Some(Listing {
+                    after,
+                    entries: listed.clone(),
+                });
+                listed
+            }
+        };
 
         let now = chrono::Utc::now();
         let mut candidates: Vec<&ManifestEntry> = Vec::new();
@@ -714,7 +879,10 @@ impl Daemon {
             // Signature first: nothing a manifest says is believed before it verifies.
             let manifest = match repo.read_manifest(id).await {
                 Ok(m) => m,
-                Err(e) if vanished(&e) => continue,
+                Err(e) if vanished(&e) => {
+                    self.schedule.wake();
+                    continue;
+                }
                 Err(e) => match quarantine::Reason::of_error(&e) {
                     Some((reason, signature)) => {
                         self.quarantine_manifest(entry, reason, signature, &e.into());
@@ -825,6 +993,12 @@ impl Daemon {
         );
         let outcome = format!("{:?}", saved.outcome).to_lowercase();
         self.metrics.adopted(id.index, &outcome);
+        if saved.outcome == SaveOutcome::Adopted {
+            // The publisher's clock against this host's: NTP keeps them within milliseconds.
+            let since = chrono::Utc::now() - manifest.created_at;
+            self.metrics
+                .propagated(since.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6);
+        }
         self.report(format!("{outcome} {} (term {})", id.index, id.term));
         self.answered = match saved.outcome {
             SaveOutcome::Adopted => None,
@@ -1157,6 +1331,111 @@ mod tests {
         assert!(old_node.holds(&status(Some(100), None, None)));
         assert!(old_node.holds(&status(Some(100), None, None)));
         assert!(!old_node.holds(&status(Some(90), None, None)));
+    }
+
+    /// The store's bill of an idle follower, over an hour of tokio's paused clock: the real
+    /// store probe (conditional GETs of `latest`, which never changes) and the follower's
+    /// listing schedule, polled every `poll_interval` and woken by the probe, exactly as in
+    /// `run`, with the default intervals. Deterministic: the clock only moves when every
+    /// task waits.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_follower_costs_at_most_600_request_units_an_hour() {
+        use crate::config::DaemonConfig;
+        use crate::counting::Kind;
+        use crate::store::{StoreSettings, StoreUrl};
+
+        let defaults = DaemonConfig::default();
+        let requests = Requests::new();
+        let opened = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let store = Store {
+            backend: Arc::new(CountingStore::new(opened.backend.clone(), requests.clone())),
+            ..opened
+        };
+        let params = crate::chunk::ChunkParams::new(4096, 16384, 65536).unwrap();
+        let repo = Repo::open_or_create(store.clone(), "c", params)
+            .await
+            .unwrap();
+        crate::latest::write(&store, "c", "00000000000000000007-1-0123456789abcdef")
+            .await
+            .unwrap();
+        let setup = Kind::ALL.map(|k| requests.count(k));
+
+        let cancel = CancellationToken::new();
+        let changed = Arc::new(Notify::new());
+        let probe = tokio::spawn(
+            StoreProbe {
+                store: store.clone(),
+                health: Health::new(Liveness::new(Duration::from_secs(600)), None),
+                metrics: Metrics::new(),
+                interval: defaults.store_probe_interval,
+                timeout: defaults.store_probe_timeout,
+                changed: changed.clone(),
+                hints: Arc::new(Notify::new()),
+            }
+            .run(cancel.clone()),
+        );
+        let mut schedule = ListSchedule::new(defaults.list_interval);
+        let mut poll = tokio::time::interval(defaults.poll_interval);
+        // Off the probe's and the schedule's ticks, so that no tick races the end.
+        let end = tokio::time::Instant::now() + Duration::from_secs(3600 + 5);
+        while tokio::time::Instant::now() < end {
+            tokio::select! {
+                _ = poll.tick() => {}
+                _ = changed.notified() => schedule.wake(),
+            }
+            if schedule.take() {
+                repo.list_manifests(None).await.unwrap();
+            }
+        }
+        cancel.cancel();
+        probe.await.unwrap();
+
+        let count = |k: Kind| requests.count(k) - setup[k as usize];
+        let units: u64 = Kind::ALL.iter().map(|k| count(*k) * k.units()).sum();
+        // 361 probes (at 0 s, 10 s, ... 3600 s) and 14 listings (two at start: the first
+        // poll, and the first look's change; then every 5 minutes, the last at 3600 s).
+        assert_eq!(count(Kind::Get), 361);
+        assert_eq!(count(Kind::List), 14);
+        assert_eq!(units, 361 + 14 * 12);
+        assert!(units <= 600, "{units} request units in an idle hour");
+    }
+
+    #[test]
+    fn a_listing_serves_later_polls_only_for_a_node_that_moved_forward() {
+        let entry = |index| ManifestEntry {
+            id: manifest(index),
+            stored_size: 1,
+            last_modified: None,
+        };
+        let listing = Listing {
+            after: Some(10),
+            entries: vec![entry(11), entry(12), entry(13)],
+        };
+        let ids = |l: Option<Vec<ManifestEntry>>| {
+            l.map(|l| l.into_iter().map(|e| e.id.index).collect::<Vec<_>>())
+        };
+        assert_eq!(ids(listing.after(Some(10))), Some(vec![11, 12, 13]));
+        assert_eq!(ids(listing.after(Some(12))), Some(vec![13]));
+        assert_eq!(
+            ids(listing.after(Some(9))),
+            None,
+            "older than what was listed"
+        );
+        assert_eq!(ids(listing.after(None)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listings_happen_when_woken_or_when_the_interval_passed() {
+        let mut schedule = ListSchedule::new(Duration::from_secs(300));
+        assert!(schedule.take(), "the first poll lists");
+        assert!(!schedule.take());
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert!(!schedule.take());
+        schedule.wake();
+        assert!(schedule.take());
+        assert!(!schedule.take(), "a wake-up is used once");
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert!(schedule.take());
     }
 
     #[test]

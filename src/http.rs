@@ -1,21 +1,26 @@
 //! The sidecar's small HTTP listener: `GET /metrics` (Prometheus text format 0.0.4, from
-//! [`crate::metrics::Metrics`]), `/healthz` and `/readyz` (from [`crate::health::Health`]).
+//! [`crate::metrics::Metrics`]), `/healthz` and `/readyz` (from [`crate::health::Health`]),
+//! and `POST /hint`, the leader's "look now" ([`crate::hint::Inbox`]: rate-limited, and only
+//! ever a reason to read the store).
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use prometheus_client::encoding::prometheus_text;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::hint::Inbox;
 use crate::metrics::Metrics;
 
 /// How long [`serve`] waits for open connections after `shutdown` before returning anyway.
@@ -40,6 +45,7 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Metrics,
     health: Health,
+    hints: Inbox,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("metrics listener address")?;
@@ -47,7 +53,16 @@ pub async fn serve(
         .route("/metrics", get(get_metrics))
         .route("/healthz", get(get_healthz))
         .route("/readyz", get(get_readyz))
-        .with_state(Endpoints { metrics, health });
+        // A body over the limit is refused before it is read, and counted as malformed.
+        .route(
+            "/hint",
+            post(post_hint).layer(DefaultBodyLimit::max(crate::hint::MAX_BODY)),
+        )
+        .with_state(Endpoints {
+            metrics,
+            health,
+            hints,
+        });
     let stop = CancellationToken::new();
     let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
     let mut server = std::pin::pin!(server.into_future());
@@ -70,6 +85,7 @@ pub async fn serve(
 struct Endpoints {
     metrics: Metrics,
     health: Health,
+    hints: Inbox,
 }
 
 async fn get_metrics(State(e): State<Endpoints>) -> Response {
@@ -86,6 +102,19 @@ async fn get_healthz(State(e): State<Endpoints>) -> Response {
 
 async fn get_readyz(State(e): State<Endpoints>) -> Response {
     check_response(e.health.ready())
+}
+
+async fn post_hint(
+    State(e): State<Endpoints>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let answer = match body {
+        Ok(body) => e.hints.receive(&body),
+        // Too long (or not readable): still rate-limited, and counted.
+        Err(_) => e.hints.receive(&[0u8; crate::hint::MAX_BODY + 1]),
+    };
+    let status = StatusCode::from_u16(answer.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, format!("{answer:?}\n").to_lowercase()).into_response()
 }
 
 fn check_response((ok, reason): (bool, String)) -> Response {
@@ -119,9 +148,17 @@ mod tests {
             Some(5),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, metrics.clone(), health.clone(), async {
-            let _ = stopped.await;
-        }));
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let inbox = Inbox::new("c1", wake.clone(), metrics.clone());
+        let server = tokio::spawn(serve(
+            listener,
+            metrics.clone(),
+            health.clone(),
+            inbox,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{base}{path}")).send();
 
@@ -172,6 +209,20 @@ mod tests {
         );
 
         assert_eq!(get("/nope").await.unwrap().status(), 404);
+        let hint = |body: Vec<u8>| client.post(format!("{base}/hint")).body(body).send();
+        let r = hint(br#"{"cluster_id":"c1"}"#.to_vec()).await.unwrap();
+        assert_eq!(r.status(), 202);
+        wake.notified().await;
+        assert_eq!(hint(b"junk".to_vec()).await.unwrap().status(), 400);
+        let r = hint(vec![b'x'; 64 << 10]).await.unwrap();
+        assert_eq!(r.status(), 400, "too long");
+        assert_eq!(get("/hint").await.unwrap().status(), 405);
+        let body = get("/metrics").await.unwrap().text().await.unwrap();
+        assert_eq!(sample(&body, "snaprelay_hints_received_total"), Some(1.0));
+        assert_eq!(
+            sample(&body, "snaprelay_hints_ignored_total{reason=\"malformed\"}"),
+            Some(2.0)
+        );
         let post = client.post(format!("{base}/metrics")).send().await.unwrap();
         assert_eq!(post.status(), 405);
 

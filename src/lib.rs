@@ -19,8 +19,12 @@
 //! - [`health`]: what /healthz and /readyz answer: loop progress, store and hook reachability.
 //! - [`liveness`]: whether the daemon's loop is stuck: busy steps, progress, the store's
 //!   answers as progress; what /healthz and the systemd watchdog go by.
-//! - [`store_probe`]: a small request on its own deadline, so readiness sees a hanging store.
-//! - [`http`]: the HTTP listener serving /metrics, /healthz and /readyz.
+//! - [`store_probe`]: a small request on its own deadline, so readiness sees a hanging store;
+//!   the same request watches the advisory `latest` object.
+//! - [`latest`]: the advisory `latest` object a publisher rewrites after each manifest.
+//! - [`hint`]: "look now" hints from the leader's sidecar to the followers', rate-limited.
+//! - [`counting`]: every store request counted by kind (the store's bill).
+//! - [`http`]: the HTTP listener serving /metrics, /healthz, /readyz and POST /hint.
 //! - [`node`]: the client of the node's IPC hook.
 //! - [`store`]: store URLs and options → an `object_store` backend.
 //! - [`secret`]: values that are never shown (credentials, secret options).
@@ -49,13 +53,16 @@ pub mod assemble;
 pub mod chunk;
 pub mod cli;
 pub mod config;
+pub mod counting;
 pub mod daemon;
 pub mod error;
 pub mod fetch;
 pub mod gc;
 pub mod health;
+pub mod hint;
 pub mod http;
 pub mod incarnation;
+pub mod latest;
 pub mod lease;
 pub mod liveness;
 pub mod manifest;

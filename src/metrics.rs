@@ -30,6 +30,12 @@ const DURATION_BUCKETS: [f64; 14] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
 ];
 
+/// Upper bounds of the propagation buckets: a hinted incremental snapshot lands in well
+/// under a second, one found by the slow fallback in minutes.
+const PROPAGATION_BUCKETS: [f64; 14] = [
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+];
+
 const ROLES: [&str; 6] = [
     "leader",
     "follower",
@@ -40,6 +46,8 @@ const ROLES: [&str; 6] = [
 ];
 const ADOPTION_OUTCOMES: [&str; 3] = ["adopted", "staged", "stale"];
 const STORE_ERROR_KINDS: [&str; 4] = ["not_found", "unreachable", "permission", "other"];
+const HINT_OUTCOMES: [&str; 2] = ["delivered", "failed"];
+pub const HINT_IGNORED: [&str; 3] = ["rate_limited", "malformed", "wrong_cluster"];
 const UPLOAD: &str = "upload";
 const DOWNLOAD: &str = "download";
 
@@ -136,6 +144,16 @@ metrics! {
         "1 if the store answered the last probe within its deadline, 0 if not";
     role: Labelled<Gauge> = Family::default(), "role",
         "The node's role as its hook reports it: 1 for the current role, 0 for the others";
+    store_requests: Labelled<Counter> = Family::default(), "store_requests",
+        "Requests this sidecar made to the object store, by kind (a LIST page, a GET, a HEAD, a PUT, ...), whatever their answer";
+    hints_sent: Labelled<Counter> = Family::default(), "hints_sent",
+        "Leader: wake-up hints sent to the configured peers after a publish, by outcome (delivered or failed)";
+    hints_received: Counter = Counter::default(), "hints_received",
+        "Wake-up hints accepted on POST /hint (each only makes the follower look at the store now)";
+    hints_ignored: Labelled<Counter> = Family::default(), "hints_ignored",
+        "Wake-up hints refused on POST /hint, by reason (rate_limited, malformed, wrong_cluster)";
+    propagation: Histogram = Histogram::new(PROPAGATION_BUCKETS), "propagation_seconds",
+        "Follower: from a manifest's created_at (the publisher's clock) to its adoption by this follower's node (this host's clock)";
 }
 
 /// The numbers of one GC run that the metrics count.
@@ -210,6 +228,10 @@ impl Metrics {
         let quarantine_reasons =
             crate::quarantine::Reason::ALL.map(crate::quarantine::Reason::as_str);
         start_at_zero(&series.manifests_quarantined, "reason", &quarantine_reasons);
+        let kinds = crate::counting::Kind::ALL.map(crate::counting::Kind::as_str);
+        start_at_zero(&series.store_requests, "kind", &kinds);
+        start_at_zero(&series.hints_sent, "outcome", &HINT_OUTCOMES);
+        start_at_zero(&series.hints_ignored, "reason", &HINT_IGNORED);
         let metrics = Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -355,6 +377,42 @@ impl Metrics {
             .set(i64::from(up));
     }
 
+    /// A request made to the store (see [`crate::counting`]).
+    pub fn store_requests(&self, kind: crate::counting::Kind, n: u64) {
+        self.inner
+            .store_requests
+            .get_or_create(&[("kind", kind.as_str())])
+            .inc_by(n);
+    }
+
+    /// A hint sent to a peer: delivered (it answered 2xx) or not.
+    pub fn hint_sent(&self, delivered: bool) {
+        let outcome = HINT_OUTCOMES[usize::from(!delivered)];
+        self.inner
+            .hints_sent
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    pub fn hint_received(&self) {
+        self.inner.hints_received.inc();
+    }
+
+    /// A hint refused; `reason` is one of [`HINT_IGNORED`] (anything else: `malformed`).
+    pub fn hint_ignored(&self, reason: &str) {
+        let reason = vocabulary(&HINT_IGNORED, reason).unwrap_or("malformed");
+        self.inner
+            .hints_ignored
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Follower: a snapshot adopted `seconds` after its manifest was created (negative
+    /// values, from clocks that disagree, count as 0).
+    pub fn propagated(&self, seconds: f64) {
+        self.inner.propagation.observe(seconds.max(0.0));
+    }
+
     /// What a GC run deleted, and the chunks it left for a later run.
     pub fn gc_done(&self, gc: GcCounts) {
         let m = &self.inner;
@@ -465,7 +523,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 31] = [
+    const FAMILIES: [(&str, &str); 36] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -496,6 +554,11 @@ pub(crate) mod tests {
         ("snaprelay_quarantined_manifests", "gauge"),
         ("snaprelay_store_up", "gauge"),
         ("snaprelay_role", "gauge"),
+        ("snaprelay_store_requests_total", "counter"),
+        ("snaprelay_hints_sent_total", "counter"),
+        ("snaprelay_hints_received_total", "counter"),
+        ("snaprelay_hints_ignored_total", "counter"),
+        ("snaprelay_propagation_seconds", "histogram"),
         ("snaprelay_build_info", "gauge"),
     ];
 
@@ -518,6 +581,11 @@ pub(crate) mod tests {
             chunks_deferred: 2,
         });
         m.follower_position(Some(30), Some(42));
+        m.store_requests(crate::counting::Kind::List, 2);
+        m.hint_sent(true);
+        m.hint_received();
+        m.hint_ignored("rate_limited");
+        m.propagated(0.3);
     }
 
     #[test]

@@ -47,6 +47,8 @@ const MANIFESTS: &str = "manifests";
 const CHUNKS: &str = "chunks";
 const PACKS: &str = "packs";
 const LEASES: &str = "leases";
+/// The advisory "a manifest landed" object (see [`crate::latest`]).
+const LATEST_KEY: &str = "latest";
 /// A lease object names its holder in a few hundred bytes.
 const MAX_LEASE_BYTES: usize = 4 << 10;
 /// Where `check-config` writes and deletes its scratch objects.
@@ -264,6 +266,11 @@ impl Repo {
             }) => Box::pin(Self::open_with(store, cluster_id, keyring)).await,
             Err(e) => Err(e),
         }
+    }
+
+    /// Where the advisory `latest` object lives (its format: [`crate::latest`]).
+    pub fn latest_key(store: &Store) -> Path {
+        store.key(LATEST_KEY)
     }
 
     /// Whether the store answers and holds a repository (probing reachability at start).

@@ -1,18 +1,26 @@
-//! The store probe ([`StoreProbe`]): a small request (a read of `repository.json`, a few
-//! hundred bytes) every `daemon.store_probe_interval`, on a task of its own, with a deadline
-//! of its own (`daemon.store_probe_timeout`). A store that hangs (a stopped server, a proxy
-//! that holds connections) leaves the main loop waiting for its request timeout, a minute
-//! by default; the probe marks the store unreachable in `/readyz` within a few seconds and
-//! says so once, as a warning, and again, as info, when the store answers again.
+//! The store probe and watch ([`StoreProbe`]): one small request, a conditional GET of the
+//! advisory `latest` object ([`crate::latest`]), every `daemon.store_probe_interval` and at
+//! once when a hint arrives ([`crate::hint`]), on a task of its own, with a deadline of its
+//! own (`daemon.store_probe_timeout`). It does two jobs with one billed request:
+//!
+//! - when the object changed, it wakes the main loop, whose follower then lists the
+//!   manifests (and otherwise does not list before `daemon.list_interval`);
+//! - a store that hangs (a stopped server, a proxy that holds connections) leaves the main
+//!   loop waiting for its request timeout, a minute by default; the probe marks the store
+//!   unreachable in `/readyz` within its deadline and says so once, as a warning, and again,
+//!   as info, when the store answers again. Any answer counts, "not modified" and "not
+//!   found" included.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::latest::{Look, Watch};
 use crate::metrics::Metrics;
-use crate::repo::Repo;
 use crate::store::Store;
 
 pub struct StoreProbe {
@@ -23,12 +31,16 @@ pub struct StoreProbe {
     pub metrics: Metrics,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Notified when `latest` changed (the main loop lists then).
+    pub changed: Arc<Notify>,
+    /// Notified by an accepted hint: look now.
+    pub hints: Arc<Notify>,
 }
 
 /// What one probe found.
 #[derive(Debug)]
 enum Answer {
-    Up,
+    Up(Look),
     Failed(String),
     TimedOut,
 }
@@ -39,20 +51,32 @@ impl StoreProbe {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut down_since: Option<Instant> = None;
+        let mut watch = Watch::new();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = self.hints.notified() => {
+                    // The look below stands for the next periodic one too.
+                    tick.reset();
+                }
             }
             let answer = tokio::select! {
                 _ = cancel.cancelled() => return,
-                a = self.probe() => a,
+                a = self.probe(&mut watch) => a,
             };
-            let up = matches!(answer, Answer::Up);
+            if let Answer::Up(Look::Changed(latest)) = &answer {
+                tracing::debug!(
+                    manifest = latest.as_ref().map(|l| l.manifest.as_str()),
+                    "the store's latest object changed; looking at the manifests"
+                );
+                self.changed.notify_one();
+            }
+            let up = matches!(answer, Answer::Up(_));
             self.health.store_reachable(up);
             self.metrics.store_up(up);
             match (answer, down_since) {
-                (Answer::Up, Some(since)) => {
+                (Answer::Up(_), Some(since)) => {
                     tracing::info!(
                         store = %self.store.url,
                         down_ms = since.elapsed().as_millis() as u64,
@@ -60,7 +84,7 @@ impl StoreProbe {
                     );
                     down_since = None;
                 }
-                (Answer::Up, None) => {}
+                (Answer::Up(_), None) => {}
                 (Answer::TimedOut, None) => {
                     tracing::warn!(
                         store = %self.store.url,
@@ -78,10 +102,10 @@ impl StoreProbe {
         }
     }
 
-    async fn probe(&self) -> Answer {
-        match tokio::time::timeout(self.timeout, Repo::exists(&self.store)).await {
-            Ok(Ok(_)) => Answer::Up,
-            Ok(Err(e)) => Answer::Failed(crate::error::chain(&e.into())),
+    async fn probe(&self, watch: &mut Watch) -> Answer {
+        match tokio::time::timeout(self.timeout, watch.look(&self.store)).await {
+            Ok(Ok(look)) => Answer::Up(look),
+            Ok(Err(e)) => Answer::Failed(crate::error::chain(&anyhow::Error::new(e))),
             Err(_) => Answer::TimedOut,
         }
     }
@@ -120,6 +144,8 @@ mod tests {
             metrics: metrics.clone(),
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(300),
+            changed: Arc::new(Notify::new()),
+            hints: Arc::new(Notify::new()),
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(probe.run(cancel.clone()));

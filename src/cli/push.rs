@@ -27,7 +27,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let snapshot = Snapshot::open(&args.meta_file)?;
     let store = Store::open(&config.store)?;
     let repo = Repo::open_or_create_with(
-        store,
+        store.clone(),
         &config.cluster_id,
         config.chunking,
         config.signing.clone(),
@@ -45,6 +45,13 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     .publish(&snapshot)
     .await
     .with_context(|| format!("publishing snapshot {}", snapshot.envelope.last_log_index))?;
+    if !report.already_published {
+        // Advisory: followers watching `latest` look now; without it they find the
+        // manifest at their next full listing.
+        if let Err(e) = crate::latest::write(&store, &config.cluster_id, &report.manifest).await {
+            tracing::warn!(error = %e, "cannot rewrite the store's latest object");
+        }
+    }
     if args.json {
         return super::print_json(&report);
     }

@@ -17,6 +17,7 @@ mod full_disk;
 mod gc;
 mod gc_interleavings;
 mod handover;
+mod hint;
 mod hostile_fs;
 mod incarnation;
 mod incremental;

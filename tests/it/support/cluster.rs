@@ -98,6 +98,11 @@ pub struct Cluster {
     pub node_bin: PathBuf,
     /// Extra `key = value` lines in every sidecar's `[daemon]` section.
     pub sidecar_daemon: String,
+    /// Extra `[daemon]` lines for one node's sidecar, by node id.
+    pub sidecar_daemon_for: std::collections::HashMap<u64, String>,
+    /// A node's sidecar's HTTP listen address, fixed before it starts (see
+    /// [`Cluster::sidecar_listen`]); otherwise a free port at each start.
+    pub sidecar_listen: std::collections::HashMap<u64, String>,
     /// A node's sidecar reaches the store another way (e.g. through its own proxy).
     pub sidecar_store: std::collections::HashMap<u64, StoreSection>,
     /// A node's sidecar talks to this socket instead of the node's own (a hook proxy).
@@ -155,6 +160,8 @@ impl Cluster {
             sidecar_config: Default::default(),
             node_bin,
             sidecar_daemon: String::new(),
+            sidecar_daemon_for: Default::default(),
+            sidecar_listen: Default::default(),
             sidecar_store: Default::default(),
             sidecar_hook: Default::default(),
             omit_node_id: false,
@@ -273,7 +280,11 @@ impl Cluster {
         let dir = node.dir.join("sidecar");
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("snaprelay.toml");
-        let metrics = format!("127.0.0.1:{}", free_port());
+        let metrics = self
+            .sidecar_listen
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("127.0.0.1:{}", free_port()));
         let state_dir = match state_dir {
             true => format!("state_dir = \"{}\"\n", self.sidecar_state_dir(id).display()),
             false => String::new(),
@@ -283,17 +294,29 @@ impl Cluster {
             false => format!("node_id = {id}\n"),
         };
         let store = self.sidecar_store.get(&id).unwrap_or(&self.store);
+        // Unless a test sets it, a follower lists on every poll, as before listings were
+        // scheduled: the flows that are not about propagation do not wait for a fallback.
+        let mut daemon = self.sidecar_daemon.clone();
+        let own = self
+            .sidecar_daemon_for
+            .get(&id)
+            .map(String::as_str)
+            .unwrap_or("");
+        if !daemon.contains("list_interval") && !own.contains("list_interval") {
+            daemon.push_str("list_interval = \"250ms\"\n");
+        }
         let hook = self.sidecar_hook.get(&id).unwrap_or(&node.socket);
         std::fs::write(
             &config,
             format!(
                 "cluster_id = \"e2e\"\n{node_id}{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"{}\"\n\
-                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n{state_dir}{}\n\
+                 [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n{state_dir}{}{}\n\
                  [metrics]\nlisten = \"{metrics}\"\n{}",
                 store.0,
                 hook.display(),
                 self.hook_timeout,
-                self.sidecar_daemon,
+                daemon,
+                self.sidecar_daemon_for.get(&id).map(String::as_str).unwrap_or(""),
                 self.sidecar_config.get(&id).map(String::as_str).unwrap_or(""),
             ),
         )
@@ -325,6 +348,15 @@ impl Cluster {
             log,
             child: Some(child),
         });
+    }
+
+    /// Fixes node `id`'s sidecar's HTTP listen address (before it starts: a leader's
+    /// `daemon.peers` names it), and returns it.
+    pub fn sidecar_listen(&mut self, id: u64) -> String {
+        self.sidecar_listen
+            .entry(id)
+            .or_insert_with(|| format!("127.0.0.1:{}", free_port()))
+            .clone()
     }
 
     /// SIGKILLs node `id`'s sidecar.
