@@ -192,7 +192,6 @@ struct App {
     store: StoreHandle<C>,
     hook: Arc<snaprelay_hook::StoreNode<C, Counters, LogStore>>,
 }
-
 type Rpc<T> = Json<Result<T, String>>;
 async fn append(State(a): State<App>, Json(r): Json<AppendEntriesRequest<C>>) -> Rpc<AppendEntriesResponse<C>> {
     Json(a.raft.append_entries(r).await.map_err(|e| e.to_string()))
@@ -253,15 +252,16 @@ async fn metrics(State(a): State<App>) -> Json<Value> {
         "snapshot_dir": a.store.dir().path(), "counts": a.counters.0.read().unwrap().counts,
     }))
 }
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(io::stderr).with_ansi(false).init();
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let need = |name: &str| arg(name).ok_or_else(|| anyhow::anyhow!("missing {name}"));
-    let (id, http, dir, socket) = (need("--id")?.parse()?, need("--http")?, need("--dir")?, need("--hook-socket")?);
-    let number = |name, default| arg(name).map_or(Ok(default), |v| v.parse::<u64>());
+    let num = |name: &str, v: String| v.parse::<u64>().map_err(|e| anyhow::anyhow!("{name} {v:?}: {e}"));
+    let (id, http, dir, socket) =
+        (num("--id", need("--id")?)?, need("--http")?, need("--dir")?, need("--hook-socket")?);
+    let number = |name, default| arg(name).map_or(Ok(default), |v| num(name, v));
     let policy = number("--snapshot-policy-logs", 500)?;
     let config = openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(policy),
