@@ -358,24 +358,12 @@ async fn fetch_block(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::test_data::{file_of, random};
     use crate::chunk::ChunkParams;
     use crate::manifest_v2::{self as v2, NewRepository};
     use crate::pack::upload::PartBudget;
     use crate::packer::pack_snapshot;
     use crate::store::{Store, StoreSettings, StoreUrl};
-    use rand::{RngCore, SeedableRng};
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-        v
-    }
-
-    fn file_of(data: &[u8]) -> Arc<File> {
-        let mut f = crate::chunk::scratch_file().unwrap();
-        std::io::Write::write_all(&mut f, data).unwrap();
-        Arc::new(f)
-    }
 
     fn contents(f: &File) -> Vec<u8> {
         let mut v = vec![0u8; f.metadata().unwrap().len() as usize];

@@ -271,19 +271,36 @@ pub fn index_to_scratch<R: Read>(
         .map_err(std::io::Error::other)
 }
 
+/// Data for the unit tests of the modules that cut, pack and assemble files.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_data {
+    use std::fs::File;
+    use std::sync::Arc;
+
     use rand::{RngCore, SeedableRng};
 
-    fn small() -> ChunkParams {
-        ChunkParams::new(4096, 16384, 65536).unwrap()
-    }
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
+    /// `len` bytes of seeded random data.
+    pub fn random(len: usize, seed: u64) -> Vec<u8> {
         let mut v = vec![0u8; len];
         rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
         v
+    }
+
+    /// An unlinked scratch file holding `data`.
+    pub fn file_of(data: &[u8]) -> Arc<File> {
+        let mut f = super::scratch_file().unwrap();
+        std::io::Write::write_all(&mut f, data).unwrap();
+        Arc::new(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_data::random;
+    use super::*;
+
+    fn small() -> ChunkParams {
+        ChunkParams::new(4096, 16384, 65536).unwrap()
     }
 
     #[test]

@@ -80,17 +80,7 @@ impl Repository {
     pub fn validate(&self) -> Result<(), String> {
         check_format(self.format)?;
         check_features(&self.features)?;
-        if self.incarnation.len() != 32
-            || !self
-                .incarnation
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(format!(
-                "incarnation {:?} is not 32 lowercase hex digits",
-                self.incarnation
-            ));
-        }
+        check_incarnation(&self.incarnation)?;
         self.chunking.validate()
     }
 }
@@ -114,16 +104,36 @@ fn check_format(format: u32) -> Result<(), String> {
 }
 
 fn check_features(features: &[String]) -> Result<(), String> {
+    check_known_features(features, FEATURES)
+}
+
+/// Every feature in `features` is one of `known`, and none is listed twice (shared by both
+/// descriptor formats).
+pub(crate) fn check_known_features(features: &[String], known: &[&str]) -> Result<(), String> {
     for (i, feature) in features.iter().enumerate() {
-        if !FEATURES.contains(&feature.as_str()) {
+        if !known.contains(&feature.as_str()) {
             return Err(format!(
                 "it requires feature {feature:?}, which this build does not implement (it \
-                 implements {FEATURES:?}): upgrade snaprelay"
+                 implements {known:?}): upgrade snaprelay"
             ));
         }
         if features[..i].contains(feature) {
             return Err(format!("feature {feature:?} is listed twice"));
         }
+    }
+    Ok(())
+}
+
+/// An incarnation is 32 lowercase hex digits (shared by both descriptor formats).
+pub(crate) fn check_incarnation(incarnation: &str) -> Result<(), String> {
+    if incarnation.len() != 32
+        || !incarnation
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(format!(
+            "incarnation {incarnation:?} is not 32 lowercase hex digits"
+        ));
     }
     Ok(())
 }

@@ -193,17 +193,7 @@ impl Repository {
     pub fn validate(&self) -> Result<(), String> {
         check_format(self.format)?;
         check_features(&self.features)?;
-        if self.incarnation.len() != 32
-            || !self
-                .incarnation
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
-            return Err(format!(
-                "incarnation {:?} is not 32 lowercase hex digits",
-                self.incarnation
-            ));
-        }
+        crate::manifest::check_incarnation(&self.incarnation)?;
         if self.chunk_id != CHUNK_ID_SHA256 {
             return Err(format!(
                 "chunk id scheme {:?} is not implemented by this build (it knows {CHUNK_ID_SHA256:?}): \
@@ -248,17 +238,7 @@ fn check_format(format: u32) -> Result<(), String> {
 }
 
 fn check_features(features: &[String]) -> Result<(), String> {
-    for (i, feature) in features.iter().enumerate() {
-        if !FEATURES.contains(&feature.as_str()) {
-            return Err(format!(
-                "it requires feature {feature:?}, which this build does not implement (it \
-                 implements {FEATURES:?}): upgrade snaprelay"
-            ));
-        }
-        if features[..i].contains(feature) {
-            return Err(format!("feature {feature:?} is listed twice"));
-        }
-    }
+    crate::manifest::check_known_features(features, FEATURES)?;
     if !features.iter().any(|f| f == "packs") {
         return Err(
             "it stores every chunk as an object of its own (a repository from before packs, \

@@ -441,13 +441,7 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{RngCore, SeedableRng};
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-        v
-    }
+    use crate::chunk::test_data::random;
 
     fn pack_of(blobs: &[(Vec<u8>, Encoding, u32, Digest)]) -> Vec<u8> {
         let mut pack = Vec::new();

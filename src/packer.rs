@@ -345,23 +345,11 @@ pub async fn pack_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunk::test_data::{file_of, random};
     use crate::chunk::ChunkParams;
     use crate::manifest_v2::{self as v2, NewRepository};
     use crate::pack::decode_blob;
     use crate::store::{Store, StoreSettings, StoreUrl};
-    use rand::{RngCore, SeedableRng};
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-        v
-    }
-
-    fn file_of(data: &[u8]) -> Arc<File> {
-        let mut f = crate::chunk::scratch_file().unwrap();
-        std::io::Write::write_all(&mut f, data).unwrap();
-        Arc::new(f)
-    }
 
     fn cut(data: &[u8], params: ChunkParams) -> Vec<(Digest, u64)> {
         crate::chunk::index_to_scratch(data, params)

@@ -733,11 +733,7 @@ impl Repo {
 
     /// Deletes a manifest (GC and tests).
     pub async fn delete_manifest(&self, id: &ManifestId) -> Result<()> {
-        let key = self.manifest_key(id);
-        match self.store.backend.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err("delete", &key)(e)),
-        }
+        delete_if_present(&self.store, &self.manifest_key(id)).await
     }
 
     /// Every chunk in the store with its stored size: one listing instead of a `head` per
@@ -925,23 +921,13 @@ impl Repo {
 
     /// Deletes a pack (GC and tests). Missing is fine.
     pub async fn delete_pack(&self, id: &PackId) -> Result<()> {
-        let key = self.pack_key(id);
-        match self.store.backend.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err("delete", &key)(e)),
-        }
+        delete_if_present(&self.store, &self.pack_key(id)).await
     }
 
     /// Writes raw bytes where a pack lives: for tests that plant damage.
     #[doc(hidden)]
     pub async fn put_raw_pack(&self, id: &PackId, body: Bytes) -> Result<()> {
-        let key = self.pack_key(id);
-        self.store
-            .backend
-            .put(&key, body.into())
-            .await
-            .map(|_| ())
-            .map_err(store_err("put", &key))
+        put_raw(&self.store, &self.pack_key(id), body).await
     }
 
     /// Writes (or rewrites) the lease object `name`; `body` says who holds it.
@@ -992,11 +978,7 @@ impl Repo {
 
     /// Deletes a lease object. Missing is fine.
     pub async fn delete_lease(&self, name: &str) -> Result<()> {
-        let key = self.lease_key(name);
-        match self.store.backend.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err("delete", &key)(e)),
-        }
+        delete_if_present(&self.store, &self.lease_key(name)).await
     }
 
     /// Whether the chunk exists, and its stored size.
@@ -1062,24 +1044,32 @@ impl Repo {
 
     /// Deletes a chunk (GC and tests). Missing is fine.
     pub async fn delete_chunk(&self, sha: &Digest) -> Result<()> {
-        let key = self.chunk_key(sha);
-        match self.store.backend.delete(&key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err("delete", &key)(e)),
-        }
+        delete_if_present(&self.store, &self.chunk_key(sha)).await
     }
 
     /// Writes raw bytes where a manifest or chunk lives: for tests that plant damage.
     #[doc(hidden)]
     pub async fn put_raw_manifest(&self, id: &ManifestId, body: Bytes) -> Result<()> {
-        let key = self.manifest_key(id);
-        self.store
-            .backend
-            .put(&key, body.into())
-            .await
-            .map(|_| ())
-            .map_err(store_err("put", &key))
+        put_raw(&self.store, &self.manifest_key(id), body).await
     }
+}
+
+/// Deletes `key`; one already gone is fine.
+async fn delete_if_present(store: &Store, key: &Path) -> Result<()> {
+    match store.backend.delete(key).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(store_err("delete", key)(e)),
+    }
+}
+
+/// Overwrites `key` with `body` (tests that plant damage).
+async fn put_raw(store: &Store, key: &Path, body: Bytes) -> Result<()> {
+    store
+        .backend
+        .put(key, body.into())
+        .await
+        .map(|_| ())
+        .map_err(store_err("put", key))
 }
 
 async fn put_create(store: &Store, key: &Path, body: Bytes) -> Result<()> {
