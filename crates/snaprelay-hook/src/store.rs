@@ -84,6 +84,21 @@ pub trait SnapshotApp<C: RaftTypeConfig>: Send + Sync + 'static {
     /// can become current, so this is the application's validation: refuse what it cannot
     /// use.
     fn decode(input: &mut dyn Read) -> io::Result<Self::State>;
+
+    /// Checks a snapshot's bytes without keeping the state, and answers the log id the
+    /// snapshot holds the state at: the validation of a snapshot the sidecar hands over,
+    /// before it can be staged. It runs on every adopted snapshot, beside the sha256 pass,
+    /// so it is on the path from the leader's snapshot to the follower's.
+    ///
+    /// It must refuse whatever [`SnapshotApp::decode`] would refuse: a staged snapshot is
+    /// decoded later (a restart loads it, a lagging follower is sent it). The default
+    /// decodes and drops the state; an application whose state is costly to build can check
+    /// the structure instead (the kv example checks its JSON's shape without allocating the
+    /// map: 2.4 s per GiB instead of 6.6).
+    fn check(input: &mut dyn Read) -> io::Result<Option<LogIdOf<C>>> {
+        let state = Self::decode(input)?;
+        Ok(Self::applied(&state).0)
+    }
 }
 
 /// A snapshot's data: its file, opened (reads keep working if the file is pruned
@@ -321,14 +336,19 @@ where
     CommittedLeaderIdOf<C>: CommittedTerm,
 {
     let state = A::decode(data)?;
-    let at = A::applied(&state).0.as_ref().map(log_id_ref);
+    check_label(A::applied(&state).0.as_ref().map(log_id_ref), label)?;
+    Ok(state)
+}
+
+/// That a snapshot named `label` holds the state at `label`.
+fn check_label(at: Option<LogIdRef>, label: LogIdRef) -> io::Result<()> {
     if at != Some(label) {
         let at = at.map_or("no log id".to_owned(), |a| a.to_string());
         return Err(invalid(format!(
             "it holds the state at {at}, not at {label}"
         )));
     }
-    Ok(state)
+    Ok(())
 }
 
 fn current_log_id<C>(snapshots: &Snapshots<C>) -> Option<LogIdRef>
@@ -580,9 +600,9 @@ where
     CommittedLeaderIdOf<C>: CommittedTerm,
 {
     fn validate(data: &mut dyn Read, log_id: LogIdRef) -> Result<(), String> {
-        decode_at::<C, A>(&mut io::BufReader::new(data), log_id)
-            .map(drop)
-            .map_err(|e| e.to_string())
+        let at = A::check(&mut io::BufReader::with_capacity(1 << 20, data))
+            .map_err(|e| e.to_string())?;
+        check_label(at.as_ref().map(log_id_ref), log_id).map_err(|e| e.to_string())
     }
 
     async fn force_save_snapshot(&mut self, incoming: Incoming) -> Result<StageOutcome, Refusal> {

@@ -596,7 +596,21 @@ mod tests {
         )
         .await;
         assert_eq!(status, 200, "{body}");
-        // Caught up (add-learner waits for that), the learner follows node 1: it says so.
+        // Caught up (add-learner waits for that), the learner follows node 1: it says so,
+        // once its raft core has published what the leader's entries told it (the leader
+        // can see the learner caught up before the learner's metrics say who leads).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while get(&learner.addr, "/metrics")
+            .await
+            .map(|m| m["leader"].clone())
+            != Some(json!(1))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the learner never named node 1 its leader"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         for (path, request) in [
             ("/change-membership", json!({"members": [1, 2]})),
             ("/add-learner", json!({"id": 3, "addr": "127.0.0.1:1"})),

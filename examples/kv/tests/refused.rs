@@ -5,8 +5,10 @@
 //! - `a_file_the_node_cannot_read_is_refused_before_staging` (root only: the node runs as
 //!   a user of its own): a 0600 file of another user in the incoming directory is answered
 //!   `unreadable`, never staged, and the node serves on.
-//! - `refused_snapshots_never_become_current_and_the_node_restarts`: a wrong sha256
-//!   (`checksum_mismatch`), `{"hello":"world"}` with its right sha256, a relabelled genuine
+//! - `refused_snapshots_never_become_current_and_the_node_restarts`: a wrong sha256, on a
+//!   genuine file or on garbage that does not validate either (`checksum_mismatch`: the
+//!   sha256 and the validation run at once, and the damaged handover is what is reported),
+//!   `{"hello":"world"}` with its right sha256, a relabelled genuine
 //!   snapshot and an envelope whose raft_meta disagrees (`invalid_snapshot`), another term at
 //!   a committed index (`log_mismatch`) are refused and removed; a far-future label is
 //!   `not_committed` (transient, file kept); nothing becomes current, the refusals are
@@ -168,6 +170,15 @@ async fn refused_snapshots_never_become_current_and_the_node_restarts() {
             "sha256",
         ),
         (
+            // Checked at once, both fail: the damaged handover is what is reported.
+            "garbage under a wrong sha256",
+            hello_envelope.clone(),
+            hello,
+            "cd".repeat(32),
+            ErrorCode::ChecksumMismatch,
+            "sha256",
+        ),
+        (
             "hello world",
             hello_envelope,
             hello,
@@ -215,7 +226,7 @@ async fn refused_snapshots_never_become_current_and_the_node_restarts() {
     assert_eq!(after.snapshot, before.snapshot, "nothing became current");
     assert_eq!(after.snapshot_path, before.snapshot_path);
     assert_eq!(after.snapshots_adopted, 0);
-    assert_eq!(after.snapshots_refused.get("checksum_mismatch"), Some(&1));
+    assert_eq!(after.snapshots_refused.get("checksum_mismatch"), Some(&2));
     assert_eq!(after.snapshots_refused.get("invalid_snapshot"), Some(&3));
     assert_eq!(
         after.snapshots_refused.get("log_mismatch"),
