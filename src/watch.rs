@@ -10,9 +10,11 @@ use tokio::sync::mpsc;
 
 use crate::snapdir;
 
-/// How long to let a burst of events settle (a snapshot commit is a rename of the envelope
-/// after the data file; several events arrive together).
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long to let a burst of events settle. Only committed envelopes count, and an envelope
+/// appears by a rename once its data file is complete and fsynced, so there is nothing to
+/// wait for but the other events of the same rename (create/moved-to/close): a few
+/// milliseconds, where every millisecond is one of propagation.
+const DEBOUNCE: Duration = Duration::from_millis(5);
 
 pub struct DirWatcher {
     dir: PathBuf,

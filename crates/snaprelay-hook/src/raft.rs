@@ -204,16 +204,16 @@ where
     Ok(meta)
 }
 
-/// The file checks: sha256 (one streaming pass) and the application's validation, on two
-/// threads at once over the same opened file (positioned reads, so the second pass comes
-/// from the page cache): the wall time is the slower of the two, not their sum. Blocking.
+/// The file checks: sha256 and the application's validation, in one pass over the file
+/// ([`crate::verify::IncomingFile::verify_sha256_while`]): the file is read once, and the
+/// hashing runs on another core beside the validation. Blocking.
 ///
 /// A checksum mismatch wins over a validation failure: garbage that does not validate
 /// because it is not the file the sidecar verified is a damaged handover, not a bad
 /// snapshot of the leader's.
 fn check_file<SM: AdoptSnapshot>(incoming: &Incoming, verify_sha256: bool) -> Result<(), Refusal> {
-    let validate = || {
-        SM::validate(&mut incoming.file.reader(), incoming.log_id()).map_err(|reason| {
+    let validate = |data: &mut dyn std::io::Read| {
+        SM::validate(data, incoming.log_id()).map_err(|reason| {
             Refusal::new(
                 ErrorCode::InvalidSnapshot,
                 format!(
@@ -225,23 +225,12 @@ fn check_file<SM: AdoptSnapshot>(incoming: &Incoming, verify_sha256: bool) -> Re
         })
     };
     if !verify_sha256 {
-        return validate();
+        return validate(&mut incoming.file.reader());
     }
-    let (hashed, validated) = std::thread::scope(|scope| {
-        let hashing = scope.spawn(|| {
-            incoming
-                .file
-                .verify_sha256(&incoming.sha256, &incoming.path)
-        });
-        let validated = validate();
-        let hashed = hashing.join().unwrap_or_else(|_| {
-            Err(Refusal::new(
-                ErrorCode::Internal,
-                format!("hashing {} panicked", incoming.path.display()),
-            ))
-        });
-        (hashed, validated)
-    });
+    let (hashed, validated) =
+        incoming
+            .file
+            .verify_sha256_while(&incoming.sha256, &incoming.path, validate);
     hashed.and(validated)
 }
 
@@ -424,10 +413,13 @@ where
             .await
             .map_err(|r| refuse(&incoming, r))?;
         let (verify, checked) = (self.verify_sha256, incoming.clone());
+        let started = Instant::now();
         let checks = tokio::task::spawn_blocking(move || check_file::<SM>(&checked, verify))
             .await
             .map_err(|e| NodeError::Internal(format!("checking snapshot {target}: {e}")))?;
         checks.map_err(|r| refuse(&incoming, r))?;
+        tracing::debug!(snapshot = %target, bytes = incoming.file.size(), elapsed_ms = started.elapsed().as_millis() as u64, "checked the leader's snapshot");
+        let started = Instant::now();
 
         let staged_incoming = incoming.clone();
         let staged = self
@@ -451,10 +443,12 @@ where
             }
         }
 
+        tracing::debug!(snapshot = %target, elapsed_ms = started.elapsed().as_millis() as u64, "staged the leader's snapshot");
+        let started = Instant::now();
         let applied = self.raft.metrics().borrow_watched().last_applied.index();
         if applied >= Some(target.index) {
             if adopt(&self.raft, target, self.adopt_timeout).await? {
-                tracing::info!(snapshot = %target, "adopted the leader's snapshot");
+                tracing::info!(snapshot = %target, elapsed_ms = started.elapsed().as_millis() as u64, "adopted the leader's snapshot");
                 return Ok(self.result(SaveOutcome::Adopted));
             }
             tracing::warn!(

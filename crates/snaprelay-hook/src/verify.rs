@@ -8,9 +8,9 @@
 //! cannot block the open. Every refusal is a [`Refusal`]: a protocol error code and a message
 //! naming the file and the reason.
 //!
-//! Then [`IncomingFile::verify_sha256`] hashes the opened file in one streaming pass (1 MiB
-//! positioned reads, bounded memory) and compares with the sha256 the sidecar claims; the
-//! application's validation reads the same opened file ([`IncomingFile::reader`]). Staging
+//! Then [`IncomingFile::verify_sha256_while`] runs the application's validation on the
+//! opened file and, in the same pass (1 MiB positioned reads, bounded memory, hashing on a
+//! thread of its own), compares the file's sha256 with the one the sidecar claims. Staging
 //! renames the file into the snapshot directory and checks, with [`IncomingFile::is_at`],
 //! that the staged name is the inode that was hashed.
 //!
@@ -104,7 +104,56 @@ impl IncomingFile {
     /// digits). Blocking: run it on a blocking thread. A mismatch, or a file that is not the
     /// size it was opened with, is [`ErrorCode::ChecksumMismatch`].
     pub fn verify_sha256(&self, expected: &str, shown: &Path) -> Result<(), Refusal> {
-        let actual = self.sha256().map_err(|e| {
+        let actual = self.sha256();
+        self.compare(actual, expected, shown)
+    }
+
+    /// Runs `read` on a reader of the file from its start and, in the same pass over the
+    /// file, verifies its sha256 as [`IncomingFile::verify_sha256`] does: every byte `read`
+    /// takes is also handed to a hashing thread, and what it leaves is read after it
+    /// returns. So the file is read from disk once (a just-fetched GiB the page cache no
+    /// longer holds costs one read, not two), and hashing runs beside `read` on another
+    /// core. Blocking.
+    pub fn verify_sha256_while<R>(
+        &self,
+        expected: &str,
+        shown: &Path,
+        read: impl FnOnce(&mut dyn Read) -> R,
+    ) -> (Result<(), Refusal>, R) {
+        use sha2::{Digest, Sha256};
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        std::thread::scope(|scope| {
+            let hashing = scope.spawn(move || {
+                let mut hasher = Sha256::new();
+                let mut total = 0u64;
+                for piece in rx {
+                    hasher.update(&piece);
+                    total += piece.len() as u64;
+                }
+                (hex(&hasher.finalize()), total)
+            });
+            let mut tee = TeeReader {
+                inner: self.reader(),
+                tx,
+            };
+            let answer = read(&mut tee);
+            let drained = std::io::copy(&mut tee, &mut std::io::sink());
+            drop(tee);
+            let hashed = hashing
+                .join()
+                .map_err(|_| std::io::Error::other("the hashing thread panicked"));
+            let actual = drained.and(hashed);
+            (self.compare(actual, expected, shown), answer)
+        })
+    }
+
+    fn compare(
+        &self,
+        actual: std::io::Result<(String, u64)>,
+        expected: &str,
+        shown: &Path,
+    ) -> Result<(), Refusal> {
+        let actual = actual.map_err(|e| {
             Refusal::new(
                 ErrorCode::Internal,
                 format!("reading {}: {e}", shown.display()),
@@ -162,9 +211,32 @@ pub fn sha256_of(input: &mut dyn Read) -> std::io::Result<(String, u64)> {
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok((hex, total))
+    Ok((hex(&hasher.finalize()), total))
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads `inner` and sends a copy of every piece read to a hashing thread. A hashing thread
+/// that is gone (it cannot be, short of a panic, reported when it is joined) only stops
+/// the copies.
+struct TeeReader<R> {
+    inner: R,
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl<R: Read> Read for TeeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // At most 1 MiB a call: a caller reading to the end asks for its whole spare
+        // capacity, and each piece is copied for the hashing thread (4 in flight).
+        let limit = buf.len().min(1 << 20);
+        let n = self.inner.read(&mut buf[..limit])?;
+        if n > 0 {
+            let _ = self.tx.send(buf[..n].to_vec());
+        }
+        Ok(n)
+    }
 }
 
 struct PositionedReader<'a> {
@@ -300,6 +372,34 @@ mod tests {
         fs::write(dir.path().join("a.bin"), b"abcd").unwrap();
         let err = file.verify_sha256(abc, &shown).unwrap_err();
         assert!(err.message.contains("changed size"), "{err}");
+    }
+
+    #[test]
+    fn one_pass_hashes_the_whole_file_however_much_the_reader_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.path().join("a.bin"), &data).unwrap();
+        let file = open_incoming(dir.path(), "a.bin", data.len() as u64).unwrap();
+        let shown = dir.path().join("a.bin");
+        let (right, _) = sha256_of(&mut &data[..]).unwrap();
+        // Reads nothing, one byte, everything: the hash covers the whole file each time.
+        for take in [0usize, 1, data.len()] {
+            let (hashed, got) = file.verify_sha256_while(&right, &shown, |r| {
+                let mut head = Vec::new();
+                r.take(take as u64).read_to_end(&mut head).unwrap();
+                head
+            });
+            hashed.unwrap();
+            assert_eq!(got, data[..take], "the reader saw the file from its start");
+        }
+        let (hashed, ()) = file.verify_sha256_while(&"0".repeat(64), &shown, |_| ());
+        let err = hashed.unwrap_err();
+        assert_eq!(err.code, ErrorCode::ChecksumMismatch);
+        assert!(err.message.contains(&right), "{err}");
+        // Grown after it was opened: the one pass sees it too.
+        fs::write(&shown, [&data[..], b"more"].concat()).unwrap();
+        let (hashed, ()) = file.verify_sha256_while(&right, &shown, |_| ());
+        assert!(hashed.unwrap_err().message.contains("changed size"));
     }
 
     #[test]

@@ -109,10 +109,15 @@ impl SnapshotApp<TypeConfig> for KvApp {
         serde_json::from_reader(input).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
-    /// The same parse as [`KvApp::decode`], without building the map: a GiB of it is
-    /// checked in 2.4 s instead of decoded in 6.6 (and dropped).
+    /// The same grammar as [`KvApp::decode`], without building the map, parsed from memory
+    /// (`serde_json` parses a slice several times faster than a reader): a GiB of small
+    /// records is checked in 1.9 s instead of decoded in 6.6. It holds a copy of the file
+    /// meanwhile, less than decoding it did (the map's nodes and strings), for a state this
+    /// application keeps whole in memory anyway.
     fn check(input: &mut dyn Read) -> io::Result<Option<LogId>> {
-        let shape: KvShape = serde_json::from_reader(input)
+        let mut bytes = Vec::new();
+        input.read_to_end(&mut bytes)?;
+        let shape: KvShape = serde_json::from_slice(&bytes)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         Ok(shape.last_applied)
     }
@@ -484,6 +489,11 @@ mod tests {
             }
         }
         assert_eq!(accepted, 6, "the accepted cases are the ones meant to be");
+        let mut not_utf8 = with_data(r#"{"a":"xy"}"#).into_bytes();
+        let at = not_utf8.iter().position(|&b| b == b'x').unwrap();
+        not_utf8[at] = 0xff;
+        assert!(KvApp::decode(&mut &not_utf8[..]).is_err());
+        assert!(KvApp::check(&mut &not_utf8[..]).is_err());
         let invalid = KvApp::check(&mut with_data(r#"{"a":1}"#).as_bytes()).unwrap_err();
         assert!(
             invalid.to_string().contains("expected a string"),
