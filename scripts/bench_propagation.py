@@ -255,6 +255,9 @@ def main():
     ap.add_argument("--sizes", default="64MiB,1GiB")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, ".tools", "bench", "propagation.md"))
+    ap.add_argument("--work-dir", default=os.path.join(ROOT, ".tools"),
+                    help="where the nodes' and sidecars' directories go (default .tools): put it "
+                         "on another file system (an XFS mount, say) to measure that one")
     ap.add_argument("--bin-dir", help="use the kv-node and snaprelay binaries in this dir instead of "
                                       "`cargo build --release`")
     ap.add_argument("--server-wait", type=float, default=0.0,
@@ -283,7 +286,7 @@ def main():
         for size_text in args.sizes.split(","):
             size = parse_size(size_text)
             keys = max(1, size // VALUE_BYTES)
-            work = tempfile.mkdtemp(prefix="snaprelay-prop-", dir=os.path.join(ROOT, ".tools"))
+            work = tempfile.mkdtemp(prefix="snaprelay-prop-", dir=args.work_dir)
             cluster = Cluster(work, env, f"bench-prop/{int(time.time())}-{size_text}",
                               hints=not args.no_hints)
             cluster.last_index = 0
@@ -361,6 +364,9 @@ def main():
                                  for i, (kinds, per_hour) in sorted(idle.items())))
     lines.append("")
     lines.append("hints: " + ("off (--no-hints)" if args.no_hints else "on"))
+    fstype = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", args.work_dir],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    lines.append(f"nodes' and sidecars' directories: {args.work_dir} ({fstype})")
     report = "\n".join(lines)
     print("\n" + report)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

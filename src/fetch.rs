@@ -4,8 +4,10 @@
 //! The file is assembled in a hidden staging file next to its final name
 //! (`.<data>.partial`, never read by a node). Each chunk comes from the first of: the staging
 //! file itself (a previous attempt that was killed), a local snapshot that has the chunk,
-//! or the store, `concurrency` at a time. Every chunk's sha256 is checked before its bytes
-//! are written, and the whole file's sha256 before it is renamed into place; the envelope is
+//! or the store, `concurrency` at a time. A chunk from a local snapshot is written by having
+//! the kernel copy its range (shared blocks on XFS and btrfs, see [`copy_range`]). Every
+//! chunk from the store has its sha256 checked before its bytes are written, and the whole
+//! file's sha256 before it is renamed into place; the envelope is
 //! written last, so a node sees the snapshot whole or not at all. On an error the staging
 //! file is removed and the target directory is as it was; a daemon's fetcher
 //! ([`Fetcher::resumable`]) keeps it instead unless the manifest itself is at fault, so the
@@ -123,11 +125,16 @@ pub async fn local_sources(repo: &Repo, dir: &Path, limit: usize) -> Result<Vec<
 }
 
 /// Where a chunk's bytes came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 enum Origin {
     /// Already in the staging file at the right offset: nothing to write.
     InPlace,
-    Local,
+    /// Read (for the whole-file hash) from `file` at `offset`; written by copying that range
+    /// in the kernel ([`copy_range`]).
+    Local {
+        file: Arc<File>,
+        offset: u64,
+    },
     Store,
 }
 
@@ -325,18 +332,19 @@ impl<'a> Fetcher<'a> {
             while let Some(piece) = rx.blocking_recv() {
                 hasher.feed(piece.bytes.clone());
                 let len = piece.bytes.len() as u64;
-                match piece.origin {
+                match &piece.origin {
                     Origin::InPlace => {}
-                    Origin::Local | Origin::Store => {
-                        writer_file.write_all_at(&piece.bytes, piece.offset)?
+                    Origin::Local { file, offset } => {
+                        copy_range(file, *offset, &writer_file, piece.offset, &piece.bytes)?
                     }
+                    Origin::Store => writer_file.write_all_at(&piece.bytes, piece.offset)?,
                 }
                 match piece.origin {
                     Origin::Store => {
                         counts.transferred += 1;
                         counts.bytes_transferred += len;
                     }
-                    Origin::InPlace | Origin::Local => {
+                    Origin::InPlace | Origin::Local { .. } => {
                         counts.reused += 1;
                         counts.bytes_reused += len;
                     }
@@ -427,7 +435,10 @@ impl<'a> Fetcher<'a> {
                 return Ok(Piece {
                     offset,
                     bytes,
-                    origin: Origin::Local,
+                    origin: Origin::Local {
+                        file: found.file.clone(),
+                        offset: found.offset,
+                    },
                 });
             }
             tracing::warn!(chunk = %sha, "local copy of a chunk does not verify; downloading it");
@@ -772,6 +783,57 @@ fn index_sources(sources: &[ReuseSource], manifest: &Manifest) -> HashMap<Digest
     found
 }
 
+/// Writes `bytes`, just read from `from` at `from_offset`, to `to` at `to_offset`. Where
+/// the two offsets sit alike in their file system blocks, the whole blocks of the range are
+/// copied by the kernel (`copy_file_range`): on a file system with reflinks (XFS, btrfs)
+/// they are shared instead of written, so an incremental fetch writes little more than it
+/// downloaded. The partial blocks at either end, the whole range when the offsets do not
+/// line up (the blocks could not be shared), and whatever the kernel will not copy (another
+/// file system, no reflinks: an in-kernel copy costs what a write does) are written from
+/// `bytes`.
+///
+/// The bytes hashed are the ones read, the bytes shared the ones in the source a moment
+/// later: a writer that changed the range in between (only the node's user or root can
+/// write the node's snapshot files) would go unseen here, and is caught by the node, which
+/// hashes the file it stages.
+fn copy_range(
+    from: &File,
+    from_offset: u64,
+    to: &File,
+    to_offset: u64,
+    bytes: &[u8],
+) -> io::Result<()> {
+    const BLOCK: u64 = 4096;
+    let len = bytes.len() as u64;
+    let first = to_offset.next_multiple_of(BLOCK);
+    let last = (to_offset + len) / BLOCK * BLOCK;
+    if from_offset % BLOCK != to_offset % BLOCK || first >= last {
+        return to.write_all_at(bytes, to_offset);
+    }
+    let head = (first - to_offset) as usize;
+    to.write_all_at(&bytes[..head], to_offset)?;
+    let (mut off_in, mut off_out) = (from_offset + head as u64, first);
+    while off_out < last {
+        let left = (last - off_out) as usize;
+        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), left) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP,
+            ) => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // What the kernel did not copy (the source shorter than it was, or no
+    // copy_file_range here), and the partial block at the end.
+    let done = (off_out - to_offset) as usize;
+    to.write_all_at(&bytes[done..], off_out)
+}
+
 /// Reads `len` bytes at `offset`; with `expect`, returns them only if they hash to it.
 async fn read_chunk(
     file: Arc<File>,
@@ -794,6 +856,48 @@ async fn read_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whatever the alignment, and when the source no longer holds what was read, the
+    /// destination range ends up holding exactly the bytes that were read (and hashed).
+    #[test]
+    fn copied_ranges_hold_the_bytes_read_whatever_the_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        std::fs::write(dir.path().join("src"), &source).unwrap();
+        let from = File::open(dir.path().join("src")).unwrap();
+        let cases = [
+            (0, 0, 100_000),
+            (4096, 8192, 65_536),
+            (4000, 8096, 70_000),
+            (4000, 8000, 70_000),
+            (10, 20, 100),
+            (8191, 4095, 4098),
+            (0, 4096, 300_000),
+        ];
+        for (from_offset, to_offset, len) in cases {
+            let to = tempfile::tempfile_in(dir.path()).unwrap();
+            to.set_len(to_offset + len as u64 + 5000).unwrap();
+            let end = (from_offset as usize + len).min(source.len());
+            let bytes = &source[from_offset as usize..end];
+            copy_range(&from, from_offset, &to, to_offset, bytes).unwrap();
+            let mut back = vec![0u8; bytes.len()];
+            to.read_exact_at(&mut back, to_offset).unwrap();
+            assert!(back == bytes, "{from_offset} -> {to_offset}, {len} bytes");
+        }
+        // The source shrank since it was read: the rest comes from the bytes read.
+        let read = source[4096..4096 + 65_536].to_vec();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("src"))
+            .unwrap()
+            .set_len(4096 + 10_000)
+            .unwrap();
+        let to = tempfile::tempfile_in(dir.path()).unwrap();
+        copy_range(&from, 4096, &to, 4096, &read).unwrap();
+        let mut back = vec![0u8; read.len()];
+        to.read_exact_at(&mut back, 4096).unwrap();
+        assert!(back == read, "short source");
+    }
 
     #[test]
     fn only_the_names_fetches_write_are_ours() {
