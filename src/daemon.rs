@@ -920,7 +920,7 @@ impl Daemon {
                 self.schedule.wake();
                 self.incoming_dirty = true;
             }
-            Ended::Stale | Ended::Refused(_) | Ended::Failed(_) => {
+            Ended::Stale | Ended::Refused(_) | Ended::BadChunk(_) | Ended::Failed(_) => {
                 self.abandoned = Some(report.id);
             }
             Ended::Cancelled => {}

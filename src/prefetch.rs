@@ -63,9 +63,11 @@ pub enum Ended {
     Gone,
     /// The object did not change for `stale_after`. The staging file is removed.
     Stale,
-    /// The object (or a chunk it lists) was refused, for this reason. The staging file is
-    /// removed.
+    /// The object was refused, for this reason. The staging file is removed.
     Refused(String),
+    /// A chunk it lists is missing from the store or does not match its sha256 (the
+    /// reason). The staging file is removed.
+    BadChunk(String),
     /// The staging file could not be written (a local problem, not the object's). It is
     /// removed.
     Failed(String),
@@ -135,11 +137,11 @@ impl Prefetch {
                 self.metrics.inprogress_refused("stale");
                 self.discard();
             }
-            Ended::Refused(reason) => {
+            Ended::Refused(reason) | Ended::BadChunk(reason) => {
                 tracing::warn!(object = %location, reason, "in-progress object refused; not prefetching that snapshot");
-                let label = match reason.starts_with("chunk ") {
-                    true => "chunk_mismatch",
-                    false => "invalid",
+                let label = match ended {
+                    Ended::BadChunk(_) => "chunk_mismatch",
+                    _ => "invalid",
                 };
                 self.metrics.inprogress_refused(label);
                 self.discard();
@@ -309,7 +311,7 @@ impl Prefetch {
                         state.report.skipped += 1;
                     }
                 }
-                Err(Stopped::Refused(reason)) => return Err(Ended::Refused(reason)),
+                Err(Stopped::Refused(reason)) => return Err(Ended::BadChunk(reason)),
                 Err(Stopped::Transient(e)) => {
                     // What was written stays; the rest is tried again at the next poll.
                     tracing::debug!(error = %e, "a prefetch download failed; retrying at the next poll");
