@@ -808,18 +808,12 @@ impl Daemon {
     /// list, unless the last listing holds it already; a publish announced in progress is
     /// a reason to prefetch (started by the next step), not to list.
     fn latest_changed(&mut self, latest: Option<Latest>) {
-        let listed = |manifest: &str| {
-            let Some(id) = ManifestId::parse(manifest) else {
-                return false;
-            };
-            self.listing
-                .as_ref()
-                .is_some_and(|l| l.entries.iter().any(|e| e.id == id))
-        };
-        match &latest {
-            Some(l) if self.latest_manifest.as_deref() == Some(l.manifest.as_str()) => {}
-            Some(l) if listed(&l.manifest) => {}
-            _ => self.schedule.wake(),
+        if worth_listing(
+            latest.as_ref(),
+            self.latest_manifest.as_deref(),
+            self.listing.as_ref(),
+        ) {
+            self.schedule.wake();
         }
         self.latest_manifest = latest.as_ref().map(|l| l.manifest.clone());
         self.publishing = latest.and_then(|l| l.publishing).map(|p| (p.index, p.term));
@@ -1403,6 +1397,21 @@ fn is_fatal(err: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether a change of `latest` (now `latest`, naming `before` last time) is a reason to
+/// list: it names a manifest it did not name before and that the last listing lacks, or it
+/// cannot be read. A change that only announces a publish in progress is not.
+fn worth_listing(latest: Option<&Latest>, before: Option<&str>, listing: Option<&Listing>) -> bool {
+    let Some(latest) = latest else {
+        return true;
+    };
+    if before == Some(latest.manifest.as_str()) {
+        return false;
+    }
+    let listed = ManifestId::parse(&latest.manifest)
+        .is_some_and(|id| listing.is_some_and(|l| l.entries.iter().any(|e| e.id == id)));
+    !listed
+}
+
 /// The report of the running prefetch once it ends (`None` if its task panicked).
 async fn prefetch_done(prefetch: &mut Option<RunningPrefetch>) -> Option<PrefetchReport> {
     match prefetch {
@@ -1620,6 +1629,45 @@ mod tests {
         assert_eq!(count(Kind::List), 14);
         assert_eq!(units, 361 + 14 * 12);
         assert!(units <= 600, "{units} request units in an idle hour");
+    }
+
+    #[test]
+    fn only_a_new_manifest_in_latest_is_worth_a_listing() {
+        let latest = |index: u64, publishing: Option<u64>| Latest {
+            cluster_id: "c".into(),
+            manifest: manifest(index).file_name(),
+            written_at: chrono::Utc::now(),
+            publishing: publishing.map(|index| crate::latest::Publishing { index, term: 2 }),
+        };
+        let listing = Listing {
+            after: Some(10),
+            entries: vec![ManifestEntry {
+                id: manifest(12),
+                stored_size: 1,
+                last_modified: None,
+            }],
+        };
+        let seen = manifest(11).file_name();
+        // Unreadable, or the first look: list.
+        assert!(worth_listing(None, Some(&seen), Some(&listing)));
+        assert!(worth_listing(Some(&latest(11, None)), None, None));
+        // A publish starts: same manifest, nothing to list; the prefetch starts instead.
+        assert!(!worth_listing(
+            Some(&latest(11, Some(13))),
+            Some(&seen),
+            Some(&listing)
+        ));
+        // A new manifest, unless the listing (woken by the prefetch's end) has it already.
+        assert!(worth_listing(
+            Some(&latest(13, None)),
+            Some(&seen),
+            Some(&listing)
+        ));
+        assert!(!worth_listing(
+            Some(&latest(12, None)),
+            Some(&seen),
+            Some(&listing)
+        ));
     }
 
     #[test]

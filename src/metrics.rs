@@ -155,6 +155,8 @@ metrics! {
         "Wake-up hints refused on POST /hint, by reason (rate_limited, malformed, wrong_cluster)";
     prefetched_bytes: Counter = Counter::default(), "prefetched_bytes",
         "Follower: bytes of a publish in progress downloaded, checked and written into its staging file before its manifest landed";
+    prefetched_chunks: Counter = Counter::default(), "prefetched_chunks",
+        "Follower: chunks of a publish in progress downloaded before its manifest landed (a GET each)";
     inprogress_refused: Labelled<Counter> = Family::default(), "inprogress_refused",
         "Follower: in-progress objects given up on, by reason (invalid: refused as malformed or inconsistent; chunk_mismatch: a listed chunk is missing or does not match its sha256; stale: it stopped changing)";
     propagation: Histogram = Histogram::new(PROPAGATION_BUCKETS), "propagation_seconds",
@@ -400,9 +402,10 @@ impl Metrics {
             .inc();
     }
 
-    /// Bytes a prefetch wrote into a staging file.
+    /// A chunk of `bytes` a prefetch wrote into a staging file.
     pub fn prefetched(&self, bytes: u64) {
         self.inner.prefetched_bytes.inc_by(bytes);
+        self.inner.prefetched_chunks.inc();
     }
 
     /// An in-progress object given up on; `reason` is one of [`INPROGRESS_REFUSED`]
@@ -544,7 +547,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 38] = [
+    const FAMILIES: [(&str, &str); 39] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -580,6 +583,7 @@ pub(crate) mod tests {
         ("snaprelay_hints_received_total", "counter"),
         ("snaprelay_hints_ignored_total", "counter"),
         ("snaprelay_prefetched_bytes_total", "counter"),
+        ("snaprelay_prefetched_chunks_total", "counter"),
         ("snaprelay_inprogress_refused_total", "counter"),
         ("snaprelay_propagation_seconds", "histogram"),
         ("snaprelay_build_info", "gauge"),
