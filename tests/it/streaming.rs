@@ -27,7 +27,9 @@ use snaprelay::publish::{PublishReport, Publisher};
 use snaprelay::repo::Repo;
 use snaprelay::snapdir::{self, Snapshot};
 use snaprelay::store::{Store, StoreSettings, StoreUrl};
+use support::cluster::{Cluster, StoreSection};
 use support::gate::GateStore;
+use support::http_gate::HttpGate;
 use tokio_util::sync::CancellationToken;
 
 const CLUSTER: &str = "stream";
@@ -470,4 +472,175 @@ async fn without_streaming_a_publish_announces_nothing() {
     assert!(latest.is_err(), "the publisher wrote latest");
     gate.open();
     publishing.await.unwrap();
+}
+
+/// The newest snapshot's size in `dir` (a node's snapshot directory).
+fn newest_size(dir: &Path) -> u64 {
+    snapdir::scan(dir)
+        .unwrap()
+        .snapshots
+        .last()
+        .expect("a snapshot")
+        .envelope
+        .size
+}
+
+/// The hidden staging files in a node's incoming directory.
+fn staging_files(incoming: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(incoming)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(".partial"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Starts three `kv-node`s with their sidecars, the leader's reaching the S3 server through
+/// a gate that holds its manifest PUTs, every follower probing `latest` every 200 ms.
+async fn gated_cluster(
+    s3: &support::S3,
+    prefix: &str,
+    gate: &HttpGate,
+    daemon: &str,
+) -> (Cluster, u64, Vec<u64>) {
+    let mut c = Cluster::start_nodes(
+        3,
+        StoreSection::s3(s3, prefix),
+        &["--snapshot-policy-logs", "1000000"],
+    )
+    .await;
+    let leader = c.leader(1).await.expect("a leader");
+    let followers: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    c.sidecar_store.insert(
+        leader,
+        StoreSection(format!(
+            "[store]\nurl = \"{}\"\nendpoint = \"{}\"\nallow_http = true\n",
+            s3.url(prefix),
+            gate.endpoint()
+        )),
+    );
+    c.sidecar_daemon = format!("store_probe_interval = \"200ms\"\n{daemon}");
+    for id in 1..=3 {
+        c.start_sidecar(id);
+    }
+    (c, leader, followers)
+}
+
+fn log_id(v: &serde_json::Value) -> Option<(u64, u64)> {
+    Some((v["term"].as_u64()?, v["index"].as_u64()?))
+}
+
+/// The same, with real `kv-node` and `snaprelay run` processes: while the leader's
+/// manifest PUT is held, both followers' sidecars (learning of the publish from `latest`)
+/// prefetch the whole snapshot into their staging files, and no node adopts anything; once
+/// it is released, both adopt with nothing downloaded after the manifest.
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_prefetch_a_publish_whose_manifest_is_held_and_download_nothing_after() {
+    let Some(s3) = support::s3(
+        "sidecars_prefetch_a_publish_whose_manifest_is_held_and_download_nothing_after",
+    ) else {
+        return;
+    };
+    let gate = HttpGate::start(&s3.endpoint, "manifests").await;
+    let prefix = support::unique("stream");
+    let (c, leader, followers) = gated_cluster(&s3, &prefix, &gate, "").await;
+    c.write_keys("a", 40, 100 << 10).await;
+    c.post(leader, "/snapshot", serde_json::json!({})).await;
+    tokio::time::timeout(Duration::from_secs(60), gate.arrived())
+        .await
+        .expect("the leader's manifest PUT reaches the gate");
+    let snapshot = log_id(&c.metrics(leader).await["snapshot"]).expect("the leader's snapshot");
+    let size = newest_size(&c.node(leader).snapshot_dir());
+    for &f in &followers {
+        c.wait_for(
+            &format!("node {f}'s sidecar to prefetch the whole snapshot"),
+            Duration::from_secs(30),
+            || async {
+                let bytes = c
+                    .sidecar_metric(f, "snaprelay_prefetched_bytes_total")
+                    .await?;
+                (bytes >= size as f64).then_some(())
+            },
+        )
+        .await;
+        let m = c.metrics(f).await;
+        assert_eq!(
+            log_id(&m["snapshot"]),
+            None,
+            "node {f} adopted before the manifest"
+        );
+        let staged = staging_files(Path::new(m["incoming_dir"].as_str().unwrap()));
+        assert_eq!(staged.len(), 1, "{staged:?}");
+        assert_eq!(std::fs::metadata(&staged[0]).unwrap().len(), size);
+    }
+    gate.open();
+    for &f in &followers {
+        c.wait_for(
+            &format!("node {f} to adopt {snapshot:?}"),
+            Duration::from_secs(60),
+            || async { (log_id(&c.metrics(f).await["snapshot"]) == Some(snapshot)).then_some(()) },
+        )
+        .await;
+        // Every byte came from the prefetch: the fetch downloaded nothing.
+        assert_eq!(
+            c.sidecar_metric(f, "snaprelay_fetch_bytes_total").await,
+            Some(0.0)
+        );
+        assert_eq!(
+            c.sidecar_metric(f, "snaprelay_prefetched_bytes_total")
+                .await,
+            Some(size as f64)
+        );
+    }
+}
+
+/// Streaming off (`daemon.streaming = false` everywhere): the publish announces nothing, so
+/// while its manifest is held nothing is in progress in the store and nothing is
+/// prefetched; after it, the followers download the whole snapshot, as before streaming.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_streaming_off_sidecars_fetch_only_after_the_manifest() {
+    let Some(s3) = support::s3("with_streaming_off_sidecars_fetch_only_after_the_manifest") else {
+        return;
+    };
+    let gate = HttpGate::start(&s3.endpoint, "manifests").await;
+    let prefix = support::unique("stream");
+    let (c, leader, followers) = gated_cluster(&s3, &prefix, &gate, "streaming = false\n").await;
+    c.write_keys("a", 20, 100 << 10).await;
+    c.post(leader, "/snapshot", serde_json::json!({})).await;
+    tokio::time::timeout(Duration::from_secs(60), gate.arrived())
+        .await
+        .expect("the leader's manifest PUT reaches the gate");
+    let snapshot = log_id(&c.metrics(leader).await["snapshot"]).expect("the leader's snapshot");
+    let size = newest_size(&c.node(leader).snapshot_dir());
+    // Every chunk is in the store now, and no in-progress object is.
+    let store = Store::open(&s3.settings(&prefix)).unwrap();
+    let repo = Repo::open(store, "e2e").await.unwrap();
+    let read = repo
+        .read_inprogress(snapshot.1, snapshot.0, None, MAX_BODY)
+        .await
+        .unwrap();
+    assert!(
+        matches!(read, snaprelay::repo::InProgressRead::Missing),
+        "{read:?}"
+    );
+    gate.open();
+    for &f in &followers {
+        c.wait_for(
+            &format!("node {f} to adopt {snapshot:?}"),
+            Duration::from_secs(60),
+            || async { (log_id(&c.metrics(f).await["snapshot"]) == Some(snapshot)).then_some(()) },
+        )
+        .await;
+        assert_eq!(
+            c.sidecar_metric(f, "snaprelay_prefetched_bytes_total")
+                .await,
+            Some(0.0)
+        );
+        assert_eq!(
+            c.sidecar_metric(f, "snaprelay_fetch_bytes_total").await,
+            Some(size as f64)
+        );
+    }
 }

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod faults;
 pub mod gate;
 pub mod hook_proxy;
+pub mod http_gate;
 pub mod interleave;
 pub mod proxy;
 
