@@ -930,10 +930,14 @@ impl Daemon {
         if let Some(running) = self.prefetch.take() {
             running.cancel.cancel();
             if let Ok(report) = running.task.await {
-                tracing::debug!(
+                tracing::info!(
+                    stage = "prefetch",
                     index = report.id.0,
-                    bytes = report.bytes,
-                    "prefetch stopped"
+                    term = report.id.1,
+                    downloaded = report.bytes,
+                    chunks = report.chunks,
+                    polls = report.polls,
+                    "prefetch stopped (a fetch, a role change or shutdown)"
                 );
             }
         }
