@@ -16,12 +16,17 @@ incremental snapshot), asks the leader for a snapshot, and measures
 and, per round, each stage: when the leader's publish ended and how long it took, when each
 follower's fetch started and ended, when it adopted (all as seconds after t0), and the
 ratio propagation / publish. The leader's sidecar hints the followers' (`daemon.peers`)
-unless --no-hints; the other daemon settings are the defaults (`store_probe_interval` 10 s,
-`list_interval` 5 min).
+unless --no-hints; followers fetch the chunks of a publish while it runs (`daemon.streaming`)
+unless --no-streaming; the other daemon settings are the defaults (`store_probe_interval`
+10 s, `list_interval` 5 min, `streaming_poll_interval` 250 ms). With streaming, each round
+also shows how much each follower prefetched before the manifest landed
+(`snaprelay_prefetched_bytes_total`).
 
 The store bill comes from each sidecar's `snaprelay_store_requests_total{kind}`, scraped from
 its /metrics before and after: per adopted snapshot and follower, the requests beyond the
-chunk reads (GETs minus `snaprelay_chunks_transferred_total{direction="download"}`), and,
+chunk reads (GETs minus `snaprelay_chunks_transferred_total{direction="download"}` and
+minus `snaprelay_prefetched_chunks_total`: what is left is what streaming and the rest of
+the protocol cost), and,
 after the rounds, an idle window (--idle-seconds, default 310: longer than the 5 min full
 listing) per follower, scaled to an hour, in request units (a GET or HEAD 1, a LIST or PUT
 12: S3's price ratio).
@@ -32,7 +37,7 @@ ports, on every port shifted by --alt-port-offset.
 
 Usage: scripts/bench_propagation.py [--sizes 64MiB,1GiB] [--rounds 3] [--out FILE]
                                     [--bin-dir target/release] [--server-wait 0] [--alt-port-offset 120]
-                                    [--no-hints] [--idle-seconds 310] [--keep]
+                                    [--no-hints] [--no-streaming] [--idle-seconds 310] [--keep]
 """
 import argparse
 import base64
@@ -121,9 +126,14 @@ def bill(before, after):
     """{kind: requests} between two scrapes, plus the chunk downloads."""
     kinds = {k: after.get(f'snaprelay_store_requests_total{{kind="{k}"}}', 0)
              - before.get(f'snaprelay_store_requests_total{{kind="{k}"}}', 0) for k in UNITS}
-    chunks = (after.get('snaprelay_chunks_transferred_total{direction="download"}', 0)
-              - before.get('snaprelay_chunks_transferred_total{direction="download"}', 0))
+    chunks = sum(after.get(k, 0) - before.get(k, 0)
+                 for k in ('snaprelay_chunks_transferred_total{direction="download"}',
+                           'snaprelay_prefetched_chunks_total'))
     return kinds, chunks
+
+
+def prefetched(before, after):
+    return after.get("snaprelay_prefetched_bytes_total", 0) - before.get("snaprelay_prefetched_bytes_total", 0)
 
 
 def units(kinds):
@@ -136,7 +146,7 @@ def fetched_bytes(log_path, index):
 
 
 class Cluster:
-    def __init__(self, work, env, prefix, hints=True):
+    def __init__(self, work, env, prefix, hints=True, streaming=True):
         self.work, self.procs, self.nodes = work, [], {}
         for i in (1, 2, 3):
             d = os.path.join(work, f"node{i}")
@@ -168,6 +178,7 @@ class Cluster:
                         f'endpoint = "{env["SNAPRELAY_TEST_S3_ENDPOINT"]}"\nallow_http = true\n'
                         f'[node]\nhook_socket = "{n["sock"]}"\n[daemon]\npoll_interval = "1s"\n'
                         + (f'peers = [{peers}]\n' if hints else '')
+                        + ('' if streaming else 'streaming = false\n')
                         + f'[metrics]\nlisten = "{n["listen"]}"\n')
             n["log"] = os.path.join(n["dir"], "snaprelay.log")
             penv = dict(os.environ, **env)
@@ -210,6 +221,7 @@ class Cluster:
         # The adoption's requests are all made once it is logged.
         after = self.scrape_followers()
         self.bills = {i: bill(scraped[i], after[i]) for i in followers}
+        self.prefetched = [prefetched(scraped[i], after[i]) for i in followers]
         # Where the time went: when each stage line was logged (s after t0) and how long the
         # stage itself took (ms), for the leader's publish and each follower's fetch/adopt.
         stages = {"leader": stage_lines(leader["log"], snap["index"])}
@@ -266,6 +278,8 @@ def main():
                     help="port shift for our SeaweedFS when the default ports are busy (default 120)")
     ap.add_argument("--no-hints", action="store_true",
                     help="no daemon.peers: followers learn of snapshots from the fallbacks only")
+    ap.add_argument("--no-streaming", action="store_true",
+                    help="daemon.streaming = false: followers start fetching once the manifest exists")
     ap.add_argument("--keep", action="store_true", help="keep each cluster's work dir (logs) and say where")
     ap.add_argument("--idle-seconds", type=float, default=310.0,
                     help="idle window after the last size's rounds, for the idle bill (0: skip)")
@@ -288,7 +302,7 @@ def main():
             keys = max(1, size // VALUE_BYTES)
             work = tempfile.mkdtemp(prefix="snaprelay-prop-", dir=args.work_dir)
             cluster = Cluster(work, env, f"bench-prop/{int(time.time())}-{size_text}",
-                              hints=not args.no_hints)
+                              hints=not args.no_hints, streaming=not args.no_streaming)
             cluster.last_index = 0
             try:
                 print(f"== {size_text}: loading {keys} values of {VALUE_BYTES} bytes", flush=True)
@@ -305,8 +319,10 @@ def main():
                                 cluster.write(f"k{k:06}", random_value(VALUE_BYTES))
                         took, snap, moved = cluster.snapshot_round()
                         mib = [round((m or 0) / 1048576, 1) for m in moved]
+                        pre = [round(p / 1048576, 1) for p in cluster.prefetched]
                         print(f"   {size_text} {kind:<11} round {r + 1}: index {snap['index']}: "
-                              f"{took:.2f}s (followers downloaded {mib} MiB)", flush=True)
+                              f"{took:.2f}s (followers prefetched {pre} MiB while the publish ran, "
+                              f"then downloaded {mib} MiB)", flush=True)
                         print(f"      {cluster.breakdown}", flush=True)
                         beyond = []
                         for i, (kinds, chunks) in sorted(cluster.bills.items()):
@@ -317,7 +333,7 @@ def main():
                                   f"{shown} = {units(extra):.0f} units", flush=True)
                         starts = [v for _, v in sorted(cluster.fetch_starts.items())]
                         rows.append({"size": size_text, "kind": kind, "round": r + 1,
-                                     "seconds": took, "downloaded_mib": mib,
+                                     "seconds": took, "downloaded_mib": mib, "prefetched_mib": pre,
                                      "publish_s": cluster.publish_s,
                                      "publish_end": cluster.publish_end,
                                      "fetch_starts": starts, "beyond_units": beyond})
@@ -338,8 +354,9 @@ def main():
         server.stop()
     lines = ["| size | snapshot | median s (meta file → last follower adopted) | rounds (s) "
              "| publish s (ends at +s) | fetches start at +s | propagation / publish "
-             "| MiB downloaded per follower (median) | request units per follower beyond chunk reads |",
-             "|---|---|---:|---|---|---|---:|---:|---|"]
+             "| MiB prefetched per follower (median) | MiB downloaded after the manifest (median) "
+             "| request units per follower beyond chunk reads |",
+             "|---|---|---:|---|---|---|---:|---:|---:|---|"]
     for size_text in args.sizes.split(","):
         for kind in ("full", "incremental"):
             rs = [r for r in rows if r["size"] == size_text and r["kind"] == kind]
@@ -347,6 +364,7 @@ def main():
                 continue
             med = statistics.median(r["seconds"] for r in rs)
             dl = statistics.median(x for r in rs for x in r["downloaded_mib"])
+            pre = statistics.median(x for r in rs for x in r["prefetched_mib"])
             each = ", ".join("%.2f" % r["seconds"] for r in rs)
             pub = ", ".join(f"{r['publish_s']:.2f} (+{r['publish_end']:.2f})" if r["publish_s"] is not None
                             else "?" for r in rs)
@@ -355,7 +373,7 @@ def main():
                 if any(r["publish_s"] for r in rs) else float("nan")
             beyond = "; ".join(", ".join(f"{u:.0f}" for u in r["beyond_units"]) for r in rs)
             lines.append(f"| {size_text} | {kind} | {med:.2f} | {each} | {pub} | {starts} | {ratio:.2f}x "
-                         f"| {dl:.1f} | {beyond} |")
+                         f"| {pre:.1f} | {dl:.1f} | {beyond} |")
     if idle:
         lines.append("")
         lines.append(f"Idle follower, {args.idle_seconds:.0f} s measured, scaled to an hour: "
@@ -363,7 +381,8 @@ def main():
                                  + ", ".join(f"{k} {int(n)}" for k, n in kinds.items() if n) + ")"
                                  for i, (kinds, per_hour) in sorted(idle.items())))
     lines.append("")
-    lines.append("hints: " + ("off (--no-hints)" if args.no_hints else "on"))
+    lines.append("hints: " + ("off (--no-hints)" if args.no_hints else "on")
+                 + "; streaming: " + ("off (--no-streaming)" if args.no_streaming else "on"))
     fstype = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", args.work_dir],
                             capture_output=True, text=True).stdout.strip() or "unknown"
     lines.append(f"nodes' and sidecars' directories: {args.work_dir} ({fstype})")

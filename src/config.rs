@@ -117,7 +117,18 @@ pub struct DaemonConfig {
     /// before the daemon counts as stuck: `/healthz` fails and the systemd watchdog is no
     /// longer petted. Unset: twice the longest single wait the configuration allows.
     pub stuck_after: Option<Duration>,
+    /// Streaming propagation: a publisher announces the chunks of a publish in progress,
+    /// and a follower fetches them before the manifest lands (adopting only after it).
+    pub streaming: bool,
+    /// Follower: how often the in-progress object of a publish is read while it runs (a
+    /// conditional GET each; only while a publish is in progress).
+    pub streaming_poll_interval: Duration,
 }
+
+/// The bounds of `daemon.streaming_poll_interval`: faster costs GETs for nothing (the
+/// publisher rewrites the object at most every 250 ms), slower than the publisher's
+/// heartbeat cannot tell a live publish.
+const STREAMING_POLL: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(5));
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -135,6 +146,8 @@ impl Default for DaemonConfig {
             store_probe_interval: Duration::from_secs(10),
             store_probe_timeout: Duration::from_secs(3),
             stuck_after: None,
+            streaming: true,
+            streaming_poll_interval: Duration::from_millis(250),
         }
     }
 }
@@ -247,6 +260,8 @@ struct RawDaemon {
     store_probe_interval: Option<String>,
     store_probe_timeout: Option<String>,
     stuck_after: Option<String>,
+    streaming: Option<bool>,
+    streaming_poll_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -514,6 +529,11 @@ impl Config {
         if let Some(t) = self.daemon.stuck_after {
             out.push_str(&format!("stuck_after = {}\n", d(t)));
         }
+        out.push_str(&format!(
+            "streaming = {}\nstreaming_poll_interval = {}\n",
+            self.daemon.streaming,
+            d(self.daemon.streaming_poll_interval),
+        ));
         out.push_str(&format!(
             "\n[retention]\nkeep_last = {}\ngrace = {}\ngc_after_publish = {}\n",
             self.retention.keep_last,
@@ -1111,7 +1131,25 @@ fn daemon_config(raw: RawDaemon) -> Result<DaemonConfig> {
             .stuck_after
             .map(|t| duration("daemon.stuck_after", Some(t), Duration::ZERO))
             .transpose()?,
+        streaming: raw.streaming.unwrap_or(default.streaming),
+        streaming_poll_interval: duration(
+            "daemon.streaming_poll_interval",
+            raw.streaming_poll_interval,
+            default.streaming_poll_interval,
+        )?,
     };
+    let (fastest, slowest) = STREAMING_POLL;
+    if !(fastest..=slowest).contains(&config.streaming_poll_interval) {
+        return Err(ConfigError::invalid(
+            "daemon.streaming_poll_interval",
+            format!(
+                "must be between {} and {} (got {})",
+                humantime::format_duration(fastest),
+                humantime::format_duration(slowest),
+                humantime::format_duration(config.streaming_poll_interval)
+            ),
+        ));
+    }
     if config.max_backoff < config.poll_interval {
         return Err(ConfigError::invalid(
             "daemon.max_backoff",
@@ -1233,6 +1271,8 @@ mod tests {
             "store_probe_interval",
             "store_probe_timeout",
             "stuck_after",
+            "streaming",
+            "streaming_poll_interval",
         ] {
             uncommented = uncommented.replace(&format!("# {key} = "), &format!("{key} = "));
         }
@@ -1244,6 +1284,11 @@ mod tests {
         assert_eq!(shown.list_interval, defaults.list_interval);
         assert_eq!(shown.peers.len(), 2);
         assert_eq!(shown.stuck_after, Some(Duration::from_secs(180)));
+        assert_eq!(shown.streaming, defaults.streaming);
+        assert_eq!(
+            shown.streaming_poll_interval,
+            defaults.streaming_poll_interval
+        );
     }
 
     /// Every shipped config parses. The S3 one names secret files that exist only under
@@ -1778,6 +1823,34 @@ mod tests {
         );
         assert_eq!(load(&shown).unwrap().daemon, c.daemon);
         assert!(shown.contains("stuck_after = \"5m\"\n"), "{shown}");
+        assert!(c.daemon.streaming);
+        assert_eq!(c.daemon.streaming_poll_interval, Duration::from_millis(250));
+        let off = load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nstreaming = false\n\
+             streaming_poll_interval = \"1s\"\n",
+        )
+        .unwrap();
+        assert!(!off.daemon.streaming);
+        assert_eq!(off.daemon.streaming_poll_interval, Duration::from_secs(1));
+        assert_eq!(load(&off.to_display_toml()).unwrap().daemon, off.daemon);
+        for (value, words) in [
+            ("\"10ms\"", "must be between 50ms and 5s (got 10ms)"),
+            ("\"1m\"", "must be between 50ms and 5s (got 1m)"),
+            ("\"0s\"", "must be greater than zero"),
+            ("\"soon\"", "is not a duration"),
+        ] {
+            let e = err(&format!(
+                "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nstreaming_poll_interval = {value}\n"
+            ));
+            assert!(
+                e.starts_with("daemon.streaming_poll_interval: ") && e.contains(words),
+                "{e}"
+            );
+        }
+        let e = err(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nstreaming = \"yes\"\n",
+        );
+        assert!(e.starts_with("daemon.streaming: "), "{e}");
         let e = err("cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[daemon]\nstore_probe_timeout = \"0s\"\n");
         assert!(
             e.starts_with("daemon.store_probe_timeout: must be greater than zero"),

@@ -30,18 +30,31 @@
 //! ([`crate::liveness`]). After each publish, the leader rewrites `latest` and tells the
 //! followers' sidecars in `daemon.peers` to look now ([`crate::hint`]).
 //!
+//! Streaming (`daemon.streaming`): a leader's publish announces itself while it runs (the
+//! in-progress object, `latest`'s `publishing` field, and a hint at its start as well as
+//! after the manifest); a follower that learns of it prefetches the listed chunks into the
+//! staging file of that snapshot's fetch, on a task of its own ([`crate::prefetch`]), one
+//! at a time. Adoption does not change: when the manifest lands, the usual fetch runs
+//! against it, finds the prefetched chunks in place (checking each again) and downloads
+//! the rest. A fetch of any manifest first stops the prefetch; one of another snapshot
+//! removes the prefetch's staging file like any leftover.
+//!
 //! Every store request goes through a [`CountingStore`]: `snaprelay_store_requests_total`. It does
 //! exit on a repository re-created under it (another incarnation, see
 //! [`crate::incarnation`]): only the operator can decide to follow that one.
 
 use std::collections::HashSet;
+
+use crate::chunk::Digest;
+use crate::latest::Latest;
+use crate::prefetch::{Ended, Prefetch, PrefetchReport};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -134,8 +147,20 @@ pub struct Daemon {
     /// Follower: when to list the manifests, and what the last listing found.
     schedule: ListSchedule,
     listing: Option<Listing>,
-    /// Notified by the store probe when `latest` changed.
-    changed: Arc<Notify>,
+    /// What `latest` says, sent by the store probe when it changed.
+    changed: watch::Sender<Option<Latest>>,
+    /// Follower: the manifest `latest` named when it was last read.
+    latest_manifest: Option<String>,
+    /// Follower: the publish in progress `latest` announced last (index, term).
+    publishing: Option<(u64, u64)>,
+    /// Follower: the prefetch running, if any (one at a time).
+    prefetch: Option<RunningPrefetch>,
+    /// Follower: the last publish whose prefetch was given up on (stale or refused), not
+    /// prefetched again.
+    abandoned: Option<(u64, u64)>,
+    /// Follower: the chunks of the snapshot the node adopted last, which a prefetch need
+    /// not download (the fetch copies them from the node's snapshot).
+    adopted_chunks: Option<Arc<HashSet<Digest>>>,
     /// Notified by an accepted hint (the store probe looks at once).
     hints: Arc<Notify>,
     /// Leader: sends hints to `daemon.peers`.
@@ -202,6 +227,13 @@ impl ListSchedule {
         }
         due
     }
+}
+
+/// A prefetch on its own task.
+struct RunningPrefetch {
+    id: (u64, u64),
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<PrefetchReport>,
 }
 
 /// A node's answer to a handover that leaves the snapshot to the node.
@@ -299,7 +331,12 @@ impl Daemon {
             incarnation,
             schedule,
             listing: None,
-            changed: Arc::new(Notify::new()),
+            changed: watch::channel(None).0,
+            latest_manifest: None,
+            publishing: None,
+            prefetch: None,
+            abandoned: None,
+            adopted_chunks: None,
             hints: Arc::new(Notify::new()),
             http,
             requests,
@@ -373,14 +410,19 @@ impl Daemon {
             i
         });
         let liveness = self.liveness.clone();
-        let latest_changed = self.changed.clone();
+        let mut latest_changed = self.changed.subscribe();
         loop {
             // Waiting here is the loop's own choice: idle, never stuck.
             let work = tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = poll.tick() => Work::Step,
-                _ = latest_changed.notified() => {
-                    self.schedule.wake();
+                Ok(()) = latest_changed.changed() => {
+                    let latest = latest_changed.borrow_and_update().clone();
+                    self.latest_changed(latest);
+                    Work::Step
+                }
+                report = prefetch_done(&mut self.prefetch) => {
+                    self.prefetch_ended(report);
                     Work::Step
                 }
                 _ = changed(&mut self.watcher) => Work::Publish,
@@ -425,6 +467,7 @@ impl Daemon {
             }
         }
         self.supervisor.stopping();
+        self.stop_prefetch().await;
         if let Some(w) = watchdog {
             w.abort();
         }
@@ -565,6 +608,7 @@ impl Daemon {
             self.answered = None;
             self.listing = None;
             self.schedule.wake();
+            self.stop_prefetch().await;
         }
         if status.role != Role::Follower && status.role != Role::Learner && self.incoming_dirty {
             // Nothing is being fetched: whatever a fetch left is a leftover.
@@ -680,12 +724,19 @@ impl Daemon {
         }
         let snapshot = newest.clone();
         let progress = self.supervisor.progress();
+        let hint_start = self.hinter();
         let publisher = Publisher::new(
             &repo,
             self.config.upload.concurrency,
             self.node_id,
             &progress,
-        );
+        )
+        .streaming(self.config.daemon.streaming)
+        .on_announced(move |_, _| {
+            if let Some(send) = &hint_start {
+                send(None);
+            }
+        });
         let report = tokio::select! {
             // Abandoning a publish leaves only unreferenced chunks: the manifest is last.
             _ = cancel.cancelled() => return Ok(()),
@@ -729,17 +780,166 @@ impl Daemon {
         if let Err(e) = written {
             tracing::warn!(manifest, error = %e, "cannot rewrite the store's latest object; followers without hints find the manifest at their next full listing");
         }
-        if let Some(client) = &self.http {
-            let client = client.clone();
-            let peers = self.config.daemon.peers.clone();
-            let metrics = self.metrics.clone();
+        if let Some(send) = self.hinter() {
+            send(Some(manifest.to_owned()));
+        }
+    }
+
+    /// Sends a hint to the peers in the background (a slow peer must not hold anything
+    /// up): `None` when there are no peers.
+    fn hinter(&self) -> Option<impl Fn(Option<String>) + Send + Sync + 'static> {
+        let client = self.http.clone()?;
+        let peers = self.config.daemon.peers.clone();
+        let metrics = self.metrics.clone();
+        let cluster_id = self.config.cluster_id.clone();
+        Some(move |manifest: Option<String>| {
+            let (client, peers, metrics) = (client.clone(), peers.clone(), metrics.clone());
             let hint = crate::hint::Hint {
-                cluster_id: self.config.cluster_id.clone(),
-                manifest: Some(manifest.to_owned()),
+                cluster_id: cluster_id.clone(),
+                manifest,
             };
             tokio::spawn(async move {
                 crate::hint::send(&client, &peers, &hint, &metrics).await;
             });
+        })
+    }
+
+    /// Follower: `latest` changed. A new manifest (or an unreadable object) is a reason to
+    /// list, unless the last listing holds it already; a publish announced in progress is
+    /// a reason to prefetch (started by the next step), not to list.
+    fn latest_changed(&mut self, latest: Option<Latest>) {
+        if worth_listing(
+            latest.as_ref(),
+            self.latest_manifest.as_deref(),
+            self.listing.as_ref(),
+        ) {
+            self.schedule.wake();
+        }
+        self.latest_manifest = latest.as_ref().map(|l| l.manifest.clone());
+        self.publishing = latest.and_then(|l| l.publishing).map(|p| (p.index, p.term));
+    }
+
+    /// Follower: starts prefetching the publish `latest` announced, if streaming is on, it
+    /// is newer than the node's snapshot and than every manifest listed, and nothing
+    /// stands in the way (a prefetch running, one given up on).
+    fn start_prefetch(&mut self, repo: &Repo, status: &Status) {
+        let Some(id) = self.publishing else {
+            return;
+        };
+        // One that ended is reaped by the loop first (its report says what to do next).
+        let running = self.prefetch.is_some();
+        let listed = self
+            .listing
+            .as_ref()
+            .is_some_and(|l| l.entries.iter().any(|e| (e.id.index, e.id.term) >= id));
+        if !self.config.daemon.streaming
+            || running
+            || listed
+            || self.abandoned == Some(id)
+            || status.snapshot.is_some_and(|s| s.index >= id.0)
+        {
+            return;
+        }
+        let node = match fetch::NodeAccess::of_socket(&self.node_config.hook_socket) {
+            Ok(node) => node,
+            Err(e) => {
+                tracing::debug!(error = %e, "not prefetching: cannot tell who the node is");
+                return;
+            }
+        };
+        tracing::info!(
+            stage = "prefetch",
+            index = id.0,
+            term = id.1,
+            "a publish is in progress; fetching its chunks while it runs"
+        );
+        let cancel = CancellationToken::new();
+        let cached = self.adopted_chunks.clone();
+        let snapshot_dir = self.snapshot_dir(status);
+        let prefetch = Prefetch {
+            repo: repo.clone(),
+            id,
+            incoming: self.incoming_dir(status),
+            local: HashSet::new(),
+            node: Some(node),
+            poll_interval: self.config.daemon.streaming_poll_interval,
+            stale_after: crate::inprogress::STALE_AFTER,
+            concurrency: self.config.download.concurrency,
+            metrics: self.metrics.clone(),
+        };
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move {
+                let local = match cached {
+                    Some(chunks) => (*chunks).clone(),
+                    // After a restart: the node's own snapshots tell (as for a fetch).
+                    None => {
+                        fetch::local_sources(&prefetch.repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS)
+                            .await
+                            .map(|sources| {
+                                sources
+                                    .iter()
+                                    .flat_map(|s| s.chunks.iter().map(|c| c.sha256))
+                                    .collect()
+                            })
+                            .unwrap_or_default()
+                    }
+                };
+                Prefetch { local, ..prefetch }.run(cancel).await
+            }
+        });
+        self.prefetch = Some(RunningPrefetch { id, cancel, task });
+    }
+
+    /// Follower: a prefetch ended on its own.
+    fn prefetch_ended(&mut self, report: Option<PrefetchReport>) {
+        self.prefetch = None;
+        let Some(report) = report else {
+            return;
+        };
+        tracing::info!(
+            stage = "prefetch",
+            index = report.id.0,
+            term = report.id.1,
+            downloaded = report.bytes,
+            chunks = report.chunks,
+            polls = report.polls,
+            ended = ?report.ended,
+            "prefetch ended"
+        );
+        match report.ended {
+            // The publish ended: its manifest is probably there, and the staging file
+            // waits for its fetch (or goes with the next cleaning if there is none).
+            Ended::Gone => {
+                self.schedule.wake();
+                self.incoming_dirty = true;
+            }
+            Ended::Stale | Ended::Refused(_) | Ended::BadChunk(_) | Ended::Failed(_) => {
+                self.abandoned = Some(report.id);
+            }
+            Ended::Cancelled => {}
+        }
+        if self.publishing == Some(report.id) {
+            self.publishing = None;
+        }
+    }
+
+    /// Stops the running prefetch, if any, and waits for it: before a fetch, which uses
+    /// the same staging file, and when the role changes.
+    async fn stop_prefetch(&mut self) {
+        if let Some(running) = self.prefetch.take() {
+            running.cancel.cancel();
+            if let Ok(report) = running.task.await {
+                tracing::info!(
+                    stage = "prefetch",
+                    index = report.id.0,
+                    term = report.id.1,
+                    downloaded = report.bytes,
+                    chunks = report.chunks,
+                    polls = report.polls,
+                    "prefetch stopped (a fetch, a role change or shutdown)"
+                );
+            }
         }
     }
 
@@ -906,8 +1106,13 @@ impl Daemon {
             }
         }
         if self.incoming_dirty {
-            self.clean_incoming(status, &wanted);
+            // A prefetch's staging file is what the next fetch resumes.
+            let mut keep: Vec<(u64, u64)> =
+                self.prefetch.as_ref().map(|p| p.id).into_iter().collect();
+            keep.extend(wanted);
+            self.clean_incoming(status, &keep);
         }
+        self.start_prefetch(&repo, status);
         Ok(())
     }
 
@@ -926,6 +1131,8 @@ impl Daemon {
         self.check_incarnation(repo).await?;
         let started = Instant::now();
         let incoming = self.incoming_dir(status);
+        // The prefetch writes into the staging file this fetch uses: it stops first.
+        self.stop_prefetch().await;
         // Only what resumes this fetch stays.
         self.clean_incoming(status, &[(id.index, id.term)]);
         let snapshot_dir = self.snapshot_dir(status);
@@ -994,6 +1201,7 @@ impl Daemon {
         let outcome = format!("{:?}", saved.outcome).to_lowercase();
         self.metrics.adopted(id.index, &outcome);
         if saved.outcome == SaveOutcome::Adopted {
+            self.adopted_chunks = Some(Arc::new(manifest.unique_chunks()));
             // The publisher's clock against this host's: NTP keeps them within milliseconds.
             let since = chrono::Utc::now() - manifest.created_at;
             self.metrics
@@ -1193,6 +1401,29 @@ fn is_fatal(err: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether a change of `latest` (now `latest`, naming `before` last time) is a reason to
+/// list: it names a manifest it did not name before and that the last listing lacks, or it
+/// cannot be read. A change that only announces a publish in progress is not.
+fn worth_listing(latest: Option<&Latest>, before: Option<&str>, listing: Option<&Listing>) -> bool {
+    let Some(latest) = latest else {
+        return true;
+    };
+    if before == Some(latest.manifest.as_str()) {
+        return false;
+    }
+    let listed = ManifestId::parse(&latest.manifest)
+        .is_some_and(|id| listing.is_some_and(|l| l.entries.iter().any(|e| e.id == id)));
+    !listed
+}
+
+/// The report of the running prefetch once it ends (`None` if its task panicked).
+async fn prefetch_done(prefetch: &mut Option<RunningPrefetch>) -> Option<PrefetchReport> {
+    match prefetch {
+        Some(p) => (&mut p.task).await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 async fn changed(watcher: &mut Option<DirWatcher>) {
     match watcher {
         Some(w) => w.changed().await,
@@ -1361,7 +1592,8 @@ mod tests {
         let setup = Kind::ALL.map(|k| requests.count(k));
 
         let cancel = CancellationToken::new();
-        let changed = Arc::new(Notify::new());
+        let changed = watch::channel(None).0;
+        let mut latest = changed.subscribe();
         let probe = tokio::spawn(
             StoreProbe {
                 store: store.clone(),
@@ -1369,7 +1601,7 @@ mod tests {
                 metrics: Metrics::new(),
                 interval: defaults.store_probe_interval,
                 timeout: defaults.store_probe_timeout,
-                changed: changed.clone(),
+                changed,
                 hints: Arc::new(Notify::new()),
             }
             .run(cancel.clone()),
@@ -1381,7 +1613,10 @@ mod tests {
         while tokio::time::Instant::now() < end {
             tokio::select! {
                 _ = poll.tick() => {}
-                _ = changed.notified() => schedule.wake(),
+                Ok(()) = latest.changed() => {
+                    latest.borrow_and_update();
+                    schedule.wake()
+                }
             }
             if schedule.take() {
                 repo.list_manifests(None).await.unwrap();
@@ -1398,6 +1633,45 @@ mod tests {
         assert_eq!(count(Kind::List), 14);
         assert_eq!(units, 361 + 14 * 12);
         assert!(units <= 600, "{units} request units in an idle hour");
+    }
+
+    #[test]
+    fn only_a_new_manifest_in_latest_is_worth_a_listing() {
+        let latest = |index: u64, publishing: Option<u64>| Latest {
+            cluster_id: "c".into(),
+            manifest: manifest(index).file_name(),
+            written_at: chrono::Utc::now(),
+            publishing: publishing.map(|index| crate::latest::Publishing { index, term: 2 }),
+        };
+        let listing = Listing {
+            after: Some(10),
+            entries: vec![ManifestEntry {
+                id: manifest(12),
+                stored_size: 1,
+                last_modified: None,
+            }],
+        };
+        let seen = manifest(11).file_name();
+        // Unreadable, or the first look: list.
+        assert!(worth_listing(None, Some(&seen), Some(&listing)));
+        assert!(worth_listing(Some(&latest(11, None)), None, None));
+        // A publish starts: same manifest, nothing to list; the prefetch starts instead.
+        assert!(!worth_listing(
+            Some(&latest(11, Some(13))),
+            Some(&seen),
+            Some(&listing)
+        ));
+        // A new manifest, unless the listing (woken by the prefetch's end) has it already.
+        assert!(worth_listing(
+            Some(&latest(13, None)),
+            Some(&seen),
+            Some(&listing)
+        ));
+        assert!(!worth_listing(
+            Some(&latest(12, None)),
+            Some(&seen),
+            Some(&listing)
+        ));
     }
 
     #[test]

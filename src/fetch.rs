@@ -499,6 +499,44 @@ fn open_staging(dir: &Dir, staging: &Staging, size: u64) -> io::Result<(File, bo
     Ok((file, resumable))
 }
 
+/// Opens the staging file a fetch of the snapshot at (index, term), `size` bytes, into `dir`
+/// will use, for a prefetch to write verified chunks into ([`crate::prefetch`]): an
+/// existing one of that size is kept, anything else at its name is emptied or replaced, as
+/// for a fetch. The fetch that follows verifies every chunk in it again.
+pub fn open_staging_for(
+    dir: &Path,
+    (index, term): (u64, u64),
+    size: u64,
+    node: Option<NodeAccess>,
+) -> Result<File> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    let name = format!(".{}.partial", snapdir::file_names(index, term).0);
+    let staging = Staging {
+        path: dir.join(&name),
+        name,
+    };
+    let (file, _) = open_staging(&dir, &staging, size)
+        .map_err(|e| Error::io(format!("staging file {}", staging.path.display()), e))?;
+    if let Some(node) = node {
+        hand_over(&file, &dir, node)?;
+    }
+    Ok(file)
+}
+
+/// Removes the staging file of the snapshot at (index, term) from `dir`, if there is one.
+pub fn discard_staging(dir: &Path, (index, term): (u64, u64)) -> io::Result<()> {
+    let dir = match Dir::open(dir) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match dir.remove(&format!(".{}.partial", snapdir::file_names(index, term).0)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// Puts the assembled, fsynced staging file and its envelope in place so that nothing that
 /// looks like a snapshot exists unless both are complete: the envelope's temp file is
 /// written and fsynced first (a full disk fails here, before anything has a final name),

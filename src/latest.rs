@@ -8,6 +8,11 @@
 //! follower still lists the manifests and verifies what it fetches. Whoever can write to the
 //! bucket can rewrite it, delete it or garble it: that costs a LIST (a change) or latency (no
 //! change: the slow full listing, `daemon.list_interval`, still finds every manifest).
+//!
+//! At the start of a publish, the publisher rewrites it once more with the same manifest and
+//! a `publishing` field naming the snapshot being uploaded ([`write_publishing`]): followers
+//! that stream then fetch its chunks while the upload runs (see [`crate::inprogress`]). The
+//! next manifest's [`write`] drops the field again.
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -27,6 +32,16 @@ pub struct Latest {
     /// The newest manifest the writer committed (its id).
     pub manifest: String,
     pub written_at: DateTime<Utc>,
+    /// A publish in progress, announced at its start (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publishing: Option<Publishing>,
+}
+
+/// The snapshot a publish in progress uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Publishing {
+    pub index: u64,
+    pub term: u64,
 }
 
 /// Rewrites `latest` to name `id`: after its manifest is committed, never before (a
@@ -36,12 +51,52 @@ pub struct Latest {
 /// The store refused the write. The manifest is committed all the same; followers find it
 /// at their next full listing.
 pub async fn write(store: &Store, cluster_id: &str, manifest: &str) -> object_store::Result<()> {
+    put(store, cluster_id, manifest, None).await
+}
+
+/// Rewrites `latest` to say that the snapshot (index, term) is being published, keeping
+/// the manifest it names (so a follower sees no new manifest, only the publish): one GET
+/// and one PUT. Call it after the publish's in-progress object exists.
+///
+/// # Errors
+/// The store refused the read or the write; the publish goes on, followers only learn of
+/// it later.
+pub async fn write_publishing(
+    store: &Store,
+    cluster_id: &str,
+    index: u64,
+    term: u64,
+) -> object_store::Result<()> {
+    let current = match store.backend.get(&Repo::latest_key(store)).await {
+        Ok(got) if got.meta.size <= MAX_BODY => {
+            serde_json::from_slice::<Latest>(&got.bytes().await?).ok()
+        }
+        Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    let manifest = current.map(|l| l.manifest).unwrap_or_default();
+    put(
+        store,
+        cluster_id,
+        &manifest,
+        Some(Publishing { index, term }),
+    )
+    .await
+}
+
+async fn put(
+    store: &Store,
+    cluster_id: &str,
+    manifest: &str,
+    publishing: Option<Publishing>,
+) -> object_store::Result<()> {
     let body = Latest {
         cluster_id: cluster_id.to_owned(),
         manifest: manifest.to_owned(),
         written_at: Utc::now(),
+        publishing,
     };
-    // Serialising three plain fields cannot fail.
+    // Serialising plain fields cannot fail.
     let bytes = serde_json::to_vec(&body).expect("serialising the latest object");
     store
         .backend

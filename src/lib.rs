@@ -23,6 +23,10 @@
 //!   the same request watches the advisory `latest` object.
 //! - [`latest`]: the advisory `latest` object a publisher rewrites after each manifest.
 //! - [`hint`]: "look now" hints from the leader's sidecar to the followers', rate-limited.
+//! - [`inprogress`]: the advisory in-progress object a streaming publish keeps up to date,
+//!   its checks, and the publisher's [`inprogress::Announcer`].
+//! - [`prefetch`]: follower side of streaming: a publish's chunks into the staging file of
+//!   its fetch while the upload runs.
 //! - [`counting`]: every store request counted by kind (the store's bill).
 //! - [`http`]: the HTTP listener serving /metrics, /healthz, /readyz and POST /hint.
 //! - [`node`]: the client of the node's IPC hook.
@@ -62,6 +66,7 @@ pub mod health;
 pub mod hint;
 pub mod http;
 pub mod incarnation;
+pub mod inprogress;
 pub mod latest;
 pub mod lease;
 pub mod liveness;
@@ -71,6 +76,7 @@ pub mod metrics;
 pub mod node;
 pub mod pack;
 pub mod packer;
+pub mod prefetch;
 pub mod progress;
 pub mod publish;
 pub mod quarantine;

@@ -48,6 +48,7 @@ const ADOPTION_OUTCOMES: [&str; 3] = ["adopted", "staged", "stale"];
 const STORE_ERROR_KINDS: [&str; 4] = ["not_found", "unreachable", "permission", "other"];
 const HINT_OUTCOMES: [&str; 2] = ["delivered", "failed"];
 pub const HINT_IGNORED: [&str; 3] = ["rate_limited", "malformed", "wrong_cluster"];
+pub const INPROGRESS_REFUSED: [&str; 3] = ["invalid", "chunk_mismatch", "stale"];
 const UPLOAD: &str = "upload";
 const DOWNLOAD: &str = "download";
 
@@ -152,6 +153,12 @@ metrics! {
         "Wake-up hints accepted on POST /hint (each only makes the follower look at the store now)";
     hints_ignored: Labelled<Counter> = Family::default(), "hints_ignored",
         "Wake-up hints refused on POST /hint, by reason (rate_limited, malformed, wrong_cluster)";
+    prefetched_bytes: Counter = Counter::default(), "prefetched_bytes",
+        "Follower: bytes of a publish in progress downloaded, checked and written into its staging file before its manifest landed";
+    prefetched_chunks: Counter = Counter::default(), "prefetched_chunks",
+        "Follower: chunks of a publish in progress downloaded before its manifest landed (a GET each)";
+    inprogress_refused: Labelled<Counter> = Family::default(), "inprogress_refused",
+        "Follower: in-progress objects given up on, by reason (invalid: refused as malformed or inconsistent; chunk_mismatch: a listed chunk is missing or does not match its sha256; stale: it stopped changing)";
     propagation: Histogram = Histogram::new(PROPAGATION_BUCKETS), "propagation_seconds",
         "Follower: from a manifest's created_at (the publisher's clock) to its adoption by this follower's node (this host's clock)";
 }
@@ -232,6 +239,7 @@ impl Metrics {
         start_at_zero(&series.store_requests, "kind", &kinds);
         start_at_zero(&series.hints_sent, "outcome", &HINT_OUTCOMES);
         start_at_zero(&series.hints_ignored, "reason", &HINT_IGNORED);
+        start_at_zero(&series.inprogress_refused, "reason", &INPROGRESS_REFUSED);
         let metrics = Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -394,6 +402,22 @@ impl Metrics {
             .inc();
     }
 
+    /// A chunk of `bytes` a prefetch wrote into a staging file.
+    pub fn prefetched(&self, bytes: u64) {
+        self.inner.prefetched_bytes.inc_by(bytes);
+        self.inner.prefetched_chunks.inc();
+    }
+
+    /// An in-progress object given up on; `reason` is one of [`INPROGRESS_REFUSED`]
+    /// (anything else: `invalid`).
+    pub fn inprogress_refused(&self, reason: &str) {
+        let reason = vocabulary(&INPROGRESS_REFUSED, reason).unwrap_or("invalid");
+        self.inner
+            .inprogress_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
     pub fn hint_received(&self) {
         self.inner.hints_received.inc();
     }
@@ -523,7 +547,7 @@ pub(crate) mod tests {
         })
     }
 
-    const FAMILIES: [(&str, &str); 36] = [
+    const FAMILIES: [(&str, &str); 39] = [
         ("snaprelay_publishes_total", "counter"),
         ("snaprelay_publish_failures_total", "counter"),
         ("snaprelay_publish_bytes_total", "counter"),
@@ -558,6 +582,9 @@ pub(crate) mod tests {
         ("snaprelay_hints_sent_total", "counter"),
         ("snaprelay_hints_received_total", "counter"),
         ("snaprelay_hints_ignored_total", "counter"),
+        ("snaprelay_prefetched_bytes_total", "counter"),
+        ("snaprelay_prefetched_chunks_total", "counter"),
+        ("snaprelay_inprogress_refused_total", "counter"),
         ("snaprelay_propagation_seconds", "histogram"),
         ("snaprelay_build_info", "gauge"),
     ];
@@ -586,6 +613,8 @@ pub(crate) mod tests {
         m.hint_received();
         m.hint_ignored("rate_limited");
         m.propagated(0.3);
+        m.prefetched(4096);
+        m.inprogress_refused("stale");
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //! elsewhere from deleting, meanwhile, an old chunk this publish found present and skipped
 //! (see [`crate::lease`]: the publish looks at the store only after its lease's wait for
 //! GCs, and writes the manifest only while the lease is fresh).
+//!
+//! With streaming on ([`Publisher::streaming`]), the publish announces itself while it runs:
+//! an in-progress object lists the chunks already in the store ([`crate::inprogress`]),
+//! and the advisory `latest` object names the snapshot being published, so that followers
+//! fetch its chunks before the manifest lands. Both are advisory and deleted (the former) or
+//! superseded (the latter) when the publish ends; a failure to write them never fails it.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -26,6 +32,7 @@ use serde::Serialize;
 
 use crate::chunk::{self, Digest, RawChunk};
 use crate::error::{Error, Result};
+use crate::inprogress::{Announcer, Span};
 use crate::lease::{self, Lease};
 use crate::manifest::{ChunkRef, Encoding, Manifest, Publisher as PublisherInfo, MANIFEST_FORMAT};
 use crate::progress::Progress;
@@ -63,6 +70,8 @@ pub struct Publisher<'a> {
     progress: &'a dyn Progress,
     use_index: bool,
     lease_ttl: Duration,
+    streaming: bool,
+    announced: Option<Box<dyn Fn(u64, u64) + Send + Sync + 'a>>,
 }
 
 /// Counters shared by the uploads of one publish.
@@ -86,7 +95,23 @@ impl<'a> Publisher<'a> {
             progress,
             use_index: true,
             lease_ttl: lease::DEFAULT_TTL,
+            streaming: false,
+            announced: None,
         }
+    }
+
+    /// Whether to announce the publish while it runs (default: no): the in-progress object
+    /// and the `latest` object's `publishing` field (see the module's header).
+    pub fn streaming(mut self, yes: bool) -> Self {
+        self.streaming = yes;
+        self
+    }
+
+    /// Called with the snapshot's (index, term) once a streaming publish has announced
+    /// itself (the daemon hints the followers then).
+    pub fn on_announced(mut self, f: impl Fn(u64, u64) + Send + Sync + 'a) -> Self {
+        self.announced = Some(Box::new(f));
+        self
     }
 
     /// The TTL of the publish's lease (default [`lease::DEFAULT_TTL`]); tests shorten it to
@@ -182,42 +207,28 @@ impl<'a> Publisher<'a> {
         }
         let mut present = present?;
         present.extend(early?);
-        self.progress.begin(env.size);
-        let used_index = node_index.is_some();
-        let (chunks, sha256) = match node_index {
-            Some(NodeIndex { index, .. }) => {
-                let sha256 = index.sha256;
-                let chunks = self
-                    .upload_indexed(snapshot, index, &present, &sent)
-                    .await?;
-                (chunks, sha256)
-            }
-            None => self.upload_cut(snapshot, &present, &sent).await?,
-        };
-        let size = env.size;
-
-        let manifest = Manifest {
-            format: MANIFEST_FORMAT,
-            cluster_id: self.repo.cluster_id().to_owned(),
-            last_log_index: index,
-            last_log_term: term,
-            raft_meta: env.raft_meta.clone(),
-            size,
-            sha256,
-            chunks,
-            created_at: Utc::now(),
-            publisher: PublisherInfo {
-                node_id: self.node_id,
-                version: env!("CARGO_PKG_VERSION").to_owned(),
-            },
-        };
-        let id = self.commit(snapshot, &manifest, lease).await?;
+        let announcer = self.announce(index, term, env.size).await;
+        let result = self
+            .upload_and_commit(
+                snapshot,
+                node_index,
+                &present,
+                &sent,
+                lease,
+                announcer.as_ref(),
+            )
+            .await;
+        // After the manifest (or the failure): nothing is in progress any more.
+        if let Some(announcer) = announcer {
+            announcer.end().await;
+        }
+        let (manifest, id, used_index) = result?;
         self.progress.finish();
         let report = PublishReport {
             index,
             term,
-            size,
-            sha256: Some(sha256.to_hex()),
+            size: manifest.size,
+            sha256: Some(manifest.sha256.to_hex()),
             manifest: id.to_string(),
             chunk_index: used_index,
             already_published: false,
@@ -237,6 +248,72 @@ impl<'a> Publisher<'a> {
             "published"
         );
         Ok(report)
+    }
+
+    /// With streaming on: writes the in-progress object, then tells `latest` (and the
+    /// caller) that the publish started. `None` when streaming is off or the first write
+    /// failed.
+    async fn announce(&self, index: u64, term: u64, size: u64) -> Option<Announcer> {
+        if !self.streaming {
+            return None;
+        }
+        let announcer = Announcer::start(self.repo, index, term, size).await?;
+        let store = self.repo.store();
+        if let Err(e) =
+            crate::latest::write_publishing(store, self.repo.cluster_id(), index, term).await
+        {
+            tracing::warn!(index, error = %e, "cannot announce the publish in the store's latest object; followers without hints fetch after the manifest");
+        }
+        if let Some(announced) = &self.announced {
+            announced(index, term);
+        }
+        Some(announcer)
+    }
+
+    /// Uploads the chunks the store lacks and commits the manifest; returns it, its id and
+    /// whether the node's chunk index was used.
+    async fn upload_and_commit(
+        &self,
+        snapshot: &OpenSnapshot,
+        node_index: Option<NodeIndex>,
+        present: &HashMap<Digest, StoredChunk>,
+        sent: &Sent,
+        lease: &mut Lease,
+        announcer: Option<&Announcer>,
+    ) -> Result<(Manifest, ManifestId, bool)> {
+        let env = &snapshot.envelope;
+        let (index, term) = env.log_id();
+        self.progress.begin(env.size);
+        let used_index = node_index.is_some();
+        let (chunks, sha256) = match node_index {
+            Some(NodeIndex { index, .. }) => {
+                let sha256 = index.sha256;
+                let chunks = self
+                    .upload_indexed(snapshot, index, present, sent, announcer)
+                    .await?;
+                (chunks, sha256)
+            }
+            None => self.upload_cut(snapshot, present, sent, announcer).await?,
+        };
+        let size = env.size;
+
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            cluster_id: self.repo.cluster_id().to_owned(),
+            last_log_index: index,
+            last_log_term: term,
+            raft_meta: env.raft_meta.clone(),
+            size,
+            sha256,
+            chunks,
+            created_at: Utc::now(),
+            publisher: PublisherInfo {
+                node_id: self.node_id,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+        };
+        let id = self.commit(snapshot, &manifest, lease).await?;
+        Ok((manifest, id, used_index))
     }
 
     /// The node's chunk index for `snapshot`, if it names one that this publish can trust
@@ -352,6 +429,7 @@ impl<'a> Publisher<'a> {
         index: ChunkIndex,
         present: &HashMap<Digest, StoredChunk>,
         sent: &Sent,
+        announcer: Option<&Announcer>,
     ) -> Result<Vec<ChunkRef>> {
         // Every chunk goes into the manifest; only the missing ones are read, in file order,
         // by one reader: sequential reads keep the kernel's readahead working on a cold
@@ -374,6 +452,24 @@ impl<'a> Publisher<'a> {
         }
         let to_send: u64 = wanted.iter().map(|&(_, _, len)| len).sum();
         self.progress.advance(index.size - to_send);
+        if let Some(announcer) = announcer {
+            let mut offset = 0;
+            announcer.plan(refs.iter().map(|c| {
+                offset += c.len;
+                Span {
+                    offset: offset - c.len,
+                    len: c.len,
+                    sha256: c.sha256,
+                }
+            }));
+            let mut stored = HashSet::new();
+            stored.extend(
+                refs.iter()
+                    .map(|c| c.sha256)
+                    .filter(|sha| !queued.contains(sha)),
+            );
+            announcer.stored(stored);
+        }
 
         chunk::advise_sequential(&snapshot.data, true);
         let mut reader = ChunkReader::new(snapshot, snapshot.chunk_index_path());
@@ -394,6 +490,9 @@ impl<'a> Publisher<'a> {
                     let (sha256, data) = chunk?;
                     let len = data.len() as u64;
                     self.send(&sha256, data, sent).await?;
+                    if let Some(announcer) = announcer {
+                        announcer.stored([sha256]);
+                    }
                     self.progress.advance(len);
                     Ok::<_, Error>(())
                 })
@@ -414,6 +513,7 @@ impl<'a> Publisher<'a> {
         snapshot: &OpenSnapshot,
         present: &HashMap<Digest, StoredChunk>,
         sent: &Sent,
+        announcer: Option<&Announcer>,
     ) -> Result<(Vec<ChunkRef>, Digest)> {
         let env = &snapshot.envelope;
         chunk::advise_sequential(&snapshot.data, true);
@@ -436,6 +536,22 @@ impl<'a> Publisher<'a> {
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
                 .map(|raw| self.store_chunk(raw, present, sent))
                 .buffered(self.concurrency)
+                // In file order: each chunk is in the store once its future is done.
+                .map_ok({
+                    let mut offset = 0;
+                    move |c| {
+                        if let Some(announcer) = announcer {
+                            announcer.plan([Span {
+                                offset,
+                                len: c.len,
+                                sha256: c.sha256,
+                            }]);
+                            announcer.stored([c.sha256]);
+                        }
+                        offset += c.len;
+                        c
+                    }
+                })
                 .try_collect::<Vec<ChunkRef>>()
                 .await;
         // On an upload error the receiver is gone and the reader stops at its next send.

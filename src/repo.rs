@@ -7,6 +7,7 @@
 //! <prefix>/chunks/<sha256[..2]>/<sha256>
 //! <prefix>/packs/<id[..2]>/<id>      format 2 (not written yet): packs of chunks or tree blocks
 //! <prefix>/leases/<publish|gc>-<16 hex>.json
+//! <prefix>/inprogress/<index:020>-<term:020>.json   advisory: a publish's chunks so far
 //! ```
 //!
 //! Manifests are immutable and written last (create-only), so a manifest exists only when
@@ -49,6 +50,8 @@ const PACKS: &str = "packs";
 const LEASES: &str = "leases";
 /// The advisory "a manifest landed" object (see [`crate::latest`]).
 const LATEST_KEY: &str = "latest";
+/// Advisory objects announcing publishes in progress (see [`crate::inprogress`]).
+const INPROGRESS: &str = "inprogress";
 /// A lease object names its holder in a few hundred bytes.
 const MAX_LEASE_BYTES: usize = 4 << 10;
 /// Where `check-config` writes and deletes its scratch objects.
@@ -503,12 +506,22 @@ impl Repo {
         &self.descriptor.cluster_id
     }
 
+    /// The store the repository lives in (for the advisory objects outside it: `latest`).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn location(&self) -> String {
         self.store.url.to_string()
     }
 
     fn manifest_key(&self, id: &ManifestId) -> Path {
         self.store.key(&format!("{MANIFESTS}/{}", id.file_name()))
+    }
+
+    fn inprogress_key(&self, index: u64, term: u64) -> Path {
+        self.store
+            .key(&format!("{INPROGRESS}/{index:020}-{term:020}.json"))
     }
 
     fn lease_key(&self, name: &str) -> Path {
@@ -1047,11 +1060,78 @@ impl Repo {
         delete_if_present(&self.store, &self.chunk_key(sha)).await
     }
 
+    /// Writes (or rewrites) the advisory in-progress object of the publish of (index, term).
+    pub async fn put_inprogress(&self, index: u64, term: u64, body: Bytes) -> Result<()> {
+        put_raw(&self.store, &self.inprogress_key(index, term), body).await
+    }
+
+    /// Deletes the in-progress object of (index, term); one already gone is fine.
+    pub async fn delete_inprogress(&self, index: u64, term: u64) -> Result<()> {
+        delete_if_present(&self.store, &self.inprogress_key(index, term)).await
+    }
+
+    /// One conditional GET of the in-progress object of (index, term): "not modified" while
+    /// its version is still `seen` (the ETag of an earlier read), its body otherwise. A
+    /// body over `limit` bytes is refused without being read ([`Error::ObjectTooLarge`]).
+    pub async fn read_inprogress(
+        &self,
+        index: u64,
+        term: u64,
+        seen: Option<&str>,
+        limit: u64,
+    ) -> Result<InProgressRead> {
+        let key = self.inprogress_key(index, term);
+        let options = object_store::GetOptions {
+            if_none_match: seen.map(str::to_owned),
+            ..Default::default()
+        };
+        let result = match self.store.backend.get_opts(&key, options).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotModified { .. }) => return Ok(InProgressRead::NotModified),
+            Err(object_store::Error::NotFound { .. }) => return Ok(InProgressRead::Missing),
+            Err(e) => return Err(store_err("get", &key)(e)),
+        };
+        let e_tag = result.meta.e_tag.clone();
+        let size = result.meta.size;
+        if size > limit {
+            return Err(Error::ObjectTooLarge {
+                key: key.to_string(),
+                size,
+                limit,
+            });
+        }
+        let bytes = result.bytes().await.map_err(store_err("get", &key))?;
+        if bytes.len() as u64 > limit {
+            return Err(Error::ObjectTooLarge {
+                key: key.to_string(),
+                size: bytes.len() as u64,
+                limit,
+            });
+        }
+        Ok(InProgressRead::Body { bytes, e_tag })
+    }
+
+    /// The in-progress object's key, for messages.
+    pub fn inprogress_location(&self, index: u64, term: u64) -> String {
+        self.inprogress_key(index, term).to_string()
+    }
+
     /// Writes raw bytes where a manifest or chunk lives: for tests that plant damage.
     #[doc(hidden)]
     pub async fn put_raw_manifest(&self, id: &ManifestId, body: Bytes) -> Result<()> {
         put_raw(&self.store, &self.manifest_key(id), body).await
     }
+}
+
+/// What a read of an in-progress object found.
+#[derive(Debug)]
+pub enum InProgressRead {
+    /// The same version as the ETag given.
+    NotModified,
+    /// No such object (the publish ended, or never announced itself).
+    Missing,
+    /// Its body, and its ETag when the store gives one.
+    Body { bytes: Bytes, e_tag: Option<String> },
 }
 
 /// Deletes `key`; one already gone is fine.

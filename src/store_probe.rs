@@ -3,8 +3,9 @@
 //! once when a hint arrives ([`crate::hint`]), on a task of its own, with a deadline of its
 //! own (`daemon.store_probe_timeout`). It does two jobs with one billed request:
 //!
-//! - when the object changed, it wakes the main loop, whose follower then lists the
-//!   manifests (and otherwise does not list before `daemon.list_interval`);
+//! - when the object changed, it tells the main loop what it now says, and the follower
+//!   then lists the manifests (and otherwise does not list before `daemon.list_interval`),
+//!   or, when it only announces a publish in progress, prefetches that publish's chunks;
 //! - a store that hangs (a stopped server, a proxy that holds connections) leaves the main
 //!   loop waiting for its request timeout, a minute by default; the probe marks the store
 //!   unreachable in `/readyz` within its deadline and says so once, as a warning, and again,
@@ -14,12 +15,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
-use crate::latest::{Look, Watch};
+use crate::latest::{Latest, Look, Watch};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -31,8 +32,8 @@ pub struct StoreProbe {
     pub metrics: Metrics,
     pub interval: Duration,
     pub timeout: Duration,
-    /// Notified when `latest` changed (the main loop lists then).
-    pub changed: Arc<Notify>,
+    /// Sent what `latest` says (`None`: unreadable or absent) each time it changed.
+    pub changed: watch::Sender<Option<Latest>>,
     /// Notified by an accepted hint: look now.
     pub hints: Arc<Notify>,
 }
@@ -70,7 +71,7 @@ impl StoreProbe {
                     manifest = latest.as_ref().map(|l| l.manifest.as_str()),
                     "the store's latest object changed; looking at the manifests"
                 );
-                self.changed.notify_one();
+                self.changed.send_replace(latest.clone());
             }
             let up = matches!(answer, Answer::Up(_));
             self.health.store_reachable(up);
@@ -144,7 +145,7 @@ mod tests {
             metrics: metrics.clone(),
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(300),
-            changed: Arc::new(Notify::new()),
+            changed: watch::channel(None).0,
             hints: Arc::new(Notify::new()),
         };
         let cancel = CancellationToken::new();

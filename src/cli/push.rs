@@ -42,6 +42,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         bar.as_ref(),
     )
     .use_chunk_index(!args.no_chunk_index)
+    .streaming(config.daemon.streaming)
     .publish(&snapshot)
     .await
     .with_context(|| format!("publishing snapshot {}", snapshot.envelope.last_log_index))?;

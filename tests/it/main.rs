@@ -26,4 +26,5 @@ mod operate;
 mod roundtrip;
 mod signing;
 mod store_conformance;
+mod streaming;
 mod systemd_notify;

@@ -753,12 +753,16 @@ async fn forged_snapshots_are_never_fetched_and_real_ones_still_flow() {
             .await
             .unwrap();
         assert_eq!(read["value"], Value::Null, "node {f}: {read}");
-        // Adopted once at each real snapshot, nothing else handed over.
-        assert_eq!(
-            c.sidecar_metric(f, "snaprelay_adoptions_total{outcome=\"adopted\"}")
-                .await,
-            Some(2.0)
-        );
+        // Adopted once at each real snapshot, nothing else handed over. (The node shows the
+        // snapshot before its answer reaches the sidecar, which counts it then: wait for it.)
+        let adopted = "snaprelay_adoptions_total{outcome=\"adopted\"}";
+        c.wait_for(
+            &format!("node {f}'s sidecar to count its adoption"),
+            Duration::from_secs(10),
+            || async { (c.sidecar_metric(f, adopted).await >= Some(2.0)).then_some(()) },
+        )
+        .await;
+        assert_eq!(c.sidecar_metric(f, adopted).await, Some(2.0));
     }
 
     // The leader's GC after that publish deleted the forgeries and the replay.

@@ -5,7 +5,9 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod gate;
 pub mod hook_proxy;
+pub mod http_gate;
 pub mod interleave;
 pub mod proxy;
 
@@ -384,4 +386,11 @@ pub fn mkfifo(path: &Path) {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: a plain syscall on a NUL-terminated path that outlives it.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
+}
+
+/// `len` pseudo-random bytes from `seed`.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
 }

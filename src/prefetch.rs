@@ -1,0 +1,324 @@
+//! Follower side of streaming: while a publish runs, fetch the chunks its in-progress object
+//! lists ([`crate::inprogress`]) into the staging file the snapshot's fetch will use
+//! ([`crate::fetch::open_staging_for`]), at their offsets, each checked against its sha256
+//! before it is written. When the manifest lands, the fetch finds them in place (it checks
+//! each one again against the manifest) and downloads only the rest.
+//!
+//! Nothing here makes anything adoptable: the staging file is hidden and only a fetch,
+//! against the store's (verified) manifest, ever renames it into place. So the in-progress
+//! object is judged only for the harm it could do: it is refused, with a warning naming it
+//! and the reason, when it does not parse, is for another cluster or snapshot, announces a
+//! size beyond the repository's limits, lists chunks out of order, overlapping or past the
+//! end, rewrites chunks it listed before, or lists a chunk the store lacks or whose bytes do
+//! not hash to its sha256. A refused or stale prefetch removes its staging file. What a
+//! forgery can cost is bounded: one snapshot's size of downloads and disk, and a GET per
+//! poll until it is refused or goes stale.
+//!
+//! A [`Prefetch`] polls the object (a conditional GET each `poll_interval`) until:
+//! it disappears ([`Ended::Gone`]: the publish ended; its manifest is probably there, and
+//! the staging file stays for the fetch), it stops changing for `stale_after`
+//! ([`Ended::Stale`]: the publisher died), it is refused ([`Ended::Refused`]), or it is
+//! cancelled ([`Ended::Cancelled`]: the daemon fetches a manifest now; the staging file is
+//! the fetch's to keep or clean).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::chunk::Digest;
+use crate::error::Error;
+use crate::fetch::{self, NodeAccess};
+use crate::inprogress::{Expect, InProgress, Span, MAX_BODY};
+use crate::metrics::Metrics;
+use crate::repo::{InProgressRead, Repo};
+
+/// One prefetch: the snapshot at `id`, announced as in progress.
+pub struct Prefetch {
+    pub repo: Repo,
+    /// (index, term) of the snapshot being published.
+    pub id: (u64, u64),
+    /// The node's incoming directory, where the fetch will assemble the snapshot.
+    pub incoming: PathBuf,
+    /// Chunks not to download: the fetch will copy them from the node's own snapshots.
+    pub local: HashSet<Digest>,
+    /// Who the staging file is for (its group), as for a fetch.
+    pub node: Option<NodeAccess>,
+    pub poll_interval: Duration,
+    pub stale_after: Duration,
+    pub concurrency: usize,
+    pub metrics: Metrics,
+}
+
+/// Why a prefetch ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The in-progress object is gone: the publish ended. The staging file stays.
+    Gone,
+    /// The object did not change for `stale_after`. The staging file is removed.
+    Stale,
+    /// The object was refused, for this reason. The staging file is removed.
+    Refused(String),
+    /// A chunk it lists is missing from the store or does not match its sha256 (the
+    /// reason). The staging file is removed.
+    BadChunk(String),
+    /// The staging file could not be written (a local problem, not the object's). It is
+    /// removed.
+    Failed(String),
+    /// Stopped from outside. The staging file stays.
+    Cancelled,
+}
+
+/// What a prefetch did.
+#[derive(Debug, Clone)]
+pub struct PrefetchReport {
+    pub id: (u64, u64),
+    pub ended: Ended,
+    /// Chunks (and their bytes) downloaded, checked and written into the staging file.
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Chunks the object listed that the fetch will copy from a local snapshot instead.
+    pub skipped: u64,
+    /// Reads of the in-progress object.
+    pub polls: u64,
+}
+
+/// The state of a running prefetch.
+struct Progress {
+    /// The staging file, once the object told the size.
+    file: Option<Arc<File>>,
+    size: Option<u64>,
+    /// The listed prefix handled so far (downloaded or left to a local copy).
+    handled: Vec<Span>,
+    report: PrefetchReport,
+}
+
+/// Why a batch of downloads stopped early.
+enum Stopped {
+    /// The store did not answer: try again at the next poll.
+    Transient(Error),
+    /// A listed chunk is missing or does not match its digest.
+    Refused(String),
+}
+
+impl Prefetch {
+    /// Runs until the object is gone, stale or refused, or `cancel` fires. Cancel safety:
+    /// only the hidden staging file is left, holding verified chunks.
+    pub async fn run(self, cancel: CancellationToken) -> PrefetchReport {
+        let (index, term) = self.id;
+        let location = self.repo.inprogress_location(index, term);
+        let mut state = Progress {
+            file: None,
+            size: None,
+            handled: Vec::new(),
+            report: PrefetchReport {
+                id: self.id,
+                ended: Ended::Cancelled,
+                chunks: 0,
+                bytes: 0,
+                skipped: 0,
+                polls: 0,
+            },
+        };
+        let ended = tokio::select! {
+            _ = cancel.cancelled() => Ended::Cancelled,
+            ended = self.poll(&mut state, &location) => ended,
+        };
+        match &ended {
+            Ended::Gone | Ended::Cancelled => {}
+            Ended::Stale => {
+                tracing::info!(object = %location, stale_after_ms = self.stale_after.as_millis() as u64, "the publish in progress stopped changing; giving up prefetching it");
+                self.metrics.inprogress_refused("stale");
+                self.discard();
+            }
+            Ended::Refused(reason) | Ended::BadChunk(reason) => {
+                tracing::warn!(object = %location, reason, "in-progress object refused; not prefetching that snapshot");
+                let label = match ended {
+                    Ended::BadChunk(_) => "chunk_mismatch",
+                    _ => "invalid",
+                };
+                self.metrics.inprogress_refused(label);
+                self.discard();
+            }
+            Ended::Failed(error) => {
+                tracing::warn!(object = %location, error, "cannot prefetch into the incoming directory");
+                self.discard();
+            }
+        }
+        state.report.ended = ended;
+        tracing::debug!(
+            index,
+            term,
+            chunks = state.report.chunks,
+            bytes = state.report.bytes,
+            polls = state.report.polls,
+            ended = ?state.report.ended,
+            "prefetch ended"
+        );
+        state.report
+    }
+
+    fn discard(&self) {
+        if let Err(e) = fetch::discard_staging(&self.incoming, self.id) {
+            tracing::warn!(dir = %self.incoming.display(), error = %e, "cannot remove a prefetch's staging file");
+        }
+    }
+
+    async fn poll(&self, state: &mut Progress, location: &str) -> Ended {
+        let (index, term) = self.id;
+        let expect = Expect {
+            cluster_id: self.repo.cluster_id(),
+            index,
+            term,
+            params: self.repo.params(),
+        };
+        let mut seen: Option<String> = None;
+        // A store without ETags: the last body, to tell a change.
+        let mut last_body: Option<bytes::Bytes> = None;
+        let mut changed_at = Instant::now();
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::time::sleep(self.poll_interval).await;
+            }
+            first = false;
+            state.report.polls += 1;
+            let read = self
+                .repo
+                .read_inprogress(index, term, seen.as_deref(), MAX_BODY)
+                .await;
+            let (bytes, e_tag) = match read {
+                Ok(InProgressRead::Body { bytes, e_tag }) => (bytes, e_tag),
+                Ok(InProgressRead::Missing) => return Ended::Gone,
+                Ok(InProgressRead::NotModified) => {
+                    if changed_at.elapsed() >= self.stale_after {
+                        return Ended::Stale;
+                    }
+                    continue;
+                }
+                Err(Error::ObjectTooLarge { size, limit, .. }) => {
+                    return Ended::Refused(format!("it is {size} bytes, more than {limit}"))
+                }
+                Err(e) => {
+                    tracing::debug!(object = location, error = %e, "cannot read the in-progress object");
+                    if changed_at.elapsed() >= self.stale_after {
+                        return Ended::Stale;
+                    }
+                    continue;
+                }
+            };
+            if e_tag.is_none() && last_body.as_ref() == Some(&bytes) {
+                if changed_at.elapsed() >= self.stale_after {
+                    return Ended::Stale;
+                }
+                continue;
+            }
+            changed_at = Instant::now();
+            seen = e_tag;
+            let object = match InProgress::parse(&bytes, &expect) {
+                Ok(object) => object,
+                Err(reason) => return Ended::Refused(reason),
+            };
+            last_body = seen.is_none().then_some(bytes);
+            if let Err(ended) = self.take(state, object).await {
+                return ended;
+            }
+        }
+    }
+
+    /// Downloads what `object` lists beyond what was handled before.
+    async fn take(&self, state: &mut Progress, object: InProgress) -> Result<(), Ended> {
+        if state.size.is_some_and(|size| size != object.size) {
+            return Err(Ended::Refused(format!(
+                "its size changed from {} to {}",
+                state.size.unwrap_or_default(),
+                object.size
+            )));
+        }
+        let handled = state.handled.len();
+        if object.chunks.len() < handled || object.chunks[..handled] != state.handled[..] {
+            return Err(Ended::Refused(
+                "it no longer lists the chunks it listed before".into(),
+            ));
+        }
+        let file = match &state.file {
+            Some(file) => file.clone(),
+            None => {
+                let (dir, id, size, node) =
+                    (self.incoming.clone(), self.id, object.size, self.node);
+                let opened = tokio::task::spawn_blocking(move || {
+                    fetch::open_staging_for(&dir, id, size, node)
+                })
+                .await;
+                let file = match opened {
+                    Ok(Ok(file)) => Arc::new(file),
+                    // Nothing to prefetch into; the fetch will say why again.
+                    Ok(Err(e)) => return Err(Ended::Failed(e.to_string())),
+                    Err(e) => return Err(Ended::Failed(e.to_string())),
+                };
+                state.size = Some(object.size);
+                state.file = Some(file.clone());
+                file
+            }
+        };
+        let new = &object.chunks[handled..];
+        let downloads = futures::stream::iter(new.iter().copied())
+            .map(|span| {
+                let file = file.clone();
+                async move {
+                    if self.local.contains(&span.sha256) {
+                        return Ok((span, false));
+                    }
+                    let bytes = match self.repo.get_chunk(&span.sha256, span.len).await {
+                        Ok(bytes) => bytes,
+                        Err(e @ (Error::ChunkCorrupt { .. } | Error::ChunkMissing { .. })) => {
+                            return Err(Stopped::Refused(format!(
+                                "chunk {} at offset {}: {e}",
+                                span.sha256, span.offset
+                            )))
+                        }
+                        Err(e) => return Err(Stopped::Transient(e)),
+                    };
+                    // Checked by get_chunk: these bytes hash to span.sha256.
+                    tokio::task::spawn_blocking(move || file.write_all_at(&bytes, span.offset))
+                        .await
+                        .map_err(|e| {
+                            Stopped::Transient(Error::io("writing task", std::io::Error::other(e)))
+                        })?
+                        .map_err(|e| {
+                            Stopped::Transient(Error::io("writing the staging file", e))
+                        })?;
+                    Ok((span, true))
+                }
+            })
+            .buffered(self.concurrency.max(1));
+        futures::pin_mut!(downloads);
+        while let Some(done) = downloads.next().await {
+            match done {
+                Ok((span, downloaded)) => {
+                    state.handled.push(span);
+                    if downloaded {
+                        state.report.chunks += 1;
+                        state.report.bytes += span.len;
+                        self.metrics.prefetched(span.len);
+                    } else {
+                        state.report.skipped += 1;
+                    }
+                }
+                Err(Stopped::Refused(reason)) => return Err(Ended::BadChunk(reason)),
+                Err(Stopped::Transient(e)) => {
+                    // What was written stays; the rest is tried again at the next poll.
+                    tracing::debug!(error = %e, "a prefetch download failed; retrying at the next poll");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
