@@ -158,6 +158,9 @@ pub struct Daemon {
     /// Follower: the last publish whose prefetch was given up on (stale or refused), not
     /// prefetched again.
     abandoned: Option<(u64, u64)>,
+    /// Follower: what the last prefetch that kept its staging file wrote there (offsets
+    /// and digests), for the fetch of the same snapshot to take without hashing again.
+    prefetched: Option<((u64, u64), Prefetched)>,
     /// Follower: the chunks of the snapshot the node adopted last, which a prefetch need
     /// not download (the fetch copies them from the node's snapshot).
     adopted_chunks: Option<Arc<HashSet<Digest>>>,
@@ -228,6 +231,9 @@ impl ListSchedule {
         due
     }
 }
+
+/// Where a prefetch wrote which chunk in its staging file: (offset, digest).
+type Prefetched = Vec<(u64, Digest)>;
 
 /// A prefetch on its own task.
 struct RunningPrefetch {
@@ -335,6 +341,7 @@ impl Daemon {
             latest_manifest: None,
             publishing: None,
             prefetch: None,
+            prefetched: None,
             abandoned: None,
             adopted_chunks: None,
             hints: Arc::new(Notify::new()),
@@ -913,6 +920,7 @@ impl Daemon {
             Ended::Gone => {
                 self.schedule.wake();
                 self.incoming_dirty = true;
+                self.prefetched = Some((report.id, report.written));
             }
             Ended::Stale | Ended::Refused(_) | Ended::BadChunk(_) | Ended::Failed(_) => {
                 self.abandoned = Some(report.id);
@@ -939,6 +947,10 @@ impl Daemon {
                     polls = report.polls,
                     "prefetch stopped (a fetch, a role change or shutdown)"
                 );
+                // Stopped, or ended meanwhile: only those keep their staging file.
+                if matches!(report.ended, Ended::Cancelled | Ended::Gone) {
+                    self.prefetched = Some((report.id, report.written));
+                }
             }
         }
     }
@@ -1140,9 +1152,16 @@ impl Daemon {
         sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
         let progress = self.supervisor.progress();
         let node = fetch::NodeAccess::of_socket(&self.node_config.hook_socket)?;
+        let prefetched = self
+            .prefetched
+            .take()
+            .filter(|(prefetched, _)| *prefetched == (id.index, id.term))
+            .map(|(_, written)| written)
+            .unwrap_or_default();
         let fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress)
             .hand_over_to(node)
-            .resumable(true);
+            .resumable(true)
+            .prefetched(prefetched);
         let report = tokio::select! {
             // An abandoned fetch leaves only the hidden staging file, resumed next time.
             _ = cancel.cancelled() => return Ok(()),

@@ -155,6 +155,9 @@ pub struct Fetcher<'a> {
     progress: &'a dyn Progress,
     node: Option<NodeAccess>,
     resumable: bool,
+    /// Offsets of the staging file this process wrote verified chunks at, with their
+    /// digests ([`Fetcher::prefetched`]).
+    prefetched: HashMap<u64, Digest>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -165,7 +168,20 @@ impl<'a> Fetcher<'a> {
             progress,
             node: None,
             resumable: false,
+            prefetched: HashMap::new(),
         }
+    }
+
+    /// Chunks this process downloaded, checked and wrote into this snapshot's staging file
+    /// itself (a prefetch, [`crate::prefetch`]), by offset and digest. Found there, in
+    /// place, they are not hashed one by one again: like chunks copied from a local
+    /// snapshot, they are covered by the whole file's sha256, and a whole file that does
+    /// not match is assembled again with every chunk checked. Only the sidecar's user (or
+    /// root) can write the staging file (mode 0640, its own; a file anyone else put at its
+    /// name is never reused).
+    pub fn prefetched(mut self, chunks: impl IntoIterator<Item = (u64, Digest)>) -> Self {
+        self.prefetched = chunks.into_iter().collect();
+        self
     }
 
     /// Keeps the staging file when a fetch fails for a reason that is not the manifest's
@@ -247,10 +263,12 @@ impl<'a> Fetcher<'a> {
             .assemble(manifest, &dir, &staging, sources, false)
             .await
         {
-            Err(Error::FileCorrupt { .. }) if !sources.is_empty() => {
+            Err(Error::FileCorrupt { .. })
+                if !sources.is_empty() || !self.prefetched.is_empty() =>
+            {
                 tracing::warn!(
                     index = manifest.last_log_index,
-                    "a local chunk copy was damaged; fetching again with every local chunk verified"
+                    "a chunk copied from a local snapshot or prefetched was damaged; fetching again with every chunk verified"
                 );
                 let _ = dir.remove(&staging.name);
                 self.assemble(manifest, &dir, &staging, sources, true).await
@@ -421,7 +439,9 @@ impl<'a> Fetcher<'a> {
         let sha = chunk.sha256;
         let len = chunk.len;
         if let Some(file) = staging {
-            if let Some(bytes) = read_chunk(file.clone(), offset, len, Some(sha)).await {
+            let ours = !verify_local && self.prefetched.get(&offset) == Some(&sha);
+            let expect = (!ours).then_some(sha);
+            if let Some(bytes) = read_chunk(file.clone(), offset, len, expect).await {
                 return Ok(Piece {
                     offset,
                     bytes,

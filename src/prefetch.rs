@@ -85,6 +85,10 @@ pub struct PrefetchReport {
     pub bytes: u64,
     /// Chunks the object listed that the fetch will copy from a local snapshot instead.
     pub skipped: u64,
+    /// Where each downloaded chunk was written in the staging file, and its digest (checked
+    /// before it was written): the fetch that follows takes these without hashing each
+    /// again ([`crate::fetch::Fetcher::prefetched`]).
+    pub written: Vec<(u64, Digest)>,
     /// Reads of the in-progress object.
     pub polls: u64,
 }
@@ -124,6 +128,7 @@ impl Prefetch {
                 bytes: 0,
                 skipped: 0,
                 polls: 0,
+                written: Vec::new(),
             },
         };
         let ended = tokio::select! {
@@ -304,6 +309,7 @@ impl Prefetch {
                 Ok((span, downloaded)) => {
                     state.handled.push(span);
                     if downloaded {
+                        state.report.written.push((span.offset, span.sha256));
                         state.report.chunks += 1;
                         state.report.bytes += span.len;
                         self.metrics.prefetched(span.len);

@@ -192,6 +192,60 @@ async fn a_follower_holds_every_chunk_before_the_manifest_and_downloads_nothing_
     }
 }
 
+/// The fetch after a prefetch takes the chunks the prefetch wrote without hashing each
+/// again (`Fetcher::prefetched`): the whole file's sha256 covers them. One damaged in the
+/// staging file since is caught by that whole-file check, and the file is assembled again
+/// with every chunk checked; without the prefetch's list the fetch checks each chunk in
+/// place and downloads only the damaged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_chunks_are_not_hashed_again_and_a_damaged_one_is_still_caught() {
+    let work = tempfile::tempdir().unwrap();
+    let store = store(
+        "prefetched_chunks_are_not_hashed_again_and_a_damaged_one_is_still_caught",
+        work.path(),
+    );
+    let data = support::random_bytes(2 << 20, 11);
+    let leader = Repo::open_or_create(store.clone(), CLUSTER, params())
+        .await
+        .unwrap();
+    let meta = support::write_snapshot(&work.path().join("leader"), 20, 1, &data);
+    publish(leader, &meta, false).await.unwrap();
+    let follower = Repo::open(store.clone(), CLUSTER).await.unwrap();
+    let id = follower.manifest_for(20, 1).await.unwrap().unwrap();
+    let manifest = follower.read_manifest(&id).await.unwrap();
+    let written: Vec<(u64, Digest)> = manifest.offsets().map(|(o, c)| (o, c.sha256)).collect();
+    let (damaged_at, damaged) = manifest.offsets().nth(3).map(|(o, c)| (o, c.len)).unwrap();
+
+    for (damage, trust, downloaded) in [
+        (false, true, 0),
+        (true, true, data.len() as u64),
+        (true, false, damaged),
+    ] {
+        let incoming = work.path().join("incoming");
+        // What a prefetch leaves: every chunk at its offset, perhaps one damaged since.
+        let file = snaprelay::fetch::open_staging_for(&incoming, (20, 1), data.len() as u64, None)
+            .unwrap();
+        let mut staged = data.clone();
+        if damage {
+            staged[damaged_at as usize + 5] ^= 0x40;
+        }
+        std::os::unix::fs::FileExt::write_all_at(&file, &staged, 0).unwrap();
+        drop(file);
+        let fetcher = Fetcher::new(&follower, 4, &Silent).resumable(true);
+        let fetcher = match trust {
+            true => fetcher.prefetched(written.clone()),
+            false => fetcher,
+        };
+        let fetched = fetcher.fetch(&manifest, &incoming, &[]).await.unwrap();
+        assert_eq!(
+            fetched.bytes_transferred, downloaded,
+            "damage {damage}, trust {trust}: {fetched:?}"
+        );
+        assert_eq!(std::fs::read(&fetched.data).unwrap(), data);
+        std::fs::remove_dir_all(&incoming).unwrap();
+    }
+}
+
 /// A publisher killed after storing every chunk, before its manifest: its in-progress
 /// object stays (its deletes never happen). The follower prefetches it, then gives up once
 /// it stops changing, removing its staging file; the next publish and its fetch work.
