@@ -1156,12 +1156,13 @@ impl Daemon {
             .prefetched
             .take()
             .filter(|(prefetched, _)| *prefetched == (id.index, id.term))
-            .map(|(_, written)| written)
-            .unwrap_or_default();
-        let fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress)
+            .map(|(_, written)| written);
+        let mut fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress)
             .hand_over_to(node)
-            .resumable(true)
-            .prefetched(prefetched);
+            .resumable(true);
+        if let Some(written) = prefetched {
+            fetcher = fetcher.prefetched(written);
+        }
         let report = tokio::select! {
             // An abandoned fetch leaves only the hidden staging file, resumed next time.
             _ = cancel.cancelled() => return Ok(()),

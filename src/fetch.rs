@@ -156,8 +156,8 @@ pub struct Fetcher<'a> {
     node: Option<NodeAccess>,
     resumable: bool,
     /// Offsets of the staging file this process wrote verified chunks at, with their
-    /// digests ([`Fetcher::prefetched`]).
-    prefetched: HashMap<u64, Digest>,
+    /// digests, when a prefetch of this process prepared it ([`Fetcher::prefetched`]).
+    prefetched: Option<HashMap<u64, Digest>>,
 }
 
 impl<'a> Fetcher<'a> {
@@ -168,19 +168,22 @@ impl<'a> Fetcher<'a> {
             progress,
             node: None,
             resumable: false,
-            prefetched: HashMap::new(),
+            prefetched: None,
         }
     }
 
-    /// Chunks this process downloaded, checked and wrote into this snapshot's staging file
-    /// itself (a prefetch, [`crate::prefetch`]), by offset and digest. Found there, in
-    /// place, they are not hashed one by one again: like chunks copied from a local
-    /// snapshot, they are covered by the whole file's sha256, and a whole file that does
-    /// not match is assembled again with every chunk checked. Only the sidecar's user (or
-    /// root) can write the staging file (mode 0640, its own; a file anyone else put at its
-    /// name is never reused).
+    /// The staging file of this snapshot was prepared by a prefetch of this process
+    /// ([`crate::prefetch`]), which downloaded, checked and wrote `chunks` there (offset,
+    /// digest). Only those are looked for in place, and they are not hashed one by one
+    /// again: like chunks copied from a local snapshot, they are covered by the whole
+    /// file's sha256, and a whole file that does not match is assembled again with every
+    /// chunk checked. The rest of the file holds nothing yet (a new snapshot's chunks the
+    /// node already has are left to local copies), so reading and hashing it in place
+    /// would only cost a pass over the file. Only the sidecar's user (or root) can write
+    /// the staging file (mode 0640, its own; a file anyone else put at its name is never
+    /// reused).
     pub fn prefetched(mut self, chunks: impl IntoIterator<Item = (u64, Digest)>) -> Self {
-        self.prefetched = chunks.into_iter().collect();
+        self.prefetched = Some(chunks.into_iter().collect());
         self
     }
 
@@ -263,9 +266,7 @@ impl<'a> Fetcher<'a> {
             .assemble(manifest, &dir, &staging, sources, false)
             .await
         {
-            Err(Error::FileCorrupt { .. })
-                if !sources.is_empty() || !self.prefetched.is_empty() =>
-            {
+            Err(Error::FileCorrupt { .. }) if !sources.is_empty() || self.prefetched.is_some() => {
                 tracing::warn!(
                     index = manifest.last_log_index,
                     "a chunk copied from a local snapshot or prefetched was damaged; fetching again with every chunk verified"
@@ -438,9 +439,16 @@ impl<'a> Fetcher<'a> {
     ) -> Result<Piece> {
         let sha = chunk.sha256;
         let len = chunk.len;
-        if let Some(file) = staging {
-            let ours = !verify_local && self.prefetched.get(&offset) == Some(&sha);
-            let expect = (!ours).then_some(sha);
+        // In place: Some(what to check it against), or None: not looked for there.
+        let in_place = match &self.prefetched {
+            // Checked when it was written; the whole-file hash covers it.
+            Some(written) if !verify_local => match written.get(&offset) {
+                Some(digest) if *digest == sha => Some(None),
+                _ => None,
+            },
+            _ => Some(Some(sha)),
+        };
+        if let (Some(file), Some(expect)) = (staging, in_place) {
             if let Some(bytes) = read_chunk(file.clone(), offset, len, expect).await {
                 return Ok(Piece {
                     offset,

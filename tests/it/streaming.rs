@@ -196,7 +196,8 @@ async fn a_follower_holds_every_chunk_before_the_manifest_and_downloads_nothing_
 /// again (`Fetcher::prefetched`): the whole file's sha256 covers them. One damaged in the
 /// staging file since is caught by that whole-file check, and the file is assembled again
 /// with every chunk checked; without the prefetch's list the fetch checks each chunk in
-/// place and downloads only the damaged one.
+/// place and downloads only the damaged one. With the list, nothing else is looked for in
+/// place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetched_chunks_are_not_hashed_again_and_a_damaged_one_is_still_caught() {
     let work = tempfile::tempdir().unwrap();
@@ -216,10 +217,14 @@ async fn prefetched_chunks_are_not_hashed_again_and_a_damaged_one_is_still_caugh
     let written: Vec<(u64, Digest)> = manifest.offsets().map(|(o, c)| (o, c.sha256)).collect();
     let (damaged_at, damaged) = manifest.offsets().nth(3).map(|(o, c)| (o, c.len)).unwrap();
 
+    // (damage one chunk, what the prefetch reports it wrote, bytes the fetch downloads)
     for (damage, trust, downloaded) in [
-        (false, true, 0),
-        (true, true, data.len() as u64),
-        (true, false, damaged),
+        (false, Some(written.clone()), 0),
+        (true, Some(written.clone()), data.len() as u64),
+        (true, None, damaged),
+        // Only what the prefetch wrote is looked for in place (a prefetch that left every
+        // chunk to local copies wrote nothing: the file holds nothing worth a pass).
+        (false, Some(Vec::new()), data.len() as u64),
     ] {
         let incoming = work.path().join("incoming");
         // What a prefetch leaves: every chunk at its offset, perhaps one damaged since.
@@ -232,14 +237,16 @@ async fn prefetched_chunks_are_not_hashed_again_and_a_damaged_one_is_still_caugh
         std::os::unix::fs::FileExt::write_all_at(&file, &staged, 0).unwrap();
         drop(file);
         let fetcher = Fetcher::new(&follower, 4, &Silent).resumable(true);
-        let fetcher = match trust {
-            true => fetcher.prefetched(written.clone()),
-            false => fetcher,
+        let fetcher = match &trust {
+            Some(written) => fetcher.prefetched(written.clone()),
+            None => fetcher,
         };
         let fetched = fetcher.fetch(&manifest, &incoming, &[]).await.unwrap();
         assert_eq!(
-            fetched.bytes_transferred, downloaded,
-            "damage {damage}, trust {trust}: {fetched:?}"
+            fetched.bytes_transferred,
+            downloaded,
+            "damage {damage}, prefetched {:?}: {fetched:?}",
+            trust.map(|t| t.len())
         );
         assert_eq!(std::fs::read(&fetched.data).unwrap(), data);
         std::fs::remove_dir_all(&incoming).unwrap();
