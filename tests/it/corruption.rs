@@ -315,7 +315,7 @@ async fn damaged_local_copy_is_not_passed_on() {
     let out = target.run(&["pull", "--to", to.to_str().unwrap(), "--json"]);
     assert!(out.status.success(), "{}", support::stderr(&out));
     assert!(
-        support::stderr(&out).contains("local chunk copy was damaged"),
+        support::stderr(&out).contains("copied from a local snapshot or prefetched was damaged"),
         "{}",
         support::stderr(&out)
     );
