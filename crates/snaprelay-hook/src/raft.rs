@@ -557,6 +557,59 @@ mod tests {
         assert_eq!(role(ServerState::Shutdown), Role::Shutdown);
     }
 
+    /// An application's validation written for the bytes its own encoder produces: it
+    /// panics on anything else (an `unwrap` on a length prefix, say).
+    struct DecoderThatPanicsOnGarbage;
+
+    impl AdoptSnapshot for DecoderThatPanicsOnGarbage {
+        fn validate(data: &mut dyn std::io::Read, _: LogIdRef) -> Result<(), String> {
+            let mut head = [0u8; 4];
+            data.read_exact(&mut head).map_err(|e| e.to_string())?;
+            assert_eq!(&head, b"GOOD", "not a snapshot of ours");
+            Ok(())
+        }
+
+        async fn force_save_snapshot(&mut self, _: Incoming) -> Result<StageOutcome, Refusal> {
+            Err(Refusal::new(ErrorCode::Internal, "not staged in this test"))
+        }
+    }
+
+    /// `AdoptSnapshot::validate` is documented to run after the file's sha256 was checked,
+    /// and a damaged handover is reported as `checksum_mismatch`, whatever the validation
+    /// makes of the damaged bytes. With the sha256 taken beside the validation, the
+    /// validation sees unverified bytes: one that panics on them must still end in
+    /// `checksum_mismatch` (permanent for this file), not in a panic that the node answers
+    /// `internal` (transient: the sidecar hands the same file over again).
+    ///
+    /// Fails on 307f45e: the validation's panic escapes `check_file`.
+    #[test]
+    fn a_validation_that_panics_on_damaged_bytes_is_a_checksum_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming_dir = dir.path().canonicalize().unwrap();
+        let path = incoming_dir.join("x.bin");
+        std::fs::write(&path, b"BAD!").unwrap();
+        // The sha256 the sidecar verified: that of the genuine file.
+        let genuine = crate::verify::sha256_of(&mut &b"GOOD"[..]).unwrap().0;
+        let envelope = snaprelay_contract::snapdir::Envelope {
+            format: 1,
+            last_log_index: 9,
+            last_log_term: 2,
+            data: "x.bin".into(),
+            size: 4,
+            raft_meta: serde_json::json!({"last_log_id": null}),
+            chunk_index: None,
+            sha256: None,
+        };
+        let incoming =
+            Incoming::open(envelope, path.to_str().unwrap(), &incoming_dir, genuine).unwrap();
+        let checked =
+            std::panic::catch_unwind(|| check_file::<DecoderThatPanicsOnGarbage>(&incoming, true));
+        let refusal = checked
+            .expect("the validation's panic escaped the check of a file that fails its sha256")
+            .unwrap_err();
+        assert_eq!(refusal.code, ErrorCode::ChecksumMismatch, "{refusal}");
+    }
+
     #[test]
     fn leader_flag_is_shared_between_clones() {
         let flag = LeaderFlag::new();
