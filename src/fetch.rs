@@ -965,6 +965,105 @@ mod tests {
         assert!(back == read, "short source");
     }
 
+    /// Every alignment at and around block edges, chunks shorter than a block, ranges that
+    /// end at a block boundary or at the source's end (a size that is not a whole number of
+    /// blocks), a source with a hole, a destination shorter than the range or holding other
+    /// bytes (a staging file kept from a killed attempt): the range ends up holding exactly
+    /// the bytes read, and nothing outside it changes. Run with `TMPDIR` on an XFS or btrfs
+    /// mount to have the blocks shared rather than copied.
+    #[test]
+    fn copied_ranges_hold_the_bytes_read_at_every_block_edge() {
+        const B: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        // 9 blocks and a bit; blocks 4 and 5 are a hole.
+        let size = 9 * B + 123;
+        let mut source: Vec<u8> = (0..size).map(|i| (i * 7 % 253 + 1) as u8).collect();
+        source[(4 * B) as usize..(6 * B) as usize].fill(0);
+        {
+            let f = File::create(&path).unwrap();
+            f.write_all_at(&source[..(4 * B) as usize], 0).unwrap();
+            f.write_all_at(&source[(6 * B) as usize..], 6 * B).unwrap();
+            f.sync_all().unwrap();
+        }
+        let from = File::open(&path).unwrap();
+        let edges = [0, 1, B - 1, B, B + 1, 2 * B - 1, 2 * B, 3 * B + 17];
+        let lens = [1, B - 1, B, B + 1, 2 * B, 2 * B + 1, 3 * B - 1, 5 * B + 100];
+        for from_offset in edges
+            .iter()
+            .map(|e| e + 2 * B)
+            .chain([size - 3 * B - 5, size - 2 * B])
+        {
+            for to_offset in edges {
+                for len in lens {
+                    let len = len.min(size - from_offset);
+                    let bytes = &source[from_offset as usize..(from_offset + len) as usize];
+                    for dest_len in [0, to_offset + len + 3 * B] {
+                        let to = tempfile::tempfile().unwrap();
+                        let before = vec![0xaau8; dest_len as usize];
+                        to.write_all_at(&before, 0).unwrap();
+                        copy_range(&from, from_offset, &to, to_offset, bytes).unwrap();
+                        let mut after = Vec::new();
+                        io::Read::read_to_end(&mut &to, &mut after).unwrap();
+                        let case =
+                            format!("{from_offset} -> {to_offset}, {len} bytes, dest {dest_len}");
+                        let end = (to_offset + len) as usize;
+                        assert!(after[to_offset as usize..end] == *bytes, "{case}");
+                        let mut expected = before.clone();
+                        expected.resize(expected.len().max(end), 0);
+                        expected[to_offset as usize..end].copy_from_slice(bytes);
+                        assert!(after == expected, "{case}: bytes outside the range changed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bytes hashed for the whole-file check are the ones read from the local snapshot;
+    /// the staging file must hold those, not what the source holds when the kernel copies
+    /// it a moment later. The local snapshots are the node's files (another user's), and a
+    /// file whose whole-file check passed is committed and reported as verified (by
+    /// `snaprelay pull` with no node to check it again, and handed over to a node that may
+    /// run without its own sha256 check).
+    ///
+    /// Fails on 307f45e: the whole blocks come from the source as it is at the copy.
+    #[test]
+    fn a_source_rewritten_after_it_was_read_does_not_reach_the_staging_file() {
+        const B: u64 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        let source: Vec<u8> = (0..8 * B).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &source).unwrap();
+        let from = File::open(&path).unwrap();
+        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let cases: [(&str, &dyn Fn()); 2] = [
+            ("rewritten in place", &|| {
+                writer
+                    .write_all_at(&vec![0x55; (4 * B) as usize], 2 * B)
+                    .unwrap()
+            }),
+            ("truncated and extended again", &|| {
+                writer.set_len(3 * B).unwrap();
+                writer.set_len(8 * B).unwrap();
+            }),
+        ];
+        for (what, change) in cases {
+            std::fs::write(&path, &source).unwrap();
+            let mut read = vec![0u8; (4 * B) as usize];
+            from.read_exact_at(&mut read, 2 * B).unwrap();
+            change();
+            let to = tempfile::tempfile().unwrap();
+            to.set_len(8 * B).unwrap();
+            copy_range(&from, 2 * B, &to, 2 * B, &read).unwrap();
+            let mut back = vec![0u8; read.len()];
+            to.read_exact_at(&mut back, 2 * B).unwrap();
+            assert!(
+                back == read,
+                "source {what}: the staging file holds other bytes than were read and hashed"
+            );
+        }
+    }
+
     #[test]
     fn only_the_names_fetches_write_are_ours() {
         let (data, meta) = snapdir::file_names(12, 3);
