@@ -91,8 +91,11 @@ pub trait AdoptSnapshot: Send + 'static {
     /// `Err` names the reason; the snapshot is refused (`invalid_snapshot`), its file removed.
     ///
     /// Runs on a blocking thread outside the state machine worker, after the hook has
-    /// checked the envelope against `raft_meta` and the file's sha256; `data` reads the
-    /// opened file from its start.
+    /// checked the envelope against `raft_meta`, and beside the file's sha256 check (the
+    /// hash is taken from the bytes `data` yields): `data` reads the opened file from its
+    /// start, and its bytes are not yet verified. A file that fails its sha256 is refused
+    /// as `checksum_mismatch` whatever this answers, a panic included; but a validation
+    /// that hangs or allocates without bound on arbitrary bytes holds the check up.
     fn validate(data: &mut dyn io::Read, log_id: LogIdRef) -> Result<(), String>;
 
     /// Stages `incoming` (rename its file to a staging name in the snapshot directory with

@@ -231,7 +231,11 @@ fn check_file<SM: AdoptSnapshot>(incoming: &Incoming, verify_sha256: bool) -> Re
         incoming
             .file
             .verify_sha256_while(&incoming.sha256, &incoming.path, validate);
-    hashed.and(validated)
+    // The validation ran on bytes not yet verified: a mismatch is the answer whatever it
+    // made of them, a panic included. A panic on verified bytes is the application's bug,
+    // and stays a panic.
+    hashed?;
+    validated.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Removes a refused file from the incoming directory, if it is still the one checked.
@@ -580,8 +584,6 @@ mod tests {
     /// validation sees unverified bytes: one that panics on them must still end in
     /// `checksum_mismatch` (permanent for this file), not in a panic that the node answers
     /// `internal` (transient: the sidecar hands the same file over again).
-    ///
-    /// Fails on 307f45e: the validation's panic escapes `check_file`.
     #[test]
     fn a_validation_that_panics_on_damaged_bytes_is_a_checksum_mismatch() {
         let dir = tempfile::tempdir().unwrap();

@@ -92,11 +92,14 @@ impl IncomingFile {
     }
 
     /// A reader of the whole file from its start, with its own position (positioned reads
-    /// on the shared open file).
+    /// on the shared open file). It ends one byte past the size the file was opened at: a
+    /// file that grew shows it (a hash over one byte too many), and a writer appending to
+    /// it cannot keep its reader reading.
     pub fn reader(&self) -> impl Read + '_ {
         PositionedReader {
             file: &self.file,
             offset: 0,
+            end: self.size.saturating_add(1),
         }
     }
 
@@ -114,12 +117,17 @@ impl IncomingFile {
     /// returns. So the file is read from disk once (a just-fetched GiB the page cache no
     /// longer holds costs one read, not two), and hashing runs beside `read` on another
     /// core. Blocking.
+    ///
+    /// `read` sees bytes before they are verified: a panic in it is caught, so that the
+    /// caller still learns whether the file was the one claimed (a damaged file is
+    /// reported as such, whatever `read` made of it), and gets the panic back as `read`'s
+    /// result.
     pub fn verify_sha256_while<R>(
         &self,
         expected: &str,
         shown: &Path,
         read: impl FnOnce(&mut dyn Read) -> R,
-    ) -> (Result<(), Refusal>, R) {
+    ) -> (Result<(), Refusal>, std::thread::Result<R>) {
         use sha2::{Digest, Sha256};
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         std::thread::scope(|scope| {
@@ -136,7 +144,7 @@ impl IncomingFile {
                 inner: self.reader(),
                 tx,
             };
-            let answer = read(&mut tee);
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&mut tee)));
             let drained = std::io::copy(&mut tee, &mut std::io::sink());
             drop(tee);
             let hashed = hashing
@@ -242,12 +250,16 @@ impl<R: Read> Read for TeeReader<R> {
 struct PositionedReader<'a> {
     file: &'a File,
     offset: u64,
+    /// Where the reader ends, whatever the file's length by then.
+    end: u64,
 }
 
 impl Read for PositionedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let n = self.file.read_at(buf, self.offset)?;
+        let room = usize::try_from(self.end.saturating_sub(self.offset)).unwrap_or(usize::MAX);
+        let len = buf.len().min(room);
+        let n = self.file.read_at(&mut buf[..len], self.offset)?;
         self.offset += n as u64;
         Ok(n)
     }
@@ -390,15 +402,19 @@ mod tests {
                 head
             });
             hashed.unwrap();
-            assert_eq!(got, data[..take], "the reader saw the file from its start");
+            assert_eq!(
+                got.unwrap(),
+                data[..take],
+                "the reader saw the file from its start"
+            );
         }
-        let (hashed, ()) = file.verify_sha256_while(&"0".repeat(64), &shown, |_| ());
+        let (hashed, _) = file.verify_sha256_while(&"0".repeat(64), &shown, |_| ());
         let err = hashed.unwrap_err();
         assert_eq!(err.code, ErrorCode::ChecksumMismatch);
         assert!(err.message.contains(&right), "{err}");
         // Grown after it was opened: the one pass sees it too.
         fs::write(&shown, [&data[..], b"more"].concat()).unwrap();
-        let (hashed, ()) = file.verify_sha256_while(&right, &shown, |_| ());
+        let (hashed, _) = file.verify_sha256_while(&right, &shown, |_| ());
         assert!(hashed.unwrap_err().message.contains("changed size"));
     }
 
@@ -451,6 +467,7 @@ mod tests {
                 }
                 seen
             });
+            let seen = seen.unwrap();
             // What was there after the validation returned, from where it stopped.
             let now = fs::read(&shown).unwrap();
             let whole = [&seen[..], &now[seen.len().min(now.len())..]].concat();
@@ -458,8 +475,8 @@ mod tests {
         });
     }
 
-    /// A panic in the validation neither hangs nor leaks the hashing thread: it reaches
-    /// the caller once the hashing thread has ended.
+    /// A panic in the validation neither hangs nor leaks the hashing thread, and the file
+    /// is still hashed: the caller gets the mismatch, and the panic as the result.
     #[test]
     fn a_validation_that_panics_does_not_hang_the_pass() {
         let dir = tempfile::tempdir().unwrap();
@@ -468,14 +485,14 @@ mod tests {
         let file = open_incoming(dir.path(), "a.bin", data.len() as u64).unwrap();
         let shown = dir.path().join("a.bin");
         for before_panic in [0usize, 1, 3 << 20] {
-            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (hashed, answer): (_, std::thread::Result<()>) =
                 file.verify_sha256_while(&"0".repeat(64), &shown, |r| {
                     let mut head = Vec::new();
                     r.take(before_panic as u64).read_to_end(&mut head).unwrap();
                     panic!("the application's decoder fails on these bytes");
-                })
-            }));
-            assert!(caught.is_err());
+                });
+            assert_eq!(hashed.unwrap_err().code, ErrorCode::ChecksumMismatch);
+            assert!(answer.is_err());
         }
     }
 
@@ -484,8 +501,6 @@ mod tests {
     /// reads the file into memory) must be given no more than the size the file was opened
     /// at (plus one byte, which shows that it grew): otherwise an appender keeps the check
     /// reading, and its memory growing, for as long as it keeps appending.
-    ///
-    /// Fails on 307f45e: the reader follows the file as it grows.
     #[test]
     fn a_file_that_grows_while_it_is_checked_gives_the_validation_no_more_than_its_size() {
         use std::io::Write;
@@ -509,6 +524,7 @@ mod tests {
             }
             taken
         });
+        let taken = taken.unwrap();
         assert!(
             taken <= data.len() as u64 + 1,
             "the validation was given {taken} bytes of a file opened at {}",
