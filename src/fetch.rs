@@ -4,10 +4,9 @@
 //! The file is assembled in a hidden staging file next to its final name
 //! (`.<data>.partial`, never read by a node). Each chunk comes from the first of: the staging
 //! file itself (a previous attempt that was killed), a local snapshot that has the chunk,
-//! or the store, `concurrency` at a time. A chunk from a local snapshot is written by having
-//! the kernel copy its range (shared blocks on XFS and btrfs, see [`copy_range`]). Every
-//! chunk from the store has its sha256 checked before its bytes are written, and the whole
-//! file's sha256 before it is renamed into place; the envelope is
+//! or the store, `concurrency` at a time. Every chunk from the store has its sha256 checked
+//! before its bytes are written, and the whole file's sha256 before it is renamed into
+//! place; the envelope is
 //! written last, so a node sees the snapshot whole or not at all. On an error the staging
 //! file is removed and the target directory is as it was; a daemon's fetcher
 //! ([`Fetcher::resumable`]) keeps it instead unless the manifest itself is at fault, so the
@@ -129,12 +128,8 @@ pub async fn local_sources(repo: &Repo, dir: &Path, limit: usize) -> Result<Vec<
 enum Origin {
     /// Already in the staging file at the right offset: nothing to write.
     InPlace,
-    /// Read (for the whole-file hash) from `file` at `offset`; written by copying that range
-    /// in the kernel ([`copy_range`]).
-    Local {
-        file: Arc<File>,
-        offset: u64,
-    },
+    /// Read from a local snapshot (covered by the whole-file hash).
+    Local,
     Store,
 }
 
@@ -353,17 +348,16 @@ impl<'a> Fetcher<'a> {
                 let len = piece.bytes.len() as u64;
                 match &piece.origin {
                     Origin::InPlace => {}
-                    Origin::Local { file, offset } => {
-                        copy_range(file, *offset, &writer_file, piece.offset, &piece.bytes)?
+                    Origin::Local | Origin::Store => {
+                        writer_file.write_all_at(&piece.bytes, piece.offset)?
                     }
-                    Origin::Store => writer_file.write_all_at(&piece.bytes, piece.offset)?,
                 }
                 match piece.origin {
                     Origin::Store => {
                         counts.transferred += 1;
                         counts.bytes_transferred += len;
                     }
-                    Origin::InPlace | Origin::Local { .. } => {
+                    Origin::InPlace | Origin::Local => {
                         counts.reused += 1;
                         counts.bytes_reused += len;
                     }
@@ -463,10 +457,7 @@ impl<'a> Fetcher<'a> {
                 return Ok(Piece {
                     offset,
                     bytes,
-                    origin: Origin::Local {
-                        file: found.file.clone(),
-                        offset: found.offset,
-                    },
+                    origin: Origin::Local,
                 });
             }
             tracing::warn!(chunk = %sha, "local copy of a chunk does not verify; downloading it");
@@ -849,65 +840,6 @@ fn index_sources(sources: &[ReuseSource], manifest: &Manifest) -> HashMap<Digest
     found
 }
 
-/// Writes `bytes`, just read from `from` at `from_offset`, to `to` at `to_offset`. Where
-/// the two offsets sit alike in their file system blocks, the whole blocks of the range are
-/// copied by the kernel (`copy_file_range`): on a file system with reflinks (XFS, btrfs)
-/// they are shared instead of written, so an incremental fetch writes little more than it
-/// downloaded. The partial blocks at either end, the whole range when the offsets do not
-/// line up (the blocks could not be shared), and whatever the kernel will not copy (another
-/// file system, no reflinks: an in-kernel copy costs what a write does) are written from
-/// `bytes`.
-///
-/// The bytes hashed are the ones read, the bytes the kernel copies the ones in the source a
-/// moment later, and the source is another user's file (the node's): the copied range is
-/// read back from `to` (this process's own file: what it holds now, it keeps) and compared
-/// with `bytes`, and written from `bytes` if it differs. Any error of the kernel's copy
-/// ends it and leaves the rest to the writes: a failure that is not the copy's own shows
-/// again there.
-fn copy_range(
-    from: &File,
-    from_offset: u64,
-    to: &File,
-    to_offset: u64,
-    bytes: &[u8],
-) -> io::Result<()> {
-    const BLOCK: u64 = 4096;
-    let len = bytes.len() as u64;
-    let first = to_offset.next_multiple_of(BLOCK);
-    let last = (to_offset + len) / BLOCK * BLOCK;
-    if from_offset % BLOCK != to_offset % BLOCK || first >= last {
-        return to.write_all_at(bytes, to_offset);
-    }
-    let head = (first - to_offset) as usize;
-    to.write_all_at(&bytes[..head], to_offset)?;
-    let (mut off_in, mut off_out) = (from_offset + head as u64, first);
-    while off_out < last {
-        let left = (last - off_out) as usize;
-        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), left) {
-            Ok(0) => break,
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(_) => break,
-        }
-    }
-    let done = (off_out - to_offset) as usize;
-    let copied = &bytes[head..done];
-    if !copied.is_empty() {
-        let mut back = vec![0u8; copied.len()];
-        to.read_exact_at(&mut back, first)?;
-        if back != copied {
-            tracing::warn!(
-                offset = from_offset,
-                len = copied.len(),
-                "a local snapshot changed since its chunk was read; writing the bytes read"
-            );
-            to.write_all_at(copied, first)?;
-        }
-    }
-    // What the kernel did not copy (the source shorter than it was, or no
-    // copy_file_range here), and the partial block at the end.
-    to.write_all_at(&bytes[done..], off_out)
-}
-
 /// Reads `len` bytes at `offset`; with `expect`, returns them only if they hash to it.
 async fn read_chunk(
     file: Arc<File>,
@@ -930,145 +862,6 @@ async fn read_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Whatever the alignment, and when the source no longer holds what was read, the
-    /// destination range ends up holding exactly the bytes that were read (and hashed).
-    #[test]
-    fn copied_ranges_hold_the_bytes_read_whatever_the_alignment() {
-        let dir = tempfile::tempdir().unwrap();
-        let source: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
-        std::fs::write(dir.path().join("src"), &source).unwrap();
-        let from = File::open(dir.path().join("src")).unwrap();
-        let cases = [
-            (0, 0, 100_000),
-            (4096, 8192, 65_536),
-            (4000, 8096, 70_000),
-            (4000, 8000, 70_000),
-            (10, 20, 100),
-            (8191, 4095, 4098),
-            (0, 4096, 300_000),
-        ];
-        for (from_offset, to_offset, len) in cases {
-            let to = tempfile::tempfile_in(dir.path()).unwrap();
-            to.set_len(to_offset + len as u64 + 5000).unwrap();
-            let end = (from_offset as usize + len).min(source.len());
-            let bytes = &source[from_offset as usize..end];
-            copy_range(&from, from_offset, &to, to_offset, bytes).unwrap();
-            let mut back = vec![0u8; bytes.len()];
-            to.read_exact_at(&mut back, to_offset).unwrap();
-            assert!(back == bytes, "{from_offset} -> {to_offset}, {len} bytes");
-        }
-        // The source shrank since it was read: the rest comes from the bytes read.
-        let read = source[4096..4096 + 65_536].to_vec();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.path().join("src"))
-            .unwrap()
-            .set_len(4096 + 10_000)
-            .unwrap();
-        let to = tempfile::tempfile_in(dir.path()).unwrap();
-        copy_range(&from, 4096, &to, 4096, &read).unwrap();
-        let mut back = vec![0u8; read.len()];
-        to.read_exact_at(&mut back, 4096).unwrap();
-        assert!(back == read, "short source");
-    }
-
-    /// Every alignment at and around block edges, chunks shorter than a block, ranges that
-    /// end at a block boundary or at the source's end (a size that is not a whole number of
-    /// blocks), a source with a hole, a destination shorter than the range or holding other
-    /// bytes (a staging file kept from a killed attempt): the range ends up holding exactly
-    /// the bytes read, and nothing outside it changes. Run with `TMPDIR` on an XFS or btrfs
-    /// mount to have the blocks shared rather than copied.
-    #[test]
-    fn copied_ranges_hold_the_bytes_read_at_every_block_edge() {
-        const B: u64 = 4096;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("src");
-        // 9 blocks and a bit; blocks 4 and 5 are a hole.
-        let size = 9 * B + 123;
-        let mut source: Vec<u8> = (0..size).map(|i| (i * 7 % 253 + 1) as u8).collect();
-        source[(4 * B) as usize..(6 * B) as usize].fill(0);
-        {
-            let f = File::create(&path).unwrap();
-            f.write_all_at(&source[..(4 * B) as usize], 0).unwrap();
-            f.write_all_at(&source[(6 * B) as usize..], 6 * B).unwrap();
-            f.sync_all().unwrap();
-        }
-        let from = File::open(&path).unwrap();
-        let edges = [0, 1, B - 1, B, B + 1, 2 * B - 1, 2 * B, 3 * B + 17];
-        let lens = [1, B - 1, B, B + 1, 2 * B, 2 * B + 1, 3 * B - 1, 5 * B + 100];
-        for from_offset in edges
-            .iter()
-            .map(|e| e + 2 * B)
-            .chain([size - 3 * B - 5, size - 2 * B])
-        {
-            for to_offset in edges {
-                for len in lens {
-                    let len = len.min(size - from_offset);
-                    let bytes = &source[from_offset as usize..(from_offset + len) as usize];
-                    for dest_len in [0, to_offset + len + 3 * B] {
-                        let to = tempfile::tempfile().unwrap();
-                        let before = vec![0xaau8; dest_len as usize];
-                        to.write_all_at(&before, 0).unwrap();
-                        copy_range(&from, from_offset, &to, to_offset, bytes).unwrap();
-                        let mut after = Vec::new();
-                        io::Read::read_to_end(&mut &to, &mut after).unwrap();
-                        let case =
-                            format!("{from_offset} -> {to_offset}, {len} bytes, dest {dest_len}");
-                        let end = (to_offset + len) as usize;
-                        assert!(after[to_offset as usize..end] == *bytes, "{case}");
-                        let mut expected = before.clone();
-                        expected.resize(expected.len().max(end), 0);
-                        expected[to_offset as usize..end].copy_from_slice(bytes);
-                        assert!(after == expected, "{case}: bytes outside the range changed");
-                    }
-                }
-            }
-        }
-    }
-
-    /// The bytes hashed for the whole-file check are the ones read from the local snapshot;
-    /// the staging file must hold those, not what the source holds when the kernel copies
-    /// it a moment later. The local snapshots are the node's files (another user's), and a
-    /// file whose whole-file check passed is committed and reported as verified (by
-    /// `snaprelay pull` with no node to check it again, and handed over to a node that may
-    /// run without its own sha256 check).
-    #[test]
-    fn a_source_rewritten_after_it_was_read_does_not_reach_the_staging_file() {
-        const B: u64 = 4096;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("src");
-        let source: Vec<u8> = (0..8 * B).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &source).unwrap();
-        let from = File::open(&path).unwrap();
-        let writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        let cases: [(&str, &dyn Fn()); 2] = [
-            ("rewritten in place", &|| {
-                writer
-                    .write_all_at(&vec![0x55; (4 * B) as usize], 2 * B)
-                    .unwrap()
-            }),
-            ("truncated and extended again", &|| {
-                writer.set_len(3 * B).unwrap();
-                writer.set_len(8 * B).unwrap();
-            }),
-        ];
-        for (what, change) in cases {
-            std::fs::write(&path, &source).unwrap();
-            let mut read = vec![0u8; (4 * B) as usize];
-            from.read_exact_at(&mut read, 2 * B).unwrap();
-            change();
-            let to = tempfile::tempfile().unwrap();
-            to.set_len(8 * B).unwrap();
-            copy_range(&from, 2 * B, &to, 2 * B, &read).unwrap();
-            let mut back = vec![0u8; read.len()];
-            to.read_exact_at(&mut back, 2 * B).unwrap();
-            assert!(
-                back == read,
-                "source {what}: the staging file holds other bytes than were read and hashed"
-            );
-        }
-    }
 
     #[test]
     fn only_the_names_fetches_write_are_ours() {
