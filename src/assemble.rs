@@ -360,7 +360,7 @@ mod tests {
     use super::*;
     use crate::chunk::test_data::{file_of, random};
     use crate::chunk::ChunkParams;
-    use crate::manifest_v2::{self as v2, NewRepository};
+    use crate::manifest_v2 as v2;
     use crate::pack::upload::PartBudget;
     use crate::packer::pack_snapshot;
     use crate::store::{Store, StoreSettings, StoreUrl};
@@ -425,18 +425,7 @@ mod tests {
         let repo = Repo::open_or_create(store, "c", ChunkParams::default())
             .await
             .unwrap();
-        let d = v2::Repository::new(
-            "c",
-            NewRepository {
-                tree: crate::tree::TreeParams {
-                    min_chunks: 4,
-                    max_chunks: 32,
-                    boundary_bits: 3,
-                },
-                pack_size: 1 << 20,
-                ..NewRepository::default()
-            },
-        );
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
         let a = random(6 << 20, 1);
         let ma = publish(&repo, &d, None, &a, 1).await;
         let mut b = a.clone();

@@ -292,6 +292,20 @@ pub(crate) mod test_data {
         std::io::Write::write_all(&mut f, data).unwrap();
         Arc::new(f)
     }
+
+    /// Format-2 repository settings with small tree blocks and 1 MiB packs, so that a few
+    /// MiB make dozens of blocks and several packs.
+    pub fn small_tree_settings() -> crate::manifest_v2::NewRepository {
+        crate::manifest_v2::NewRepository {
+            tree: crate::tree::TreeParams {
+                min_chunks: 4,
+                max_chunks: 32,
+                boundary_bits: 3,
+            },
+            pack_size: 1 << 20,
+            ..crate::manifest_v2::NewRepository::default()
+        }
+    }
 }
 
 #[cfg(test)]

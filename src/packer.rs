@@ -413,16 +413,7 @@ mod tests {
             .await
             .unwrap();
         // Small tree parameters, so that 8 MiB makes dozens of blocks.
-        let settings = NewRepository {
-            tree: crate::tree::TreeParams {
-                min_chunks: 4,
-                max_chunks: 32,
-                boundary_bits: 3,
-            },
-            pack_size: 1 << 20,
-            ..NewRepository::default()
-        };
-        let d = v2::Repository::new("c", settings);
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
         let budget = PartBudget::new(2, 1 << 20);
 
         // Half random, half compressible text.
