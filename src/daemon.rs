@@ -904,6 +904,28 @@ impl Daemon {
         let Some(report) = report else {
             return;
         };
+        let (id, ended) = (report.id, report.ended.clone());
+        self.finished_prefetch(report, "prefetch ended");
+        match ended {
+            // The publish ended: its manifest is probably there, and the staging file
+            // waits for its fetch (or goes with the next cleaning if there is none).
+            Ended::Gone => {
+                self.schedule.wake();
+                self.incoming_dirty = true;
+            }
+            Ended::Stale | Ended::Refused(_) | Ended::BadChunk(_) | Ended::Failed(_) => {
+                self.abandoned = Some(id);
+            }
+            Ended::Cancelled => {}
+        }
+        if self.publishing == Some(id) {
+            self.publishing = None;
+        }
+    }
+
+    /// Says what a finished prefetch did and, if its staging file stays, keeps what it
+    /// wrote there for the fetch of the same snapshot.
+    fn finished_prefetch(&mut self, report: PrefetchReport, what: &str) {
         tracing::info!(
             stage = "prefetch",
             index = report.id.0,
@@ -912,23 +934,10 @@ impl Daemon {
             chunks = report.chunks,
             polls = report.polls,
             ended = ?report.ended,
-            "prefetch ended"
+            "{what}"
         );
-        match report.ended {
-            // The publish ended: its manifest is probably there, and the staging file
-            // waits for its fetch (or goes with the next cleaning if there is none).
-            Ended::Gone => {
-                self.schedule.wake();
-                self.incoming_dirty = true;
-                self.prefetched = Some((report.id, report.written));
-            }
-            Ended::Stale | Ended::Refused(_) | Ended::BadChunk(_) | Ended::Failed(_) => {
-                self.abandoned = Some(report.id);
-            }
-            Ended::Cancelled => {}
-        }
-        if self.publishing == Some(report.id) {
-            self.publishing = None;
+        if report.ended.keeps_staging() {
+            self.prefetched = Some((report.id, report.written));
         }
     }
 
@@ -938,19 +947,10 @@ impl Daemon {
         if let Some(running) = self.prefetch.take() {
             running.cancel.cancel();
             if let Ok(report) = running.task.await {
-                tracing::info!(
-                    stage = "prefetch",
-                    index = report.id.0,
-                    term = report.id.1,
-                    downloaded = report.bytes,
-                    chunks = report.chunks,
-                    polls = report.polls,
-                    "prefetch stopped (a fetch, a role change or shutdown)"
+                self.finished_prefetch(
+                    report,
+                    "prefetch stopped (a fetch, a role change or shutdown)",
                 );
-                // Stopped, or ended meanwhile: only those keep their staging file.
-                if matches!(report.ended, Ended::Cancelled | Ended::Gone) {
-                    self.prefetched = Some((report.id, report.written));
-                }
             }
         }
     }

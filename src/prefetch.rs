@@ -75,6 +75,13 @@ pub enum Ended {
     Cancelled,
 }
 
+impl Ended {
+    /// Whether the staging file (and what the prefetch wrote there) is left for the fetch.
+    pub fn keeps_staging(&self) -> bool {
+        matches!(self, Ended::Gone | Ended::Cancelled)
+    }
+}
+
 /// What a prefetch did.
 #[derive(Debug, Clone)]
 pub struct PrefetchReport {
