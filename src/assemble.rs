@@ -8,14 +8,15 @@
 //!
 //! A local snapshot is either *trusted* (the caller knows it is a file it assembled and
 //! verified, unchanged since), and its bytes are copied without being read, or not, and then
-//! every chunk of a block taken from it is hashed and compared first; a block that does not
-//! match is fetched from the store instead. Either way the assembled file is the chunks the
+//! every chunk taken from it is read, hashed, and written from the bytes hashed (a kernel
+//! copy would copy whatever the file holds by then); a chunk that does not match is fetched
+//! from the store instead. Either way the assembled file is the chunks the
 //! manifest names, in its order (see docs/format.md for why that needs no whole-file hash).
 //!
-//! Not wired into [`crate::fetch`] yet (its staging file, resume and write-behind stay to
-//! be carried over). Memory: one block and the ranges of one block in flight, plus the chunk
-//! map of the local snapshot's changed blocks (proportional to the change; [`crate::window`]
-//! bounds it when this is wired).
+//! [`crate::fetch`] assembles into its staging file with this (a resumed staging file is its
+//! own untrusted local snapshot). Memory: one block and the ranges of one block in flight,
+//! plus the chunk map of the local snapshot's changed blocks (proportional to the change;
+//! [`crate::window`] is what would bound it, not used yet).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -52,6 +53,8 @@ pub struct AssembleStats {
     /// Chunks of changed blocks taken from the local snapshot.
     pub chunks_copied: u64,
     pub chunks_fetched: u64,
+    /// Plain bytes of the chunks fetched.
+    pub bytes_fetched: u64,
     /// Stored bytes read from data packs (gaps read through included).
     pub bytes_read: u64,
     pub ranges_read: u64,
@@ -107,11 +110,7 @@ pub async fn assemble(
     let mut copy: Option<(u64, u64, u64)> = None;
     for (i, (at, b)) in manifest.block_offsets().enumerate() {
         if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
-            let usable = l.trusted || {
-                let block = repo.read_block(descriptor, manifest, i).await?;
-                local_matches(&l.file, from, &block).await?
-            };
-            if usable {
+            if l.trusted {
                 stats.blocks_copied += 1;
                 stats.bytes_copied += b.bytes;
                 copy = match copy {
@@ -127,6 +126,34 @@ pub async fn assemble(
                 };
                 continue;
             }
+            // Untrusted: each chunk is read, hashed and written from the bytes hashed (a
+            // copy by the kernel would copy whatever the file holds by then); the chunks
+            // that do not match are fetched.
+            let block = repo.read_block(descriptor, manifest, i).await?;
+            let mut spans = Vec::with_capacity(block.chunks.len());
+            let (mut f, mut t) = (from, at);
+            for (j, c) in block.chunks.iter().enumerate() {
+                spans.push((j, f, t));
+                f += c.plain_len as u64;
+                t += c.plain_len as u64;
+            }
+            let missed = reuse_chunks(&l.file, false, &out, &block, &spans, &mut copy)
+                .await
+                .map_err(io_err("copying into"))?;
+            stats.chunks_copied += (spans.len() - missed.len()) as u64;
+            if missed.is_empty() {
+                stats.blocks_copied += 1;
+                stats.bytes_copied += b.bytes;
+                continue;
+            }
+            fetch_block(repo, manifest, &block, &missed, &out, limits, &mut stats)
+                .await
+                .map_err(|e| match e {
+                    Error::Io { source, .. } => io_err("writing")(source),
+                    other => other,
+                })?;
+            stats.blocks_fetched += 1;
+            continue;
         }
         let block = repo.read_block(descriptor, manifest, i).await?;
         // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
@@ -161,25 +188,6 @@ pub async fn assemble(
             .map_err(io_err("copying into"))?;
     }
     Ok(stats)
-}
-
-/// Whether the local file holds the block's chunks from `from` on (each hashed).
-async fn local_matches(file: &Arc<File>, from: u64, block: &Block) -> Result<bool> {
-    let file = file.clone();
-    let chunks: Vec<(Digest, u32)> = block.chunks.iter().map(|c| (c.id, c.plain_len)).collect();
-    tokio::task::spawn_blocking(move || {
-        let mut at = from;
-        for (id, len) in chunks {
-            let mut buf = vec![0u8; len as usize];
-            if file.read_exact_at(&mut buf, at).is_err() || Digest::of(&buf) != id {
-                return false;
-            }
-            at += len as u64;
-        }
-        true
-    })
-    .await
-    .map_err(|e| Error::io("hashing task", std::io::Error::other(e)))
 }
 
 /// Copies `len` bytes at `from` in `src` to `to` in `dst`: `copy_file_range`, falling back
@@ -265,12 +273,16 @@ async fn reuse_chunks(
         .iter()
         .map(|&(j, from, to)| (j, from, to, block.chunks[j].id, block.chunks[j].plain_len))
         .collect();
+    // A resumed staging file is its own source: its verified chunks are already in place.
+    let same_file = Arc::ptr_eq(&file, &out);
     tokio::task::spawn_blocking(move || {
         let mut missed = Vec::new();
         for (j, from, to, id, len) in chunks {
             let mut buf = vec![0u8; len as usize];
             if file.read_exact_at(&mut buf, from).is_ok() && Digest::of(&buf) == id {
-                out.write_all_at(&buf, to)?;
+                if !(same_file && from == to) {
+                    out.write_all_at(&buf, to)?;
+                }
             } else {
                 missed.push((j, to));
             }
@@ -308,6 +320,10 @@ async fn fetch_block(
     let ranges = coalesce(&needed, limits);
     stats.ranges_read += ranges.len() as u64;
     stats.chunks_fetched += needed.len() as u64;
+    stats.bytes_fetched += wanted
+        .iter()
+        .map(|&(j, _)| block.chunks[j].plain_len as u64)
+        .sum::<u64>();
     stats.bytes_read += ranges
         .iter()
         .map(|r| r.range.end - r.range.start)

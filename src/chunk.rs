@@ -190,6 +190,25 @@ impl WholeFileHasher {
     }
 }
 
+/// The sha256 of everything `file` holds, read from its start at explicit offsets (blocking).
+pub fn sha256_of(file: &std::fs::File) -> std::io::Result<Digest> {
+    use std::os::unix::fs::FileExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        match file.read_at(&mut buf, at) {
+            Ok(0) => return Ok(Digest(h.finalize().into())),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                at += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A chunk's place in a file, as found by [`index`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkSpan {

@@ -31,6 +31,9 @@ pub struct Config {
     pub store: StoreSettings,
     /// Used when this process creates the repository; afterwards `repository.json` rules.
     pub chunking: ChunkParams,
+    /// What a repository this process creates is (`[repository]`); with packs, `chunking`
+    /// is in it. Afterwards `repository.json` rules.
+    pub layout: crate::layout::Layout,
     pub upload: Transfer,
     pub download: Transfer,
     /// The node this sidecar serves (needed by `run`).
@@ -198,6 +201,8 @@ struct RawConfig {
     #[serde(default)]
     chunking: RawChunking,
     #[serde(default)]
+    repository: RawRepository,
+    #[serde(default)]
     upload: RawTransfer,
     #[serde(default)]
     download: RawTransfer,
@@ -298,6 +303,14 @@ struct RawChunking {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawRepository {
+    layout: Option<String>,
+    pack_size: Option<Size>,
+    compression_level: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawTransfer {
     concurrency: Option<i64>,
 }
@@ -379,7 +392,7 @@ impl Config {
         validate_cluster_id(&cluster_id)?;
 
         let store = store_settings(raw.store, overrides, env)?;
-        let chunking = chunk_params(&raw.chunking)?;
+        let (chunking, layout) = layout(&raw.repository, &raw.chunking)?;
         let upload = transfer("upload", &raw.upload)?;
         let download = transfer("download", &raw.download)?;
         let node = raw.node.map(node_config).transpose()?;
@@ -406,6 +419,7 @@ impl Config {
             node_id: raw.node_id,
             store,
             chunking,
+            layout,
             upload,
             download,
             node,
@@ -474,6 +488,21 @@ impl Config {
             q(&fmt_size(self.chunking.avg_size as u64)),
             q(&fmt_size(self.chunking.max_size as u64)),
         ));
+        match self.layout {
+            crate::layout::Layout::Chunks(_) => {
+                out.push_str("\n[repository]\nlayout = \"chunks\"\n");
+            }
+            crate::layout::Layout::Packs(settings) => {
+                let level = match settings.compression {
+                    crate::pack::Compression::None => 0,
+                    crate::pack::Compression::Zstd { level } => level,
+                };
+                out.push_str(&format!(
+                    "\n[repository]\nlayout = \"packs\"\npack_size = {}\ncompression_level = {level}\n",
+                    q(&fmt_size(settings.pack_size))
+                ));
+            }
+        }
         out.push_str(&format!(
             "\n[upload]\nconcurrency = {}\n\n[download]\nconcurrency = {}\n",
             self.upload.concurrency, self.download.concurrency
@@ -1185,8 +1214,81 @@ fn fmt_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
-fn chunk_params(raw: &RawChunking) -> Result<ChunkParams> {
-    let default = ChunkParams::default();
+/// `[repository]` and `[chunking]`: what a repository this process creates is. Chunk
+/// objects by default for now; with packs, chunking defaults to 4 KiB / 16 KiB / 64 KiB
+/// (small chunks find small changes; packs keep the object count low).
+fn layout(
+    raw: &RawRepository,
+    chunking: &RawChunking,
+) -> Result<(ChunkParams, crate::layout::Layout)> {
+    use crate::layout::Layout;
+    use crate::manifest_v2::{NewRepository, PACK_SIZES};
+    use crate::pack::Compression;
+    let packs = match raw.layout.as_deref() {
+        None | Some("chunks") => false,
+        Some("packs") => true,
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "repository.layout",
+                format!("{other:?} is not \"chunks\" or \"packs\""),
+            ))
+        }
+    };
+    if !packs {
+        for (key, set) in [
+            ("pack_size", raw.pack_size.is_some()),
+            ("compression_level", raw.compression_level.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    format!("repository.{key}"),
+                    "applies only with layout = \"packs\"",
+                ));
+            }
+        }
+        let params = chunk_params(chunking, ChunkParams::default())?;
+        return Ok((params, Layout::Chunks(params)));
+    }
+    let defaults = NewRepository::default();
+    let params = chunk_params(chunking, defaults.chunking)?;
+    let pack_size = match &raw.pack_size {
+        Some(v) => parse_size("repository.pack_size", v)?,
+        None => defaults.pack_size,
+    };
+    if !PACK_SIZES.contains(&pack_size) {
+        return Err(ConfigError::invalid(
+            "repository.pack_size",
+            format!(
+                "{} must be between {} and {}",
+                fmt_size(pack_size),
+                fmt_size(*PACK_SIZES.start()),
+                fmt_size(*PACK_SIZES.end())
+            ),
+        ));
+    }
+    let compression = match raw.compression_level {
+        None => defaults.compression,
+        Some(0) => Compression::None,
+        Some(level @ 1..=19) => Compression::Zstd {
+            level: level as i32,
+        },
+        Some(other) => {
+            return Err(ConfigError::invalid(
+                "repository.compression_level",
+                format!("{other} is not 0 (no compression) or a zstd level 1..=19"),
+            ))
+        }
+    };
+    let settings = NewRepository {
+        chunking: params,
+        compression,
+        pack_size,
+        ..defaults
+    };
+    Ok((params, Layout::Packs(settings)))
+}
+
+fn chunk_params(raw: &RawChunking, default: ChunkParams) -> Result<ChunkParams> {
     let get = |key: &str, v: &Option<Size>, d: u32| -> Result<u64> {
         v.as_ref()
             .map(|v| parse_size(&format!("chunking.{key}"), v))

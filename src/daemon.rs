@@ -68,12 +68,11 @@ use crate::health::Health;
 use crate::incarnation::{Incarnation, IncarnationError};
 use crate::ipc::{LogIdRef, Role, SaveOutcome, Status};
 use crate::liveness::{Liveness, ProgressStore};
-use crate::manifest::Manifest;
 use crate::metrics::Metrics;
 use crate::node::{HookClient, HookError};
 use crate::publish::Publisher;
 use crate::quarantine::{self, Quarantine, Verdict};
-use crate::repo::{ManifestEntry, ManifestId, Repo};
+use crate::repo::{AnyManifest, ManifestEntry, ManifestId, Repo};
 use crate::signing::Keyring;
 use crate::snapdir::{self, Snapshot};
 use crate::store::Store;
@@ -839,7 +838,9 @@ impl Daemon {
             .listing
             .as_ref()
             .is_some_and(|l| l.entries.iter().any(|e| (e.id.index, e.id.term) >= id));
+        // A pack publish announces nothing yet (see `publish::packed`).
         if !self.config.daemon.streaming
+            || repo.packs().is_some()
             || running
             || listed
             || self.abandoned == Some(id)
@@ -979,7 +980,7 @@ impl Daemon {
                         Repo::open_or_create_with(
                             self.store.clone(),
                             &self.config.cluster_id,
-                            self.config.chunking,
+                            self.config.layout,
                             self.config.signing.clone(),
                         )
                         .await?
@@ -1089,7 +1090,7 @@ impl Daemon {
                 break;
             }
             // Signature first: nothing a manifest says is believed before it verifies.
-            let manifest = match repo.read_manifest(id).await {
+            let manifest = match repo.read_any_manifest(id).await {
                 Ok(m) => m,
                 Err(e) if vanished(&e) => {
                     self.schedule.wake();
@@ -1135,7 +1136,7 @@ impl Daemon {
         &mut self,
         repo: &Repo,
         entry: &ManifestEntry,
-        manifest: &Manifest,
+        manifest: &AnyManifest,
         status: &Status,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
@@ -1148,8 +1149,6 @@ impl Daemon {
         // Only what resumes this fetch stays.
         self.clean_incoming(status, &[(id.index, id.term)]);
         let snapshot_dir = self.snapshot_dir(status);
-        let mut sources = fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
-        sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
         let progress = self.supervisor.progress();
         let node = fetch::NodeAccess::of_socket(&self.node_config.hook_socket)?;
         let prefetched = self
@@ -1160,14 +1159,29 @@ impl Daemon {
         let mut fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress)
             .hand_over_to(node)
             .resumable(true);
-        if let Some(written) = prefetched {
-            fetcher = fetcher.prefetched(written);
+        let report = match manifest {
+            AnyManifest::Chunks(manifest) => {
+                let mut sources =
+                    fetch::local_sources(repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS).await?;
+                sources.extend(fetch::local_sources(repo, &incoming, 1).await?);
+                if let Some(written) = prefetched {
+                    fetcher = fetcher.prefetched(written);
+                }
+                tokio::select! {
+                    // An abandoned fetch leaves only the hidden staging file, resumed next time.
+                    _ = cancel.cancelled() => return Ok(()),
+                    r = fetcher.fetch(manifest, &incoming, &sources) => r,
+                }
+            }
+            AnyManifest::Packs(manifest) => {
+                let source = fetch::packed_source(repo, &[&snapshot_dir, &incoming]).await?;
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    r = fetcher.fetch_packed(manifest, &incoming, source.as_ref()) => r,
+                }
+            }
         }
-        let report = tokio::select! {
-            // An abandoned fetch leaves only the hidden staging file, resumed next time.
-            _ = cancel.cancelled() => return Ok(()),
-            r = fetcher.fetch(manifest, &incoming, &sources) => r.with_context(|| format!("fetching snapshot {}", id.index))?,
-        };
+        .with_context(|| format!("fetching snapshot {}", id.index))?;
         tracing::info!(
             stage = "fetch",
             index = report.index,
@@ -1221,9 +1235,12 @@ impl Daemon {
         let outcome = format!("{:?}", saved.outcome).to_lowercase();
         self.metrics.adopted(id.index, &outcome);
         if saved.outcome == SaveOutcome::Adopted {
-            self.adopted_chunks = Some(Arc::new(manifest.unique_chunks()));
+            self.adopted_chunks = match manifest {
+                AnyManifest::Chunks(m) => Some(Arc::new(m.unique_chunks())),
+                AnyManifest::Packs(_) => None,
+            };
             // The publisher's clock against this host's: NTP keeps them within milliseconds.
-            let since = chrono::Utc::now() - manifest.created_at;
+            let since = chrono::Utc::now() - manifest.created_at();
             self.metrics
                 .propagated(since.num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6);
         }

@@ -35,6 +35,10 @@ use crate::repo::Repo;
 use crate::snapdir::{self, Envelope, ENVELOPE_FORMAT};
 use snaprelay_contract::dir::{self as safe_dir, Dir};
 
+mod packed;
+
+pub use packed::{packed_source, PackedSource};
+
 /// What a fetch did.
 #[derive(Debug, Clone, Serialize)]
 pub struct FetchReport {
@@ -153,6 +157,8 @@ pub struct Fetcher<'a> {
     /// Offsets of the staging file this process wrote verified chunks at, with their
     /// digests, when a prefetch of this process prepared it ([`Fetcher::prefetched`]).
     prefetched: Option<HashMap<u64, Digest>>,
+    /// Hash the whole assembled file of a pack fetch too (see [`Fetcher::verify_file`]).
+    verify_file: bool,
 }
 
 impl<'a> Fetcher<'a> {
@@ -164,7 +170,17 @@ impl<'a> Fetcher<'a> {
             node: None,
             resumable: false,
             prefetched: None,
+            verify_file: false,
         }
+    }
+
+    /// A pack fetch also hashes the whole assembled file and compares it with the
+    /// manifest's sha256 before committing it. Not needed for its integrity (every byte is
+    /// in a blob checked against its id, see docs/format.md), but it is what an operator
+    /// checks with `sha256sum`. A chunk-object fetch always does it.
+    pub fn verify_file(mut self, yes: bool) -> Self {
+        self.verify_file = yes;
+        self
     }
 
     /// The staging file of this snapshot was prepared by a prefetch of this process

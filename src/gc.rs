@@ -35,8 +35,18 @@ use serde::Serialize;
 use crate::chunk::Digest;
 use crate::error::{Error, Result};
 use crate::lease::{self, Lease};
-use crate::repo::{LeaseKind, ManifestId, Repo};
+use crate::pack::PackId;
+use crate::repo::{AnyManifest, LeaseKind, ManifestId, Repo};
 use crate::signing::Reason;
+
+/// What a GC deletes: chunk objects (a repository of chunks) or packs (a repository of
+/// packs, where a manifest names every pack its blocks and chunks are in). Ordered by key,
+/// so that the same store state gives the same deletions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Object {
+    Chunk(Digest),
+    Pack(PackId),
+}
 
 /// What to keep.
 #[derive(Debug, Clone)]
@@ -82,9 +92,12 @@ impl GcOptions {
     }
 }
 
-/// What a GC will do (dry run) or did.
+/// What a GC will do (dry run) or did. In a repository of packs, the `chunks_*` figures
+/// count packs (`objects` says which).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
+    /// What the `chunks_*` figures count: "chunks" or "packs".
+    pub objects: &'static str,
     pub manifests_kept: Vec<String>,
     pub manifests_deleted: Vec<String>,
     pub chunks_kept: u64,
@@ -139,7 +152,7 @@ async fn authentic(
     let mut genuine = Vec::with_capacity(listed.len());
     let mut refused = Vec::new();
     for id in listed {
-        match repo.read_manifest(&id).await {
+        match repo.read_any_manifest(&id).await {
             Ok(_) => genuine.push(id),
             Err(e) => match refusal(&e) {
                 Some(reason) => {
@@ -220,6 +233,10 @@ pub async fn collect_with(
         manifests_deleted: doomed.iter().map(ToString::to_string).collect(),
         manifests_refused: refused.into_iter().map(|(_, r)| r).collect(),
         applied: apply,
+        objects: match repo.packs() {
+            Some(_) => "packs",
+            None => "chunks",
+        },
         ..GcReport::default()
     };
     if apply {
@@ -261,14 +278,19 @@ async fn referenced_by(
     repo: &Repo,
     ids: &[ManifestId],
     read: &mut HashSet<ManifestId>,
-    referenced: &mut HashSet<Digest>,
+    referenced: &mut HashSet<Object>,
 ) -> Result<()> {
     for id in ids {
         if read.contains(id) {
             continue;
         }
-        match repo.read_manifest(id).await {
-            Ok(m) => referenced.extend(m.chunks.iter().map(|c| c.sha256)),
+        match repo.read_any_manifest(id).await {
+            Ok(AnyManifest::Chunks(m)) => {
+                referenced.extend(m.chunks.iter().map(|c| Object::Chunk(c.sha256)))
+            }
+            Ok(AnyManifest::Packs(m)) => {
+                referenced.extend(m.packs.iter().map(|p| Object::Pack(p.id)))
+            }
             // The store did not answer: nothing is known about the manifest yet.
             Err(e) if e.is_transient() => return Err(e),
             // Written since the first listing and not genuine: no reference (the next GC
@@ -304,22 +326,36 @@ async fn manifest_ids(repo: &Repo) -> Result<Vec<ManifestId>> {
 async fn sort_chunks(
     repo: &Repo,
     retention: &Retention,
-    referenced: &HashSet<Digest>,
+    referenced: &HashSet<Object>,
     now: DateTime<Utc>,
     report: &mut GcReport,
-) -> Result<Vec<(Digest, u64)>> {
+) -> Result<Vec<(Object, u64)>> {
     let grace = chrono::Duration::from_std(retention.grace).unwrap_or(chrono::Duration::MAX);
     let cutoff = now
         .checked_sub_signed(grace)
         .unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let stored: Vec<(Object, u64, DateTime<Utc>)> = match repo.packs() {
+        None => repo
+            .list_chunks()
+            .await?
+            .into_iter()
+            .map(|(sha, c)| (Object::Chunk(sha), c.size, c.last_modified))
+            .collect(),
+        Some(_) => repo
+            .list_packs()
+            .await?
+            .into_iter()
+            .map(|(id, p)| (Object::Pack(id), p.size, p.last_modified))
+            .collect(),
+    };
     let mut doomed = Vec::new();
-    for (sha, chunk) in repo.list_chunks().await? {
-        if referenced.contains(&sha) {
+    for (object, size, last_modified) in stored {
+        if referenced.contains(&object) {
             report.chunks_kept += 1;
-        } else if chunk.last_modified > cutoff {
+        } else if last_modified > cutoff {
             report.chunks_in_grace += 1;
         } else {
-            doomed.push((sha, chunk.size));
+            doomed.push((object, size));
         }
     }
     // In key order, not the listing map's: the same store state gives the same deletions.
@@ -402,10 +438,10 @@ async fn collect_chunks(
             listed_after = seen.seq;
             referenced_by(repo, &manifest_ids(repo).await?, &mut read, &mut referenced).await?;
             let before = doomed.len() - done;
-            let rest: Vec<(Digest, u64)> = doomed
+            let rest: Vec<(Object, u64)> = doomed
                 .split_off(done)
                 .into_iter()
-                .filter(|(sha, _)| !referenced.contains(sha))
+                .filter(|(object, _)| !referenced.contains(object))
                 .collect();
             report.chunks_kept += (before - rest.len()) as u64;
             doomed.extend(rest);
@@ -431,12 +467,12 @@ async fn collect_chunks(
 async fn delete_batch(
     repo: &Repo,
     lease: &Lease,
-    batch: &[(Digest, u64)],
+    batch: &[(Object, u64)],
     deadline: tokio::time::Instant,
     concurrency: usize,
 ) -> Result<()> {
-    let results: Vec<Result<()>> = futures::stream::iter(batch.iter().map(|(sha, _)| *sha))
-        .map(|sha| {
+    let results: Vec<Result<()>> = futures::stream::iter(batch.iter().map(|(object, _)| *object))
+        .map(|object| {
             let guard = lease.guard();
             async move {
                 // `timeout_at` polls the request once even after the deadline.
@@ -444,7 +480,13 @@ async fn delete_batch(
                     guard.done(); // nothing was sent
                     return Err(lease.lapsed());
                 }
-                match tokio::time::timeout_at(deadline, repo.delete_chunk(&sha)).await {
+                let delete = async {
+                    match object {
+                        Object::Chunk(sha) => repo.delete_chunk(&sha).await,
+                        Object::Pack(id) => repo.delete_pack(&id).await,
+                    }
+                };
+                match tokio::time::timeout_at(deadline, delete).await {
                     Ok(Ok(())) => {
                         guard.done();
                         Ok(())

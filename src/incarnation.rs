@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Repository;
+use crate::repo::Descriptor;
 use crate::snapdir;
 
 /// The record's file name in `daemon.state_dir`.
@@ -152,20 +152,20 @@ impl Incarnation {
     }
 
     /// Checks `descriptor` against the record; records it if nothing is recorded yet.
-    pub fn check(&mut self, descriptor: &Repository) -> Result<(), IncarnationError> {
+    pub fn check(&mut self, descriptor: &Descriptor) -> Result<(), IncarnationError> {
         match &self.recorded {
-            Some(r) if r.incarnation == descriptor.incarnation => Ok(()),
+            Some(r) if r.incarnation == descriptor.incarnation() => Ok(()),
             Some(r) => Err(IncarnationError::Changed {
                 store: self.store.clone(),
                 recorded: r.incarnation.clone(),
-                found: descriptor.incarnation.clone(),
+                found: descriptor.incarnation().to_owned(),
                 remedy: self.remedy(),
             }),
             None => {
                 let record = Record {
                     store: self.store.clone(),
-                    cluster_id: descriptor.cluster_id.clone(),
-                    incarnation: descriptor.incarnation.clone(),
+                    cluster_id: descriptor.cluster_id().to_owned(),
+                    incarnation: descriptor.incarnation().to_owned(),
                     recorded_at: Utc::now(),
                 };
                 if let Some(file) = &self.file {
@@ -216,28 +216,29 @@ impl Incarnation {
 mod tests {
     use super::*;
     use crate::chunk::ChunkParams;
+    use crate::manifest::Repository;
 
     #[test]
     fn records_the_first_and_refuses_another() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Repository::new("c", ChunkParams::default());
-        let b = Repository::new("c", ChunkParams::default());
+        let a = Descriptor::Chunks(Repository::new("c", ChunkParams::default()));
+        let b = Descriptor::Chunks(Repository::new("c", ChunkParams::default()));
         let mut inc = Incarnation::load(Some(dir.path()), "file:///s").unwrap();
         assert!(inc.missing().is_ok(), "nothing recorded yet");
         inc.check(&a).unwrap();
         inc.check(&a).unwrap();
         let record = Record::read(dir.path()).unwrap().unwrap();
-        assert_eq!(record.incarnation, a.incarnation);
+        assert_eq!(record.incarnation, a.incarnation());
         assert_eq!(record.store, "file:///s");
 
         // A restarted sidecar remembers.
         let mut again = Incarnation::load(Some(dir.path()), "file:///s").unwrap();
-        assert_eq!(again.recorded(), Some(a.incarnation.as_str()));
+        assert_eq!(again.recorded(), Some(a.incarnation()));
         let e = again.check(&b).unwrap_err().to_string();
         for part in [
             "file:///s was re-created",
-            &a.incarnation,
-            &b.incarnation,
+            a.incarnation(),
+            b.incarnation(),
             &dir.path().join(FILE).display().to_string(),
         ] {
             assert!(e.contains(part), "{e} lacks {part}");
@@ -250,14 +251,14 @@ mod tests {
         moved.check(&b).unwrap();
         assert_eq!(
             Record::read(dir.path()).unwrap().unwrap().incarnation,
-            b.incarnation
+            b.incarnation()
         );
     }
 
     #[test]
     fn in_memory_without_a_state_dir_and_a_bad_record_is_refused() {
-        let a = Repository::new("c", ChunkParams::default());
-        let b = Repository::new("c", ChunkParams::default());
+        let a = Descriptor::Chunks(Repository::new("c", ChunkParams::default()));
+        let b = Descriptor::Chunks(Repository::new("c", ChunkParams::default()));
         let mut inc = Incarnation::load(None, "memory://").unwrap();
         inc.check(&a).unwrap();
         let e = inc.check(&b).unwrap_err().to_string();

@@ -12,7 +12,8 @@
 //!   chunking and chunk index both sides agree on).
 //! - [`chunk`]: content-defined chunking (FastCDC) and sha256 hashing of a file, streaming.
 //! - [`manifest`]: the manifest and repository descriptor formats and their validation.
-//! - [`manifest_v2`]: format 2 of both (blocks and packs); not wired yet, see its header.
+//! - [`manifest_v2`]: format 2 of both (blocks and packs).
+//! - [`layout`]: which of the two a repository is, and what a new one is created as.
 //! - [`signing`]: Ed25519 keys, the DSSE envelope every manifest and `repository.json` is
 //!   stored in, and the keyring that seals and checks them.
 //! - [`metrics`]: the daemon's Prometheus metrics.
@@ -34,12 +35,12 @@
 //! - [`secret`]: values that are never shown (credentials, secret options).
 //! - [`pack`]: packs (the objects holding chunks and tree blocks) and blob encodings.
 //! - [`tree`]: a snapshot's chunk list as content-defined blocks.
-//! - [`packer`]: a snapshot into packs, reusing a base manifest's blocks (not wired yet).
-//! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks.
-//! - [`publish`]: leader side: snapshot → missing chunks → manifest.
+//! - [`packer`]: a snapshot into packs, reusing a base manifest's blocks.
+//! - [`repo`]: the only module that knows object keys: repository.json, manifests, chunks, packs.
+//! - [`publish`]: leader side: snapshot → missing chunks (or packs) → manifest.
 //! - [`fetch`]: follower side: manifest → verified file in a target directory.
-//! - [`assemble`]: a format-2 snapshot into a file, from packs and a local snapshot (not wired yet).
-//! - [`gc`]: retention: old manifests, then unreferenced chunks past a grace period.
+//! - [`assemble`]: a format-2 snapshot into a file, from packs and a local snapshot.
+//! - [`gc`]: retention: old manifests, then unreferenced chunks (or packs) past a grace period.
 //! - [`lease`]: how a publish and a GC running at once keep out of each other's way.
 //! - [`incarnation`]: which incarnation of the repository a sidecar follows.
 //! - [`verify`]: re-download and re-hash what the store holds.
@@ -68,6 +69,7 @@ pub mod http;
 pub mod incarnation;
 pub mod inprogress;
 pub mod latest;
+pub mod layout;
 pub mod lease;
 pub mod liveness;
 pub mod manifest;

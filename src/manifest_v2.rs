@@ -4,10 +4,9 @@
 //! written once) and one immutable [`Manifest`] per published snapshot (the snapshot's
 //! blocks, and the packs they use).
 //!
-//! Not wired yet: publish, fetch, GC and verify still write and read [`crate::manifest`]
-//! (chunks as objects of their own). This module takes that one's place (and name) in the
-//! step that moves them onto packs; until then it is the format, its validation and its
-//! tests.
+//! A repository whose `repository.json` has the `packs` feature is read and written in this
+//! format by publish, fetch, GC and verify (see [`crate::layout`]); one without it is the
+//! chunk-object format of [`crate::manifest`].
 //!
 //! Both documents are validated on the way in: a manifest is input from the network like
 //! any other, and a bad one must fail with a reason, never with a panic or an absurd

@@ -7,10 +7,11 @@
 //! order they have today: every pack is finished before this returns, so a manifest written
 //! afterwards names only packs that exist.
 //!
-//! Not wired into [`crate::publish`] yet. Memory: the block plan (a few hundred bytes per
-//! block), the chunk map of the base's blocks that did not match, and one block's new chunks
-//! at a time. The chunk map is proportional to the change, which for scattered updates can
-//! be every block: [`crate::window`] is what bounds it when this is wired.
+//! [`crate::publish`] packs a snapshot of a pack repository with this. Memory: the block plan
+//! (a few hundred bytes per block), the chunk map of the base's blocks that did not match,
+//! and one block's new chunks at a time. The chunk map is proportional to the change, which
+//! for scattered updates can be every block: [`crate::window`] is what would bound it (not
+//! used yet).
 
 use std::collections::HashMap;
 use std::fs::File;

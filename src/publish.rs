@@ -41,6 +41,8 @@ use crate::snapdir::{SnapdirError, Snapshot};
 use snaprelay_contract::chunking::{ChunkIndex, IndexFile};
 use snaprelay_contract::dir::{Dir, NotRegular};
 
+mod packed;
+
 /// Times a publish takes its lease again when it lapses before the manifest is written.
 const COMMIT_ATTEMPTS: usize = 3;
 
@@ -171,6 +173,11 @@ impl<'a> Publisher<'a> {
         lease: &mut Lease,
         started: Instant,
     ) -> Result<PublishReport> {
+        if let Some(descriptor) = self.repo.packs() {
+            return self
+                .publish_packed(descriptor, snapshot, node_index, lease, started)
+                .await;
+        }
         let env = &snapshot.envelope;
         let (index, term) = env.log_id();
         let sent = Sent::default();
@@ -312,7 +319,10 @@ impl<'a> Publisher<'a> {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
             },
         };
-        let id = self.commit(snapshot, &manifest, lease).await?;
+        let id = self
+            .commit(snapshot, Commit::Chunks(&manifest), lease)
+            .await?
+            .ok_or_else(|| lease.lapsed())?;
         Ok((manifest, id, used_index))
     }
 
@@ -573,17 +583,18 @@ impl<'a> Publisher<'a> {
     }
 
     /// Writes the manifest — the commit point — while the lease vouches that no GC deleted
-    /// a chunk this publish counted on: fresh from the take (after which the store was
+    /// an object this publish counted on: fresh from the take (after which the store was
     /// looked at) to the end of the write. When it is not, a GC may have taken the lease
     /// for stale: take a new one, wait for GCs, put back whatever vanished, then write (see
-    /// `lease` for why that is enough).
+    /// `lease` for why that is enough). `None`: a pack the manifest names vanished, and the
+    /// snapshot must be packed again.
     async fn commit(
         &self,
         snapshot: &OpenSnapshot,
-        manifest: &Manifest,
+        manifest: Commit<'_>,
         lease: &mut Lease,
-    ) -> Result<ManifestId> {
-        let index = manifest.last_log_index;
+    ) -> Result<Option<ManifestId>> {
+        let index = manifest.index();
         for _ in 0..COMMIT_ATTEMPTS {
             if !lease.fresh() {
                 tracing::warn!(
@@ -591,19 +602,32 @@ impl<'a> Publisher<'a> {
                     "the publish lease lapsed; taking it again and checking every chunk before the manifest"
                 );
                 lease.retake().await?;
-                self.restore_vanished(snapshot, &manifest.chunks).await?;
+                match manifest {
+                    Commit::Chunks(m) => self.restore_vanished(snapshot, &m.chunks).await?,
+                    Commit::Packs(m) => {
+                        if !self.packs_present(m).await? {
+                            return Ok(None);
+                        }
+                    }
+                }
                 if !lease.fresh() {
                     continue;
                 }
             }
             let guard = lease.guard();
-            match tokio::time::timeout(lease.remaining(), self.repo.put_manifest(manifest)).await {
+            let put = async {
+                match manifest {
+                    Commit::Chunks(m) => self.repo.put_manifest(m).await,
+                    Commit::Packs(m) => self.repo.put_packed_manifest(m).await,
+                }
+            };
+            match tokio::time::timeout(lease.remaining(), put).await {
                 Ok(Ok(id)) => {
                     guard.done();
                     if lease.fresh() {
                         // Whatever an earlier write cut off could break is put right.
                         lease.settled();
-                        return Ok(id);
+                        return Ok(Some(id));
                     }
                     tracing::warn!(
                         index,
@@ -619,6 +643,24 @@ impl<'a> Publisher<'a> {
             }
         }
         Err(lease.lapsed())
+    }
+
+    /// Whether every pack `manifest` names is in the store at the size it says (listed
+    /// after the lease's re-take).
+    async fn packs_present(&self, manifest: &crate::manifest_v2::Manifest) -> Result<bool> {
+        let present = self.repo.list_packs().await?;
+        let missing = manifest
+            .packs
+            .iter()
+            .filter(|p| present.get(&p.id).map(|s| s.size) != Some(p.size))
+            .count();
+        if missing > 0 {
+            tracing::warn!(
+                packs = missing,
+                "packs vanished during the publish (a concurrent GC?); packing the snapshot again"
+            );
+        }
+        Ok(missing == 0)
     }
 
     /// After a lapse of the publish's lease (and its re-take), a GC elsewhere may have
@@ -688,6 +730,22 @@ impl<'a> Publisher<'a> {
             stored_len: len,
             encoding: Encoding::Identity,
         })
+    }
+}
+
+/// The manifest a publish commits, in its repository's format.
+#[derive(Clone, Copy)]
+enum Commit<'m> {
+    Chunks(&'m Manifest),
+    Packs(&'m crate::manifest_v2::Manifest),
+}
+
+impl Commit<'_> {
+    fn index(&self) -> u64 {
+        match self {
+            Commit::Chunks(m) => m.last_log_index,
+            Commit::Packs(m) => m.last_log_index,
+        }
     }
 }
 

@@ -2,10 +2,10 @@
 //! that knows object keys:
 //!
 //! ```text
-//! <prefix>/repository.json          format 2: features, cluster id, incarnation, chunking
+//! <prefix>/repository.json          features, cluster id, incarnation, chunking (and packs')
 //! <prefix>/manifests/<index:020>-<term:020>-<sha256[..16]>.json
-//! <prefix>/chunks/<sha256[..2]>/<sha256>
-//! <prefix>/packs/<id[..2]>/<id>      format 2 (not written yet): packs of chunks or tree blocks
+//! <prefix>/chunks/<sha256[..2]>/<sha256>   a repository of chunk objects
+//! <prefix>/packs/<id[..2]>/<id>      a repository of packs: packs of chunks or tree blocks
 //! <prefix>/leases/<publish|gc>-<16 hex>.json
 //! <prefix>/inprogress/<index:020>-<term:020>.json   advisory: a publish's chunks so far
 //! ```
@@ -36,7 +36,10 @@ use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::chunk::{ChunkParams, Digest};
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Repository, MAX_MANIFEST_BYTES};
+pub use crate::layout::Descriptor;
+use crate::layout::Layout;
+use crate::manifest::{Manifest, MAX_MANIFEST_BYTES};
+use crate::manifest_v2 as v2;
 use crate::pack::upload::{PackWriter, PartBudget};
 use crate::pack::{PackId, PackKind, Trailer, FOOTER_LEN};
 use crate::signing::{Authenticity, Keyring, OpenError, PayloadType, Refusal};
@@ -70,10 +73,18 @@ pub struct ManifestId {
 
 impl ManifestId {
     pub fn of(m: &Manifest) -> ManifestId {
+        Self::named(m.last_log_index, m.last_log_term, &m.sha256)
+    }
+
+    pub fn of_packed(m: &v2::Manifest) -> ManifestId {
+        Self::named(m.last_log_index, m.last_log_term, &m.sha256)
+    }
+
+    fn named(index: u64, term: u64, sha256: &Digest) -> ManifestId {
         ManifestId {
-            index: m.last_log_index,
-            term: m.last_log_term,
-            sha_prefix: m.sha256.to_hex()[..16].to_owned(),
+            index,
+            term,
+            sha_prefix: sha256.to_hex()[..16].to_owned(),
         }
     }
 
@@ -183,12 +194,78 @@ impl LeaseKind {
     }
 }
 
+/// A manifest of either format, as [`Repo::read_any_manifest`] reads it: what a caller that
+/// does not care how the chunks are stored needs of it.
+#[derive(Debug, Clone)]
+pub enum AnyManifest {
+    Chunks(Manifest),
+    Packs(v2::Manifest),
+}
+
+impl AnyManifest {
+    pub fn last_log_index(&self) -> u64 {
+        match self {
+            AnyManifest::Chunks(m) => m.last_log_index,
+            AnyManifest::Packs(m) => m.last_log_index,
+        }
+    }
+
+    pub fn last_log_term(&self) -> u64 {
+        match self {
+            AnyManifest::Chunks(m) => m.last_log_term,
+            AnyManifest::Packs(m) => m.last_log_term,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            AnyManifest::Chunks(m) => m.size,
+            AnyManifest::Packs(m) => m.size,
+        }
+    }
+
+    pub fn sha256(&self) -> &Digest {
+        match self {
+            AnyManifest::Chunks(m) => &m.sha256,
+            AnyManifest::Packs(m) => &m.sha256,
+        }
+    }
+
+    pub fn raft_meta(&self) -> &serde_json::Value {
+        match self {
+            AnyManifest::Chunks(m) => &m.raft_meta,
+            AnyManifest::Packs(m) => &m.raft_meta,
+        }
+    }
+
+    pub fn created_at(&self) -> chrono::DateTime<Utc> {
+        match self {
+            AnyManifest::Chunks(m) => m.created_at,
+            AnyManifest::Packs(m) => m.created_at,
+        }
+    }
+
+    pub fn chunks(&self) -> u64 {
+        match self {
+            AnyManifest::Chunks(m) => m.chunks.len() as u64,
+            AnyManifest::Packs(m) => m.chunks,
+        }
+    }
+
+    pub fn publisher_node(&self) -> Option<u64> {
+        match self {
+            AnyManifest::Chunks(m) => m.publisher.node_id,
+            AnyManifest::Packs(m) => m.publisher.node_id,
+        }
+    }
+}
+
 /// An opened repository whose cluster id (and, with signing, `repository.json`'s signature)
 /// has been checked.
 #[derive(Debug, Clone)]
 pub struct Repo {
     store: Store,
-    descriptor: Repository,
+    descriptor: Descriptor,
     keyring: Keyring,
     /// What the signature check of `repository.json` found.
     descriptor_authenticity: Authenticity,
@@ -226,30 +303,29 @@ impl Repo {
     pub async fn open_or_create(
         store: Store,
         cluster_id: &str,
-        params: ChunkParams,
+        layout: impl Into<Layout>,
     ) -> Result<Repo> {
-        Self::open_or_create_with(store, cluster_id, params, Keyring::none()).await
+        Self::open_or_create_with(store, cluster_id, layout, Keyring::none()).await
     }
 
     /// Opens the repository, creating `repository.json` (signed with `keyring`'s key) if the
     /// prefix has none. Two processes racing to create it agree through the create-only
-    /// write.
+    /// write. An existing repository is opened as it is, whatever `layout` asks for.
     pub async fn open_or_create_with(
         store: Store,
         cluster_id: &str,
-        params: ChunkParams,
+        layout: impl Into<Layout>,
         keyring: Keyring,
     ) -> Result<Repo> {
         if let Some((descriptor, auth)) = Self::read_descriptor(&store, &keyring).await? {
             return Self::checked(store, descriptor, cluster_id, keyring, auth);
         }
-        let descriptor = Repository::new(cluster_id, params);
+        let descriptor = layout.into().descriptor(cluster_id);
         let key = store.key(REPOSITORY_KEY);
-        let payload = serde_json::to_vec_pretty(&descriptor).expect("Repository serializes");
-        let body = keyring.seal(PayloadType::Repository, payload);
+        let body = keyring.seal(PayloadType::Repository, descriptor.to_json());
         match put_create(&store, &key, body.into()).await {
             Ok(()) => {
-                tracing::info!(store = %store.url, cluster_id, incarnation = %descriptor.incarnation, "created repository");
+                tracing::info!(store = %store.url, cluster_id, incarnation = %descriptor.incarnation(), layout = descriptor.layout_name(), "created repository");
                 let descriptor_authenticity = match keyring.signer() {
                     Some(s) => Authenticity::Verified(s.id()),
                     None => Authenticity::NotChecked {
@@ -294,7 +370,7 @@ impl Repo {
         cluster_id: &str,
         keyring: &Keyring,
         trust_current: bool,
-    ) -> Result<(Repository, Authenticity)> {
+    ) -> Result<(Descriptor, Authenticity)> {
         let key = store.key(REPOSITORY_KEY);
         let bytes = match get_limited(store, &key, MAX_REPOSITORY_BYTES).await {
             Err(Error::Store {
@@ -322,11 +398,11 @@ impl Repo {
             }
         };
         let descriptor = parse_descriptor(&opened.payload, &location)?;
-        if descriptor.cluster_id != cluster_id {
+        if descriptor.cluster_id() != cluster_id {
             return Err(Error::ClusterMismatch {
                 location,
                 expected: cluster_id.to_owned(),
-                found: descriptor.cluster_id,
+                found: descriptor.cluster_id().to_owned(),
             });
         }
         match &opened.authenticity {
@@ -412,16 +488,16 @@ impl Repo {
 
     fn checked(
         store: Store,
-        descriptor: Repository,
+        descriptor: Descriptor,
         cluster_id: &str,
         keyring: Keyring,
         descriptor_authenticity: Authenticity,
     ) -> Result<Repo> {
-        if descriptor.cluster_id != cluster_id {
+        if descriptor.cluster_id() != cluster_id {
             return Err(Error::ClusterMismatch {
                 location: store.url.to_string(),
                 expected: cluster_id.to_owned(),
-                found: descriptor.cluster_id,
+                found: descriptor.cluster_id().to_owned(),
             });
         }
         Ok(Repo {
@@ -436,7 +512,7 @@ impl Repo {
     async fn read_descriptor(
         store: &Store,
         keyring: &Keyring,
-    ) -> Result<Option<(Repository, Authenticity)>> {
+    ) -> Result<Option<(Descriptor, Authenticity)>> {
         let key = store.key(REPOSITORY_KEY);
         let bytes = match get_limited(store, &key, MAX_REPOSITORY_BYTES).await {
             Ok(b) => b,
@@ -472,8 +548,16 @@ impl Repo {
         Ok(Some((descriptor, opened.authenticity)))
     }
 
-    pub fn descriptor(&self) -> &Repository {
+    pub fn descriptor(&self) -> &Descriptor {
         &self.descriptor
+    }
+
+    /// The pack repository's descriptor, or `None` for a chunk-object repository.
+    pub fn packs(&self) -> Option<&v2::Repository> {
+        match &self.descriptor {
+            Descriptor::Packs(d) => Some(d),
+            Descriptor::Chunks(_) => None,
+        }
     }
 
     /// What the signature check of `repository.json` found when the repository was opened.
@@ -488,22 +572,22 @@ impl Repo {
 
     /// `repository.json` as the store holds it now (`None` if it is gone): to notice a
     /// repository re-created under a running process.
-    pub async fn current_descriptor(&self) -> Result<Option<Repository>> {
+    pub async fn current_descriptor(&self) -> Result<Option<Descriptor>> {
         Ok(Self::read_descriptor(&self.store, &self.keyring)
             .await?
             .map(|(descriptor, _)| descriptor))
     }
 
     pub fn incarnation(&self) -> &str {
-        &self.descriptor.incarnation
+        self.descriptor.incarnation()
     }
 
     pub fn params(&self) -> ChunkParams {
-        self.descriptor.chunking
+        self.descriptor.chunking()
     }
 
     pub fn cluster_id(&self) -> &str {
-        &self.descriptor.cluster_id
+        self.descriptor.cluster_id()
     }
 
     /// The store the repository lives in (for the advisory objects outside it: `latest`).
@@ -606,8 +690,8 @@ impl Repo {
             return Ok(candidates.pop());
         }
         while let Some(id) = candidates.pop() {
-            match self.read_manifest(&id).await {
-                Ok(_) => return Ok(Some(id)),
+            match self.check_manifest(&id).await {
+                Ok(()) => return Ok(Some(id)),
                 Err(e) if e.is_transient() => return Err(e),
                 Err(e) => tracing::debug!(manifest = %id, error = %e, "not counting a manifest"),
             }
@@ -657,11 +741,97 @@ impl Repo {
 
     /// [`Repo::read_manifest`], also saying what the signature check found.
     pub async fn read_manifest_checked(&self, id: &ManifestId) -> Result<(Manifest, Authenticity)> {
-        let key = self.manifest_key(id);
+        let (key, payload, authenticity) = self.open_manifest(id).await?;
         let invalid = |reason: String| Error::InvalidManifest {
             key: key.to_string(),
             reason,
         };
+        let Descriptor::Chunks(descriptor) = &self.descriptor else {
+            return Err(invalid(
+                "the repository stores packs: its manifests are read as format 2".into(),
+            ));
+        };
+        let manifest: Manifest = serde_json::from_slice(&payload)
+            .map_err(|e| invalid(format!("not a manifest: {e}")))?;
+        self.check_names(&key, id, &manifest.cluster_id, ManifestId::of(&manifest))?;
+        manifest.validate(&descriptor.chunking).map_err(invalid)?;
+        Ok((manifest, authenticity))
+    }
+
+    /// Reads and validates a format-2 manifest of a pack repository, as
+    /// [`Repo::read_manifest`] does one of chunk objects; it must also be of this
+    /// incarnation of the repository (one copied from an earlier incarnation names packs
+    /// that may not exist here).
+    pub async fn read_packed_manifest(&self, id: &ManifestId) -> Result<v2::Manifest> {
+        self.read_packed_manifest_checked(id).await.map(|(m, _)| m)
+    }
+
+    /// [`Repo::read_packed_manifest`], also saying what the signature check found.
+    pub async fn read_packed_manifest_checked(
+        &self,
+        id: &ManifestId,
+    ) -> Result<(v2::Manifest, Authenticity)> {
+        let (key, payload, authenticity) = self.open_manifest(id).await?;
+        let invalid = |reason: String| Error::InvalidManifest {
+            key: key.to_string(),
+            reason,
+        };
+        let Descriptor::Packs(descriptor) = &self.descriptor else {
+            return Err(invalid(
+                "the repository stores chunk objects: its manifests are read as format 1".into(),
+            ));
+        };
+        let manifest: v2::Manifest = serde_json::from_slice(&payload)
+            .map_err(|e| invalid(format!("not a manifest: {e}")))?;
+        self.check_names(
+            &key,
+            id,
+            &manifest.cluster_id,
+            ManifestId::of_packed(&manifest),
+        )?;
+        if manifest.incarnation != descriptor.incarnation {
+            return Err(invalid(format!(
+                "it belongs to incarnation {} of the repository, not to this one ({})",
+                manifest.incarnation, descriptor.incarnation
+            )));
+        }
+        manifest.validate(descriptor).map_err(invalid)?;
+        Ok((manifest, authenticity))
+    }
+
+    /// Reads and validates a manifest in the repository's format (see
+    /// [`Repo::read_manifest`] and [`Repo::read_packed_manifest`]).
+    pub async fn read_any_manifest(&self, id: &ManifestId) -> Result<AnyManifest> {
+        self.read_any_manifest_checked(id).await.map(|(m, _)| m)
+    }
+
+    /// [`Repo::read_any_manifest`], also saying what the signature check found.
+    pub async fn read_any_manifest_checked(
+        &self,
+        id: &ManifestId,
+    ) -> Result<(AnyManifest, Authenticity)> {
+        match &self.descriptor {
+            Descriptor::Chunks(_) => self
+                .read_manifest_checked(id)
+                .await
+                .map(|(m, a)| (AnyManifest::Chunks(m), a)),
+            Descriptor::Packs(_) => self
+                .read_packed_manifest_checked(id)
+                .await
+                .map(|(m, a)| (AnyManifest::Packs(m), a)),
+        }
+    }
+
+    /// Whether the manifest `id` reads back valid (and, under `signing.require`, verified),
+    /// in whichever format the repository uses.
+    async fn check_manifest(&self, id: &ManifestId) -> Result<()> {
+        self.read_any_manifest(id).await.map(drop)
+    }
+
+    /// Reads a manifest object and checks its envelope's signature, before anything of it
+    /// is parsed. Returns its key and payload.
+    async fn open_manifest(&self, id: &ManifestId) -> Result<(Path, Vec<u8>, Authenticity)> {
+        let key = self.manifest_key(id);
         let bytes = get_limited(&self.store, &key, MAX_MANIFEST_BYTES).await?;
         let opened = match self.keyring.open(&bytes, PayloadType::Manifest) {
             Ok(opened) => opened,
@@ -672,36 +842,45 @@ impl Repo {
                 })
             }
             Err(OpenError::Invalid(reason)) => {
-                return Err(invalid(format!("not a manifest: {reason}")))
+                return Err(Error::InvalidManifest {
+                    key: key.to_string(),
+                    reason: format!("not a manifest: {reason}"),
+                })
             }
         };
         if let Authenticity::Refused(refusal) = &opened.authenticity {
             tracing::warn!(manifest = %id, reason = %refusal.reason, "manifest is not authentic ({refusal}); used anyway because signing.require is off");
         }
-        let manifest: Manifest = serde_json::from_slice(&opened.payload)
-            .map_err(|e| invalid(format!("not a manifest: {e}")))?;
-        if manifest.cluster_id != self.descriptor.cluster_id {
+        Ok((key, opened.payload, opened.authenticity))
+    }
+
+    /// A manifest must be this cluster's and stored under its own name.
+    fn check_names(
+        &self,
+        key: &Path,
+        id: &ManifestId,
+        cluster_id: &str,
+        named: ManifestId,
+    ) -> Result<()> {
+        if cluster_id != self.descriptor.cluster_id() {
             return Err(Error::ClusterMismatch {
                 location: key.to_string(),
-                expected: self.descriptor.cluster_id.clone(),
-                found: manifest.cluster_id,
+                expected: self.descriptor.cluster_id().to_owned(),
+                found: cluster_id.to_owned(),
             });
         }
-        if ManifestId::of(&manifest) != *id {
+        if named != *id {
             // A distinct error: a genuine manifest copied under another name (a replay) is
             // garbage to GC, while an invalid one stops it.
             return Err(Error::MisnamedManifest {
                 key: key.to_string(),
                 found: format!(
-                    "index {}, term {}, sha256 {}",
-                    manifest.last_log_index, manifest.last_log_term, manifest.sha256
+                    "index {}, term {}, sha256 {}…",
+                    named.index, named.term, named.sha_prefix
                 ),
             });
         }
-        manifest
-            .validate(&self.descriptor.chunking)
-            .map_err(invalid)?;
-        Ok((manifest, opened.authenticity))
+        Ok(())
     }
 
     /// Commits a manifest, sealed in its envelope (signed when this node has a key).
@@ -710,9 +889,20 @@ impl Repo {
     /// unless it verifies, so a forgery planted under a predictable name cannot stand in for
     /// the real one.
     pub async fn put_manifest(&self, manifest: &Manifest) -> Result<ManifestId> {
-        let id = ManifestId::of(manifest);
-        let key = self.manifest_key(&id);
         let payload = serde_json::to_vec(manifest).expect("Manifest serializes");
+        self.put_sealed_manifest(ManifestId::of(manifest), payload)
+            .await
+    }
+
+    /// [`Repo::put_manifest`] for a format-2 manifest of a pack repository.
+    pub async fn put_packed_manifest(&self, manifest: &v2::Manifest) -> Result<ManifestId> {
+        let payload = serde_json::to_vec(manifest).expect("Manifest serializes");
+        self.put_sealed_manifest(ManifestId::of_packed(manifest), payload)
+            .await
+    }
+
+    async fn put_sealed_manifest(&self, id: ManifestId, payload: Vec<u8>) -> Result<ManifestId> {
+        let key = self.manifest_key(&id);
         let body = Bytes::from(self.keyring.seal(PayloadType::Manifest, payload));
         match put_create(&self.store, &key, body.clone()).await {
             Ok(()) => Ok(id),
@@ -723,23 +913,28 @@ impl Repo {
             Err(Error::Store {
                 source: object_store::Error::AlreadyExists { .. },
                 ..
-            }) => match self.read_manifest_checked(&id).await {
-                Ok((_, Authenticity::Verified(_))) => Ok(id),
-                Err(e) if e.is_transient() => Err(e),
-                other => {
-                    let found = match other {
-                        Ok((_, auth)) => auth.status().to_owned(),
-                        Err(e) => e.to_string(),
-                    };
-                    tracing::warn!(manifest = %id, %found, "replacing a manifest of the same name that does not verify");
-                    self.store
-                        .backend
-                        .put(&key, PutPayload::from_bytes(body))
-                        .await
-                        .map(|_| id)
-                        .map_err(store_err("put", &key))
-                }
-            },
+            }) => {
+                let existing = match self.open_manifest(&id).await {
+                    Ok((_, _, Authenticity::Verified(_))) => match self.check_manifest(&id).await {
+                        Ok(()) => return Ok(id),
+                        Err(e) => Err(e),
+                    },
+                    Ok((_, _, auth)) => Ok(auth),
+                    Err(e) => Err(e),
+                };
+                let found = match existing {
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => e.to_string(),
+                    Ok(auth) => auth.status().to_owned(),
+                };
+                tracing::warn!(manifest = %id, %found, "replacing a manifest of the same name that does not verify");
+                self.store
+                    .backend
+                    .put(&key, PutPayload::from_bytes(body))
+                    .await
+                    .map(|_| id)
+                    .map_err(store_err("put", &key))
+            }
             Err(e) => Err(e),
         }
     }
@@ -905,9 +1100,6 @@ impl Repo {
     /// Block `index` of `manifest` (validated), read from its tree pack and checked against
     /// the manifest: its id, its logical id, its totals, the packs it uses, and the tree
     /// rule (every block but the last ends where the rule ends one).
-    ///
-    /// Takes the format-2 descriptor and manifest explicitly: until publish and fetch move
-    /// onto packs, the repository this `Repo` opened is described by [`crate::manifest`].
     pub async fn read_block(
         &self,
         descriptor: &crate::manifest_v2::Repository,
@@ -1171,13 +1363,13 @@ async fn put_create(store: &Store, key: &Path, body: Bytes) -> Result<()> {
     }
 }
 
-fn parse_descriptor(payload: &[u8], location: &str) -> Result<Repository> {
+fn parse_descriptor(payload: &[u8], location: &str) -> Result<Descriptor> {
     let invalid = |reason: String| Error::InvalidRepository {
         location: location.to_owned(),
         reason,
     };
     // Format and features first, so that a newer build's repository is refused by name.
-    Repository::parse(payload).map_err(invalid)
+    Descriptor::parse(payload).map_err(invalid)
 }
 
 /// Reads a whole object of at most `limit` bytes. A larger object is refused after a `head`

@@ -1,6 +1,7 @@
 //! Re-reads what the store holds and checks it: every selected manifest parses and is
 //! consistent, and every chunk it names exists with the right length and sha256. A damaged
-//! chunk is reported once, with every manifest that uses it.
+//! chunk is reported once, with every manifest that uses it. A repository of packs is
+//! verified by [`packed`]: its blocks, chunks and pack trailers.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -13,6 +14,10 @@ use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repo::{ManifestId, Repo};
 
+mod packed;
+
+/// Something stored that is damaged. In a repository of packs, `sha256` names a chunk by
+/// its id, or "pack <id>" or "block <id> in pack <id>".
 #[derive(Debug, Clone, Serialize)]
 pub struct BadChunk {
     pub sha256: String,
@@ -51,6 +56,9 @@ pub async fn verify(
     concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    if let Some(descriptor) = repo.packs() {
+        return packed::verify_packed(repo, descriptor, ids, progress).await;
+    }
     let started = Instant::now();
     let mut bad_manifests = Vec::new();
     // chunk → (length, manifests using it)

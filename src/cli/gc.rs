@@ -44,8 +44,12 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     for m in &report.manifests_deleted {
         println!("{verb} manifest {m}");
     }
+    let unit = match report.objects {
+        "packs" => "pack(s)",
+        _ => "chunk(s)",
+    };
     println!(
-        "{verb} {} manifest(s) and {} chunk(s), {} bytes; kept {} manifest(s) and {} chunk(s); {} unreferenced chunk(s) younger than the grace period",
+        "{verb} {} manifest(s) and {} {unit}, {} bytes; kept {} manifest(s) and {} {unit}; {} unreferenced {unit} younger than the grace period",
         report.manifests_deleted.len(),
         report.chunks_deleted,
         report.bytes_deleted,
@@ -55,15 +59,13 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     );
     if report.chunks_deferred > 0 {
         println!(
-            "kept {} unreferenced chunk(s) because publishes were in flight ({}); the next gc deletes them",
+            "kept {} unreferenced {unit} because publishes were in flight ({}); the next gc deletes them",
             report.chunks_deferred,
             report.publishes_in_flight.join(", ")
         );
     }
     if !args.apply && (report.chunks_deleted > 0 || !report.manifests_deleted.is_empty()) {
-        println!(
-            "(dry run: pass --apply to delete; chunk ages were measured by this machine's clock)"
-        );
+        println!("(dry run: pass --apply to delete; ages were measured by this machine's clock)");
     }
     Ok(())
 }

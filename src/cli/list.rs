@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::repo::AnyManifest;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -47,7 +48,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     let mut refused = Vec::new();
     for entry in repo.list_manifests(None).await? {
-        let (m, auth) = match repo.read_manifest_checked(&entry.id).await {
+        let (m, auth) = match repo.read_any_manifest_checked(&entry.id).await {
             Ok(read) => read,
             Err(Error::Unauthenticated { object, refusal }) => {
                 refused.push(Refused {
@@ -62,17 +63,21 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
+        let publisher_version = match &m {
+            AnyManifest::Chunks(m) => m.publisher.version.clone(),
+            AnyManifest::Packs(m) => m.publisher.version.clone(),
+        };
         rows.push(Row {
             manifest: entry.id.to_string(),
-            index: m.last_log_index,
-            term: m.last_log_term,
-            size: m.size,
-            chunks: m.chunks.len() as u64,
+            index: m.last_log_index(),
+            term: m.last_log_term(),
+            size: m.size(),
+            chunks: m.chunks(),
             created_at: m
-                .created_at
+                .created_at()
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            publisher_node_id: m.publisher.node_id,
-            publisher_version: m.publisher.version,
+            publisher_node_id: m.publisher_node(),
+            publisher_version,
             signer_key_id: auth.signer(),
             signature: auth.status(),
         });

@@ -29,7 +29,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     let repo = Repo::open_or_create_with(
         store.clone(),
         &config.cluster_id,
-        config.chunking,
+        config.layout,
         config.signing.clone(),
     )
     .await

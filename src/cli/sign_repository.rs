@@ -44,6 +44,6 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
             .map(|k| format!(", key {k}"))
             .unwrap_or_default()
     );
-    println!("{}", serde_json::to_string_pretty(&descriptor)?);
+    println!("{}", String::from_utf8_lossy(&descriptor.to_json()));
     Ok(())
 }

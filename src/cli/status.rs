@@ -35,7 +35,10 @@ struct Report {
     newest_index: Option<u64>,
     newest_term: Option<u64>,
     manifests: Option<u64>,
+    /// Chunk objects, or packs in a repository of packs (`layout` says which).
     chunks: Option<u64>,
+    /// `chunks` or `packs`.
+    layout: Option<&'static str>,
     stored_bytes: Option<u64>,
     /// Newest index in the store minus the node's snapshot index.
     lag: Option<u64>,
@@ -71,6 +74,7 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         newest_term: None,
         manifests: None,
         chunks: None,
+        layout: None,
         stored_bytes: None,
         lag: None,
         signatures: match (config.signing.requires(), config.signing.checks()) {
@@ -96,13 +100,31 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
         )
         .await?;
         let manifests = repo.list_manifests(None).await?;
-        let chunks = repo.list_chunks().await?;
+        // (count, bytes) of the chunk objects or packs.
+        let objects: (u64, u64) = match repo.packs() {
+            None => {
+                let chunks = repo.list_chunks().await?;
+                (chunks.len() as u64, chunks.values().map(|c| c.size).sum())
+            }
+            Some(_) => {
+                let packs = repo.list_packs().await?;
+                (packs.len() as u64, packs.values().map(|p| p.size).sum())
+            }
+        };
         let newest = repo.newest_verified(None).await?;
-        anyhow::Ok((repo.incarnation().to_owned(), manifests, chunks, newest))
+        let layout = repo.descriptor().layout_name();
+        anyhow::Ok((
+            repo.incarnation().to_owned(),
+            manifests,
+            objects,
+            newest,
+            layout,
+        ))
     };
     match store_part.await {
-        Ok((incarnation, manifests, chunks, (newest, refused))) => {
+        Ok((incarnation, manifests, (objects, object_bytes), (newest, refused), layout)) => {
             report.incarnation = Some(incarnation);
+            report.layout = Some(layout);
             report.manifests = Some(manifests.len() as u64);
             if let Some(newest) = newest {
                 report.newest_index = Some(newest.index);
@@ -115,11 +137,9 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
                     reason: r.reason.as_str(),
                 })
                 .collect();
-            report.chunks = Some(chunks.len() as u64);
-            report.stored_bytes = Some(
-                manifests.iter().map(|m| m.stored_size).sum::<u64>()
-                    + chunks.values().map(|c| c.size).sum::<u64>(),
-            );
+            report.chunks = Some(objects);
+            report.stored_bytes =
+                Some(manifests.iter().map(|m| m.stored_size).sum::<u64>() + object_bytes);
         }
         Err(e) => report.store_error = Some(crate::error::chain(&e)),
     }
@@ -163,12 +183,16 @@ pub async fn run(config: &Config, args: &Args) -> anyhow::Result<()> {
     }
     match &report.store_error {
         None => println!(
-            "store     {}: newest snapshot {} (term {}), {} manifest(s), {} chunk(s), {:.1} MiB",
+            "store     {}: newest snapshot {} (term {}), {} manifest(s), {} {}, {:.1} MiB",
             report.store,
             opt(report.newest_index),
             opt(report.newest_term),
             opt(report.manifests),
             opt(report.chunks),
+            match report.layout {
+                Some("packs") => "pack(s)",
+                _ => "chunk(s)",
+            },
             report.stored_bytes.unwrap_or(0) as f64 / 1048576.0
         ),
         Some(e) => println!("store     {}: ERROR: {e}", report.store),

@@ -23,6 +23,7 @@ mod incarnation;
 mod incremental;
 mod layout;
 mod operate;
+mod packs;
 mod roundtrip;
 mod signing;
 mod store_conformance;

@@ -1,0 +1,227 @@
+//! The fetch of a pack repository (format 2): [`crate::assemble`] writes the snapshot into
+//! the same hidden staging file, and it is committed and handed over exactly as a
+//! chunk-object fetch's is.
+//!
+//! What is reused: a staging file of the right size that an earlier attempt left (resumed:
+//! every chunk in it is hashed against its block before it stays), otherwise the newest
+//! local snapshot whose manifest the store has. Local bytes are never trusted: each reused
+//! chunk is read, hashed and written from the bytes hashed. Every downloaded blob is checked
+//! against its id, and every tree block against its manifest, so the file is the chunks the
+//! manifest names, in its order; [`Fetcher::verify_file`] also hashes the whole file.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{commit, hand_over, open_staging, FetchReport, Fetcher, Staging};
+use crate::assemble::{assemble, LocalSnapshot};
+use crate::chunk::Digest;
+use crate::error::{Error, Result};
+use crate::manifest_v2::Manifest;
+use crate::pack::plan::RangeLimits;
+use crate::repo::Repo;
+use crate::snapdir::{self, Envelope, ENVELOPE_FORMAT};
+use snaprelay_contract::dir::{self as safe_dir, Dir};
+
+/// A local snapshot file and its manifest from the store: what a pack fetch copies
+/// unchanged blocks and chunks from.
+#[derive(Debug, Clone)]
+pub struct PackedSource {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+}
+
+/// The newest of `dirs`' committed snapshots whose log id the store has a manifest for, of
+/// the same size. Unreadable snapshots are skipped with a warning.
+pub async fn packed_source(repo: &Repo, dirs: &[&Path]) -> Result<Option<PackedSource>> {
+    let mut found: Vec<snapdir::Snapshot> = Vec::new();
+    for dir in dirs {
+        let scan =
+            snapdir::scan(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        for rejected in &scan.rejected {
+            tracing::warn!(error = %rejected, "not reusing an unreadable snapshot");
+        }
+        found.extend(scan.snapshots);
+    }
+    found.sort_by_key(|l| l.envelope.log_id());
+    for local in found.iter().rev() {
+        let (index, term) = local.envelope.log_id();
+        let Some(id) = repo.manifest_for(index, term).await? else {
+            continue;
+        };
+        match repo.read_packed_manifest(&id).await {
+            Ok(m) if m.size == local.envelope.size => {
+                return Ok(Some(PackedSource {
+                    path: local.data_path.clone(),
+                    manifest: m,
+                }))
+            }
+            Ok(_) => {}
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::debug!(manifest = %id, error = %e, "not reusing a local snapshot whose manifest does not read back")
+            }
+        }
+    }
+    Ok(None)
+}
+
+impl Fetcher<'_> {
+    /// [`Fetcher::fetch`] for a format-2 manifest of a pack repository, reusing `source`.
+    pub async fn fetch_packed(
+        &self,
+        manifest: &Manifest,
+        dir: &Path,
+        source: Option<&PackedSource>,
+    ) -> Result<FetchReport> {
+        let started = Instant::now();
+        let descriptor = self.repo.packs().ok_or_else(|| Error::InvalidManifest {
+            key: format!("for snapshot {}", manifest.last_log_index),
+            reason: "a format-2 manifest, but the repository stores chunk objects".into(),
+        })?;
+        let (index, term) = (manifest.last_log_index, manifest.last_log_term);
+        let (data_name, meta_name) = snapdir::file_names(index, term);
+        let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
+            last_log_index: index,
+            last_log_term: term,
+            data: data_name.clone(),
+            size: manifest.size,
+            raft_meta: manifest.raft_meta.clone(),
+            chunk_index: None,
+            sha256: Some(manifest.sha256.to_hex()),
+        };
+        envelope
+            .validate()
+            .map_err(|reason| Error::InvalidManifest {
+                key: format!("for snapshot {index} (term {term})"),
+                reason,
+            })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        let staging = Staging {
+            name: format!(".{data_name}.partial"),
+            path: dir.join(&format!(".{data_name}.partial")),
+        };
+        let result = self
+            .assemble_packed(descriptor, manifest, &dir, &staging, source)
+            .await;
+        let stats = match result {
+            Ok(stats) => stats,
+            Err(e) => {
+                if self.keeps_staging(&e) {
+                    tracing::debug!(path = %staging.path.display(), error = %e, "keeping the staging file for the next attempt");
+                } else {
+                    let _ = dir.remove(&staging.name);
+                }
+                return Err(e);
+            }
+        };
+        let (data, meta) =
+            match commit(&dir, &staging, &data_name, &meta_name, &envelope, self.node) {
+                Ok(paths) => paths,
+                Err(e) => {
+                    let _ = dir.remove(&staging.name);
+                    return Err(e);
+                }
+            };
+        self.progress.finish();
+        let report = FetchReport {
+            index,
+            term,
+            size: manifest.size,
+            sha256: manifest.sha256.to_hex(),
+            chunks_total: manifest.chunks,
+            chunks_transferred: stats.chunks_fetched,
+            chunks_reused: manifest.chunks.saturating_sub(stats.chunks_fetched),
+            bytes_transferred: stats.bytes_read,
+            bytes_reused: manifest.size.saturating_sub(stats.bytes_fetched),
+            data,
+            meta,
+            elapsed: started.elapsed(),
+        };
+        tracing::debug!(
+            index,
+            term,
+            bytes = report.size,
+            chunks = report.chunks_total,
+            chunks_downloaded = report.chunks_transferred,
+            bytes_downloaded = report.bytes_transferred,
+            ranges = stats.ranges_read,
+            blocks_copied = stats.blocks_copied,
+            blocks_fetched = stats.blocks_fetched,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "fetched"
+        );
+        Ok(report)
+    }
+
+    async fn assemble_packed(
+        &self,
+        descriptor: &crate::manifest_v2::Repository,
+        manifest: &Manifest,
+        dir: &Dir,
+        staging: &Staging,
+        source: Option<&PackedSource>,
+    ) -> Result<crate::assemble::AssembleStats> {
+        let staging_err = |e| Error::io(format!("staging file {}", staging.path.display()), e);
+        let (file, resumable) = open_staging(dir, staging, manifest.size).map_err(staging_err)?;
+        if let Some(node) = self.node {
+            // A cheap probe on the empty file, before a byte is downloaded.
+            hand_over(&file, dir, node)?;
+        }
+        let file = Arc::new(file);
+        let opened: Option<(Arc<File>, &Manifest)> = match (resumable, source) {
+            (true, _) => Some((file.clone(), manifest)),
+            (false, Some(source)) => match safe_dir::open_regular(&source.path, false) {
+                Ok(f) => Some((Arc::new(f), &source.manifest)),
+                Err(e) => {
+                    tracing::warn!(path = %source.path.display(), error = %e, "cannot open a local snapshot for reuse");
+                    None
+                }
+            },
+            (false, None) => None,
+        };
+        let local = opened.as_ref().map(|(f, m)| LocalSnapshot {
+            file: f.clone(),
+            manifest: m,
+            trusted: false,
+        });
+        self.progress.begin(manifest.size);
+        let name = staging.path.display().to_string();
+        let stats = assemble(
+            self.repo,
+            descriptor,
+            manifest,
+            file.clone(),
+            &name,
+            local,
+            RangeLimits::default(),
+        )
+        .await?;
+        let verify = self.verify_file;
+        let expected = manifest.sha256;
+        let synced = tokio::task::spawn_blocking(move || -> io::Result<Option<Digest>> {
+            let digest = match verify {
+                true => Some(crate::chunk::sha256_of(&file)?),
+                false => None,
+            };
+            file.sync_all()?;
+            Ok(digest)
+        })
+        .await
+        .map_err(|e| Error::io("syncing task", io::Error::other(e)))?
+        .map_err(staging_err)?;
+        if let Some(actual) = synced.filter(|d| *d != expected) {
+            return Err(Error::FileCorrupt {
+                index: manifest.last_log_index,
+                expected: expected.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        Ok(stats)
+    }
+}
