@@ -56,7 +56,17 @@ async fn publish(
     let chunks = snaprelay::chunk::index_to_scratch(File::open(path)?, d.chunking)?.read_all()?;
     let size = chunks.size;
     let budget = PartBudget::new(PARTS_IN_FLIGHT, PART_SIZE);
-    let packed = pack_snapshot(repo, d, base, file, path, &chunks.chunks, budget).await?;
+    let packed = pack_snapshot(
+        repo,
+        d,
+        base,
+        file,
+        path,
+        &chunks.chunks,
+        snaprelay::packer::ChunkList::Cut,
+        budget,
+    )
+    .await?;
     let m = manifest(d, &packed, chunks.sha256, index);
     m.validate(d).map_err(anyhow::Error::msg)?;
     let s = packed.stats;
@@ -111,11 +121,7 @@ async fn main() -> anyhow::Result<()> {
         s.bytes_read, s.ranges_read
     );
     let fb = Arc::new(snaprelay::chunk::scratch_file()?);
-    let local = LocalSnapshot {
-        file: fa,
-        manifest: &ma,
-        trusted: true,
-    };
+    let local = LocalSnapshot::of_manifest(fa, &ma, true);
     let s = assemble(
         &repo,
         &d,

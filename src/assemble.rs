@@ -36,12 +36,28 @@ use crate::tree::Block;
 /// Ranged reads in flight at once.
 const RANGES_IN_FLIGHT: usize = 4;
 
-/// A snapshot already on this machine, with its (validated) manifest.
+/// A snapshot already on this machine: with its (validated) manifest, or with the chunks
+/// found by cutting it (a snapshot the node built itself, which the store has no manifest
+/// for).
 pub struct LocalSnapshot<'a> {
     pub file: Arc<File>,
-    pub manifest: &'a Manifest,
+    pub manifest: Option<&'a Manifest>,
+    /// Chunk id → offset in `file`, of a file cut with the repository's chunking.
+    pub cut: HashMap<Digest, u64>,
     /// The caller vouches that the file is what it verified against `manifest`.
     pub trusted: bool,
+}
+
+impl<'a> LocalSnapshot<'a> {
+    /// A local snapshot known by its manifest.
+    pub fn of_manifest(file: Arc<File>, manifest: &'a Manifest, trusted: bool) -> Self {
+        LocalSnapshot {
+            file,
+            manifest: Some(manifest),
+            cut: HashMap::new(),
+            trusted,
+        }
+    }
 }
 
 /// What [`assemble`] did.
@@ -68,7 +84,7 @@ pub async fn assemble(
     manifest: &Manifest,
     out: Arc<File>,
     out_name: &str,
-    local: Option<LocalSnapshot<'_>>,
+    mut local: Option<LocalSnapshot<'_>>,
     limits: RangeLimits,
 ) -> Result<AssembleStats> {
     let io_err = |what: &str| {
@@ -78,26 +94,25 @@ pub async fn assemble(
     out.set_len(manifest.size).map_err(io_err("sizing"))?;
     let local_at: HashMap<Digest, u64> = local
         .as_ref()
-        .map(|l| {
-            l.manifest
-                .block_offsets()
-                .map(|(at, b)| (b.logical, at))
-                .collect()
-        })
+        .and_then(|l| l.manifest)
+        .map(|m| m.block_offsets().map(|(at, b)| (b.logical, at)).collect())
         .unwrap_or_default();
     // The chunks of the local snapshot's blocks that the new one does not have as a whole:
     // where changed blocks find most of their chunks (a scattered update changes every
-    // block, and only a few chunks of each).
-    let mut local_chunks: HashMap<Digest, u64> = HashMap::new();
-    if let Some(l) = &local {
+    // block, and only a few chunks of each). A local file without a manifest has only these.
+    let mut local_chunks: HashMap<Digest, u64> = local
+        .as_mut()
+        .map(|l| std::mem::take(&mut l.cut))
+        .unwrap_or_default();
+    if let Some(lm) = local.as_ref().and_then(|l| l.manifest) {
         let logicals: std::collections::HashSet<Digest> =
             manifest.blocks.iter().map(|b| b.logical).collect();
-        let offsets: Vec<u64> = l.manifest.block_offsets().map(|(at, _)| at).collect();
-        for (i, b) in l.manifest.blocks.iter().enumerate() {
+        let offsets: Vec<u64> = lm.block_offsets().map(|(at, _)| at).collect();
+        for (i, b) in lm.blocks.iter().enumerate() {
             if logicals.contains(&b.logical) {
                 continue;
             }
-            let block = repo.read_block(descriptor, l.manifest, i).await?;
+            let block = repo.read_block(descriptor, lm, i).await?;
             let mut at = offsets[i];
             for c in &block.chunks {
                 local_chunks.entry(c.id).or_insert(at);
@@ -406,6 +421,7 @@ mod tests {
             file_of(data),
             "node file",
             &chunks,
+            crate::packer::ChunkList::Cut,
             PartBudget::new(2, 1 << 20),
         )
         .await
@@ -469,11 +485,7 @@ mod tests {
 
         for trusted in [true, false] {
             let fb = file_of(b"");
-            let local = LocalSnapshot {
-                file: fa.clone(),
-                manifest: &ma,
-                trusted,
-            };
+            let local = LocalSnapshot::of_manifest(fa.clone(), &ma, trusted);
             let s = assemble(
                 &repo,
                 &d,
@@ -502,11 +514,7 @@ mod tests {
         let mut spoiled = a.clone();
         spoiled[100] ^= 1;
         let fb = file_of(b"");
-        let local = LocalSnapshot {
-            file: file_of(&spoiled),
-            manifest: &ma,
-            trusted: false,
-        };
+        let local = LocalSnapshot::of_manifest(file_of(&spoiled), &ma, false);
         assemble(
             &repo,
             &d,

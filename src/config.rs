@@ -1431,7 +1431,51 @@ mod tests {
         );
         assert!(c.store.fsync);
         assert_eq!(c.chunking, ChunkParams::default());
+        assert!(matches!(c.layout, crate::layout::Layout::Chunks(_)));
         assert_eq!(c.download.concurrency, DEFAULT_CONCURRENCY);
+    }
+
+    #[test]
+    fn the_repository_section_chooses_what_a_new_repository_is() {
+        let c = load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[repository]\nlayout = \"chunks\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.chunking, ChunkParams::default());
+        assert!(
+            matches!(c.layout, crate::layout::Layout::Chunks(p) if p == ChunkParams::default())
+        );
+        let c = load(
+            "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[repository]\nlayout = \"packs\"\npack_size = \"8MiB\"\ncompression_level = 0\n\
+             [chunking]\navg_size = \"32KiB\"\n",
+        )
+        .unwrap();
+        let crate::layout::Layout::Packs(s) = c.layout else {
+            panic!("{:?}", c.layout)
+        };
+        assert_eq!(s.pack_size, 8 << 20);
+        assert_eq!(s.compression, crate::pack::Compression::None);
+        assert_eq!(s.chunking.avg_size, 32 << 10);
+        for (text, key) in [
+            ("layout = \"tar\"", "repository.layout"),
+            (
+                "layout = \"packs\"\npack_size = \"1KiB\"",
+                "repository.pack_size",
+            ),
+            (
+                "layout = \"packs\"\ncompression_level = 30",
+                "repository.compression_level",
+            ),
+            (
+                "layout = \"chunks\"\npack_size = \"8MiB\"",
+                "repository.pack_size",
+            ),
+        ] {
+            let e = err(&format!(
+                "cluster_id = \"a\"\n[store]\nurl = \"memory://\"\n[repository]\n{text}\n"
+            ));
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -260,7 +260,8 @@ pub struct PackRef {
     /// The pack object's size, trailer included.
     pub size: u64,
     /// Stored bytes of this pack that the snapshot's blocks point at (a blob counted once
-    /// per reference): what compaction compares with `size`.
+    /// per block that names it, and the sum at most `size`): what compaction compares with
+    /// `size`.
     pub used: u64,
 }
 

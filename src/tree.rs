@@ -321,11 +321,15 @@ impl Block {
         self.chunks.iter().map(|c| c.plain_len as u64).sum()
     }
 
-    /// Stored bytes this block's chunks take in each pack of its table.
+    /// Stored bytes this block's chunks take in each pack of its table, each blob counted
+    /// once however often the block names it.
     pub fn uses(&self) -> Vec<(PackId, u64)> {
         let mut out: Vec<(PackId, u64)> = self.packs.iter().map(|p| (*p, 0)).collect();
+        let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
         for c in &self.chunks {
-            out[c.pack as usize].1 += c.stored_len as u64;
+            if seen.insert((c.pack, c.offset)) {
+                out[c.pack as usize].1 += c.stored_len as u64;
+            }
         }
         out
     }

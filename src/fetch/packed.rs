@@ -9,6 +9,7 @@
 //! against its id, and every tree block against its manifest, so the file is the chunks the
 //! manifest names, in its order; [`Fetcher::verify_file`] also hashes the whole file.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -25,16 +26,17 @@ use crate::repo::Repo;
 use crate::snapdir::{self, Envelope, ENVELOPE_FORMAT};
 use snaprelay_contract::dir::{self as safe_dir, Dir};
 
-/// A local snapshot file and its manifest from the store: what a pack fetch copies
-/// unchanged blocks and chunks from.
+/// A local snapshot file and its manifest from the store, if it has one: what a pack fetch
+/// copies unchanged blocks and chunks from. Without a manifest (a snapshot the node built
+/// itself), the file is cut with the repository's chunking to find its chunks.
 #[derive(Debug, Clone)]
 pub struct PackedSource {
     pub path: PathBuf,
-    pub manifest: Manifest,
+    pub manifest: Option<Manifest>,
 }
 
-/// The newest of `dirs`' committed snapshots whose log id the store has a manifest for, of
-/// the same size. Unreadable snapshots are skipped with a warning.
+/// The newest of `dirs`' committed snapshots, with its manifest when the store has one for
+/// its log id and size. Unreadable snapshots are skipped with a warning.
 pub async fn packed_source(repo: &Repo, dirs: &[&Path]) -> Result<Option<PackedSource>> {
     let mut found: Vec<snapdir::Snapshot> = Vec::new();
     for dir in dirs {
@@ -46,26 +48,36 @@ pub async fn packed_source(repo: &Repo, dirs: &[&Path]) -> Result<Option<PackedS
         found.extend(scan.snapshots);
     }
     found.sort_by_key(|l| l.envelope.log_id());
-    for local in found.iter().rev() {
-        let (index, term) = local.envelope.log_id();
-        let Some(id) = repo.manifest_for(index, term).await? else {
-            continue;
-        };
-        match repo.read_packed_manifest(&id).await {
-            Ok(m) if m.size == local.envelope.size => {
-                return Ok(Some(PackedSource {
-                    path: local.data_path.clone(),
-                    manifest: m,
-                }))
-            }
-            Ok(_) => {}
+    let Some(local) = found.last() else {
+        return Ok(None);
+    };
+    let (index, term) = local.envelope.log_id();
+    let manifest = match repo.manifest_for(index, term).await? {
+        None => None,
+        Some(id) => match repo.read_packed_manifest(&id).await {
+            Ok(m) if m.size == local.envelope.size => Some(m),
+            Ok(_) => None,
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
-                tracing::debug!(manifest = %id, error = %e, "not reusing a local snapshot whose manifest does not read back")
+                tracing::debug!(manifest = %id, error = %e, "not using the manifest of a local snapshot, which does not read back; cutting the file instead");
+                None
             }
-        }
-    }
-    Ok(None)
+        },
+    };
+    Ok(Some(PackedSource {
+        path: local.data_path.clone(),
+        manifest,
+    }))
+}
+
+/// The chunks of `file`, cut with `params`: chunk id → first offset (blocking).
+fn cut_local(file: &File, params: crate::chunk::ChunkParams) -> io::Result<HashMap<Digest, u64>> {
+    let mut at = HashMap::new();
+    crate::chunk::split(crate::chunk::ReadAt::new(file, 0), params, |c| {
+        at.entry(Digest::of(&c.data)).or_insert(c.offset);
+        Ok(())
+    })?;
+    Ok(at)
 }
 
 impl Fetcher<'_> {
@@ -159,6 +171,36 @@ impl Fetcher<'_> {
         Ok(report)
     }
 
+    /// `source` opened (and cut, without a manifest); `None` if it cannot be read.
+    async fn open_source<'s>(&self, source: &'s PackedSource) -> Result<Option<LocalSnapshot<'s>>> {
+        let path = source.path.clone();
+        let params = self.repo.params();
+        let cut = source.manifest.is_none();
+        let opened =
+            tokio::task::spawn_blocking(move || -> io::Result<(File, HashMap<Digest, u64>)> {
+                let file = safe_dir::open_regular(&path, false)?;
+                let chunks = match cut {
+                    true => cut_local(&file, params)?,
+                    false => HashMap::new(),
+                };
+                Ok((file, chunks))
+            })
+            .await
+            .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
+        match opened {
+            Ok((file, cut)) => Ok(Some(LocalSnapshot {
+                file: Arc::new(file),
+                manifest: source.manifest.as_ref(),
+                cut,
+                trusted: false,
+            })),
+            Err(e) => {
+                tracing::warn!(path = %source.path.display(), error = %e, "cannot read a local snapshot for reuse");
+                Ok(None)
+            }
+        }
+    }
+
     async fn assemble_packed(
         &self,
         descriptor: &crate::manifest_v2::Repository,
@@ -174,22 +216,11 @@ impl Fetcher<'_> {
             hand_over(&file, dir, node)?;
         }
         let file = Arc::new(file);
-        let opened: Option<(Arc<File>, &Manifest)> = match (resumable, source) {
-            (true, _) => Some((file.clone(), manifest)),
-            (false, Some(source)) => match safe_dir::open_regular(&source.path, false) {
-                Ok(f) => Some((Arc::new(f), &source.manifest)),
-                Err(e) => {
-                    tracing::warn!(path = %source.path.display(), error = %e, "cannot open a local snapshot for reuse");
-                    None
-                }
-            },
+        let local = match (resumable, source) {
+            (true, _) => Some(LocalSnapshot::of_manifest(file.clone(), manifest, false)),
+            (false, Some(source)) => self.open_source(source).await?,
             (false, None) => None,
         };
-        let local = opened.as_ref().map(|(f, m)| LocalSnapshot {
-            file: f.clone(),
-            manifest: m,
-            trusted: false,
-        });
         self.progress.begin(manifest.size);
         let name = staging.path.display().to_string();
         let stats = assemble(

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::lease::Lease;
 use crate::manifest_v2::{self as v2, Manifest};
 use crate::pack::upload::{PartBudget, PARTS_IN_FLIGHT, PART_SIZE};
-use crate::packer::pack_snapshot;
+use crate::packer::{pack_snapshot, ChunkList};
 use crate::snapdir::SnapdirError;
 
 impl Publisher<'_> {
@@ -56,6 +56,11 @@ impl Publisher<'_> {
         }
         self.progress.begin(env.size);
         let used_index = node_index.is_some();
+        let index_path = snapshot.chunk_index_path().filter(|_| used_index);
+        let listed = match &index_path {
+            Some(path) => ChunkList::Index(path),
+            None => ChunkList::Cut,
+        };
         let (chunks, sha256) = match node_index {
             Some(node) => (node.index.chunks, node.index.sha256),
             None => self.cut(snapshot).await?,
@@ -72,6 +77,7 @@ impl Publisher<'_> {
                 snapshot.data.clone(),
                 &name,
                 &chunks,
+                listed,
                 budget,
             )
             .await?;

@@ -284,7 +284,7 @@ async fn a_damaged_blob_in_a_pack_is_caught_by_verify_and_pull() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_format_is_read_only_as_itself() {
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let chunks = Target::file(work.path(), "mixed", "");
+    let chunks = Target::file(work.path(), "mixed", "[repository]\nlayout = \"chunks\"\n");
     let a = write_generation(&work.path().join("leader"), 10, 1);
     chunks.json(&["push", a.to_str().unwrap(), "--json"]);
     let old = chunks.repo().await;
@@ -324,11 +324,9 @@ async fn each_format_is_read_only_as_itself() {
 
     // The chunk repository, pushed to with a configuration that asks for packs: still one
     // of chunk objects, and its manifests still read.
-    let same_store_packs_config = format!(
-        "{}{}",
-        std::fs::read_to_string(&chunks.args[1]).unwrap(),
-        PACKS
-    );
+    let same_store_packs_config = std::fs::read_to_string(&chunks.args[1])
+        .unwrap()
+        .replace("layout = \"chunks\"", "layout = \"packs\"");
     let cfg = work.path().join("asks-packs.toml");
     std::fs::write(&cfg, same_store_packs_config).unwrap();
     let c = write_generation(&work.path().join("leader"), 30, 2);
