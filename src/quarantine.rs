@@ -3,9 +3,10 @@
 //!
 //! A failure is *permanent for a manifest* when it is a property of that manifest: its
 //! signature or its content does not check out, a chunk it names is missing from the store
-//! or corrupt, the file it describes does not hash to its sha256, or the node refused the
-//! snapshot itself (`checksum_mismatch`, `invalid_snapshot`, `log_mismatch`). Such a
-//! manifest is quarantined and the daemon moves on at once to the next candidate. Every
+//! or corrupt (in a repository of packs: the pack or the tree block holding it), the file
+//! it describes does not hash to its sha256, or the node refused the snapshot itself
+//! (`checksum_mismatch`, `invalid_snapshot`, `log_mismatch`). Such a manifest is
+//! quarantined and the daemon moves on at once to the next candidate. Every
 //! other failure (the store or the node not answering, a full disk, a deployment problem
 //! such as an incoming directory the node cannot read) is retried with backoff, and the
 //! fetch resumes where it stopped.
@@ -71,9 +72,11 @@ pub enum Reason {
     /// Not a valid manifest: malformed, inconsistent, misnamed, of another cluster, too
     /// large, or its raft_meta is not the snapshot it names.
     InvalidManifest,
-    /// A chunk it names is not in the store.
+    /// A chunk it names is not in the store (in a repository of packs: a pack it names).
     ChunkMissing,
-    /// A chunk it names does not hash to its name, or has the wrong length.
+    /// A chunk it names does not hash to its name, or has the wrong length (in a repository
+    /// of packs, also: a pack of another size than it says, or a tree block that does not
+    /// match it).
     ChunkCorrupt,
     /// Its chunks verify, but the file they make does not hash to its sha256.
     FileMismatch,
@@ -137,8 +140,12 @@ impl Reason {
             | Error::MisnamedManifest { .. }
             | Error::ClusterMismatch { .. }
             | Error::ObjectTooLarge { .. } => Reason::InvalidManifest,
-            Error::ChunkMissing { .. } => Reason::ChunkMissing,
-            Error::ChunkCorrupt { .. } => Reason::ChunkCorrupt,
+            // A pack holds chunks (and the blocks listing them): whichever is missing or
+            // damaged, the manifest's chunks are, under the same labels.
+            Error::ChunkMissing { .. } | Error::PackMissing { .. } => Reason::ChunkMissing,
+            Error::ChunkCorrupt { .. } | Error::PackCorrupt { .. } | Error::BlockCorrupt { .. } => {
+                Reason::ChunkCorrupt
+            }
             Error::FileCorrupt { .. } => Reason::FileMismatch,
             _ => return None,
         };
@@ -536,6 +543,38 @@ mod tests {
             )),
         ] {
             assert_eq!(Reason::of(&transient), None, "{transient:#}");
+        }
+    }
+
+    /// In a repository of packs, a chunk is missing when the pack holding it (or the tree
+    /// block listing it) is, and damaged when its pack or block is: the same property of
+    /// the manifest as a missing or corrupt chunk object, quarantined the same way.
+    #[test]
+    fn a_missing_or_damaged_pack_or_block_is_the_manifests_own_failure() {
+        let cases = [
+            (
+                Error::PackMissing { pack: "ab".into() },
+                Reason::ChunkMissing,
+            ),
+            (
+                Error::PackCorrupt {
+                    pack: "ab".into(),
+                    reason: "the store holds 10 bytes under its name, the manifest says 20".into(),
+                },
+                Reason::ChunkCorrupt,
+            ),
+            (
+                Error::BlockCorrupt {
+                    block: "cd".into(),
+                    pack: "ab".into(),
+                    reason: "sha256 mismatch".into(),
+                },
+                Reason::ChunkCorrupt,
+            ),
+        ];
+        for (error, reason) in cases {
+            let err = anyhow::Error::new(error).context("fetching snapshot 7");
+            assert_eq!(Reason::of(&err), Some((reason, None)), "{err:#}");
         }
     }
 
