@@ -105,6 +105,48 @@ impl S3 {
     }
 }
 
+/// The two repository layouts, for flows that hold on both (packs are the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Chunks,
+    Packs,
+}
+
+impl Layout {
+    /// The `[repository]` section that makes a new repository of this layout, with `keys`
+    /// (more `key = value` lines of the section) after `layout`.
+    pub fn section(self, keys: &str) -> String {
+        let layout = match self {
+            Layout::Chunks => "chunks",
+            Layout::Packs => "packs",
+        };
+        format!("[repository]\nlayout = \"{layout}\"\n{keys}")
+    }
+}
+
+/// The key of pack `id` in `store` (the layout `repo.rs` names packs by).
+pub fn pack_key(
+    store: &snaprelay::store::Store,
+    id: &snaprelay::pack::PackId,
+) -> object_store::path::Path {
+    let hex = id.to_hex();
+    store.key(&format!("packs/{}/{hex}", &hex[..2]))
+}
+
+/// The stored bytes of pack `id`.
+pub async fn pack_bytes(store: &snaprelay::store::Store, id: &snaprelay::pack::PackId) -> Vec<u8> {
+    use object_store::ObjectStoreExt;
+    store
+        .backend
+        .get(&pack_key(store, id))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec()
+}
+
 /// Where a CLI test keeps its store: how to point the binary at it.
 pub struct Target {
     pub args: Vec<String>,
