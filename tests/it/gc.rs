@@ -1,6 +1,7 @@
-//! Retention: `snaprelay gc` deletes old manifests and then the chunks no kept manifest
-//! references (once past the grace period), never a chunk a kept snapshot needs, and a push
-//! that races a GC still commits a complete snapshot.
+//! Retention: `snaprelay gc` deletes old manifests and then the chunks (in a repository of
+//! packs: the packs) no kept manifest references (once past the grace period), never one a
+//! kept snapshot needs, and a push that races a GC still commits a complete snapshot. Each
+//! flow runs on both layouts.
 
 use crate::support;
 
@@ -8,34 +9,50 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use rand::{RngCore, SeedableRng};
-use support::Target;
+use support::{Layout, Target};
 
 const CHUNKING: &str =
     "[chunking]\nmin_size = \"16KiB\"\navg_size = \"64KiB\"\nmax_size = \"256KiB\"\n";
 
-/// Writes snapshot `index`: 4 MiB whose content drifts a little from index to index.
-fn write_generation(dir: &Path, index: u64) -> std::path::PathBuf {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let mut data = vec![0u8; 4 << 20];
-    rng.fill_bytes(&mut data);
-    for g in 0..index {
-        let mut r = rand::rngs::StdRng::seed_from_u64(100 + g);
-        let at = (r.next_u64() as usize) % (data.len() - 100_000);
-        r.fill_bytes(&mut data[at..at + 100_000]);
+/// Chunk objects with small chunks (dozens in 4 MiB), or packs as they are by default but
+/// for 1 MiB packs (so that 4 MiB of new data is several of them).
+fn config(layout: Layout) -> String {
+    match layout {
+        Layout::Chunks => format!("{}{CHUNKING}", layout.section("")),
+        Layout::Packs => layout.section("pack_size = \"1MiB\"\n"),
     }
+}
+
+/// Writes snapshot `index`: 4 MiB, of which the first 3 MiB are the same in every
+/// generation and the last MiB is its own. A GC that drops old generations then has
+/// objects that only they use to delete (their last MiB's chunks, and packs holding only
+/// those), and objects that kept generations share with them to keep.
+fn write_generation(dir: &Path, index: u64) -> std::path::PathBuf {
+    let mut data = vec![0u8; 4 << 20];
+    rand::rngs::StdRng::seed_from_u64(1).fill_bytes(&mut data[..3 << 20]);
+    rand::rngs::StdRng::seed_from_u64(100 + index).fill_bytes(&mut data[3 << 20..]);
     support::write_snapshot(dir, index, 1, &data)
 }
 
-async fn stored_chunks(target: &Target) -> HashSet<String> {
-    target
-        .repo()
-        .await
-        .list_chunks()
-        .await
-        .unwrap()
-        .keys()
-        .map(|d| d.to_hex())
-        .collect()
+/// What GC deletes that the store holds: chunk objects, or packs.
+async fn stored_objects(target: &Target) -> HashSet<String> {
+    let repo = target.repo().await;
+    match repo.packs() {
+        None => repo
+            .list_chunks()
+            .await
+            .unwrap()
+            .keys()
+            .map(|d| d.to_hex())
+            .collect(),
+        Some(_) => repo
+            .list_packs()
+            .await
+            .unwrap()
+            .keys()
+            .map(|p| p.to_hex())
+            .collect(),
+    }
 }
 
 /// Every object in the store with its size and last-modified time.
@@ -53,24 +70,37 @@ async fn everything(target: &Target) -> Vec<(String, u64, String)> {
     all
 }
 
+/// The chunks (or packs) the manifests in the store name.
 async fn referenced(target: &Target) -> HashSet<String> {
     let repo = target.repo().await;
     let mut set = HashSet::new();
     for e in repo.list_manifests(None).await.unwrap() {
-        for c in repo.read_manifest(&e.id).await.unwrap().chunks {
-            set.insert(c.sha256.to_hex());
-        }
+        set.extend(names_of(&repo, &e.id).await);
     }
     set
 }
 
-async fn retention(target: Target) {
+/// The chunks (or packs) manifest `id` names.
+async fn names_of(
+    repo: &snaprelay::repo::Repo,
+    id: &snaprelay::repo::ManifestId,
+) -> HashSet<String> {
+    use snaprelay::repo::AnyManifest;
+    match repo.read_any_manifest(id).await.unwrap() {
+        AnyManifest::Chunks(m) => m.chunks.iter().map(|c| c.sha256.to_hex()).collect(),
+        AnyManifest::Packs(m) => m.pack_ids().map(|p| p.to_hex()).collect(),
+    }
+}
+
+async fn retention(target: Target, layout: Layout) {
     let work = tempfile::tempdir().unwrap();
     for index in 1..=5 {
         let meta = write_generation(&work.path().join("leader"), index);
         target.json(&["push", meta.to_str().unwrap(), "--json"]);
     }
-    let before = stored_chunks(&target).await;
+    let before = stored_objects(&target).await;
+    let repo = target.repo().await;
+    let oldest = names_of(&repo, &repo.find_manifest(1).await.unwrap()).await;
 
     // A dry run writes nothing at all (no lease, no clock probe) and deletes nothing, but
     // says what it would, by this machine's clock.
@@ -82,13 +112,18 @@ async fn retention(target: Target) {
         "a dry run wrote to the store"
     );
     assert_eq!(dry["clock"], "local", "{dry}");
+    let objects_of = match layout {
+        Layout::Chunks => "chunks",
+        Layout::Packs => "packs",
+    };
+    assert_eq!(dry["objects"], objects_of, "{dry}");
     assert_eq!(
         dry["manifests_deleted"].as_array().unwrap().len(),
         3,
         "{dry}"
     );
     assert!(dry["chunks_deleted"].as_u64().unwrap() > 0, "{dry}");
-    assert_eq!(stored_chunks(&target).await, before);
+    assert_eq!(stored_objects(&target).await, before);
     assert_eq!(
         target.json(&["list", "--json"])["snapshots"]
             .as_array()
@@ -138,11 +173,17 @@ async fn retention(target: Target) {
         "{verified}"
     );
     assert_eq!(
-        stored_chunks(&target).await,
+        stored_objects(&target).await,
         referenced(&target).await,
         "the store holds exactly the kept chunks"
     );
-    assert!(stored_chunks(&target).await.len() < before.len());
+    // What the oldest snapshot shared with the kept ones stayed, what was its own went.
+    let left = stored_objects(&target).await;
+    assert!(left.len() < before.len());
+    assert!(
+        oldest.iter().any(|o| left.contains(o)) && !oldest.iter().all(|o| left.contains(o)),
+        "of {oldest:?}, {left:?} is left"
+    );
     for index in ["4", "5"] {
         let to = work.path().join(format!("pull-{index}"));
         target.json(&[
@@ -157,26 +198,44 @@ async fn retention(target: Target) {
 }
 
 #[tokio::test]
-async fn gc_keeps_what_retention_says_on_file_store() {
+async fn gc_keeps_what_retention_says_of_chunk_objects_on_file_store() {
     let dir = tempfile::tempdir().unwrap();
-    retention(Target::file(dir.path(), "gc", CHUNKING)).await;
+    let layout = Layout::Chunks;
+    retention(Target::file(dir.path(), "gc", &config(layout)), layout).await;
 }
 
 #[tokio::test]
-async fn gc_keeps_what_retention_says_on_s3() {
-    let Some(s3) = support::s3("gc_keeps_what_retention_says_on_s3") else {
+async fn gc_keeps_what_retention_says_of_packs_on_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::Packs;
+    retention(Target::file(dir.path(), "gc", &config(layout)), layout).await;
+}
+
+#[tokio::test]
+async fn gc_keeps_what_retention_says_of_chunk_objects_on_s3() {
+    let Some(s3) = support::s3("gc_keeps_what_retention_says_of_chunk_objects_on_s3") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    retention(Target::s3(&s3, dir.path(), "gc", CHUNKING)).await;
+    let layout = Layout::Chunks;
+    retention(Target::s3(&s3, dir.path(), "gc", &config(layout)), layout).await;
 }
 
-/// The most aggressive GC (keep 1, no grace) running while pushes reuse old chunks: every
-/// manifest that exists afterwards is complete.
 #[tokio::test]
-async fn push_racing_gc_still_commits_complete_snapshots() {
+async fn gc_keeps_what_retention_says_of_packs_on_s3() {
+    let Some(s3) = support::s3("gc_keeps_what_retention_says_of_packs_on_s3") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
-    let target = Target::file(dir.path(), "race", CHUNKING);
+    let layout = Layout::Packs;
+    retention(Target::s3(&s3, dir.path(), "gc", &config(layout)), layout).await;
+}
+
+/// The most aggressive GC (keep 1, no grace) running while pushes reuse old chunks (or
+/// packs): every manifest that exists afterwards is complete.
+async fn push_racing_gc_still_commits_complete_snapshots(layout: Layout) {
+    let dir = tempfile::tempdir().unwrap();
+    let target = Target::file(dir.path(), "race", &config(layout));
     let leader = dir.path().join("leader");
     target.json(&[
         "push",
@@ -210,6 +269,16 @@ async fn push_racing_gc_still_commits_complete_snapshots() {
     }
 }
 
+#[tokio::test]
+async fn push_racing_gc_still_commits_complete_snapshots_of_chunk_objects() {
+    push_racing_gc_still_commits_complete_snapshots(Layout::Chunks).await;
+}
+
+#[tokio::test]
+async fn push_racing_gc_still_commits_complete_snapshots_of_packs() {
+    push_racing_gc_still_commits_complete_snapshots(Layout::Packs).await;
+}
+
 /// A GC that finds a publish in flight (its lease) deletes old manifests but no chunk, as
 /// the publish may count on any of them; the next GC deletes them.
 async fn deferral(target: Target) {
@@ -221,7 +290,7 @@ async fn deferral(target: Target) {
         let meta = write_generation(&work.path().join("leader"), index);
         target.json(&["push", meta.to_str().unwrap(), "--json"]);
     }
-    let before = stored_chunks(&target).await;
+    let before = stored_objects(&target).await;
     let repo = target.repo().await;
     let publish = Lease::take(&repo, LeaseKind::Publish, DEFAULT_TTL, Some(7))
         .await
@@ -244,7 +313,7 @@ async fn deferral(target: Target) {
         deferred["publishes_in_flight"],
         serde_json::json!([publish_name(&repo).await])
     );
-    assert_eq!(stored_chunks(&target).await, before);
+    assert_eq!(stored_objects(&target).await, before);
 
     publish.release().await;
     assert!(repo.list_leases().await.unwrap().is_empty());
@@ -254,7 +323,7 @@ async fn deferral(target: Target) {
         Some(held),
         "{collected}"
     );
-    assert_eq!(stored_chunks(&target).await, referenced(&target).await);
+    assert_eq!(stored_objects(&target).await, referenced(&target).await);
     assert!(repo.list_leases().await.unwrap().is_empty());
 }
 
@@ -267,7 +336,13 @@ async fn publish_name(repo: &snaprelay::repo::Repo) -> String {
 #[tokio::test]
 async fn gc_defers_chunks_while_a_publish_is_in_flight_on_file_store() {
     let dir = tempfile::tempdir().unwrap();
-    deferral(Target::file(dir.path(), "defer", CHUNKING)).await;
+    deferral(Target::file(dir.path(), "defer", &config(Layout::Chunks))).await;
+}
+
+#[tokio::test]
+async fn gc_defers_packs_while_a_publish_is_in_flight_on_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    deferral(Target::file(dir.path(), "defer", &config(Layout::Packs))).await;
 }
 
 #[tokio::test]
@@ -276,7 +351,22 @@ async fn gc_defers_chunks_while_a_publish_is_in_flight_on_s3() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    deferral(Target::s3(&s3, dir.path(), "defer", CHUNKING)).await;
+    deferral(Target::s3(
+        &s3,
+        dir.path(),
+        "defer",
+        &config(Layout::Chunks),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn gc_defers_packs_while_a_publish_is_in_flight_on_s3() {
+    let Some(s3) = support::s3("gc_defers_packs_while_a_publish_is_in_flight_on_s3") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    deferral(Target::s3(&s3, dir.path(), "defer", &config(Layout::Packs))).await;
 }
 
 /// A push that starts while a GC holds its lease waits for that GC before it looks at the
@@ -287,7 +377,7 @@ async fn push_waits_for_a_gc_in_progress() {
     use snaprelay::repo::LeaseKind;
 
     let dir = tempfile::tempdir().unwrap();
-    let target = Target::file(dir.path(), "wait", CHUNKING);
+    let target = Target::file(dir.path(), "wait", &config(Layout::Packs));
     let leader = dir.path().join("leader");
     target.json(&[
         "push",
