@@ -310,14 +310,25 @@ async fn a_forgery_under_the_next_manifest_name_is_replaced() {
 }
 
 /// GC under signing: forgeries at newer indexes neither push genuine snapshots out of
-/// `keep_last` nor pin the chunks they name (an old snapshot's, or the attacker's own); a
-/// forgery with the pinned log id does not take the pin; all of them are deleted.
-#[tokio::test]
-async fn gc_counts_only_manifests_that_verify() {
+/// `keep_last` nor pin the chunks (in a repository of packs: the packs) they name (an old
+/// snapshot's, or the attacker's own); a forgery with the pinned log id does not take the
+/// pin; all of them are deleted.
+async fn gc_counts_only_manifests_that_verify(layout: support::Layout) {
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let store_dir = w.join("store");
-    let (_, _, genuine) = genuine_node(w, &store_dir);
+    let node = support::keygen(&w.join("keys"), "node1");
+    let trusted = w.join("trusted_keys");
+    support::write_trusted(&trusted, &[&node]);
+    let genuine = target(
+        w,
+        &store_dir,
+        &format!(
+            "{}{}",
+            layout.section(""),
+            support::signing_section(Some(&node), &trusted)
+        ),
+    );
     let thief = support::keygen(&w.join("attacker"), "attacker");
     let snaps = w.join("leader");
     for (index, seed) in [(1, 11), (2, 12), (3, 13)] {
@@ -326,37 +337,7 @@ async fn gc_counts_only_manifests_that_verify() {
     }
     let repo = repo_of(&genuine).await;
     let store = genuine.store();
-    let m = |i: u64| {
-        let repo = repo.clone();
-        async move {
-            repo.read_manifest(&repo.find_manifest(i).await.unwrap())
-                .await
-                .unwrap()
-        }
-    };
-    let (m1, m2, m3) = (m(1).await, m(2).await, m(3).await);
-
-    // The attacker: manifest 1's chunks relabelled 10 (to pin them), a chunk of their own
-    // named by 11, and manifest 2 relabelled 12 and signed with their own key. The last one
-    // takes the log id GC is told to pin.
     let attacker = Repo::open(store.clone(), "sig").await.unwrap();
-    let mut f10 = m1.clone();
-    f10.last_log_index = 10;
-    attacker.put_manifest(&f10).await.unwrap();
-    let own = bytes::Bytes::from(vec![42u8; 5000]);
-    let own_sha = snaprelay::chunk::Digest::of(&own);
-    attacker.put_chunk(&own_sha, own.clone()).await.unwrap();
-    let mut f11 = m1.clone();
-    f11.last_log_index = 11;
-    f11.size = own.len() as u64;
-    f11.sha256 = own_sha;
-    f11.chunks = vec![snaprelay::manifest::ChunkRef {
-        sha256: own_sha,
-        len: own.len() as u64,
-        stored_len: own.len() as u64,
-        encoding: snaprelay::manifest::Encoding::Identity,
-    }];
-    attacker.put_manifest(&f11).await.unwrap();
     let forger_config = target(
         w,
         &store_dir,
@@ -367,9 +348,110 @@ async fn gc_counts_only_manifests_that_verify() {
         ),
     );
     let forger = repo_of(&forger_config).await;
-    let mut f12 = m2.clone();
-    f12.last_log_index = 12;
-    forger.put_manifest(&f12).await.unwrap();
+    // The attacker: manifest 1 relabelled 10 (to pin what it names), a snapshot of their own
+    // named by 11, and manifest 2 relabelled 12 and signed with their own key. The last one
+    // takes the log id GC is told to pin. `names` is what a manifest keeps: its chunks, or
+    // its packs.
+    let own = vec![42u8; 5000];
+    let (names, deleted, kept, theirs): (
+        Vec<HashSet<String>>,
+        Vec<String>,
+        Vec<String>,
+        HashSet<String>,
+    ) = match layout {
+        support::Layout::Chunks => {
+            let m = |i: u64| {
+                let repo = repo.clone();
+                async move {
+                    repo.read_manifest(&repo.find_manifest(i).await.unwrap())
+                        .await
+                        .unwrap()
+                }
+            };
+            let (m1, m2, m3) = (m(1).await, m(2).await, m(3).await);
+            let mut f10 = m1.clone();
+            f10.last_log_index = 10;
+            attacker.put_manifest(&f10).await.unwrap();
+            let own = bytes::Bytes::from(own);
+            let own_sha = snaprelay::chunk::Digest::of(&own);
+            attacker.put_chunk(&own_sha, own.clone()).await.unwrap();
+            let mut f11 = m1.clone();
+            f11.last_log_index = 11;
+            f11.size = own.len() as u64;
+            f11.sha256 = own_sha;
+            f11.chunks = vec![snaprelay::manifest::ChunkRef {
+                sha256: own_sha,
+                len: own.len() as u64,
+                stored_len: own.len() as u64,
+                encoding: snaprelay::manifest::Encoding::Identity,
+            }];
+            attacker.put_manifest(&f11).await.unwrap();
+            let mut f12 = m2.clone();
+            f12.last_log_index = 12;
+            forger.put_manifest(&f12).await.unwrap();
+            let name = |m: &Manifest| ManifestId::of(m).to_string();
+            let chunks = |m: &Manifest| -> HashSet<String> {
+                m.unique_chunks().iter().map(|c| c.to_hex()).collect()
+            };
+            (
+                vec![chunks(&m1), chunks(&m2), chunks(&m3)],
+                vec![name(&m1), name(&f10), name(&f11), name(&f12)],
+                vec![name(&m2), name(&m3)],
+                [own_sha.to_hex()].into(),
+            )
+        }
+        support::Layout::Packs => {
+            use snaprelay::manifest_v2 as v2;
+            let m = |i: u64| {
+                let repo = repo.clone();
+                async move {
+                    repo.read_packed_manifest(&repo.find_manifest(i).await.unwrap())
+                        .await
+                        .unwrap()
+                }
+            };
+            let (m1, m2, m3) = (m(1).await, m(2).await, m(3).await);
+            let mut f10 = m1.clone();
+            f10.last_log_index = 10;
+            attacker.put_packed_manifest(&f10).await.unwrap();
+            let f11 = support::packed_manifest(&attacker, &own, 11, 1, m1.raft_meta.clone()).await;
+            attacker.put_packed_manifest(&f11).await.unwrap();
+            let mut f12 = m2.clone();
+            f12.last_log_index = 12;
+            forger.put_packed_manifest(&f12).await.unwrap();
+            let name = |m: &v2::Manifest| ManifestId::of_packed(m).to_string();
+            let packs = |m: &v2::Manifest| -> HashSet<String> {
+                m.pack_ids().map(|p| p.to_hex()).collect()
+            };
+            (
+                vec![packs(&m1), packs(&m2), packs(&m3)],
+                vec![name(&m1), name(&f10), name(&f11), name(&f12)],
+                vec![name(&m2), name(&m3)],
+                packs(&f11),
+            )
+        }
+    };
+    let stored = || async {
+        let repo = repo_of(&genuine).await;
+        match layout {
+            support::Layout::Chunks => repo
+                .list_chunks()
+                .await
+                .unwrap()
+                .into_keys()
+                .map(|c| c.to_hex())
+                .collect::<HashSet<String>>(),
+            support::Layout::Packs => repo
+                .list_packs()
+                .await
+                .unwrap()
+                .into_keys()
+                .map(|p| p.to_hex())
+                .collect(),
+        }
+    };
+    let before = stored().await;
+    assert!(theirs.iter().all(|o| before.contains(o)), "{theirs:?}");
 
     // Without trusted keys, GC refuses to apply to a signed repository (exit 2).
     let plain = target(w, &store_dir, "");
@@ -384,9 +466,9 @@ async fn gc_counts_only_manifests_that_verify() {
         grace: Duration::ZERO,
     };
     let report = gc::collect(&repo, &retention, true, 4).await.unwrap();
-    let name = |m: &Manifest| ManifestId::of(m).to_string();
-    assert_eq!(report.manifests_kept, vec![name(&m2), name(&m3)]);
-    let mut deleted = vec![name(&m1), name(&f10), name(&f11), name(&f12)];
+    assert_eq!(report.manifests_kept, kept);
+    let mut deleted = deleted;
+    let (f10, f11, f12) = (deleted[1].clone(), deleted[2].clone(), deleted[3].clone());
     deleted.sort();
     assert_eq!(report.manifests_deleted, deleted);
     let reasons: Vec<String> = report
@@ -397,24 +479,30 @@ async fn gc_counts_only_manifests_that_verify() {
     assert_eq!(
         reasons,
         vec![
-            format!("{} Some(\"unsigned\")", name(&f10)),
-            format!("{} Some(\"unsigned\")", name(&f11)),
-            format!("{} Some(\"unknown_key\")", name(&f12)),
+            format!("{f10} Some(\"unsigned\")"),
+            format!("{f11} Some(\"unsigned\")"),
+            format!("{f12} Some(\"unknown_key\")"),
         ]
     );
-    // What survives is exactly the genuine kept snapshots' chunks.
-    let left: HashSet<_> = repo.list_chunks().await.unwrap().into_keys().collect();
-    let wanted: HashSet<_> = m2
-        .unique_chunks()
-        .union(&m3.unique_chunks())
-        .copied()
-        .collect();
+    // What survives is exactly what the genuine kept snapshots name.
+    let left = stored().await;
+    let wanted: HashSet<String> = names[1].union(&names[2]).cloned().collect();
     assert_eq!(left, wanted);
-    assert!(!left.contains(&own_sha));
-    assert!(m1.unique_chunks().iter().all(|c| !left.contains(c)));
+    assert!(theirs.iter().all(|o| !left.contains(o)));
+    assert!(names[0].iter().all(|o| !left.contains(o)));
     let verified = genuine.json(&["verify", "--all", "--json"]);
     assert_eq!(verified["manifests_checked"], 2, "{verified}");
     assert!(verified["bad_manifests"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn gc_counts_only_manifests_that_verify_of_chunk_objects() {
+    gc_counts_only_manifests_that_verify(support::Layout::Chunks).await;
+}
+
+#[tokio::test]
+async fn gc_counts_only_manifests_that_verify_of_packs() {
+    gc_counts_only_manifests_that_verify(support::Layout::Packs).await;
 }
 
 /// repository.json is signed too: replaced by an unsigned one (or one signed by another

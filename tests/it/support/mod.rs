@@ -436,3 +436,56 @@ pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
     data
 }
+
+/// A format-2 manifest of `data` at `index`/`term` for `repo` (a repository of packs),
+/// its chunks written into new packs of its own (no base: nothing shared with other
+/// manifests), not committed: for tests that plant manifests of their making.
+pub async fn packed_manifest(
+    repo: &snaprelay::repo::Repo,
+    data: &[u8],
+    index: u64,
+    term: u64,
+    raft_meta: serde_json::Value,
+) -> snaprelay::manifest_v2::Manifest {
+    use snaprelay::manifest_v2 as v2;
+    let descriptor = repo.packs().expect("a repository of packs");
+    let chunks = snaprelay::chunk::index_to_scratch(data, descriptor.chunking)
+        .unwrap()
+        .read_all()
+        .unwrap()
+        .chunks;
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(data).unwrap();
+    let packed = snaprelay::packer::pack_snapshot(
+        repo,
+        descriptor,
+        None,
+        std::sync::Arc::new(file),
+        "planted snapshot",
+        &chunks,
+        snaprelay::packer::ChunkList::Cut,
+        snaprelay::pack::upload::PartBudget::new(2, 8 << 20),
+    )
+    .await
+    .unwrap();
+    let manifest = v2::Manifest {
+        format: v2::MANIFEST_FORMAT,
+        cluster_id: descriptor.cluster_id.clone(),
+        incarnation: descriptor.incarnation.clone(),
+        last_log_index: index,
+        last_log_term: term,
+        raft_meta,
+        size: packed.size,
+        sha256: snaprelay::chunk::Digest::of(data),
+        chunks: packed.chunks,
+        packs: packed.packs,
+        blocks: packed.blocks,
+        created_at: chrono::Utc::now(),
+        publisher: v2::Publisher {
+            node_id: None,
+            version: "test".into(),
+        },
+    };
+    manifest.validate(descriptor).unwrap();
+    manifest
+}
