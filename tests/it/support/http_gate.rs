@@ -1,13 +1,15 @@
 //! A loopback HTTP/1.1 proxy in front of the S3 server that holds every request whose line
 //! starts `PUT ` and names a key under `.../<part>/...` (say "manifests") until the test
-//! opens the gate, and tells the test when one arrived: the store operation a process
-//! makes, held at a named point, for flow tests with real `snaprelay run` processes.
+//! opens the gate (optionally after letting a number of them through), and tells the test
+//! when one arrived: the store operation a process makes, held at a named point, for flow
+//! tests with real `snaprelay run` or `snaprelay push` processes.
 //!
 //! It needs no HTTP parsing beyond that: an S3 client sends a request only once the
 //! previous response on the connection arrived (no pipelining), so a request's head always
 //! starts a read of the client's bytes.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +19,8 @@ use tokio::sync::{watch, Notify};
 struct Shared {
     upstream: SocketAddr,
     part: String,
+    /// Matching PUTs still to let through before the gate holds them.
+    pass: AtomicUsize,
     arrived: Notify,
     open: watch::Sender<bool>,
 }
@@ -31,6 +35,11 @@ impl HttpGate {
     /// Forwards to `upstream` (`http://host:port` or `host:port`), holding PUTs of keys
     /// under `part`.
     pub async fn start(upstream: &str, part: &str) -> HttpGate {
+        HttpGate::start_after(upstream, part, 0).await
+    }
+
+    /// [`HttpGate::start`], letting the first `pass` PUTs of keys under `part` through.
+    pub async fn start_after(upstream: &str, part: &str, pass: usize) -> HttpGate {
         let host = upstream.trim_start_matches("http://").trim_end_matches('/');
         let upstream = tokio::net::lookup_host(host).await.unwrap().next().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -38,6 +47,7 @@ impl HttpGate {
         let shared = Arc::new(Shared {
             upstream,
             part: format!("/{part}/"),
+            pass: AtomicUsize::new(pass),
             arrived: Notify::new(),
             open: watch::channel(false).0,
         });
@@ -94,7 +104,13 @@ async fn forward(client: TcpStream, shared: Arc<Shared>) {
             if n == 0 {
                 return sw.shutdown().await;
             }
-            if held(&buf[..n], &shared.part) {
+            let passes = || {
+                shared
+                    .pass
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            };
+            if held(&buf[..n], &shared.part) && !passes() {
                 let mut open = shared.open.subscribe();
                 if !*open.borrow() {
                     shared.arrived.notify_one();
