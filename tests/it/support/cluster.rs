@@ -90,6 +90,9 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub sidecars: Vec<Option<Sidecar>>,
     pub store: StoreSection,
+    /// The `[repository]` section of every sidecar's config (what the leader's creates the
+    /// repository as): empty, the default (packs), unless a test sets it.
+    pub repository: String,
     /// Extra node arguments (snapshot policy and the like).
     pub node_args: Vec<String>,
     /// Extra TOML appended to a node's sidecar config (e.g. `[signing]`), by node id.
@@ -156,6 +159,7 @@ impl Cluster {
             nodes: Vec::new(),
             sidecars: Vec::new(),
             store,
+            repository: String::new(),
             node_args: node_args.iter().map(|s| s.to_string()).collect(),
             sidecar_config: Default::default(),
             node_bin,
@@ -309,10 +313,11 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "cluster_id = \"e2e\"\n{node_id}{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"{}\"\n\
+                "cluster_id = \"e2e\"\n{node_id}{}\n{}\n[node]\nhook_socket = \"{}\"\nhook_timeout = \"{}\"\n\
                  [daemon]\npoll_interval = \"250ms\"\nrescan_interval = \"2s\"\nmax_backoff = \"2s\"\n{state_dir}{}{}\n\
                  [metrics]\nlisten = \"{metrics}\"\n{}",
                 store.0,
+                self.repository,
                 hook.display(),
                 self.hook_timeout,
                 daemon,
@@ -465,6 +470,31 @@ impl Cluster {
     /// Writes `count` keys through whichever node leads.
     pub async fn write_keys(&self, prefix: &str, count: usize, value_len: usize) {
         let value = "v".repeat(value_len);
+        self.write_keys_with(prefix, count, |_| value.clone()).await
+    }
+
+    /// Writes `count` keys through whichever node leads, each with `value_len` random
+    /// letters and digits (seeded): state that compresses little, unlike
+    /// [`Cluster::write_keys`]'s repeated letter, so that a pack repository stores about as
+    /// many bytes as the snapshot has.
+    pub async fn write_random_keys(&self, prefix: &str, count: usize, value_len: usize, seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        self.write_keys_with(prefix, count, |_| {
+            (0..value_len)
+                .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
+                .collect()
+        })
+        .await
+    }
+
+    /// Writes `count` keys through whichever node leads, key `i` with `value(i)`.
+    async fn write_keys_with(
+        &self,
+        prefix: &str,
+        count: usize,
+        mut value: impl FnMut(usize) -> String,
+    ) {
         let live: Vec<u64> = self
             .nodes
             .iter()
@@ -481,7 +511,7 @@ impl Cluster {
             self.post(
                 via,
                 "/write",
-                json!({"key": format!("{prefix}{i:06}"), "value": value}),
+                json!({"key": format!("{prefix}{i:06}"), "value": value(i)}),
             )
             .await;
         }
