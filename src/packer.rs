@@ -160,6 +160,28 @@ pub enum ChunkList<'a> {
     Index(&'a std::path::Path),
 }
 
+/// Where the chunks of `base`'s blocks that no planned block reuses whole are, by id.
+async fn base_chunks(
+    repo: &Repo,
+    descriptor: &Repository,
+    base: &Manifest,
+    base_logical: &HashMap<Digest, usize>,
+    planned: &[Planned],
+) -> Result<HashMap<Digest, Location>> {
+    let reused: std::collections::HashSet<usize> = planned
+        .iter()
+        .filter_map(|p| base_logical.get(&p.logical).copied())
+        .collect();
+    let mut known = HashMap::new();
+    for i in (0..base.blocks.len()).filter(|i| !reused.contains(i)) {
+        let block = repo.read_block(descriptor, base, i).await?;
+        for (j, c) in block.chunks.iter().enumerate() {
+            known.entry(c.id).or_insert_with(|| block.location(j));
+        }
+    }
+    Ok(known)
+}
+
 /// Writes the snapshot `file`, cut into `chunks` (id and length, in file order), into packs
 /// of `repo` (described by `descriptor`), reusing what `base` (a validated manifest of the
 /// same repository) already stores. Every chunk read from the file is checked against its id
@@ -179,29 +201,34 @@ pub async fn pack_snapshot(
     let planned = plan(descriptor, chunks);
     let mut stats = PackStats::default();
 
-    // Which base blocks match a new block by content; the chunks of the others, by id.
-    let base_logical: HashMap<Digest, usize> = base
-        .map(|m| {
-            m.blocks
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (b.logical, i))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Which base blocks match a new block by content; the chunks of the others, by id. A
+    // base whose blocks do not read back is not packed onto: the snapshot is packed as if
+    // there were none (more is uploaded, and no manifest names a pack that is gone). A pack
+    // of it may be gone legitimately: once this publish's lease lapsed, a GC elsewhere may
+    // have deleted the base manifest and the packs only it used.
     let mut known: HashMap<Digest, Location> = HashMap::new();
-    if let Some(m) = base {
-        let reused: std::collections::HashSet<usize> = planned
+    let base_logical = |m: &Manifest| -> HashMap<Digest, usize> {
+        m.blocks
             .iter()
-            .filter_map(|p| base_logical.get(&p.logical).copied())
-            .collect();
-        for i in (0..m.blocks.len()).filter(|i| !reused.contains(i)) {
-            let block = repo.read_block(descriptor, m, i).await?;
-            for (j, c) in block.chunks.iter().enumerate() {
-                known.entry(c.id).or_insert_with(|| block.location(j));
+            .enumerate()
+            .map(|(i, b)| (b.logical, i))
+            .collect()
+    };
+    let base = match base {
+        None => None,
+        Some(m) => match base_chunks(repo, descriptor, m, &base_logical(m), &planned).await {
+            Ok(chunks) => {
+                known = chunks;
+                Some(m)
             }
-        }
-    }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::warn!(base = m.last_log_index, error = %e, "not packing onto the base manifest, whose blocks do not read back; uploading every chunk");
+                None
+            }
+        },
+    };
+    let base_logical = base.map(base_logical).unwrap_or_default();
 
     let mut table = PackTable::default();
     let mut blocks = Vec::with_capacity(planned.len());
@@ -546,6 +573,65 @@ mod tests {
             assert!(p.used <= p.size, "{p:?}");
         }
         assert_eq!(read_back(&repo, &d, &m).await, a);
+    }
+
+    /// A base whose tree pack is gone (a GC deleted it once the publish's lease lapsed, say)
+    /// is not packed onto: the snapshot is packed whole into new packs, and its manifest
+    /// names none of the base's (found by the GC interleavings of packs: the publish failed
+    /// with "pack … is missing" instead of packing again).
+    #[tokio::test]
+    async fn a_base_whose_blocks_are_gone_is_not_packed_onto() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let budget = PartBudget::new(2, 1 << 20);
+        let a = random(2 << 20, 5);
+        let ca = cut(&a, d.chunking);
+        let first = pack_snapshot(
+            &repo,
+            &d,
+            None,
+            file_of(&a),
+            "a",
+            &ca,
+            ChunkList::Cut,
+            budget.clone(),
+        )
+        .await
+        .unwrap();
+        let ma = manifest(&d, &first, &a, 1);
+        for p in ma.packs.iter().filter(|p| p.kind == PackKind::Tree) {
+            repo.delete_pack(&p.id).await.unwrap();
+        }
+        // Every block changed, so every base block would be read for its chunks.
+        let mut b = a.clone();
+        for k in 0..64 {
+            b[k * (32 << 10)] ^= 1;
+        }
+        let cb = cut(&b, d.chunking);
+        let second = pack_snapshot(
+            &repo,
+            &d,
+            Some(&ma),
+            file_of(&b),
+            "b",
+            &cb,
+            ChunkList::Cut,
+            budget,
+        )
+        .await
+        .unwrap();
+        let mb = manifest(&d, &second, &b, 2);
+        mb.validate(&d).unwrap();
+        assert_eq!(second.stats.blocks_reused, 0, "{:?}", second.stats);
+        assert_eq!(second.stats.chunks_uploaded as usize, cb.len());
+        assert!(mb
+            .packs
+            .iter()
+            .all(|p| !ma.packs.iter().any(|q| q.id == p.id)));
+        assert_eq!(read_back(&repo, &d, &mb).await, b);
     }
 
     /// A file that no longer matches its chunk list is refused, not stored.
