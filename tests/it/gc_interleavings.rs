@@ -1,17 +1,28 @@
 //! A publish and a GC, run against each other through every interleaving of their store
 //! operations with at most two switches between the sides (preemption bounding: every
 //! schedule "A for a operations, B for b, A to its end, B to its end", for every a and b,
-//! both ways round), on `memory://` and `file://`. After each run: no manifest names a
-//! missing chunk, the publish committed its snapshot, and the GC's report agrees with what
-//! it did to the store.
+//! both ways round), on `memory://` and `file://`, in a repository of chunk objects and in
+//! one of packs. After each run: no manifest names a missing chunk (or pack), the publish
+//! committed its snapshot, and the GC's report agrees with what it did to the store.
 //!
-//! The store: snapshots 1 and 2 published; the publish pushes snapshot 3, which reuses most
-//! of snapshot 1's chunks; the GC keeps only the newest manifest with no grace period, so
-//! snapshot 1's chunks are exactly what it wants to delete — the race of a GC deleting old
-//! chunks that a new manifest reuses. The clock is tokio's, paused (see
-//! `support::interleave`), and some schedules also move it on at a switch by more than half
-//! a lease TTL or more than a whole one, as if the store had stalled that long: the lease
-//! lapse and "stop waiting for a GC" paths run in every order too.
+//! Chunk objects: snapshots 1 and 2 published; the publish pushes snapshot 3, which reuses
+//! most of snapshot 1's chunks; the GC keeps only the newest manifest with no grace period,
+//! so snapshot 1's chunks are exactly what it wants to delete — the race of a GC deleting
+//! old chunks that a new manifest reuses.
+//!
+//! Packs: snapshots 1 and 2 published, 2 packed onto 1 (its first 24 KiB are in 1's data
+//! pack); the publish packs snapshot 3 onto the newest manifest it finds, 2, reusing that
+//! pack. The GC first lands snapshot 5 of another publisher (its packs, then its manifest:
+//! a leader elected meanwhile), then keeps the newest manifest and snapshot 3 (pinned, as a
+//! daemon pins its node's snapshot), with no grace period: manifests 1 and 2 go, and so
+//! does the base pack snapshot 3 reuses unless the GC sees manifest 3 or the publish's
+//! lease — the race of a GC deleting the base manifest and its packs under a publish that
+//! counts on them, which must then pack the snapshot again rather than name a deleted pack.
+//!
+//! The clock is tokio's, paused (see `support::interleave`), and some schedules also move
+//! it on at a switch by more than half a lease TTL or more than a whole one, as if the
+//! store had stalled that long: the lease lapse and "stop waiting for a GC" paths run in
+//! every order too.
 
 use crate::support;
 
@@ -35,6 +46,7 @@ use snaprelay::repo::Repo;
 use snaprelay::snapdir::Snapshot;
 use snaprelay::store::{Store, StoreUrl};
 use support::interleave::{Actor, Schedule, ScheduledStore, Scheduler, Seg, Step};
+use support::Layout;
 
 const PUBLISH: Actor = 0;
 const GC: Actor = 1;
@@ -69,39 +81,96 @@ fn random(seed: u64, len: usize) -> Vec<u8> {
 
 /// The store every run starts from (snapshots 1 and 2 published), and snapshot 3.
 struct Template {
+    layout: Layout,
     objects: Vec<(Path, bytes::Bytes)>,
+    /// Packs: what the GC lands before it collects (snapshot 5's objects, in the order its
+    /// publisher wrote them: packs first, the manifest last).
+    landed: Vec<(Path, bytes::Bytes)>,
     /// The same objects as files, for file:// runs.
     files: Option<tempfile::TempDir>,
     snapshot: Snapshot,
     _dir: tempfile::TempDir,
 }
 
+/// Every object in `store`, with its bytes.
+async fn objects_of(store: &Store) -> Vec<(Path, bytes::Bytes)> {
+    let mut objects = Vec::new();
+    let listed: Vec<_> = store.backend.list(None).try_collect().await.unwrap();
+    for meta in listed {
+        let body = store.backend.get(&meta.location).await.unwrap();
+        objects.push((meta.location, body.bytes().await.unwrap()));
+    }
+    objects
+}
+
 impl Template {
-    async fn new(kind: Kind) -> Template {
+    async fn new(kind: Kind, layout: Layout) -> Template {
         let dir = tempfile::tempdir().unwrap();
         let store = Store {
             backend: Arc::new(InMemory::new()),
             prefix: Path::default(),
             url: StoreUrl::Memory,
         };
-        let repo = Repo::open_or_create(store.clone(), CLUSTER, params())
-            .await
-            .unwrap();
-        for (index, data) in [(1, random(1, 32 << 10)), (2, random(2, 32 << 10))] {
-            let meta = support::write_snapshot(&dir.path().join("leader"), index, 1, &data);
-            Publisher::new(&repo, 1, Some(1), &Silent)
-                .use_chunk_index(false)
-                .publish(&Snapshot::open(&meta).unwrap())
-                .await
-                .unwrap();
+        let repo = match layout {
+            Layout::Chunks => Repo::open_or_create(store.clone(), CLUSTER, params()).await,
+            Layout::Packs => {
+                let settings = snaprelay::manifest_v2::NewRepository {
+                    chunking: params(),
+                    pack_size: 1 << 20,
+                    ..Default::default()
+                };
+                Repo::open_or_create(store.clone(), CLUSTER, settings).await
+            }
         }
-        let mut objects = Vec::new();
-        let listed: Vec<_> = store.backend.list(None).try_collect().await.unwrap();
-        for meta in listed {
-            let body = store.backend.get(&meta.location).await.unwrap();
-            objects.push((meta.location, body.bytes().await.unwrap()));
-        }
-        let mut snap3 = random(1, 32 << 10)[..24 << 10].to_vec();
+        .unwrap();
+        let publish = |index: u64, data: Vec<u8>| {
+            let (repo, dir) = (repo.clone(), dir.path().to_owned());
+            async move {
+                let meta = support::write_snapshot(&dir.join("leader"), index, 1, &data);
+                Publisher::new(&repo, 1, Some(1), &Silent)
+                    .use_chunk_index(false)
+                    .publish(&Snapshot::open(&meta).unwrap())
+                    .await
+                    .unwrap();
+            }
+        };
+        let head = random(1, 32 << 10)[..24 << 10].to_vec();
+        let snap2 = match layout {
+            Layout::Chunks => random(2, 32 << 10),
+            Layout::Packs => [head.clone(), random(2, 8 << 10)].concat(),
+        };
+        publish(1, random(1, 32 << 10)).await;
+        publish(2, snap2).await;
+        let objects = objects_of(&store).await;
+        let landed = match layout {
+            Layout::Chunks => Vec::new(),
+            Layout::Packs => {
+                publish(5, random(5, 32 << 10)).await;
+                let before: HashSet<&Path> = objects.iter().map(|(k, _)| k).collect();
+                let mut landed: Vec<_> = objects_of(&store)
+                    .await
+                    .into_iter()
+                    .filter(|(k, _)| !before.contains(k))
+                    .filter(|(k, _)| !k.as_ref().starts_with("leases/"))
+                    .collect();
+                // Packs, then the manifest, then the advisory `latest`.
+                let rank = |k: &Path| match k.as_ref() {
+                    k if k.starts_with("packs/") => 0,
+                    k if k.starts_with("manifests/") => 1,
+                    _ => 2,
+                };
+                landed.sort_by_key(|(k, _)| rank(k));
+                assert!(
+                    landed
+                        .iter()
+                        .any(|(k, _)| k.as_ref().starts_with("manifests/")),
+                    "{:?}",
+                    landed.iter().map(|(k, _)| k).collect::<Vec<_>>()
+                );
+                landed
+            }
+        };
+        let mut snap3 = head;
         snap3.extend(random(3, 8 << 10));
         let meta = support::write_snapshot(&dir.path().join("leader"), 3, 1, &snap3);
         let files = (kind == Kind::File).then(|| {
@@ -114,7 +183,9 @@ impl Template {
             files
         });
         Template {
+            layout,
             objects,
+            landed,
             files,
             snapshot: Snapshot::open(&meta).unwrap(),
             _dir: dir,
@@ -213,7 +284,10 @@ async fn run(kind: Kind, template: &Template, schedule: Schedule) -> Run {
         .actor(PUBLISH, publisher.publish(&world.template.snapshot));
     let retention = Retention {
         keep_last: 1,
-        pinned: Vec::new(),
+        pinned: match template.layout {
+            Layout::Chunks => Vec::new(),
+            Layout::Packs => vec![(3, 1)],
+        },
         grace: Duration::ZERO,
     };
     // Two chunks a batch: a check of the leases between every two deletes.
@@ -222,9 +296,22 @@ async fn run(kind: Kind, template: &Template, schedule: Schedule) -> Run {
         ttl: TTL,
         ..GcOptions::new(1)
     };
-    let gc = world
-        .sched
-        .actor(GC, gc::collect_with(&gc_repo, &retention, true, &options));
+    let gc_store = world.store(GC);
+    let gc = world.sched.actor(GC, async {
+        // Another publisher's snapshot lands first (packs only).
+        for (key, body) in &template.landed {
+            gc_store
+                .backend
+                .put(key, body.clone().into())
+                .await
+                .map_err(|source| Error::Store {
+                    op: "put",
+                    key: key.to_string(),
+                    source,
+                })?;
+        }
+        gc::collect_with(&gc_repo, &retention, true, &options).await
+    });
     let (publish, gc, got) = tokio::join!(publish, gc, world.sched.drive(&schedule));
     world.sched.stop();
     let steps = world.sched.steps();
@@ -246,20 +333,42 @@ async fn check(
 ) -> Vec<String> {
     let mut failures = Vec::new();
     let repo = Repo::open(world.plain(), CLUSTER).await.unwrap();
-    let chunks = repo.list_chunks().await.unwrap();
     let manifests = repo.list_manifests(None).await.unwrap();
-    for e in &manifests {
-        let m = repo.read_manifest(&e.id).await.unwrap();
-        let missing = m
-            .unique_chunks()
-            .into_iter()
-            .filter(|c| !chunks.contains_key(c))
-            .count();
-        if missing > 0 {
-            failures.push(format!(
-                "manifest {} names {missing} missing chunk(s)",
-                e.id
-            ));
+    let (object, objects) = match world.template.layout {
+        Layout::Chunks => ("chunk", "chunks"),
+        Layout::Packs => ("pack", "packs"),
+    };
+    match world.template.layout {
+        Layout::Chunks => {
+            let chunks = repo.list_chunks().await.unwrap();
+            for e in &manifests {
+                let m = repo.read_manifest(&e.id).await.unwrap();
+                let missing = m
+                    .unique_chunks()
+                    .into_iter()
+                    .filter(|c| !chunks.contains_key(c))
+                    .count();
+                if missing > 0 {
+                    failures.push(format!(
+                        "manifest {} names {missing} missing chunk(s)",
+                        e.id
+                    ));
+                }
+            }
+        }
+        Layout::Packs => {
+            let packs = repo.list_packs().await.unwrap();
+            for e in &manifests {
+                let m = repo.read_packed_manifest(&e.id).await.unwrap();
+                let missing = m
+                    .packs
+                    .iter()
+                    .filter(|p| packs.get(&p.id).map(|s| s.size) != Some(p.size))
+                    .count();
+                if missing > 0 {
+                    failures.push(format!("manifest {} names {missing} missing pack(s)", e.id));
+                }
+            }
         }
     }
     match &publish {
@@ -286,11 +395,11 @@ async fn check(
     match &gc {
         None => {}
         Some(Ok(report)) => {
-            if of_gc("delete chunk") != report.chunks_deleted {
+            let deleted = of_gc(&format!("delete {object}"));
+            if deleted != report.chunks_deleted {
                 failures.push(format!(
-                    "the GC reported {} chunks deleted but deleted {}",
+                    "the GC reported {} {objects} deleted but deleted {deleted}",
                     report.chunks_deleted,
-                    of_gc("delete chunk")
                 ));
             }
             if of_gc("delete manifest") != report.manifests_deleted.len() as u64 {
@@ -300,9 +409,10 @@ async fn check(
                     of_gc("delete manifest")
                 ));
             }
+            let listing = format!("list {objects}");
             let listed = steps
                 .iter()
-                .filter(|s| s.actor == GC && s.label == "list chunks")
+                .filter(|s| s.actor == GC && s.label == listing)
                 .filter_map(|s| s.listed)
                 .next()
                 .unwrap_or(0) as u64;
@@ -312,7 +422,7 @@ async fn check(
                 + report.chunks_deferred;
             if accounted != listed {
                 failures.push(format!(
-                    "the GC's counts ({report:?}) add up to {accounted}, it listed {listed} chunks"
+                    "the GC's counts ({report:?}) add up to {accounted}, it listed {listed} {objects}"
                 ));
             }
             let kept: HashSet<String> = manifests.iter().map(|e| e.id.to_string()).collect();
@@ -359,8 +469,8 @@ fn segment(run: &Run, seg: usize) -> &[Step] {
 /// moving the clock on by one of `jumps` (not both at once), and no two that differ only
 /// in where a polling loop was cut; and at each switch point, the side that ran cancelled
 /// instead; returns the runs.
-async fn explore(kind: Kind, jumps: &[Duration], cancel: bool) -> Vec<Run> {
-    let template = Template::new(kind).await;
+async fn explore(kind: Kind, layout: Layout, jumps: &[Duration], cancel: bool) -> Vec<Run> {
+    let template = Template::new(kind, layout).await;
     let mut runs = Vec::new();
     let mut pairs = vec![(Duration::ZERO, Duration::ZERO)];
     for &j in jumps.iter().filter(|j| !j.is_zero()) {
@@ -419,7 +529,7 @@ async fn explore(kind: Kind, jumps: &[Duration], cancel: bool) -> Vec<Run> {
     runs
 }
 
-fn summarize(kind: Kind, runs: &[Run]) {
+fn summarize(kind: Kind, layout: Layout, runs: &[Run]) {
     let failed: Vec<&Run> = runs.iter().filter(|r| !r.failures.is_empty()).collect();
     let points: HashSet<String> = runs
         .iter()
@@ -433,7 +543,7 @@ fn summarize(kind: Kind, runs: &[Run]) {
     points.sort();
     let jumped = |r: &Run| r.schedule.0.iter().any(|s| matches!(s, Seg::Advance(_)));
     eprintln!(
-        "{kind:?}: {} schedules, {} failed ({} of {} with a clock jump); switch points: {}",
+        "{kind:?} {layout:?}: {} schedules, {} failed ({} of {} with a clock jump); switch points: {}",
         runs.len(),
         failed.len(),
         failed.iter().filter(|r| jumped(r)).count(),
@@ -442,7 +552,7 @@ fn summarize(kind: Kind, runs: &[Run]) {
     );
     if let Some(first) = failed.first() {
         panic!(
-            "{} of {} schedules on {kind:?} broke an invariant; first: [{}]: {}\n  got {:?}\n  trace: {}",
+            "{} of {} schedules on {kind:?} {layout:?} broke an invariant; first: [{}]: {}\n  got {:?}\n  trace: {}",
             failed.len(),
             runs.len(),
             first.schedule,
@@ -461,31 +571,64 @@ fn jumps() -> Vec<Duration> {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn gc_never_deletes_a_chunk_a_new_manifest_uses_memory() {
-    let runs = explore(Kind::Memory, &jumps(), true).await;
-    summarize(Kind::Memory, &runs);
+    let runs = explore(Kind::Memory, Layout::Chunks, &jumps(), true).await;
+    summarize(Kind::Memory, Layout::Chunks, &runs);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn gc_never_deletes_a_chunk_a_new_manifest_uses_file() {
     // The clock jumps and cancellations do the same on either store; memory covers them.
-    let runs = explore(Kind::File, &[Duration::ZERO], false).await;
-    summarize(Kind::File, &runs);
+    let runs = explore(Kind::File, Layout::Chunks, &[Duration::ZERO], false).await;
+    summarize(Kind::File, Layout::Chunks, &runs);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn gc_never_deletes_a_pack_a_new_manifest_uses_memory() {
+    let runs = explore(Kind::Memory, Layout::Packs, &jumps(), true).await;
+    summarize(Kind::Memory, Layout::Packs, &runs);
+    // The race was run: some schedule had the GC delete packs the publish counted on after
+    // its lease lapsed, and the publish (finding them gone) packed the snapshot again.
+    let repacked = runs.iter().any(|r| {
+        let checked = r
+            .steps
+            .iter()
+            .position(|s| s.actor == PUBLISH && s.label == "list packs");
+        checked.is_some_and(|at| {
+            r.steps[at..]
+                .iter()
+                .any(|s| s.actor == PUBLISH && s.label == "put pack")
+        })
+    });
+    assert!(
+        repacked,
+        "no schedule made the publish pack its snapshot again"
+    );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn gc_never_deletes_a_pack_a_new_manifest_uses_file() {
+    let runs = explore(Kind::File, Layout::Packs, &[Duration::ZERO], false).await;
+    summarize(Kind::File, Layout::Packs, &runs);
 }
 
 /// The harness itself: the same schedule gives the same sequence of operations.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn interleavings_are_reproducible() {
-    for kind in [Kind::Memory, Kind::File] {
+    for (kind, layout) in [
+        (Kind::Memory, Layout::Chunks),
+        (Kind::File, Layout::Chunks),
+        (Kind::Memory, Layout::Packs),
+    ] {
         let schedule = Schedule(vec![
             Seg::Run(PUBLISH, Some(2)),
             Seg::Run(GC, Some(7)),
             Seg::Run(PUBLISH, None),
             Seg::Run(GC, None),
         ]);
-        let template = Template::new(kind).await;
+        let template = Template::new(kind, layout).await;
         let a = run(kind, &template, schedule.clone()).await;
         let b = run(kind, &template, schedule).await;
-        assert_eq!(trace(&a.steps), trace(&b.steps), "{kind:?}");
+        assert_eq!(trace(&a.steps), trace(&b.steps), "{kind:?} {layout:?}");
         assert!(a.steps.len() > 10, "{}", trace(&a.steps));
     }
 }

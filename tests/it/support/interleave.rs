@@ -403,12 +403,13 @@ impl fmt::Display for Schedule {
     }
 }
 
-/// What an operation touches, from its key: "lease", "manifest", "chunk", ...
+/// What an operation touches, from its key: "lease", "manifest", "chunk", "pack", ...
 fn area(key: &Path) -> &'static str {
     match key.parts().next().as_ref().map(|p| p.as_ref()) {
         Some("leases") => "lease",
         Some("manifests") => "manifest",
         Some("chunks") => "chunk",
+        Some("packs") => "pack",
         Some("repository.json") => "repository",
         _ => "other",
     }
