@@ -1,6 +1,7 @@
 //! One conformance suite for the repository, run against every store: `memory://`, a
-//! `file://` directory, and the real S3 server (SeaweedFS) that `scripts/test.sh` starts.
-//! Each check is a behaviour the rest of snaprelay relies on.
+//! `file://` directory, and the real S3 server (SeaweedFS) that `scripts/test.sh` starts,
+//! for a repository of chunk objects and for one of packs. Each check is a behaviour the
+//! rest of snaprelay relies on.
 
 use crate::support;
 
@@ -238,6 +239,194 @@ async fn suite(settings: StoreSettings) {
     }
 }
 
+/// The same for a repository of packs: what publish, fetch, GC and verify rely on of each
+/// store, ranged reads above all.
+async fn pack_suite(settings: StoreSettings) {
+    use snaprelay::fetch::PackedSource;
+    use snaprelay::manifest_v2::NewRepository;
+    use snaprelay::pack::PackId;
+
+    let work = tempfile::tempdir().unwrap();
+    let store = Store::open(&settings).unwrap();
+    let settings = NewRepository {
+        chunking: small_params(),
+        pack_size: 1 << 20,
+        ..NewRepository::default()
+    };
+    let repo = Repo::open_or_create(store.clone(), "alpha", settings)
+        .await
+        .unwrap();
+    assert!(repo.packs().is_some());
+    assert_eq!(repo.params(), small_params());
+    // Whatever a later caller asks new repositories to be, this one stays packs.
+    let again = Repo::open_or_create(store.clone(), "alpha", ChunkParams::default())
+        .await
+        .unwrap();
+    assert!(again.packs().is_some(), "repository.json pins the layout");
+    assert_eq!(again.params(), small_params());
+
+    // Raw packs: absent, put, ranged reads at either end and in the middle, of exactly the
+    // bytes asked; another size than the caller's is a pack that is not the one named.
+    let id = PackId::random();
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let size = body.len() as u64;
+    assert!(matches!(
+        repo.read_pack(&id, size, 0..10).await,
+        Err(Error::PackMissing { .. })
+    ));
+    repo.put_raw_pack(&id, Bytes::from(body.clone()))
+        .await
+        .unwrap();
+    for range in [0..1, 0..size, 99_990..size, 40_000..60_001] {
+        let got = repo.read_pack(&id, size, range.clone()).await.unwrap();
+        assert_eq!(&got[..], &body[range.start as usize..range.end as usize]);
+    }
+    match repo.read_pack(&id, size + 1, 0..10).await {
+        Err(e @ Error::PackCorrupt { .. }) => {
+            assert!(e.to_string().contains("the store holds"), "{e}")
+        }
+        other => panic!("expected PackCorrupt, got {other:?}"),
+    }
+    assert!(matches!(
+        repo.read_pack(&id, size, 10..size + 1).await,
+        Err(Error::PackCorrupt { .. })
+    ));
+    // Not a pack: its trailer is refused.
+    assert!(matches!(
+        repo.read_trailer(&id, size).await,
+        Err(Error::PackCorrupt { .. })
+    ));
+    // Listing names packs with their sizes, and passes over what is not a pack key.
+    store
+        .backend
+        .put(
+            &store.key("packs/README.txt"),
+            Bytes::from_static(b"hello").into(),
+        )
+        .await
+        .unwrap();
+    let listed = repo.list_packs().await.unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[&id].size, size);
+    repo.delete_pack(&id).await.unwrap();
+    repo.delete_pack(&id).await.unwrap();
+    assert!(repo.list_packs().await.unwrap().is_empty());
+
+    // Publish two snapshots, the second sharing all but 100 bytes of the first: it uploads
+    // the chunk (or two) they changed.
+    let snaps = work.path().join("snaps");
+    let first = support::random_bytes(600 << 10, 1);
+    let mut second = first.clone();
+    second[300 << 10..(300 << 10) + 100].copy_from_slice(&[9; 100]);
+    let mut reports = Vec::new();
+    for (index, data) in [(10u64, &first), (20, &second)] {
+        let meta = support::write_snapshot(&snaps, index, 1, data);
+        let report = Publisher::new(&repo, 4, Some(1), &Silent)
+            .publish(&Snapshot::open(&meta).unwrap())
+            .await
+            .unwrap();
+        assert!(!report.already_published);
+        reports.push(report);
+    }
+    assert!(
+        (1..=2).contains(&reports[1].chunks_transferred) && reports[1].chunks_total >= 6,
+        "{:?}",
+        reports[1]
+    );
+    // Every pack a manifest names is in the store, at its size, with a trailer that reads.
+    let listed = repo.list_packs().await.unwrap();
+    let id = repo.find_manifest(20).await.unwrap();
+    let manifest = repo.read_packed_manifest(&id).await.unwrap();
+    for p in &manifest.packs {
+        assert_eq!(listed[&p.id].size, p.size, "{p:?}");
+        let trailer = repo.read_trailer(&p.id, p.size).await.unwrap();
+        assert_eq!(trailer.kind, p.kind);
+    }
+    // Manifests are create-only here too.
+    let mut altered = manifest.clone();
+    altered.publisher.node_id = Some(99);
+    assert_eq!(repo.put_packed_manifest(&altered).await.unwrap(), id);
+    assert_eq!(
+        repo.read_packed_manifest(&id)
+            .await
+            .unwrap()
+            .publisher
+            .node_id,
+        Some(1)
+    );
+    // The other format is refused by name.
+    assert!(matches!(
+        repo.read_manifest(&id).await,
+        Err(Error::InvalidManifest { .. })
+    ));
+
+    // Fetch: the file arrives whole, then the second from the first as a local source,
+    // downloading only the changed chunks.
+    let target = work.path().join("pulled");
+    let first_id = repo.find_manifest(10).await.unwrap();
+    let m1 = repo.read_packed_manifest(&first_id).await.unwrap();
+    let fetcher = Fetcher::new(&repo, 4, &Silent);
+    let report = fetcher.fetch_packed(&m1, &target, None).await.unwrap();
+    assert_eq!(std::fs::read(&report.data).unwrap(), first);
+    let source = PackedSource {
+        path: report.data.clone(),
+        manifest: Some(m1.clone()),
+    };
+    let report = fetcher
+        .fetch_packed(&manifest, &target, Some(&source))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&report.data).unwrap(), second);
+    assert!((1..=2).contains(&report.chunks_transferred), "{report:?}");
+    assert!(
+        report.bytes_transferred <= 2 * (256 << 10)
+            && report.bytes_reused * 2 > second.len() as u64,
+        "{report:?}"
+    );
+    assert!(
+        support::entries(&target)
+            .iter()
+            .all(|n| !n.starts_with('.')),
+        "{:?}",
+        support::entries(&target)
+    );
+
+    // GC keeping the newest deletes exactly the packs only the first used.
+    let retention = gc::Retention {
+        keep_last: 1,
+        pinned: Vec::new(),
+        grace: std::time::Duration::ZERO,
+    };
+    gc::collect(&repo, &retention, true, 4).await.unwrap();
+    let left: HashSet<PackId> = repo.list_packs().await.unwrap().into_keys().collect();
+    let used: HashSet<PackId> = manifest.pack_ids().collect();
+    assert_eq!(left, used);
+    let verified = snaprelay::verify::verify(&repo, &[id], 2, &Silent)
+        .await
+        .unwrap();
+    assert!(verified.is_clean(), "{verified:?}");
+}
+
+#[tokio::test]
+async fn conformance_of_packs_memory() {
+    pack_suite(StoreSettings::for_url(StoreUrl::Memory)).await;
+}
+
+#[tokio::test]
+async fn conformance_of_packs_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    pack_suite(StoreSettings::for_url(StoreUrl::parse(&url).unwrap())).await;
+}
+
+#[tokio::test]
+async fn conformance_of_packs_s3() {
+    let Some(s3) = support::s3("conformance_of_packs_s3") else {
+        return;
+    };
+    pack_suite(s3.settings(&support::unique("conformance"))).await;
+}
+
 #[tokio::test]
 async fn conformance_memory() {
     suite(StoreSettings::for_url(StoreUrl::Memory)).await;
@@ -277,11 +466,11 @@ async fn unreachable_store_is_classified() {
 // ---------------------------------------------------------------------------------------
 // The same flows on a store that misbehaves (support::faults): errors before and after an
 // operation took effect, timeouts, latency, truncated bodies, disconnects mid-body and
-// mid-listing, on every kind of operation, seeded. After each run: no manifest names a
-// missing or damaged chunk, a pull either fails with an error that says the store failed
-// (never "corrupt") and leaves nothing at the snapshot's final names, or produces a file
-// whose sha256 is the manifest's, and verify either fails the same way or reports the
-// store as it is.
+// mid-listing, on every kind of operation, seeded, in a repository of chunk objects and in
+// one of packs. After each run: no manifest names a missing or damaged chunk (or pack), a
+// pull either fails with an error that says the store failed (never "corrupt") and leaves
+// nothing at the snapshot's final names, or produces a file whose sha256 is the
+// manifest's, and verify either fails the same way or reports the store as it is.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -291,6 +480,7 @@ use object_store::memory::InMemory;
 use object_store::ObjectStore;
 use snaprelay::gc::{self, Retention};
 use support::faults::{FaultyStore, Plan};
+use support::Layout;
 
 #[derive(Debug, Clone, Copy)]
 enum Backend {
@@ -330,7 +520,7 @@ struct Tally {
 }
 
 /// One seeded run; returns what broke, if anything.
-async fn fault_run(kind: Backend, seed: u64, tally: &mut Tally) -> Vec<String> {
+async fn fault_run(kind: Backend, layout: Layout, seed: u64, tally: &mut Tally) -> Vec<String> {
     let work = tempfile::tempdir().unwrap();
     let plain: Arc<dyn ObjectStore> = match kind {
         Backend::Memory => Arc::new(InMemory::new()),
@@ -345,9 +535,19 @@ async fn fault_run(kind: Backend, seed: u64, tally: &mut Tally) -> Vec<String> {
     let metas: Vec<_> = (1..=3)
         .map(|i| support::write_snapshot(&snaps, i, 1, &fault_data(i)))
         .collect();
-    let repo = Repo::open_or_create(store_over(plain.clone()), "alpha", params)
-        .await
-        .unwrap();
+    let repo = match layout {
+        Layout::Chunks => Repo::open_or_create(store_over(plain.clone()), "alpha", params).await,
+        Layout::Packs => {
+            // Packs of a MiB (the least), so that three snapshots of 96 KiB are a few.
+            let settings = snaprelay::manifest_v2::NewRepository {
+                chunking: params,
+                pack_size: 1 << 20,
+                ..Default::default()
+            };
+            Repo::open_or_create(store_over(plain.clone()), "alpha", settings).await
+        }
+    }
+    .unwrap();
     Publisher::new(&repo, 2, Some(1), &Silent)
         .publish(&Snapshot::open(&metas[0]).unwrap())
         .await
@@ -416,10 +616,17 @@ async fn fault_run(kind: Backend, seed: u64, tally: &mut Tally) -> Vec<String> {
             .newest_manifest(None)
             .await?
             .ok_or(Error::NoSnapshots)?;
-        let manifest = frepo.read_manifest(&id).await?;
-        let report = Fetcher::new(&frepo, 2, &Silent)
-            .fetch(&manifest, &target, &[])
-            .await?;
+        let fetcher = Fetcher::new(&frepo, 2, &Silent);
+        let (manifest, report) = match frepo.read_any_manifest(&id).await? {
+            snaprelay::repo::AnyManifest::Chunks(m) => {
+                let report = fetcher.fetch(&m, &target, &[]).await?;
+                (snaprelay::repo::AnyManifest::Chunks(m), report)
+            }
+            snaprelay::repo::AnyManifest::Packs(m) => {
+                let report = fetcher.fetch_packed(&m, &target, None).await?;
+                (snaprelay::repo::AnyManifest::Packs(m), report)
+            }
+        };
         Ok::<_, Error>((manifest, report))
     }
     .await;
@@ -427,10 +634,10 @@ async fn fault_run(kind: Backend, seed: u64, tally: &mut Tally) -> Vec<String> {
         Ok((manifest, report)) => {
             tally.pulled += 1;
             let sha = support::sha256_file(&report.data);
-            if sha != manifest.sha256.to_hex() {
+            if sha != manifest.sha256().to_hex() {
                 broke.push(format!("pulled {} hashes to {sha}", report.data.display()));
             }
-            if std::fs::read(&report.data).unwrap() != fault_data(manifest.last_log_index) {
+            if std::fs::read(&report.data).unwrap() != fault_data(manifest.last_log_index()) {
                 broke.push("the pulled file is not the published snapshot".into());
             }
         }
@@ -479,24 +686,24 @@ async fn fault_run(kind: Backend, seed: u64, tally: &mut Tally) -> Vec<String> {
     broke
 }
 
-async fn fault_suite(kind: Backend, seeds: std::ops::Range<u64>) {
+async fn fault_suite(kind: Backend, layout: Layout, seeds: std::ops::Range<u64>) {
     let mut failed = Vec::new();
     let mut tally = Tally::default();
     let runs = seeds.end - seeds.start;
     for seed in seeds {
-        let broke = fault_run(kind, seed, &mut tally).await;
+        let broke = fault_run(kind, layout, seed, &mut tally).await;
         if !broke.is_empty() {
             failed.push(format!("seed {seed}: {}", broke.join("; ")));
         }
     }
-    eprintln!("{kind:?}: {runs} fault runs, {tally:?}");
+    eprintln!("{kind:?} {layout:?}: {runs} fault runs, {tally:?}");
     assert!(
         tally.faults > runs as usize && tally.pulled > 0 && !tally.failed.is_empty(),
         "the faults did not bite: {tally:?}"
     );
     assert!(
         failed.is_empty(),
-        "{} of {runs} fault runs on {kind:?} broke an invariant:\n{}",
+        "{} of {runs} fault runs on {kind:?} {layout:?} broke an invariant:\n{}",
         failed.len(),
         failed.join("\n")
     );
@@ -504,10 +711,20 @@ async fn fault_suite(kind: Backend, seeds: std::ops::Range<u64>) {
 
 #[tokio::test]
 async fn flows_keep_their_invariants_under_store_faults_memory() {
-    fault_suite(Backend::Memory, 0..60).await;
+    fault_suite(Backend::Memory, Layout::Chunks, 0..60).await;
 }
 
 #[tokio::test]
 async fn flows_keep_their_invariants_under_store_faults_file() {
-    fault_suite(Backend::File, 1000..1030).await;
+    fault_suite(Backend::File, Layout::Chunks, 1000..1030).await;
+}
+
+#[tokio::test]
+async fn flows_of_packs_keep_their_invariants_under_store_faults_memory() {
+    fault_suite(Backend::Memory, Layout::Packs, 0..60).await;
+}
+
+#[tokio::test]
+async fn flows_of_packs_keep_their_invariants_under_store_faults_file() {
+    fault_suite(Backend::File, Layout::Packs, 1000..1030).await;
 }
