@@ -1,7 +1,8 @@
 //! The chunk index a node writes beside its snapshot (`SnapshotDir::write` in the hook
 //! library): the publisher reads only the chunks the store lacks, checks each against the
 //! index, and publishes what the node wrote; an index it cannot trust is ignored (the file
-//! is cut as usual), and a data file that contradicts its index is refused.
+//! is cut as usual), and a data file that contradicts its index is refused. On packs (the
+//! default), and the index push also on chunk objects.
 
 use crate::support;
 
@@ -115,6 +116,13 @@ fn indexed_push(target: Target) {
 fn indexed_push_on_file_store() {
     let dir = tempfile::tempdir().unwrap();
     indexed_push(Target::file(dir.path(), "idx", CHUNKING));
+}
+
+#[test]
+fn indexed_push_of_chunk_objects_on_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{}{CHUNKING}", support::Layout::Chunks.section(""));
+    indexed_push(Target::file(dir.path(), "idx", &config));
 }
 
 #[test]

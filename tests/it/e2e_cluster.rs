@@ -210,20 +210,38 @@ async fn followers_adopt_leader_snapshot_learner_joins_and_leader_fails_over() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn followers_adopt_leader_snapshot_through_s3() {
-    let Some(s3) = support::s3("followers_adopt_leader_snapshot_through_s3") else {
-        return;
-    };
+/// Through S3, in a repository of packs (the default) and in one of chunk objects.
+async fn followers_adopt_leader_snapshot_through_s3_of(s3: &support::S3, layout: support::Layout) {
     let args = node_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let c = Cluster::start(3, StoreSection::s3(&s3, &support::unique("e2e")), &args).await;
+    let mut c = Cluster::start_nodes(3, StoreSection::s3(s3, &support::unique("e2e")), &args).await;
+    c.repository = layout.section("");
+    for id in 1..=3 {
+        c.start_sidecar(id);
+    }
     c.write_keys("k", 300, 1000).await;
     let leader = c.leader(1).await.unwrap();
     let snap = leader_snapshot(&c, leader, None).await;
     for f in (1..=3).filter(|&i| i != leader) {
         assert_adopted(&c, leader, f, snap).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_adopt_leader_snapshot_through_s3() {
+    let Some(s3) = support::s3("followers_adopt_leader_snapshot_through_s3") else {
+        return;
+    };
+    followers_adopt_leader_snapshot_through_s3_of(&s3, support::Layout::Packs).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_adopt_leader_snapshot_of_chunk_objects_through_s3() {
+    let Some(s3) = support::s3("followers_adopt_leader_snapshot_of_chunk_objects_through_s3")
+    else {
+        return;
+    };
+    followers_adopt_leader_snapshot_through_s3_of(&s3, support::Layout::Chunks).await;
 }
 
 /// A follower that is behind the snapshot (it has not even committed the snapshot's index)

@@ -108,6 +108,13 @@ fn one_percent_change_moves_at_most_three_percent_on_file_store() {
 }
 
 #[test]
+fn one_percent_change_of_chunk_objects_moves_at_most_three_percent_on_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{}{CHUNKING}", support::Layout::Chunks.section(""));
+    incremental(Target::file(dir.path(), "inc", &config));
+}
+
+#[test]
 fn one_percent_change_moves_at_most_three_percent_on_s3() {
     let Some(s3) = support::s3("one_percent_change_moves_at_most_three_percent_on_s3") else {
         return;

@@ -1,5 +1,6 @@
 //! `push` then `pull` through the real binary gives back the same bytes, in the snapshot
-//! directory layout, for edge sizes on every store and for a 1 GiB file streamed from disk.
+//! directory layout, for edge sizes on every store (and of chunk objects besides packs) and
+//! for a 1 GiB file streamed from disk.
 
 use crate::support;
 
@@ -48,14 +49,16 @@ fn round_trip(target: &Target, work: &Path, size: u64, seed: u64) {
 }
 
 fn edge_sizes(target: &Target, work: &Path) {
-    // 0 bytes, 1 byte, and a file smaller than the minimum chunk (256 KiB by default).
-    for (seed, size) in [(0u64, 0u64), (1, 1), (2, 100_000)] {
+    // 0 bytes, 1 byte, a file smaller than the minimum chunk (4 KiB in packs, 256 KiB of
+    // chunk objects), and one of a few chunks in packs.
+    let sizes = [(0u64, 0u64), (1, 1), (2, 3000), (3, 100_000)];
+    for (seed, size) in sizes {
         round_trip(target, work, size, seed);
     }
     let listed = target.json(&["list", "--json"]);
-    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 3);
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), sizes.len());
     let verified = target.json(&["verify", "--all", "--json"]);
-    assert_eq!(verified["manifests_checked"], 3);
+    assert_eq!(verified["manifests_checked"], sizes.len());
     assert_eq!(verified["bad_chunks"].as_array().unwrap().len(), 0);
 }
 
@@ -63,6 +66,13 @@ fn edge_sizes(target: &Target, work: &Path) {
 fn edge_sizes_round_trip_on_file_store() {
     let work = tempfile::tempdir().unwrap();
     let target = Target::file(work.path(), "rt", "");
+    edge_sizes(&target, work.path());
+}
+
+#[test]
+fn edge_sizes_of_chunk_objects_round_trip_on_file_store() {
+    let work = tempfile::tempdir().unwrap();
+    let target = Target::file(work.path(), "rt", &support::Layout::Chunks.section(""));
     edge_sizes(&target, work.path());
 }
 
