@@ -71,13 +71,18 @@ pub struct AssembleStats {
     pub chunks_fetched: u64,
     /// Plain bytes of the chunks fetched.
     pub bytes_fetched: u64,
+    /// Chunks left as the output held them (prefetched).
+    pub chunks_in_place: u64,
     /// Stored bytes read from data packs (gaps read through included).
     pub bytes_read: u64,
     pub ranges_read: u64,
 }
 
 /// Writes the snapshot `manifest` (validated against `descriptor`) into `out`, which is set
-/// to the snapshot's size; `out_name` names it in errors.
+/// to the snapshot's size; `out_name` names it in errors. `in_place`: chunks `out` already
+/// holds, by offset, that this process wrote there after checking them (a prefetch): they
+/// are left as they are.
+#[allow(clippy::too_many_arguments)]
 pub async fn assemble(
     repo: &Repo,
     descriptor: &Repository,
@@ -85,8 +90,10 @@ pub async fn assemble(
     out: Arc<File>,
     out_name: &str,
     mut local: Option<LocalSnapshot<'_>>,
+    in_place: Option<&HashMap<u64, Digest>>,
     limits: RangeLimits,
 ) -> Result<AssembleStats> {
+    let placed = |at: u64, id: &Digest| in_place.is_some_and(|m| m.get(&at) == Some(id));
     let io_err = |what: &str| {
         let what = format!("{what} {out_name}");
         move |e: std::io::Error| Error::io(what, e)
@@ -148,7 +155,11 @@ pub async fn assemble(
             let mut spans = Vec::with_capacity(block.chunks.len());
             let (mut f, mut t) = (from, at);
             for (j, c) in block.chunks.iter().enumerate() {
-                spans.push((j, f, t));
+                if placed(t, &c.id) {
+                    stats.chunks_in_place += 1;
+                } else {
+                    spans.push((j, f, t));
+                }
                 f += c.plain_len as u64;
                 t += c.plain_len as u64;
             }
@@ -176,6 +187,11 @@ pub async fn assemble(
         let mut from_local = Vec::new();
         let mut to = at;
         for (j, c) in block.chunks.iter().enumerate() {
+            if placed(to, &c.id) {
+                stats.chunks_in_place += 1;
+                to += c.plain_len as u64;
+                continue;
+            }
             match (&local, local_chunks.get(&c.id)) {
                 (Some(_), Some(&from)) => from_local.push((j, from, to)),
                 _ => wanted.push((j, to)),
@@ -423,6 +439,7 @@ mod tests {
             &chunks,
             crate::packer::ChunkList::Cut,
             PartBudget::new(2, 1 << 20),
+            None,
         )
         .await
         .unwrap();
@@ -475,6 +492,7 @@ mod tests {
             fa.clone(),
             "a",
             None,
+            None,
             RangeLimits::default(),
         )
         .await
@@ -493,6 +511,7 @@ mod tests {
                 fb.clone(),
                 "b",
                 Some(local),
+                None,
                 RangeLimits::default(),
             )
             .await
@@ -522,6 +541,7 @@ mod tests {
             fb.clone(),
             "b",
             Some(local),
+            None,
             RangeLimits::default(),
         )
         .await
@@ -545,6 +565,7 @@ mod tests {
             &mb,
             file_of(b""),
             "b",
+            None,
             None,
             RangeLimits::default(),
         )

@@ -12,6 +12,12 @@
 //! overlap or reach outside the file) and costs little: uploads run in file order, so the
 //! prefix trails the uploads by at most their concurrency.
 //!
+//! In a repository of packs, a chunk is readable once the pack it was written into is
+//! complete, and each listed chunk says where its blob is ([`BlobAt`]). Only the chunks
+//! this publish uploads are listed (a follower holds the others, or fetches them after the
+//! manifest), so the list may have gaps: it is in file order, without overlaps, and still
+//! only grows at its end.
+//!
 //! Nothing in it is trusted ([`InProgress::parse`]): anyone who can write to the bucket can
 //! forge one. A follower checks its shape against the repository's limits, checks every
 //! chunk it downloads against the listed sha256, and never adopts anything because of it:
@@ -19,7 +25,7 @@
 //! adoptable, and the fetch that follows verifies every chunk again against it. A forgery
 //! costs at most one snapshot's size of wasted download and disk.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +36,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkParams, Digest};
+use crate::pack::{Encoding, PackId};
 use crate::repo::Repo;
+use crate::tree::Location;
 
 /// The format this build writes and reads.
 pub const INPROGRESS_FORMAT: u32 = 1;
@@ -56,6 +64,21 @@ pub struct Span {
     pub offset: u64,
     pub len: u64,
     pub sha256: Digest,
+    /// In a repository of packs: where the chunk's blob is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<BlobAt>,
+}
+
+/// Where a listed chunk's blob is in a repository of packs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlobAt {
+    pub pack: PackId,
+    /// The pack object's size, as its publisher finished it.
+    pub pack_size: u64,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub encoding: Encoding,
 }
 
 /// The object's body.
@@ -80,6 +103,8 @@ pub struct Expect<'a> {
     pub index: u64,
     pub term: u64,
     pub params: ChunkParams,
+    /// A repository of packs: every chunk says where its blob is, and gaps are allowed.
+    pub packs: bool,
 }
 
 impl InProgress {
@@ -136,11 +161,45 @@ impl InProgress {
         let max_len = expect.params.max_size as u64;
         let mut end = 0u64;
         for (i, c) in self.chunks.iter().enumerate() {
-            if c.offset != end {
+            if !expect.packs && c.offset != end {
                 return Err(format!(
                     "chunk {i} ({}) is at offset {}, not {end}: the list must be the file's chunks in order, without gaps or overlaps",
                     c.sha256, c.offset
                 ));
+            }
+            if expect.packs && c.offset < end {
+                return Err(format!(
+                    "chunk {i} ({}) is at offset {}, before {end}: the list must be in file order, without overlaps",
+                    c.sha256, c.offset
+                ));
+            }
+            match (expect.packs, &c.at) {
+                (true, None) => {
+                    return Err(format!(
+                        "chunk {i} ({}) does not say where its blob is, in a repository of packs",
+                        c.sha256
+                    ))
+                }
+                (false, Some(_)) => {
+                    return Err(format!(
+                        "chunk {i} ({}) names a pack, in a repository of chunk objects",
+                        c.sha256
+                    ))
+                }
+                (true, Some(at)) => {
+                    let pack_max = crate::manifest_v2::PACK_SIZES.end() + (64 << 20);
+                    if at.stored_len == 0
+                        || at.stored_len as u64 > max_len + 64
+                        || at.pack_size > pack_max
+                        || at.offset as u64 + at.stored_len as u64 > at.pack_size
+                    {
+                        return Err(format!(
+                            "chunk {i} ({}) is {} stored bytes at offset {} of pack {} ({} bytes): impossible",
+                            c.sha256, at.stored_len, at.offset, at.pack, at.pack_size
+                        ));
+                    }
+                }
+                (false, None) => {}
             }
             if c.len == 0 || c.len > max_len {
                 return Err(format!(
@@ -163,24 +222,56 @@ impl InProgress {
 }
 
 /// What an announcer lists: the file's chunks as far as they are known (`plan`, in file
-/// order), which digests the store holds, and how far the prefix of stored chunks reaches.
+/// order), which digests the store holds (chunk objects) or which packs are finished, with
+/// their sizes (packs), and how far the prefix of readable chunks reaches.
 #[derive(Debug, Default)]
 struct Listing {
-    plan: Vec<Span>,
+    plan: Vec<Planned>,
     stored: HashSet<Digest>,
+    finished: HashMap<PackId, u64>,
     frontier: usize,
 }
 
+/// A planned chunk; in a repository of packs, with where its blob is being written.
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    span: Span,
+    at: Option<Location>,
+}
+
 impl Listing {
-    /// Moves the frontier over every planned chunk now in the store.
+    fn readable(&self, p: &Planned) -> Option<Span> {
+        match p.at {
+            None => self.stored.contains(&p.span.sha256).then_some(p.span),
+            Some(at) => self.finished.get(&at.pack).map(|&pack_size| Span {
+                at: Some(BlobAt {
+                    pack: at.pack,
+                    pack_size,
+                    offset: at.offset,
+                    stored_len: at.stored_len,
+                    encoding: at.encoding,
+                }),
+                ..p.span
+            }),
+        }
+    }
+
+    /// Moves the frontier over every planned chunk now readable.
     fn advance(&mut self) -> bool {
         let before = self.frontier;
         while self.frontier < self.plan.len().min(MAX_CHUNKS)
-            && self.stored.contains(&self.plan[self.frontier].sha256)
+            && self.readable(&self.plan[self.frontier]).is_some()
         {
             self.frontier += 1;
         }
         self.frontier != before
+    }
+
+    fn listed(&self) -> Vec<Span> {
+        self.plan[..self.frontier]
+            .iter()
+            .filter_map(|p| self.readable(p))
+            .collect()
     }
 }
 
@@ -232,7 +323,32 @@ impl Announcer {
     /// More of the file's chunks, in file order, after those planned so far (stored or not).
     pub fn plan(&self, chunks: impl IntoIterator<Item = Span>) {
         let mut listing = self.lock();
-        listing.plan.extend(chunks);
+        listing
+            .plan
+            .extend(chunks.into_iter().map(|span| Planned { span, at: None }));
+        if listing.advance() {
+            self.grew.notify_one();
+        }
+    }
+
+    /// Repository of packs: more chunks this publish uploads, in file order, and where their
+    /// blobs are being written (readable once their pack is finished).
+    pub fn plan_packed(&self, chunks: impl IntoIterator<Item = (Span, Location)>) {
+        let mut listing = self.lock();
+        listing.plan.extend(
+            chunks
+                .into_iter()
+                .map(|(span, at)| Planned { span, at: Some(at) }),
+        );
+        if listing.advance() {
+            self.grew.notify_one();
+        }
+    }
+
+    /// Repository of packs: this pack is complete in the store, `size` bytes.
+    pub fn pack_finished(&self, pack: PackId, size: u64) {
+        let mut listing = self.lock();
+        listing.finished.insert(pack, size);
         if listing.advance() {
             self.grew.notify_one();
         }
@@ -325,7 +441,7 @@ async fn write_loop(
         }
         let chunks: Vec<Span> = {
             let listing = listing.lock().unwrap_or_else(|p| p.into_inner());
-            listing.plan[..listing.frontier].to_vec()
+            listing.listed()
         };
         if chunks.len() == written && last.elapsed() < HEARTBEAT {
             continue;
@@ -366,6 +482,7 @@ mod tests {
             index: 7,
             term: 2,
             params: params(),
+            packs: false,
         }
     }
 
@@ -374,6 +491,7 @@ mod tests {
             offset,
             len,
             sha256: Digest::of(&[seed]),
+            at: None,
         }
     }
 
@@ -457,7 +575,8 @@ mod tests {
     fn the_listing_is_the_prefix_of_stored_chunks_duplicates_included() {
         let mut l = Listing::default();
         let (a, b, c) = (span(0, 10, 1), span(10, 10, 2), span(20, 10, 1));
-        l.plan.extend([a, b, c]);
+        l.plan
+            .extend([a, b, c].map(|span| Planned { span, at: None }));
         assert!(!l.advance());
         l.stored.insert(b.sha256);
         assert!(!l.advance(), "b is not at the front");

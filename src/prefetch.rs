@@ -37,7 +37,12 @@ use crate::error::Error;
 use crate::fetch::{self, NodeAccess};
 use crate::inprogress::{Expect, InProgress, Span, MAX_BODY};
 use crate::metrics::Metrics;
+use crate::pack::decode_blob;
+use crate::pack::plan::{coalesce, Needed, RangeLimits};
 use crate::repo::{InProgressRead, Repo};
+
+/// Ranged reads of packs in flight at once (repositories of packs).
+const RANGES_IN_FLIGHT: usize = 4;
 
 /// One prefetch: the snapshot at `id`, announced as in progress.
 pub struct Prefetch {
@@ -189,6 +194,7 @@ impl Prefetch {
             index,
             term,
             params: self.repo.params(),
+            packs: self.repo.packs().is_some(),
         };
         let mut seen: Option<String> = None;
         // A store without ETags: the last body, to tell a change.
@@ -244,6 +250,104 @@ impl Prefetch {
         }
     }
 
+    /// Repository of packs: downloads the blobs of `new` (neighbours of one pack in one
+    /// ranged GET), checks each against its id and writes it at its offset. They are handled
+    /// (and their list may only grow) once all of them are written; a store that stops
+    /// answering leaves the rest to the next poll.
+    async fn take_packed(
+        &self,
+        state: &mut Progress,
+        file: &Arc<File>,
+        new: &[Span],
+    ) -> Result<(), Ended> {
+        let needed: Vec<Needed<usize>> = new
+            .iter()
+            .enumerate()
+            .filter(|(_, span)| !self.local.contains(&span.sha256))
+            .filter_map(|(i, span)| {
+                span.at.map(|at| Needed {
+                    pack: at.pack,
+                    offset: at.offset as u64,
+                    stored_len: at.stored_len,
+                    tag: i,
+                })
+            })
+            .collect();
+        let skipped = new.len() - needed.len();
+        let ranges = coalesce(&needed, RangeLimits::default());
+        let reads = futures::stream::iter(ranges)
+            .map(|r| {
+                let file = file.clone();
+                let pack_size = new[r.blobs[0].0].at.map_or(0, |at| at.pack_size);
+                async move {
+                    let bytes = match self
+                        .repo
+                        .read_pack(&r.pack, pack_size, r.range.clone())
+                        .await
+                    {
+                        Ok(bytes) => bytes,
+                        Err(e @ (Error::PackMissing { .. } | Error::PackCorrupt { .. })) => {
+                            return Err(Stopped::Refused(format!("pack {}: {e}", r.pack)))
+                        }
+                        Err(e) => return Err(Stopped::Transient(e)),
+                    };
+                    let blobs: Vec<(Span, bytes::Bytes)> = r
+                        .blobs
+                        .iter()
+                        .map(|&(i, start, len)| (new[i], bytes.slice(start..start + len as usize)))
+                        .collect();
+                    tokio::task::spawn_blocking(move || {
+                        let mut written = Vec::with_capacity(blobs.len());
+                        for (span, stored) in blobs {
+                            let Some(at) = span.at else { continue };
+                            let plain =
+                                decode_blob(&stored, at.encoding, span.len as u32, &span.sha256)
+                                    .map_err(|reason| {
+                                        Stopped::Refused(format!(
+                                            "chunk {} at offset {}: {reason}",
+                                            span.sha256, span.offset
+                                        ))
+                                    })?;
+                            file.write_all_at(&plain, span.offset).map_err(|e| {
+                                Stopped::Transient(Error::io("writing the staging file", e))
+                            })?;
+                            written.push(span);
+                        }
+                        Ok(written)
+                    })
+                    .await
+                    .map_err(|e| {
+                        Stopped::Transient(Error::io("writing task", std::io::Error::other(e)))
+                    })?
+                }
+            })
+            .buffer_unordered(RANGES_IN_FLIGHT);
+        futures::pin_mut!(reads);
+        let mut complete = true;
+        while let Some(done) = reads.next().await {
+            match done {
+                Ok(written) => {
+                    for span in written {
+                        state.report.written.push((span.offset, span.sha256));
+                        state.report.chunks += 1;
+                        state.report.bytes += span.len;
+                        self.metrics.prefetched(span.len);
+                    }
+                }
+                Err(Stopped::Refused(reason)) => return Err(Ended::BadChunk(reason)),
+                Err(Stopped::Transient(e)) => {
+                    tracing::debug!(error = %e, "a prefetch download failed; retrying at the next poll");
+                    complete = false;
+                }
+            }
+        }
+        if complete {
+            state.handled.extend_from_slice(new);
+            state.report.skipped += skipped as u64;
+        }
+        Ok(())
+    }
+
     /// Downloads what `object` lists beyond what was handled before.
     async fn take(&self, state: &mut Progress, object: InProgress) -> Result<(), Ended> {
         if state.size.is_some_and(|size| size != object.size) {
@@ -280,6 +384,9 @@ impl Prefetch {
             }
         };
         let new = &object.chunks[handled..];
+        if self.repo.packs().is_some() {
+            return self.take_packed(state, &file, new).await;
+        }
         let downloads = futures::stream::iter(new.iter().copied())
             .map(|span| {
                 let file = file.clone();
