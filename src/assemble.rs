@@ -130,6 +130,8 @@ pub async fn assemble(
     let mut stats = AssembleStats::default();
     // A pending copy from the local file: (from, to, len), grown while blocks follow on.
     let mut copy: Option<(u64, u64, u64)> = None;
+    // Blocks are written in file order: the disk writes the front while the rest arrives.
+    let mut write_behind = crate::chunk::WriteBehind::new();
     for (i, (at, b)) in manifest.block_offsets().enumerate() {
         if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
             if l.trusted {
@@ -170,6 +172,9 @@ pub async fn assemble(
             if missed.is_empty() {
                 stats.blocks_copied += 1;
                 stats.bytes_copied += b.bytes;
+                if copy.is_none() {
+                    write_behind.written_to(&out, at + b.bytes);
+                }
                 continue;
             }
             fetch_block(repo, manifest, &block, &missed, &out, limits, &mut stats)
@@ -179,6 +184,9 @@ pub async fn assemble(
                     other => other,
                 })?;
             stats.blocks_fetched += 1;
+            if copy.is_none() {
+                write_behind.written_to(&out, at + b.bytes);
+            }
             continue;
         }
         let block = repo.read_block(descriptor, manifest, i).await?;
@@ -212,6 +220,9 @@ pub async fn assemble(
                 other => other,
             })?;
         stats.blocks_fetched += 1;
+        if copy.is_none() {
+            write_behind.written_to(&out, at + b.bytes);
+        }
     }
     if let (Some(l), Some(c)) = (&local, copy) {
         copy_range(&l.file, &out, c)

@@ -22,7 +22,7 @@ use bytes::Bytes;
 
 use crate::chunk::Digest;
 use crate::error::{Error, Result};
-use crate::inprogress::{Announcer, Span};
+use crate::inprogress::Announcer;
 use crate::manifest_v2::{BlockRef, Manifest, PackRef, Repository};
 use crate::pack::upload::{PackWriter, PartBudget};
 use crate::pack::{Encoder, Encoding, PackId, PackKind};
@@ -310,32 +310,29 @@ pub async fn pack_snapshot(
             encoder = Some(enc);
             result?
         };
-        for (id, plain_len, stored, encoding) in encoded {
-            stats.chunks_uploaded += 1;
-            stats.bytes_uploaded += plain_len as u64;
-            stats.stored_uploaded += stored.len() as u64;
-            let at = data.append(repo, id, encoding, plain_len, stored).await?;
-            known.insert(id, at);
-            if announcer.is_some() {
-                uploaded_here.insert(id);
-            }
-        }
-        if let Some(announcer) = announcer {
-            let mut offset = p.offset;
-            let mut spans = Vec::new();
-            for (id, len) in mine {
-                if uploaded_here.contains(id) {
-                    let span = Span {
-                        offset,
-                        len: *len,
-                        sha256: *id,
-                        at: None,
-                    };
-                    spans.push((span, known[id]));
+        // Appended in file order, each announced right after its append (before the next
+        // one can finish the pack), repeats of uploaded chunks wherever they occur.
+        let mut encoded = encoded.into_iter().peekable();
+        let mut offset = p.offset;
+        for (id, len) in mine {
+            if encoded.peek().is_some_and(|(e, ..)| e == id) {
+                if let Some((id, plain_len, stored, encoding)) = encoded.next() {
+                    stats.chunks_uploaded += 1;
+                    stats.bytes_uploaded += plain_len as u64;
+                    stats.stored_uploaded += stored.len() as u64;
+                    let at = data.append(repo, id, encoding, plain_len, stored).await?;
+                    known.insert(id, at);
+                    if announcer.is_some() {
+                        uploaded_here.insert(id);
+                    }
                 }
-                offset += len;
             }
-            announcer.plan_packed(spans);
+            if let Some(announcer) = announcer {
+                if uploaded_here.contains(id) {
+                    announcer.plan_blob(offset, *len, &known[id]);
+                }
+            }
+            offset += len;
         }
         stats.chunks_found += (p.count - missing.len()) as u64;
         let mut builder = BlockBuilder::default();

@@ -467,7 +467,6 @@ impl<'a> Publisher<'a> {
             announcer.plan(refs.iter().map(|c| {
                 offset += c.len;
                 Span {
-                    at: None,
                     offset: offset - c.len,
                     len: c.len,
                     sha256: c.sha256,
@@ -553,7 +552,6 @@ impl<'a> Publisher<'a> {
                     move |c| {
                         if let Some(announcer) = announcer {
                             announcer.plan([Span {
-                                at: None,
                                 offset,
                                 len: c.len,
                                 sha256: c.sha256,

@@ -321,6 +321,7 @@ fn forged(size: u64, chunks: Vec<Span>) -> InProgress {
         size,
         written_at: chrono::Utc::now(),
         chunks,
+        packs: Vec::new(),
     }
 }
 
@@ -361,7 +362,6 @@ async fn forged_inprogress_objects_are_refused_and_never_change_what_is_adopted(
         offset,
         len,
         sha256,
-        at: None,
     };
     let mut other_cluster = forged(1 << 20, vec![]);
     other_cluster.cluster_id = "someone-else".into();

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use snaprelay::chunk::{ChunkParams, Digest};
 use snaprelay::fetch::{self, Fetcher};
-use snaprelay::inprogress::{BlobAt, InProgress, Span, INPROGRESS_FORMAT};
+use snaprelay::inprogress::{InProgress, PackRuns, Span, INPROGRESS_FORMAT};
 use snaprelay::manifest_v2::NewRepository;
 use snaprelay::metrics::Metrics;
 use snaprelay::prefetch::{Ended, Prefetch, PrefetchReport};
@@ -242,82 +242,92 @@ async fn forged_pack_inprogress_objects_are_refused_and_never_change_what_is_ado
         .unwrap();
     let id = repo.manifest_for(29, 1).await.unwrap().unwrap();
     let m = repo.read_packed_manifest(&id).await.unwrap();
-    let d = repo.packs().unwrap().clone();
-    let block = repo.read_block(&d, &m, 0).await.unwrap();
-    let size_of = |pack| m.packs.iter().find(|p| p.id == pack).unwrap().size;
-    let (c0, c1) = (block.chunks[0], block.chunks[1]);
-    let at = |c: snaprelay::tree::ChunkEntry, pack_size: u64| BlobAt {
-        pack: block.packs[c.pack as usize],
-        pack_size,
-        offset: c.offset,
-        stored_len: c.stored_len,
-        encoding: c.encoding,
-    };
-    let good0 = at(c0, size_of(block.packs[c0.pack as usize]));
-    let good1 = at(c1, size_of(block.packs[c1.pack as usize]));
-    let span = |offset: u64, len: u32, sha256: Digest, at: Option<BlobAt>| Span {
-        offset,
-        len: len as u64,
-        sha256,
-        at,
-    };
-    let object = |chunks: Vec<Span>| InProgress {
+    let data = m
+        .packs
+        .iter()
+        .find(|p| p.kind == snaprelay::pack::PackKind::Data)
+        .unwrap();
+    let trailer = repo.read_trailer(&data.id, data.size).await.unwrap();
+    let blobs = trailer.blobs.len() as u32;
+    let size = 1u64 << 20;
+    let object = |chunks: Vec<Span>, packs: Vec<PackRuns>| InProgress {
         format: INPROGRESS_FORMAT,
         cluster_id: CLUSTER.into(),
         index: 30,
         term: 1,
-        size: 1 << 20,
+        size,
         written_at: chrono::Utc::now(),
         chunks,
+        packs,
+    };
+    let runs = |runs: Vec<(u64, u32, u32)>| PackRuns {
+        pack: data.id,
+        size: data.size,
+        runs,
     };
     let cases: Vec<(&str, InProgress, &str, &str)> = vec![
         (
-            "a chunk without a blob",
-            object(vec![span(0, c0.plain_len, c0.id, None)]),
-            "does not say where its blob is",
+            "chunks listed in a repository of packs",
+            object(
+                vec![Span {
+                    offset: 0,
+                    len: 100,
+                    sha256: Digest::of(b"x"),
+                }],
+                vec![],
+            ),
+            "it lists chunks, in a repository of packs",
             "invalid",
-        ),
-        (
-            "overlapping chunks",
-            object(vec![
-                span(0, c0.plain_len, c0.id, Some(good0)),
-                span(10, c1.plain_len, c1.id, Some(good1)),
-            ]),
-            "without overlaps",
-            "invalid",
-        ),
-        (
-            "a blob that is not the chunk it names",
-            object(vec![span(0, c1.plain_len, c0.id, Some(good1))]),
-            "hashes to",
-            "chunk_mismatch",
         ),
         (
             "a pack of another size",
-            object(vec![span(
-                0,
-                c0.plain_len,
-                c0.id,
-                Some(BlobAt {
-                    pack_size: good0.pack_size + 1,
-                    ..good0
-                }),
-            )]),
+            object(
+                vec![],
+                vec![PackRuns {
+                    size: data.size + 1,
+                    ..runs(vec![(0, 0, 1)])
+                }],
+            ),
             "pack",
             "chunk_mismatch",
         ),
         (
-            "a blob past its pack's end",
-            object(vec![span(
-                0,
-                c0.plain_len,
-                c0.id,
-                Some(BlobAt {
-                    offset: good0.pack_size as u32,
-                    ..good0
-                }),
-            )]),
-            "impossible",
+            "a pack that does not exist",
+            object(
+                vec![],
+                vec![PackRuns {
+                    pack: snaprelay::pack::PackId::random(),
+                    ..runs(vec![(0, 0, 1)])
+                }],
+            ),
+            "pack",
+            "chunk_mismatch",
+        ),
+        (
+            "a run that does not start at a blob",
+            object(vec![], vec![runs(vec![(0, 1, 1)])]),
+            "has no blob at offset 1",
+            "invalid",
+        ),
+        (
+            "a run past the pack's blobs",
+            object(vec![], vec![runs(vec![(0, 0, blobs + 1)])]),
+            "a run names blob",
+            "invalid",
+        ),
+        (
+            "a run past the file's end",
+            object(vec![], vec![runs(vec![(size - 10, 0, 1)])]),
+            "reaches past the file's size",
+            "invalid",
+        ),
+        (
+            "more bytes than the file",
+            object(
+                vec![],
+                vec![runs(vec![(0, 0, blobs)]), runs(vec![(0, 0, blobs)])],
+            ),
+            "more bytes than the file's size",
             "invalid",
         ),
     ];
@@ -354,13 +364,13 @@ async fn forged_pack_inprogress_objects_are_refused_and_never_change_what_is_ado
     // replaced by the fetch against the real manifest (which does not trust the staging
     // file it did not write).
     let metrics = Metrics::new();
-    let forged = object(vec![span(0, c0.plain_len, c0.id, Some(good0))]);
+    let forged = object(vec![], vec![runs(vec![(0, 0, 1)])]);
     repo.put_inprogress(30, 1, Bytes::from(serde_json::to_vec(&forged).unwrap()))
         .await
         .unwrap();
     let cancel = CancellationToken::new();
     let running = tokio::spawn(prefetch(&repo, (30, 1), &incoming, &metrics).run(cancel.clone()));
-    prefetched(&metrics, c0.plain_len as u64).await;
+    prefetched(&metrics, trailer.blobs[0].plain_len as u64).await;
     repo.delete_inprogress(30, 1).await.unwrap();
     let report = running.await.unwrap();
     assert_eq!(report.ended, Ended::Gone, "{report:?}");
