@@ -1214,9 +1214,10 @@ fn fmt_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
-/// `[repository]` and `[chunking]`: what a repository this process creates is. Chunk
-/// objects by default for now; with packs, chunking defaults to 4 KiB / 16 KiB / 64 KiB
-/// (small chunks find small changes; packs keep the object count low).
+/// `[repository]` and `[chunking]`: what a repository this process creates is. Packs by
+/// default, with chunking defaulting to 4 KiB / 16 KiB / 64 KiB (small chunks find small
+/// changes; packs keep the object count low); `layout = "chunks"` makes every chunk an
+/// object of its own, chunked 256 KiB / 1 MiB / 4 MiB by default.
 fn layout(
     raw: &RawRepository,
     chunking: &RawChunking,
@@ -1225,8 +1226,8 @@ fn layout(
     use crate::manifest_v2::{NewRepository, PACK_SIZES};
     use crate::pack::Compression;
     let packs = match raw.layout.as_deref() {
-        None | Some("chunks") => false,
-        Some("packs") => true,
+        Some("chunks") => false,
+        None | Some("packs") => true,
         Some(other) => {
             return Err(ConfigError::invalid(
                 "repository.layout",
@@ -1364,6 +1365,12 @@ mod tests {
         assert_eq!(config.cluster_id, "kv-prod");
         assert_eq!(config.upload.concurrency, 8);
         assert!(config.signing.requires() && config.signing.signer().is_some());
+        // The repository it shows is the default one.
+        assert_eq!(config.chunking, ChunkParams::PACKED);
+        assert!(matches!(
+            config.layout,
+            crate::layout::Layout::Packs(s) if s == crate::manifest_v2::NewRepository::default()
+        ));
         // The daemon keys shown commented out hold their defaults.
         let mut uncommented = text.clone();
         for key in [
@@ -1430,8 +1437,11 @@ mod tests {
             StoreUrl::File("/var/lib/snaprelay/store".into())
         );
         assert!(c.store.fsync);
-        assert_eq!(c.chunking, ChunkParams::default());
-        assert!(matches!(c.layout, crate::layout::Layout::Chunks(_)));
+        assert_eq!(c.chunking, ChunkParams::PACKED);
+        assert!(matches!(
+            c.layout,
+            crate::layout::Layout::Packs(s) if s == crate::manifest_v2::NewRepository::default()
+        ));
         assert_eq!(c.download.concurrency, DEFAULT_CONCURRENCY);
     }
 

@@ -110,13 +110,13 @@ impl SnapshotDir {
             incoming: incoming
                 .canonicalize()
                 .map_err(io_err("resolving", &incoming))?,
-            index: Some(ChunkParams::default()),
+            index: Some(ChunkParams::PACKED),
         })
     }
 
     /// Sets the chunking of the chunk index written beside every snapshot built with
-    /// [`SnapshotDir::write`] (default: snaprelay's default chunking), or turns the index
-    /// off with `None`.
+    /// [`SnapshotDir::write`] (default: [`ChunkParams::PACKED`], the chunking of a
+    /// repository of packs, snaprelay's default), or turns the index off with `None`.
     ///
     /// The index is cut and hashed from the bytes as they are written, so the sidecar can
     /// publish a snapshot by reading only the chunks the store lacks. It must use the
@@ -624,7 +624,7 @@ mod tests {
             .unwrap()
             .read_all()
             .unwrap();
-        let mut expected = snaprelay_contract::chunking::Indexer::new(ChunkParams::default());
+        let mut expected = snaprelay_contract::chunking::Indexer::new(ChunkParams::PACKED);
         expected.update(b"state at 7");
         assert_eq!(index, expected.finish());
         assert_eq!(dir.newest().unwrap(), Some(snapshot));
@@ -641,7 +641,8 @@ mod tests {
         assert_eq!(snapshot.envelope.chunk_index, None);
         assert_eq!(names(off.path()).len(), 3, ".incoming, data, meta");
 
-        let small = ChunkParams::new(4096, 16384, 65536).unwrap();
+        // Not the default (PACKED): the index follows the chunking it is given.
+        let small = ChunkParams::new(4096, 8192, 32768).unwrap();
         let recut = SnapshotDir::open(root.path().join("recut"))
             .unwrap()
             .with_chunk_index(Some(small))
