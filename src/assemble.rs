@@ -35,6 +35,8 @@ use crate::tree::Block;
 
 /// Ranged reads in flight at once.
 const RANGES_IN_FLIGHT: usize = 4;
+/// Bytes of a local file read in one call when its chunks are checked.
+const RUN_BYTES: u64 = 8 << 20;
 
 /// A snapshot already on this machine: with its (validated) manifest, or with the chunks
 /// found by cutting it (a snapshot the node built itself, which the store has no manifest
@@ -319,15 +321,50 @@ async fn reuse_chunks(
     let same_file = Arc::ptr_eq(&file, &out);
     tokio::task::spawn_blocking(move || {
         let mut missed = Vec::new();
-        for (j, from, to, id, len) in chunks {
-            let mut buf = vec![0u8; len as usize];
-            if file.read_exact_at(&mut buf, from).is_ok() && Digest::of(&buf) == id {
-                if !(same_file && from == to) {
-                    out.write_all_at(&buf, to)?;
-                }
-            } else {
-                missed.push((j, to));
+        let mut buf = Vec::new();
+        // Runs of chunks contiguous in both files, read (and written) in one call each, up
+        // to RUN_BYTES: a block is a few MiB of 16 KiB chunks.
+        let mut i = 0;
+        while i < chunks.len() {
+            let (_, from0, to0, _, _) = chunks[i];
+            let mut j = i;
+            let mut len = 0u64;
+            while j < chunks.len()
+                && chunks[j].1 == from0 + len
+                && chunks[j].2 == to0 + len
+                && (j == i || len + chunks[j].4 as u64 <= RUN_BYTES)
+            {
+                len += chunks[j].4 as u64;
+                j += 1;
             }
+            buf.resize(len as usize, 0);
+            let read = file.read_exact_at(&mut buf, from0).is_ok();
+            // Verified stretches of the run, written as they end.
+            let mut good: Option<(u64, u64)> = None;
+            let mut at = 0usize;
+            for &(k, _, to, id, clen) in &chunks[i..j] {
+                let piece = &buf[at..at + clen as usize];
+                if read && Digest::of(piece) == id {
+                    good = match good {
+                        Some((start, end)) => Some((start, end + clen as u64)),
+                        None => Some((at as u64, at as u64 + clen as u64)),
+                    };
+                } else {
+                    if let Some((start, end)) = good.take() {
+                        if !(same_file && from0 == to0) {
+                            out.write_all_at(&buf[start as usize..end as usize], to0 + start)?;
+                        }
+                    }
+                    missed.push((k, to));
+                }
+                at += clen as usize;
+            }
+            if let Some((start, end)) = good {
+                if !(same_file && from0 == to0) {
+                    out.write_all_at(&buf[start as usize..end as usize], to0 + start)?;
+                }
+            }
+            i = j;
         }
         Ok(missed)
     })
