@@ -65,6 +65,7 @@ async fn publish(
         &chunks.chunks,
         snaprelay::packer::ChunkList::Cut,
         budget,
+        None,
     )
     .await?;
     let m = manifest(d, &packed, chunks.sha256, index);
@@ -113,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         fa.clone(),
         "A",
         None,
+        None,
         RangeLimits::default(),
     )
     .await?;
@@ -129,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         fb.clone(),
         "B",
         Some(local),
+        None,
         RangeLimits::default(),
     )
     .await?;

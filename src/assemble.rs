@@ -35,6 +35,8 @@ use crate::tree::Block;
 
 /// Ranged reads in flight at once.
 const RANGES_IN_FLIGHT: usize = 4;
+/// Bytes of a local file read in one call when its chunks are checked.
+const RUN_BYTES: u64 = 8 << 20;
 
 /// A snapshot already on this machine: with its (validated) manifest, or with the chunks
 /// found by cutting it (a snapshot the node built itself, which the store has no manifest
@@ -71,13 +73,18 @@ pub struct AssembleStats {
     pub chunks_fetched: u64,
     /// Plain bytes of the chunks fetched.
     pub bytes_fetched: u64,
+    /// Chunks left as the output held them (prefetched).
+    pub chunks_in_place: u64,
     /// Stored bytes read from data packs (gaps read through included).
     pub bytes_read: u64,
     pub ranges_read: u64,
 }
 
 /// Writes the snapshot `manifest` (validated against `descriptor`) into `out`, which is set
-/// to the snapshot's size; `out_name` names it in errors.
+/// to the snapshot's size; `out_name` names it in errors. `in_place`: chunks `out` already
+/// holds, by offset, that this process wrote there after checking them (a prefetch): they
+/// are left as they are.
+#[allow(clippy::too_many_arguments)]
 pub async fn assemble(
     repo: &Repo,
     descriptor: &Repository,
@@ -85,8 +92,10 @@ pub async fn assemble(
     out: Arc<File>,
     out_name: &str,
     mut local: Option<LocalSnapshot<'_>>,
+    in_place: Option<&HashMap<u64, Digest>>,
     limits: RangeLimits,
 ) -> Result<AssembleStats> {
+    let placed = |at: u64, id: &Digest| in_place.is_some_and(|m| m.get(&at) == Some(id));
     let io_err = |what: &str| {
         let what = format!("{what} {out_name}");
         move |e: std::io::Error| Error::io(what, e)
@@ -123,6 +132,8 @@ pub async fn assemble(
     let mut stats = AssembleStats::default();
     // A pending copy from the local file: (from, to, len), grown while blocks follow on.
     let mut copy: Option<(u64, u64, u64)> = None;
+    // Blocks are written in file order: the disk writes the front while the rest arrives.
+    let mut write_behind = crate::chunk::WriteBehind::new();
     for (i, (at, b)) in manifest.block_offsets().enumerate() {
         if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
             if l.trusted {
@@ -148,7 +159,11 @@ pub async fn assemble(
             let mut spans = Vec::with_capacity(block.chunks.len());
             let (mut f, mut t) = (from, at);
             for (j, c) in block.chunks.iter().enumerate() {
-                spans.push((j, f, t));
+                if placed(t, &c.id) {
+                    stats.chunks_in_place += 1;
+                } else {
+                    spans.push((j, f, t));
+                }
                 f += c.plain_len as u64;
                 t += c.plain_len as u64;
             }
@@ -159,6 +174,9 @@ pub async fn assemble(
             if missed.is_empty() {
                 stats.blocks_copied += 1;
                 stats.bytes_copied += b.bytes;
+                if copy.is_none() {
+                    write_behind.written_to(&out, at + b.bytes);
+                }
                 continue;
             }
             fetch_block(repo, manifest, &block, &missed, &out, limits, &mut stats)
@@ -168,6 +186,9 @@ pub async fn assemble(
                     other => other,
                 })?;
             stats.blocks_fetched += 1;
+            if copy.is_none() {
+                write_behind.written_to(&out, at + b.bytes);
+            }
             continue;
         }
         let block = repo.read_block(descriptor, manifest, i).await?;
@@ -176,6 +197,11 @@ pub async fn assemble(
         let mut from_local = Vec::new();
         let mut to = at;
         for (j, c) in block.chunks.iter().enumerate() {
+            if placed(to, &c.id) {
+                stats.chunks_in_place += 1;
+                to += c.plain_len as u64;
+                continue;
+            }
             match (&local, local_chunks.get(&c.id)) {
                 (Some(_), Some(&from)) => from_local.push((j, from, to)),
                 _ => wanted.push((j, to)),
@@ -196,6 +222,9 @@ pub async fn assemble(
                 other => other,
             })?;
         stats.blocks_fetched += 1;
+        if copy.is_none() {
+            write_behind.written_to(&out, at + b.bytes);
+        }
     }
     if let (Some(l), Some(c)) = (&local, copy) {
         copy_range(&l.file, &out, c)
@@ -292,15 +321,50 @@ async fn reuse_chunks(
     let same_file = Arc::ptr_eq(&file, &out);
     tokio::task::spawn_blocking(move || {
         let mut missed = Vec::new();
-        for (j, from, to, id, len) in chunks {
-            let mut buf = vec![0u8; len as usize];
-            if file.read_exact_at(&mut buf, from).is_ok() && Digest::of(&buf) == id {
-                if !(same_file && from == to) {
-                    out.write_all_at(&buf, to)?;
-                }
-            } else {
-                missed.push((j, to));
+        let mut buf = Vec::new();
+        // Runs of chunks contiguous in both files, read (and written) in one call each, up
+        // to RUN_BYTES: a block is a few MiB of 16 KiB chunks.
+        let mut i = 0;
+        while i < chunks.len() {
+            let (_, from0, to0, _, _) = chunks[i];
+            let mut j = i;
+            let mut len = 0u64;
+            while j < chunks.len()
+                && chunks[j].1 == from0 + len
+                && chunks[j].2 == to0 + len
+                && (j == i || len + chunks[j].4 as u64 <= RUN_BYTES)
+            {
+                len += chunks[j].4 as u64;
+                j += 1;
             }
+            buf.resize(len as usize, 0);
+            let read = file.read_exact_at(&mut buf, from0).is_ok();
+            // Verified stretches of the run, written as they end.
+            let mut good: Option<(u64, u64)> = None;
+            let mut at = 0usize;
+            for &(k, _, to, id, clen) in &chunks[i..j] {
+                let piece = &buf[at..at + clen as usize];
+                if read && Digest::of(piece) == id {
+                    good = match good {
+                        Some((start, end)) => Some((start, end + clen as u64)),
+                        None => Some((at as u64, at as u64 + clen as u64)),
+                    };
+                } else {
+                    if let Some((start, end)) = good.take() {
+                        if !(same_file && from0 == to0) {
+                            out.write_all_at(&buf[start as usize..end as usize], to0 + start)?;
+                        }
+                    }
+                    missed.push((k, to));
+                }
+                at += clen as usize;
+            }
+            if let Some((start, end)) = good {
+                if !(same_file && from0 == to0) {
+                    out.write_all_at(&buf[start as usize..end as usize], to0 + start)?;
+                }
+            }
+            i = j;
         }
         Ok(missed)
     })
@@ -423,6 +487,7 @@ mod tests {
             &chunks,
             crate::packer::ChunkList::Cut,
             PartBudget::new(2, 1 << 20),
+            None,
         )
         .await
         .unwrap();
@@ -475,6 +540,7 @@ mod tests {
             fa.clone(),
             "a",
             None,
+            None,
             RangeLimits::default(),
         )
         .await
@@ -493,6 +559,7 @@ mod tests {
                 fb.clone(),
                 "b",
                 Some(local),
+                None,
                 RangeLimits::default(),
             )
             .await
@@ -522,6 +589,7 @@ mod tests {
             fb.clone(),
             "b",
             Some(local),
+            None,
             RangeLimits::default(),
         )
         .await
@@ -545,6 +613,7 @@ mod tests {
             &mb,
             file_of(b""),
             "b",
+            None,
             None,
             RangeLimits::default(),
         )

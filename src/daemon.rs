@@ -838,9 +838,7 @@ impl Daemon {
             .listing
             .as_ref()
             .is_some_and(|l| l.entries.iter().any(|e| (e.id.index, e.id.term) >= id));
-        // A pack publish announces nothing yet (see `publish::packed`).
         if !self.config.daemon.streaming
-            || repo.packs().is_some()
             || running
             || listed
             || self.abandoned == Some(id)
@@ -880,6 +878,8 @@ impl Daemon {
             async move {
                 let local = match cached {
                     Some(chunks) => (*chunks).clone(),
+                    // A pack publish lists only the chunks it uploads: new ones.
+                    None if prefetch.repo.packs().is_some() => HashSet::new(),
                     // After a restart: the node's own snapshots tell (as for a fetch).
                     None => {
                         fetch::local_sources(&prefetch.repo, &snapshot_dir, REUSE_LOCAL_SNAPSHOTS)
@@ -1175,6 +1175,9 @@ impl Daemon {
             }
             AnyManifest::Packs(manifest) => {
                 let source = fetch::packed_source(repo, &[&snapshot_dir, &incoming]).await?;
+                if let Some(written) = prefetched {
+                    fetcher = fetcher.prefetched(written);
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(()),
                     r = fetcher.fetch_packed(manifest, &incoming, source.as_ref()) => r,

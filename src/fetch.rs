@@ -192,7 +192,9 @@ impl<'a> Fetcher<'a> {
     /// node already has are left to local copies), so reading and hashing it in place
     /// would only cost a pass over the file. Only the sidecar's user (or root) can write
     /// the staging file (mode 0640, its own; a file anyone else put at its name is never
-    /// reused).
+    /// reused). A pack fetch ([`Fetcher::fetch_packed`]) leaves these chunks as they are,
+    /// as checked when they were written: it has no whole-file pass (the node's hook has
+    /// one, and `pull` never prefetches).
     pub fn prefetched(mut self, chunks: impl IntoIterator<Item = (u64, Digest)>) -> Self {
         self.prefetched = Some(chunks.into_iter().collect());
         self

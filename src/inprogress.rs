@@ -12,6 +12,14 @@
 //! overlap or reach outside the file) and costs little: uploads run in file order, so the
 //! prefix trails the uploads by at most their concurrency.
 //!
+//! In a repository of packs, a chunk is readable once the pack it was written into is
+//! complete, and the object lists finished packs instead of chunks ([`PackRuns`]): for each,
+//! runs of consecutive blobs that sit at consecutive offsets of the file. A follower reads
+//! the pack's trailer for the blobs' ids and lengths. At 16 KiB chunks a chunk list would be
+//! megabytes per GiB, rewritten four times a second; a new snapshot's pack is one run. Only
+//! chunks this publish uploads are listed (a follower holds the others, or fetches them
+//! after the manifest), and the list of packs only grows at its end.
+//!
 //! Nothing in it is trusted ([`InProgress::parse`]): anyone who can write to the bucket can
 //! forge one. A follower checks its shape against the repository's limits, checks every
 //! chunk it downloads against the listed sha256, and never adopts anything because of it:
@@ -19,7 +27,7 @@
 //! adoptable, and the fetch that follows verifies every chunk again against it. A forgery
 //! costs at most one snapshot's size of wasted download and disk.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +38,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::chunk::{ChunkParams, Digest};
+use crate::pack::PackId;
 use crate::repo::Repo;
+use crate::tree::Location;
 
 /// The format this build writes and reads.
 pub const INPROGRESS_FORMAT: u32 = 1;
@@ -58,6 +68,24 @@ pub struct Span {
     pub sha256: Digest,
 }
 
+/// A finished pack of a publish in progress (repository of packs), and where its blobs go
+/// in the file: each run `[file_offset, pack_offset, count]` is `count` consecutive blobs
+/// from the one at `pack_offset` (as the pack's trailer lays them out), whose plain bytes
+/// follow one another in the file from `file_offset`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackRuns {
+    pub pack: PackId,
+    /// The pack object's size, as its publisher finished it.
+    pub size: u64,
+    pub runs: Vec<(u64, u32, u32)>,
+}
+
+/// Pack entries listed at most, and runs in all (a snapshot with more is prefetched as far
+/// as they reach, and fetched after its manifest for the rest).
+pub const MAX_PACK_ENTRIES: usize = 16_384;
+pub const MAX_RUNS: usize = 65_536;
+
 /// The object's body.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,8 +97,11 @@ pub struct InProgress {
     /// The whole file's size.
     pub size: u64,
     pub written_at: DateTime<Utc>,
-    /// The chunks in the store so far: a prefix of the file, in order.
+    /// The chunks in the store so far: a prefix of the file, in order (chunk objects).
     pub chunks: Vec<Span>,
+    /// The finished packs so far (repository of packs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packs: Vec<PackRuns>,
 }
 
 /// What a follower expects of the object it reads.
@@ -80,6 +111,8 @@ pub struct Expect<'a> {
     pub index: u64,
     pub term: u64,
     pub params: ChunkParams,
+    /// A repository of packs: packs are listed, not chunks.
+    pub packs: bool,
 }
 
 impl InProgress {
@@ -133,6 +166,50 @@ impl InProgress {
                 self.chunks.len()
             ));
         }
+        match (expect.packs, self.chunks.is_empty(), self.packs.is_empty()) {
+            (true, false, _) => {
+                return Err("it lists chunks, in a repository of packs".into());
+            }
+            (false, _, false) => {
+                return Err("it lists packs, in a repository of chunk objects".into());
+            }
+            _ => {}
+        }
+        if self.packs.len() > MAX_PACK_ENTRIES {
+            return Err(format!(
+                "it lists {} packs, more than {MAX_PACK_ENTRIES}",
+                self.packs.len()
+            ));
+        }
+        let mut runs = 0usize;
+        for (i, p) in self.packs.iter().enumerate() {
+            if p.size < crate::pack::FOOTER_LEN || p.size > crate::pack::MAX_PACK_SIZE {
+                return Err(format!(
+                    "pack {i} ({}) has size {}, impossible",
+                    p.pack, p.size
+                ));
+            }
+            runs += p.runs.len();
+            if p.runs.is_empty() || runs > MAX_RUNS {
+                return Err(format!(
+                    "pack {i} ({}) lists {} runs (at most {MAX_RUNS} in all, at least one each)",
+                    p.pack,
+                    p.runs.len()
+                ));
+            }
+            for &(file_offset, pack_offset, count) in &p.runs {
+                if file_offset >= self.size
+                    || pack_offset as u64 >= p.size
+                    || count == 0
+                    || count as usize > crate::pack::MAX_BLOBS
+                {
+                    return Err(format!(
+                        "pack {i} ({}) has a run of {count} blobs from pack offset {pack_offset} to file offset {file_offset}: impossible in a file of {} bytes",
+                        p.pack, self.size
+                    ));
+                }
+            }
+        }
         let max_len = expect.params.max_size as u64;
         let mut end = 0u64;
         for (i, c) in self.chunks.iter().enumerate() {
@@ -162,13 +239,56 @@ impl InProgress {
     }
 }
 
-/// What an announcer lists: the file's chunks as far as they are known (`plan`, in file
-/// order), which digests the store holds, and how far the prefix of stored chunks reaches.
+/// What an announcer lists. Chunk objects: the file's chunks as far as they are known
+/// (`plan`, in file order), which digests the store holds, and how far the prefix of stored
+/// chunks reaches. Packs: the runs planned into each pack not finished yet, and the entries
+/// of finished packs, in the order they were finished (only ever appended to).
 #[derive(Debug, Default)]
 struct Listing {
     plan: Vec<Span>,
     stored: HashSet<Digest>,
     frontier: usize,
+    open: HashMap<PackId, Vec<Run>>,
+    finished: HashMap<PackId, u64>,
+    /// Runs planned into packs already finished (a chunk the snapshot repeats): listed as a
+    /// further entry of their pack at the next write.
+    late: Vec<(PackId, Run)>,
+    packs: Vec<PackRuns>,
+    runs: usize,
+}
+
+/// A run being planned: where it starts and where the next blob would have to be to
+/// extend it.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    file_offset: u64,
+    pack_offset: u32,
+    count: u32,
+    file_end: u64,
+    pack_end: u32,
+}
+
+impl Run {
+    fn start(file_offset: u64, len: u64, at: &Location) -> Run {
+        Run {
+            file_offset,
+            pack_offset: at.offset,
+            count: 1,
+            file_end: file_offset + len,
+            pack_end: at.offset + at.stored_len,
+        }
+    }
+
+    /// Extends the run with the blob at `at`, placed at `file_offset`, if it follows on.
+    fn extend(&mut self, file_offset: u64, len: u64, at: &Location) -> bool {
+        if file_offset != self.file_end || at.offset != self.pack_end {
+            return false;
+        }
+        self.count += 1;
+        self.file_end += len;
+        self.pack_end += at.stored_len;
+        true
+    }
 }
 
 impl Listing {
@@ -181,6 +301,75 @@ impl Listing {
             self.frontier += 1;
         }
         self.frontier != before
+    }
+
+    /// One planned blob (repository of packs). Runs beyond [`MAX_RUNS`] are not listed.
+    fn plan_blob(&mut self, file_offset: u64, len: u64, at: &Location) -> bool {
+        if self.finished.contains_key(&at.pack) {
+            if let Some((pack, run)) = self.late.last_mut() {
+                if *pack == at.pack && run.extend(file_offset, len, at) {
+                    return false;
+                }
+            }
+            if self.runs < MAX_RUNS {
+                self.runs += 1;
+                self.late.push((at.pack, Run::start(file_offset, len, at)));
+            }
+            return true;
+        }
+        let runs = self.open.entry(at.pack).or_default();
+        if runs
+            .last_mut()
+            .is_some_and(|r| r.extend(file_offset, len, at))
+        {
+            return false;
+        }
+        if self.runs < MAX_RUNS {
+            self.runs += 1;
+            runs.push(Run::start(file_offset, len, at));
+        }
+        false
+    }
+
+    fn entry(pack: PackId, size: u64, runs: impl IntoIterator<Item = Run>) -> PackRuns {
+        PackRuns {
+            pack,
+            size,
+            runs: runs
+                .into_iter()
+                .map(|r| (r.file_offset, r.pack_offset, r.count))
+                .collect(),
+        }
+    }
+
+    /// A pack is finished: its runs become listable.
+    fn finish(&mut self, pack: PackId, size: u64) -> bool {
+        self.finished.insert(pack, size);
+        match self.open.remove(&pack) {
+            Some(runs) if !runs.is_empty() && self.packs.len() < MAX_PACK_ENTRIES => {
+                self.packs.push(Self::entry(pack, size, runs));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The finished packs to list now, the late runs sealed into entries of their own.
+    fn listed_packs(&mut self) -> Vec<PackRuns> {
+        let late = std::mem::take(&mut self.late);
+        let mut i = 0;
+        while i < late.len() && self.packs.len() < MAX_PACK_ENTRIES {
+            let pack = late[i].0;
+            let mut j = i;
+            while j < late.len() && late[j].0 == pack {
+                j += 1;
+            }
+            let size = self.finished[&pack];
+            self.packs
+                .push(Self::entry(pack, size, late[i..j].iter().map(|(_, r)| *r)));
+            i = j;
+        }
+        self.packs.clone()
     }
 }
 
@@ -204,7 +393,7 @@ impl Announcer {
     /// without streaming.
     pub async fn start(repo: &Repo, index: u64, term: u64, size: u64) -> Option<Announcer> {
         let listing = Arc::new(Mutex::new(Listing::default()));
-        let first = body(repo, index, term, size, &[]);
+        let first = body(repo, index, term, size, &[], &[]);
         if let Err(e) = repo.put_inprogress(index, term, first).await {
             tracing::warn!(index, term, error = %e, "cannot write the in-progress object; followers fetch this snapshot after its manifest");
             return None;
@@ -234,6 +423,22 @@ impl Announcer {
         let mut listing = self.lock();
         listing.plan.extend(chunks);
         if listing.advance() {
+            self.grew.notify_one();
+        }
+    }
+
+    /// Repository of packs: the snapshot holds, at `file_offset`, the `len` bytes of a chunk
+    /// this publish uploaded into the blob at `at` (called in file order; readable once its
+    /// pack is finished).
+    pub fn plan_blob(&self, file_offset: u64, len: u64, at: &Location) {
+        if self.lock().plan_blob(file_offset, len, at) {
+            self.grew.notify_one();
+        }
+    }
+
+    /// Repository of packs: this pack is complete in the store, `size` bytes.
+    pub fn pack_finished(&self, pack: PackId, size: u64) {
+        if self.lock().finish(pack, size) {
             self.grew.notify_one();
         }
     }
@@ -286,7 +491,14 @@ impl Drop for Announcer {
     }
 }
 
-fn body(repo: &Repo, index: u64, term: u64, size: u64, chunks: &[Span]) -> Bytes {
+fn body(
+    repo: &Repo,
+    index: u64,
+    term: u64,
+    size: u64,
+    chunks: &[Span],
+    packs: &[PackRuns],
+) -> Bytes {
     let object = InProgress {
         format: INPROGRESS_FORMAT,
         cluster_id: repo.cluster_id().to_owned(),
@@ -295,6 +507,7 @@ fn body(repo: &Repo, index: u64, term: u64, size: u64, chunks: &[Span]) -> Bytes
         size,
         written_at: Utc::now(),
         chunks: chunks.to_vec(),
+        packs: packs.to_vec(),
     };
     // Plain numbers, strings and digests: serialising cannot fail.
     serde_json::to_vec(&object)
@@ -323,21 +536,25 @@ async fn write_loop(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(last + REWRITE_EVERY) => {}
         }
-        let chunks: Vec<Span> = {
-            let listing = listing.lock().unwrap_or_else(|p| p.into_inner());
-            listing.plan[..listing.frontier].to_vec()
+        let (chunks, packs): (Vec<Span>, Vec<PackRuns>) = {
+            let mut listing = listing.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                listing.plan[..listing.frontier].to_vec(),
+                listing.listed_packs(),
+            )
         };
-        if chunks.len() == written && last.elapsed() < HEARTBEAT {
+        let listed = chunks.len() + packs.len();
+        if listed == written && last.elapsed() < HEARTBEAT {
             continue;
         }
         // Not raced against `cancel`: `end` waits for this write, so none lands after the
         // object's deletion.
         match repo
-            .put_inprogress(index, term, body(&repo, index, term, size, &chunks))
+            .put_inprogress(index, term, body(&repo, index, term, size, &chunks, &packs))
             .await
         {
             Ok(()) => {
-                written = chunks.len();
+                written = listed;
                 failed = false;
             }
             Err(e) if !failed => {
@@ -366,6 +583,7 @@ mod tests {
             index: 7,
             term: 2,
             params: params(),
+            packs: false,
         }
     }
 
@@ -386,6 +604,7 @@ mod tests {
             size,
             written_at: Utc::now(),
             chunks,
+            packs: Vec::new(),
         }
     }
 
@@ -465,5 +684,51 @@ mod tests {
         assert!(l.advance());
         // c repeats a's bytes: stored once, listed at both offsets.
         assert_eq!(l.frontier, 3);
+    }
+
+    #[test]
+    fn pack_runs_merge_consecutive_blobs_and_only_grow() {
+        let (p1, p2) = (PackId([1; 16]), PackId([2; 16]));
+        let loc = |pack, offset, stored_len| Location {
+            pack,
+            offset,
+            stored_len,
+            encoding: crate::pack::Encoding::Raw,
+        };
+        let mut l = Listing::default();
+        // Three blobs of p1 at consecutive file offsets: one run; then p1 rotates to p2.
+        l.plan_blob(0, 100, &loc(p1, 0, 100));
+        l.plan_blob(100, 50, &loc(p1, 100, 50));
+        l.plan_blob(150, 70, &loc(p1, 150, 60));
+        // A gap in the file (a chunk the publish did not upload): a new run.
+        l.plan_blob(300, 10, &loc(p1, 210, 10));
+        assert!(
+            l.listed_packs().is_empty(),
+            "nothing before its pack is finished"
+        );
+        assert!(l.finish(p1, 500));
+        l.plan_blob(310, 40, &loc(p2, 0, 40));
+        // A repeat of p1's first blob, after p1 was listed: a further entry of p1.
+        l.plan_blob(350, 100, &loc(p1, 0, 100));
+        let first = l.listed_packs();
+        assert_eq!(
+            first,
+            vec![
+                PackRuns {
+                    pack: p1,
+                    size: 500,
+                    runs: vec![(0, 0, 3), (300, 210, 1)]
+                },
+                PackRuns {
+                    pack: p1,
+                    size: 500,
+                    runs: vec![(350, 0, 1)]
+                },
+            ]
+        );
+        assert!(l.finish(p2, 90));
+        let second = l.listed_packs();
+        assert_eq!(second[..2], first[..], "the list only grows at its end");
+        assert_eq!(second[2].runs, vec![(310, 0, 1)]);
     }
 }

@@ -22,6 +22,7 @@ use bytes::Bytes;
 
 use crate::chunk::Digest;
 use crate::error::{Error, Result};
+use crate::inprogress::Announcer;
 use crate::manifest_v2::{BlockRef, Manifest, PackRef, Repository};
 use crate::pack::upload::{PackWriter, PartBudget};
 use crate::pack::{Encoder, Encoding, PackId, PackKind};
@@ -105,15 +106,17 @@ impl PackTable {
 }
 
 /// The pack being filled of one kind, rotated at the repository's pack size.
-struct Filling {
+struct Filling<'a> {
     kind: PackKind,
     pack_size: u64,
     budget: PartBudget,
     writer: Option<PackWriter>,
     written: Vec<(PackId, u64)>,
+    /// Told of every finished pack (streaming).
+    announcer: Option<&'a Announcer>,
 }
 
-impl Filling {
+impl Filling<'_> {
     async fn append(
         &mut self,
         repo: &Repo,
@@ -147,6 +150,9 @@ impl Filling {
         if let Some(writer) = self.writer.take() {
             let written = writer.finish().await?;
             self.written.push((written.id, written.size));
+            if let Some(announcer) = self.announcer {
+                announcer.pack_finished(written.id, written.size);
+            }
         }
         Ok(())
     }
@@ -186,7 +192,8 @@ async fn base_chunks(
 /// of `repo` (described by `descriptor`), reusing what `base` (a validated manifest of the
 /// same repository) already stores. Every chunk read from the file is checked against its id
 /// before it is stored. `file_name` names the file in errors, `listed` where `chunks` came
-/// from.
+/// from. With an `announcer` (streaming), every chunk uploaded is announced, at each offset
+/// where the snapshot has it, with where its blob is, and every data pack once finished.
 #[allow(clippy::too_many_arguments)]
 pub async fn pack_snapshot(
     repo: &Repo,
@@ -197,6 +204,7 @@ pub async fn pack_snapshot(
     chunks: &[(Digest, u64)],
     listed: ChunkList<'_>,
     budget: PartBudget,
+    announcer: Option<&Announcer>,
 ) -> Result<PackedSnapshot> {
     let planned = plan(descriptor, chunks);
     let mut stats = PackStats::default();
@@ -238,6 +246,7 @@ pub async fn pack_snapshot(
         budget: budget.clone(),
         writer: None,
         written: Vec::new(),
+        announcer,
     };
     let mut tree = Filling {
         kind: PackKind::Tree,
@@ -245,7 +254,11 @@ pub async fn pack_snapshot(
         budget,
         writer: None,
         written: Vec::new(),
+        announcer: None,
     };
+    // What this publish uploaded: the chunks an announcement lists (a follower holds the
+    // others, from the base, or fetches them after the manifest).
+    let mut uploaded_here: std::collections::HashSet<Digest> = Default::default();
     let mut encoder = Some(Encoder::new(descriptor.compression()));
     for p in &planned {
         if let Some(&b) = base_logical.get(&p.logical) {
@@ -324,12 +337,29 @@ pub async fn pack_snapshot(
             encoder = Some(enc);
             result?
         };
-        for (id, plain_len, stored, encoding) in encoded {
-            stats.chunks_uploaded += 1;
-            stats.bytes_uploaded += plain_len as u64;
-            stats.stored_uploaded += stored.len() as u64;
-            let at = data.append(repo, id, encoding, plain_len, stored).await?;
-            known.insert(id, at);
+        // Appended in file order, each announced right after its append (before the next
+        // one can finish the pack), repeats of uploaded chunks wherever they occur.
+        let mut encoded = encoded.into_iter().peekable();
+        let mut offset = p.offset;
+        for (id, len) in mine {
+            if encoded.peek().is_some_and(|(e, ..)| e == id) {
+                if let Some((id, plain_len, stored, encoding)) = encoded.next() {
+                    stats.chunks_uploaded += 1;
+                    stats.bytes_uploaded += plain_len as u64;
+                    stats.stored_uploaded += stored.len() as u64;
+                    let at = data.append(repo, id, encoding, plain_len, stored).await?;
+                    known.insert(id, at);
+                    if announcer.is_some() {
+                        uploaded_here.insert(id);
+                    }
+                }
+            }
+            if let Some(announcer) = announcer {
+                if uploaded_here.contains(id) {
+                    announcer.plan_blob(offset, *len, &known[id]);
+                }
+            }
+            offset += len;
         }
         stats.chunks_found += (p.count - missing.len()) as u64;
         let mut builder = BlockBuilder::default();
@@ -490,6 +520,7 @@ mod tests {
             &ca,
             ChunkList::Cut,
             budget.clone(),
+            None,
         )
         .await
         .unwrap();
@@ -522,6 +553,7 @@ mod tests {
             &cb,
             ChunkList::Cut,
             budget,
+            None,
         )
         .await
         .unwrap();
@@ -564,6 +596,7 @@ mod tests {
             &ca,
             ChunkList::Cut,
             PartBudget::new(2, 1 << 20),
+            None,
         )
         .await
         .unwrap();
@@ -598,6 +631,7 @@ mod tests {
             &ca,
             ChunkList::Cut,
             budget.clone(),
+            None,
         )
         .await
         .unwrap();
@@ -620,6 +654,7 @@ mod tests {
             &cb,
             ChunkList::Cut,
             budget,
+            None,
         )
         .await
         .unwrap();
@@ -655,6 +690,7 @@ mod tests {
             &chunks,
             ChunkList::Cut,
             PartBudget::new(2, 1 << 20),
+            None,
         )
         .await
         .unwrap_err();

@@ -35,9 +35,14 @@ use tokio_util::sync::CancellationToken;
 use crate::chunk::Digest;
 use crate::error::Error;
 use crate::fetch::{self, NodeAccess};
-use crate::inprogress::{Expect, InProgress, Span, MAX_BODY};
+use crate::inprogress::{Expect, InProgress, PackRuns, Span, MAX_BODY};
 use crate::metrics::Metrics;
+use crate::pack::decode_blob;
+use crate::pack::plan::{coalesce, Needed, RangeLimits};
 use crate::repo::{InProgressRead, Repo};
+
+/// Ranged reads of packs in flight at once (repositories of packs).
+const RANGES_IN_FLIGHT: usize = 4;
 
 /// One prefetch: the snapshot at `id`, announced as in progress.
 pub struct Prefetch {
@@ -107,6 +112,8 @@ struct Progress {
     size: Option<u64>,
     /// The listed prefix handled so far (downloaded or left to a local copy).
     handled: Vec<Span>,
+    /// The listed packs handled so far (repository of packs).
+    handled_packs: Vec<PackRuns>,
     report: PrefetchReport,
 }
 
@@ -128,6 +135,7 @@ impl Prefetch {
             file: None,
             size: None,
             handled: Vec::new(),
+            handled_packs: Vec::new(),
             report: PrefetchReport {
                 id: self.id,
                 ended: Ended::Cancelled,
@@ -189,6 +197,7 @@ impl Prefetch {
             index,
             term,
             params: self.repo.params(),
+            packs: self.repo.packs().is_some(),
         };
         let mut seen: Option<String> = None;
         // A store without ETags: the last body, to tell a change.
@@ -244,6 +253,166 @@ impl Prefetch {
         }
     }
 
+    /// Repository of packs: for each newly listed pack, reads its trailer (checked against
+    /// its digest) for the ids and lengths of the blobs the runs name, reads those blobs
+    /// (neighbours in one ranged GET), checks each against its id and writes it where its
+    /// run puts it. The entries are handled (and their list may only grow) once all of them
+    /// are written; a store that stops answering leaves them to the next poll.
+    async fn take_packed(
+        &self,
+        state: &mut Progress,
+        file: &Arc<File>,
+        size: u64,
+        new: &[PackRuns],
+    ) -> Result<(), Ended> {
+        for entry in new {
+            let trailer = match self.repo.read_trailer(&entry.pack, entry.size).await {
+                Ok(trailer) => trailer,
+                Err(e @ (Error::PackMissing { .. } | Error::PackCorrupt { .. })) => {
+                    return Err(Ended::BadChunk(format!("pack {}: {e}", entry.pack)))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "a prefetch read failed; retrying at the next poll");
+                    return Ok(());
+                }
+            };
+            // Where each blob starts in the pack: they are laid out one after another.
+            let mut starts = Vec::with_capacity(trailer.blobs.len());
+            let mut at = 0u64;
+            for b in &trailer.blobs {
+                starts.push(at);
+                at += b.stored_len as u64;
+            }
+            // (file offset, blob) of every blob the runs name.
+            let mut wanted: Vec<(u64, usize)> = Vec::new();
+            for &(file_offset, pack_offset, count) in &entry.runs {
+                let Ok(first) = starts.binary_search(&(pack_offset as u64)) else {
+                    return Err(Ended::Refused(format!(
+                        "pack {} has no blob at offset {pack_offset}",
+                        entry.pack
+                    )));
+                };
+                let mut to = file_offset;
+                for i in first..first + count as usize {
+                    let Some(b) = trailer.blobs.get(i) else {
+                        return Err(Ended::Refused(format!(
+                            "pack {} has {} blobs, a run names blob {i}",
+                            entry.pack,
+                            trailer.blobs.len()
+                        )));
+                    };
+                    if to + b.plain_len as u64 > size {
+                        return Err(Ended::Refused(format!(
+                            "a run of pack {} reaches past the file's size {size}",
+                            entry.pack
+                        )));
+                    }
+                    if !self.local.contains(&b.id) {
+                        wanted.push((to, i));
+                    }
+                    to += b.plain_len as u64;
+                }
+            }
+            let listed: u64 = wanted
+                .iter()
+                .map(|&(_, i)| trailer.blobs[i].plain_len as u64)
+                .sum();
+            if state.report.bytes + listed > size {
+                return Err(Ended::Refused(format!(
+                    "it lists more bytes than the file's size {size}"
+                )));
+            }
+            let needed: Vec<Needed<usize>> = wanted
+                .iter()
+                .enumerate()
+                .map(|(k, &(_, i))| Needed {
+                    pack: entry.pack,
+                    offset: starts[i],
+                    stored_len: trailer.blobs[i].stored_len,
+                    tag: k,
+                })
+                .collect();
+            let ranges = coalesce(&needed, RangeLimits::default());
+            let trailer = &trailer;
+            let wanted = &wanted;
+            let reads = futures::stream::iter(ranges)
+                .map(|r| {
+                    let file = file.clone();
+                    async move {
+                        let bytes = match self
+                            .repo
+                            .read_pack(&r.pack, entry.size, r.range.clone())
+                            .await
+                        {
+                            Ok(bytes) => bytes,
+                            Err(e @ (Error::PackMissing { .. } | Error::PackCorrupt { .. })) => {
+                                return Err(Stopped::Refused(format!("pack {}: {e}", r.pack)))
+                            }
+                            Err(e) => return Err(Stopped::Transient(e)),
+                        };
+                        let blobs: Vec<(u64, crate::pack::BlobEntry, bytes::Bytes)> = r
+                            .blobs
+                            .iter()
+                            .map(|&(k, start, len)| {
+                                let (to, i) = wanted[k];
+                                (
+                                    to,
+                                    trailer.blobs[i],
+                                    bytes.slice(start..start + len as usize),
+                                )
+                            })
+                            .collect();
+                        tokio::task::spawn_blocking(move || {
+                            let mut written = Vec::with_capacity(blobs.len());
+                            for (to, b, stored) in blobs {
+                                let plain = decode_blob(&stored, b.encoding, b.plain_len, &b.id)
+                                    .map_err(|reason| {
+                                        Stopped::Refused(format!(
+                                            "chunk {} for offset {to}: {reason}",
+                                            b.id
+                                        ))
+                                    })?;
+                                file.write_all_at(&plain, to).map_err(|e| {
+                                    Stopped::Transient(Error::io("writing the staging file", e))
+                                })?;
+                                written.push((to, b.id, b.plain_len as u64));
+                            }
+                            Ok(written)
+                        })
+                        .await
+                        .map_err(|e| {
+                            Stopped::Transient(Error::io("writing task", std::io::Error::other(e)))
+                        })?
+                    }
+                })
+                .buffer_unordered(RANGES_IN_FLIGHT);
+            futures::pin_mut!(reads);
+            let mut complete = true;
+            while let Some(done) = reads.next().await {
+                match done {
+                    Ok(written) => {
+                        for (to, id, len) in written {
+                            state.report.written.push((to, id));
+                            state.report.chunks += 1;
+                            state.report.bytes += len;
+                            self.metrics.prefetched(len);
+                        }
+                    }
+                    Err(Stopped::Refused(reason)) => return Err(Ended::BadChunk(reason)),
+                    Err(Stopped::Transient(e)) => {
+                        tracing::debug!(error = %e, "a prefetch download failed; retrying at the next poll");
+                        complete = false;
+                    }
+                }
+            }
+            if !complete {
+                return Ok(());
+            }
+            state.handled_packs.push(entry.clone());
+        }
+        Ok(())
+    }
+
     /// Downloads what `object` lists beyond what was handled before.
     async fn take(&self, state: &mut Progress, object: InProgress) -> Result<(), Ended> {
         if state.size.is_some_and(|size| size != object.size) {
@@ -279,6 +448,16 @@ impl Prefetch {
                 file
             }
         };
+        if self.repo.packs().is_some() {
+            let handled = state.handled_packs.len();
+            if object.packs.len() < handled || object.packs[..handled] != state.handled_packs[..] {
+                return Err(Ended::Refused(
+                    "it no longer lists the packs it listed before".into(),
+                ));
+            }
+            let new = object.packs[handled..].to_vec();
+            return self.take_packed(state, &file, object.size, &new).await;
+        }
         let new = &object.chunks[handled..];
         let downloads = futures::stream::iter(new.iter().copied())
             .map(|span| {

@@ -2,9 +2,11 @@
 //! the same hidden staging file, and it is committed and handed over exactly as a
 //! chunk-object fetch's is.
 //!
-//! What is reused: a staging file of the right size that an earlier attempt left (resumed:
-//! every chunk in it is hashed against its block before it stays), otherwise the newest
-//! local snapshot whose manifest the store has. Local bytes are never trusted: each reused
+//! What is reused: the chunks a prefetch of this process wrote into the staging file
+//! ([`Fetcher::prefetched`]: checked when they were written, left as they are); otherwise a
+//! staging file of the right size that an earlier attempt left (resumed: every chunk in it
+//! is hashed against its block before it stays); and the newest local snapshot, known by
+//! its manifest from the store or by cutting it. Local bytes are never trusted: each reused
 //! chunk is read, hashed and written from the bytes hashed. Every downloaded blob is checked
 //! against its id, and every tree block against its manifest, so the file is the chunks the
 //! manifest names, in its order; [`Fetcher::verify_file`] also hashes the whole file.
@@ -216,7 +218,11 @@ impl Fetcher<'_> {
             hand_over(&file, dir, node)?;
         }
         let file = Arc::new(file);
-        let local = match (resumable, source) {
+        // A staging file a prefetch of this process wrote: what it wrote stays as it is, and
+        // the rest comes from the local snapshot and the store. One an earlier attempt left:
+        // its own (untrusted) local snapshot, every chunk hashed before it stays.
+        let in_place = self.prefetched.as_ref().filter(|_| resumable);
+        let local = match (resumable && in_place.is_none(), source) {
             (true, _) => Some(LocalSnapshot::of_manifest(file.clone(), manifest, false)),
             (false, Some(source)) => self.open_source(source).await?,
             (false, None) => None,
@@ -230,6 +236,7 @@ impl Fetcher<'_> {
             file.clone(),
             &name,
             local,
+            in_place,
             RangeLimits::default(),
         )
         .await?;

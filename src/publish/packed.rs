@@ -10,7 +10,8 @@
 //! snapshot is packed again without a base (every chunk uploaded into new packs, which no
 //! GC deletes within its grace period), so that a manifest never names a missing pack.
 //!
-//! Not done yet for packs: streaming (nothing is announced before the manifest).
+//! With streaming on, the publish announces the chunks it uploads as their packs are
+//! finished (see [`crate::inprogress`]), so that followers fetch them before the manifest.
 
 use std::io;
 use std::sync::atomic::Ordering;
@@ -21,6 +22,7 @@ use chrono::Utc;
 use super::{Commit, NodeIndex, OpenSnapshot, PublishReport, Publisher, Sent};
 use crate::chunk::{self, Digest};
 use crate::error::{Error, Result};
+use crate::inprogress::Announcer;
 use crate::lease::Lease;
 use crate::manifest_v2::{self as v2, Manifest};
 use crate::pack::upload::{PartBudget, PARTS_IN_FLIGHT, PART_SIZE};
@@ -67,6 +69,69 @@ impl Publisher<'_> {
         };
         let sent = Sent::default();
         let mut base = self.base_manifest().await?;
+        let announcer = self.announce(index, term, env.size).await;
+        let result = self
+            .pack_and_commit(
+                descriptor,
+                snapshot,
+                (chunks, sha256, listed),
+                &mut base,
+                &sent,
+                lease,
+                announcer.as_ref(),
+            )
+            .await;
+        // After the manifest (or the failure): nothing is in progress any more.
+        if let Some(announcer) = announcer {
+            announcer.end().await;
+        }
+        let (manifest, id, stats) = result?;
+        self.progress.finish();
+        let report = PublishReport {
+            index,
+            term,
+            size: manifest.size,
+            sha256: Some(manifest.sha256.to_hex()),
+            manifest: id.to_string(),
+            chunk_index: used_index,
+            already_published: false,
+            chunks_total: manifest.chunks,
+            chunks_transferred: sent.chunks.into_inner(),
+            bytes_transferred: sent.bytes.into_inner(),
+            elapsed: started.elapsed(),
+        };
+        tracing::debug!(
+            index,
+            term,
+            bytes = report.size,
+            chunks = report.chunks_total,
+            chunks_uploaded = report.chunks_transferred,
+            stored_uploaded = report.bytes_transferred,
+            blocks_reused = stats.blocks_reused,
+            blocks_written = stats.blocks_written,
+            packs_written = stats.packs_written,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "published"
+        );
+        Ok(report)
+    }
+
+    /// Packs the snapshot onto `base` and commits its manifest; packs it again without a
+    /// base when a pack the first manifest named vanished during a lapse of the lease (the
+    /// retry announces nothing: its list would start over).
+    #[allow(clippy::too_many_arguments)]
+    async fn pack_and_commit(
+        &self,
+        descriptor: &v2::Repository,
+        snapshot: &OpenSnapshot,
+        (chunks, sha256, listed): (Vec<(Digest, u64)>, Digest, ChunkList<'_>),
+        base: &mut Option<Manifest>,
+        sent: &Sent,
+        lease: &mut Lease,
+        mut announcer: Option<&Announcer>,
+    ) -> Result<(Manifest, crate::repo::ManifestId, crate::packer::PackStats)> {
+        let env = &snapshot.envelope;
+        let (index, term) = env.log_id();
         loop {
             let budget = PartBudget::new(PARTS_IN_FLIGHT, PART_SIZE);
             let name = snapshot.data_path.display().to_string();
@@ -79,6 +144,7 @@ impl Publisher<'_> {
                 &chunks,
                 listed,
                 budget,
+                announcer,
             )
             .await?;
             sent.chunks
@@ -114,41 +180,12 @@ impl Publisher<'_> {
             let committed = self
                 .commit(snapshot, Commit::Packs(&manifest), lease)
                 .await?;
-            let Some(id) = committed else {
-                if base.take().is_some() {
-                    continue;
-                }
+            match committed {
+                Some(id) => return Ok((manifest, id, packed.stats)),
+                None if base.take().is_some() => announcer = None,
                 // Packed without a base, every pack is this publish's own and young.
-                return Err(lease.lapsed());
-            };
-            self.progress.finish();
-            let report = PublishReport {
-                index,
-                term,
-                size: manifest.size,
-                sha256: Some(manifest.sha256.to_hex()),
-                manifest: id.to_string(),
-                chunk_index: used_index,
-                already_published: false,
-                chunks_total: manifest.chunks,
-                chunks_transferred: sent.chunks.into_inner(),
-                bytes_transferred: sent.bytes.into_inner(),
-                elapsed: started.elapsed(),
-            };
-            tracing::debug!(
-                index,
-                term,
-                bytes = report.size,
-                chunks = report.chunks_total,
-                chunks_uploaded = report.chunks_transferred,
-                stored_uploaded = report.bytes_transferred,
-                blocks_reused = packed.stats.blocks_reused,
-                blocks_written = packed.stats.blocks_written,
-                packs_written = packed.stats.packs_written,
-                elapsed_ms = report.elapsed.as_millis() as u64,
-                "published"
-            );
-            return Ok(report);
+                None => return Err(lease.lapsed()),
+            }
         }
     }
 

@@ -28,4 +28,5 @@ mod roundtrip;
 mod signing;
 mod store_conformance;
 mod streaming;
+mod streaming_packs;
 mod systemd_notify;

@@ -321,6 +321,7 @@ fn forged(size: u64, chunks: Vec<Span>) -> InProgress {
         size,
         written_at: chrono::Utc::now(),
         chunks,
+        packs: Vec::new(),
     }
 }
 
@@ -559,12 +560,14 @@ fn staging_files(incoming: &Path) -> Vec<PathBuf> {
 }
 
 /// Starts three `kv-node`s with their sidecars, the leader's reaching the S3 server through
-/// a gate that holds its manifest PUTs, every follower probing `latest` every 200 ms.
+/// a gate that holds its manifest PUTs, every follower probing `latest` every 200 ms; the
+/// repository is created as `layout` ("chunks" or "packs").
 async fn gated_cluster(
     s3: &support::S3,
     prefix: &str,
     gate: &HttpGate,
     daemon: &str,
+    layout: &str,
 ) -> (Cluster, u64, Vec<u64>) {
     let mut c = Cluster::start_nodes(
         3,
@@ -584,6 +587,8 @@ async fn gated_cluster(
     );
     c.sidecar_daemon = format!("store_probe_interval = \"200ms\"\n{daemon}");
     for id in 1..=3 {
+        c.sidecar_config
+            .insert(id, format!("[repository]\nlayout = \"{layout}\"\n"));
         c.start_sidecar(id);
     }
     (c, leader, followers)
@@ -593,12 +598,19 @@ fn log_id(v: &serde_json::Value) -> Option<(u64, u64)> {
     Some((v["term"].as_u64()?, v["index"].as_u64()?))
 }
 
-/// The same, with real `kv-node` and `snaprelay run` processes: while the leader's
-/// manifest PUT is held, both followers' sidecars (learning of the publish from `latest`)
-/// prefetch the whole snapshot into their staging files, and no node adopts anything; once
-/// it is released, both adopt with nothing downloaded after the manifest.
+/// The same, with real `kv-node` and `snaprelay run` processes, in a repository of chunk
+/// objects and in one of packs: while the leader's manifest PUT is held, both followers'
+/// sidecars (learning of the publish from `latest`) prefetch the whole snapshot into their
+/// staging files, and no node adopts anything; once it is released, both adopt with
+/// nothing downloaded after the manifest.
 #[tokio::test(flavor = "multi_thread")]
 async fn sidecars_prefetch_a_publish_whose_manifest_is_held_and_download_nothing_after() {
+    for layout in ["chunks", "packs"] {
+        sidecars_prefetch_a_held_publish(layout).await;
+    }
+}
+
+async fn sidecars_prefetch_a_held_publish(layout: &str) {
     let Some(s3) = support::s3(
         "sidecars_prefetch_a_publish_whose_manifest_is_held_and_download_nothing_after",
     ) else {
@@ -606,7 +618,7 @@ async fn sidecars_prefetch_a_publish_whose_manifest_is_held_and_download_nothing
     };
     let gate = HttpGate::start(&s3.endpoint, "manifests").await;
     let prefix = support::unique("stream");
-    let (c, leader, followers) = gated_cluster(&s3, &prefix, &gate, "").await;
+    let (c, leader, followers) = gated_cluster(&s3, &prefix, &gate, "", layout).await;
     c.write_keys("a", 40, 100 << 10).await;
     c.post(leader, "/snapshot", serde_json::json!({})).await;
     tokio::time::timeout(Duration::from_secs(60), gate.arrived())
@@ -655,11 +667,16 @@ async fn sidecars_prefetch_a_publish_whose_manifest_is_held_and_download_nothing
             Some(size as f64)
         );
     }
+    let repo = Repo::open(Store::open(&s3.settings(&prefix)).unwrap(), "e2e")
+        .await
+        .unwrap();
+    assert_eq!(repo.descriptor().layout_name(), layout);
 }
 
-/// Streaming off (`daemon.streaming = false` everywhere): the publish announces nothing, so
-/// while its manifest is held nothing is in progress in the store and nothing is
-/// prefetched; after it, the followers download the whole snapshot, as before streaming.
+/// Streaming off (`daemon.streaming = false` everywhere), in a repository of packs: the
+/// publish announces nothing, so while its manifest is held nothing is in progress in the
+/// store and nothing is prefetched; after it, the followers download the whole snapshot
+/// (every data pack's bytes), as before streaming.
 #[tokio::test(flavor = "multi_thread")]
 async fn with_streaming_off_sidecars_fetch_only_after_the_manifest() {
     let Some(s3) = support::s3("with_streaming_off_sidecars_fetch_only_after_the_manifest") else {
@@ -667,7 +684,8 @@ async fn with_streaming_off_sidecars_fetch_only_after_the_manifest() {
     };
     let gate = HttpGate::start(&s3.endpoint, "manifests").await;
     let prefix = support::unique("stream");
-    let (c, leader, followers) = gated_cluster(&s3, &prefix, &gate, "streaming = false\n").await;
+    let (c, leader, followers) =
+        gated_cluster(&s3, &prefix, &gate, "streaming = false\n", "packs").await;
     c.write_keys("a", 20, 100 << 10).await;
     c.post(leader, "/snapshot", serde_json::json!({})).await;
     tokio::time::timeout(Duration::from_secs(60), gate.arrived())
@@ -699,9 +717,34 @@ async fn with_streaming_off_sidecars_fetch_only_after_the_manifest() {
                 .await,
             Some(0.0)
         );
-        assert_eq!(
-            c.sidecar_metric(f, "snaprelay_fetch_bytes_total").await,
-            Some(size as f64)
+        // Every stored byte of the snapshot's chunks (compressed: less than its size).
+        let fetched = c
+            .sidecar_metric(f, "snaprelay_fetch_bytes_total")
+            .await
+            .unwrap_or(0.0);
+        assert!(
+            fetched > 0.0 && fetched <= size as f64,
+            "node {f} fetched {fetched} of {size}"
+        );
+    }
+    let id = repo
+        .manifest_for(snapshot.1, snapshot.0)
+        .await
+        .unwrap()
+        .unwrap();
+    let manifest = repo.read_packed_manifest(&id).await.unwrap();
+    let stored: u64 = manifest
+        .packs
+        .iter()
+        .filter(|p| p.kind == snaprelay::pack::PackKind::Data)
+        .map(|p| p.size)
+        .sum();
+    // The ranged reads cover every distinct chunk of the snapshot, each read once.
+    for &f in &followers {
+        let fetched = c.sidecar_metric(f, "snaprelay_fetch_bytes_total").await;
+        assert!(
+            fetched.is_some_and(|b| b > 0.0 && b <= stored as f64),
+            "node {f} fetched {fetched:?}, the data packs hold {stored}"
         );
     }
 }

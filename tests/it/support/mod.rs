@@ -465,6 +465,7 @@ pub async fn packed_manifest(
         &chunks,
         snaprelay::packer::ChunkList::Cut,
         snaprelay::pack::upload::PartBudget::new(2, 8 << 20),
+        None,
     )
     .await
     .unwrap();
