@@ -554,15 +554,10 @@ impl Daemon {
         {
             self.health.hook_reachable(false);
         }
+        // Of chunk objects or of packs alike (a missing pack, a damaged blob or tree block).
         let corrupt = err.chain().any(|c| {
-            matches!(
-                c.downcast_ref::<Error>(),
-                Some(
-                    Error::ChunkCorrupt { .. }
-                        | Error::FileCorrupt { .. }
-                        | Error::ChunkMissing { .. }
-                )
-            )
+            c.downcast_ref::<Error>()
+                .is_some_and(Error::is_verification_failure)
         });
         if corrupt {
             self.metrics.verification_failure();
