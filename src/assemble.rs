@@ -35,6 +35,8 @@ use crate::tree::Block;
 
 /// Ranged reads in flight at once.
 const RANGES_IN_FLIGHT: usize = 4;
+/// Blocks whose chunks are fetched at once (their ranges share [`RANGES_IN_FLIGHT`]).
+const BLOCKS_IN_FLIGHT: usize = 4;
 /// Bytes of a local file read in one call when its chunks are checked.
 const RUN_BYTES: u64 = 8 << 20;
 
@@ -132,105 +134,136 @@ pub async fn assemble(
     let mut stats = AssembleStats::default();
     // A pending copy from the local file: (from, to, len), grown while blocks follow on.
     let mut copy: Option<(u64, u64, u64)> = None;
-    // Blocks are written in file order: the disk writes the front while the rest arrives.
+    // Blocks copied in file order while nothing is being fetched: the disk writes the front
+    // while the rest is read.
     let mut write_behind = crate::chunk::WriteBehind::new();
-    for (i, (at, b)) in manifest.block_offsets().enumerate() {
-        if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
-            if l.trusted {
-                stats.blocks_copied += 1;
-                stats.bytes_copied += b.bytes;
-                copy = match copy {
-                    Some((f, t, n)) if f + n == from && t + n == at => Some((f, t, n + b.bytes)),
-                    other => {
-                        if let Some(c) = other {
-                            copy_range(&l.file, &out, c)
-                                .await
-                                .map_err(io_err("copying into"))?;
+    // Blocks whose chunks are being read from the store, a few at once so that the next
+    // block's ranges are requested while the last ones arrive; all their ranges share one
+    // bound.
+    let ranges_in_flight = tokio::sync::Semaphore::new(RANGES_IN_FLIGHT);
+    let (jobs, queued) = tokio::sync::mpsc::channel::<(Block, Vec<(usize, u64)>)>(BLOCKS_IN_FLIGHT);
+    // Reads the queued blocks' chunks, BLOCKS_IN_FLIGHT at once, while the loop below plans
+    // the next ones (both run in this task: `join!` polls them in turn).
+    let fetcher =
+        futures::stream::unfold(
+            queued,
+            |mut q| async move { q.recv().await.map(|job| (job, q)) },
+        )
+        .map(|(block, wanted)| {
+            fetch_block(
+                repo,
+                manifest,
+                block,
+                wanted,
+                out.clone(),
+                limits,
+                &ranges_in_flight,
+            )
+        })
+        .buffer_unordered(BLOCKS_IN_FLIGHT)
+        .try_fold(AssembleStats::default(), |mut all, one| async move {
+            all.add(one);
+            Ok(all)
+        });
+    let planner = async {
+        for (i, (at, b)) in manifest.block_offsets().enumerate() {
+            if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
+                if l.trusted {
+                    stats.blocks_copied += 1;
+                    stats.bytes_copied += b.bytes;
+                    copy = match copy {
+                        Some((f, t, n)) if f + n == from && t + n == at => {
+                            Some((f, t, n + b.bytes))
                         }
-                        Some((from, at, b.bytes))
+                        other => {
+                            if let Some(c) = other {
+                                copy_range(&l.file, &out, c)
+                                    .await
+                                    .map_err(io_err("copying into"))?;
+                            }
+                            Some((from, at, b.bytes))
+                        }
+                    };
+                    continue;
+                }
+                // Untrusted: each chunk is read, hashed and written from the bytes hashed (a
+                // copy by the kernel would copy whatever the file holds by then); the chunks
+                // that do not match are fetched.
+                let block = repo.read_block(descriptor, manifest, i).await?;
+                let mut spans = Vec::with_capacity(block.chunks.len());
+                let (mut f, mut t) = (from, at);
+                for (j, c) in block.chunks.iter().enumerate() {
+                    if placed(t, &c.id) {
+                        stats.chunks_in_place += 1;
+                    } else {
+                        spans.push((j, f, t));
                     }
-                };
+                    f += c.plain_len as u64;
+                    t += c.plain_len as u64;
+                }
+                let missed = reuse_chunks(&l.file, false, &out, &block, &spans, &mut copy)
+                    .await
+                    .map_err(io_err("copying into"))?;
+                stats.chunks_copied += (spans.len() - missed.len()) as u64;
+                if missed.is_empty() {
+                    stats.blocks_copied += 1;
+                    stats.bytes_copied += b.bytes;
+                    if copy.is_none() && jobs.capacity() == BLOCKS_IN_FLIGHT {
+                        write_behind.written_to(&out, at + b.bytes);
+                    }
+                    continue;
+                }
+                if jobs.send((block, missed)).await.is_err() {
+                    // The fetcher stopped on an error: it is the one reported.
+                    return Ok(stats);
+                }
+                stats.blocks_fetched += 1;
                 continue;
             }
-            // Untrusted: each chunk is read, hashed and written from the bytes hashed (a
-            // copy by the kernel would copy whatever the file holds by then); the chunks
-            // that do not match are fetched.
             let block = repo.read_block(descriptor, manifest, i).await?;
-            let mut spans = Vec::with_capacity(block.chunks.len());
-            let (mut f, mut t) = (from, at);
+            // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
+            let mut wanted = Vec::new();
+            let mut from_local = Vec::new();
+            let mut to = at;
             for (j, c) in block.chunks.iter().enumerate() {
-                if placed(t, &c.id) {
+                if placed(to, &c.id) {
                     stats.chunks_in_place += 1;
-                } else {
-                    spans.push((j, f, t));
+                    to += c.plain_len as u64;
+                    continue;
                 }
-                f += c.plain_len as u64;
-                t += c.plain_len as u64;
-            }
-            let missed = reuse_chunks(&l.file, false, &out, &block, &spans, &mut copy)
-                .await
-                .map_err(io_err("copying into"))?;
-            stats.chunks_copied += (spans.len() - missed.len()) as u64;
-            if missed.is_empty() {
-                stats.blocks_copied += 1;
-                stats.bytes_copied += b.bytes;
-                if copy.is_none() {
-                    write_behind.written_to(&out, at + b.bytes);
+                match (&local, local_chunks.get(&c.id)) {
+                    (Some(_), Some(&from)) => from_local.push((j, from, to)),
+                    _ => wanted.push((j, to)),
                 }
-                continue;
-            }
-            fetch_block(repo, manifest, &block, &missed, &out, limits, &mut stats)
-                .await
-                .map_err(|e| match e {
-                    Error::Io { source, .. } => io_err("writing")(source),
-                    other => other,
-                })?;
-            stats.blocks_fetched += 1;
-            if copy.is_none() {
-                write_behind.written_to(&out, at + b.bytes);
-            }
-            continue;
-        }
-        let block = repo.read_block(descriptor, manifest, i).await?;
-        // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
-        let mut wanted = Vec::new();
-        let mut from_local = Vec::new();
-        let mut to = at;
-        for (j, c) in block.chunks.iter().enumerate() {
-            if placed(to, &c.id) {
-                stats.chunks_in_place += 1;
                 to += c.plain_len as u64;
-                continue;
             }
-            match (&local, local_chunks.get(&c.id)) {
-                (Some(_), Some(&from)) => from_local.push((j, from, to)),
-                _ => wanted.push((j, to)),
+            if let Some(l) = &local {
+                let missed = reuse_chunks(&l.file, l.trusted, &out, &block, &from_local, &mut copy)
+                    .await
+                    .map_err(io_err("copying into"))?;
+                stats.chunks_copied += (from_local.len() - missed.len()) as u64;
+                wanted.extend(missed);
             }
-            to += c.plain_len as u64;
+            if jobs.send((block, wanted)).await.is_err() {
+                return Ok(stats);
+            }
+            stats.blocks_fetched += 1;
         }
-        if let Some(l) = &local {
-            let missed = reuse_chunks(&l.file, l.trusted, &out, &block, &from_local, &mut copy)
+        drop(jobs);
+        if let (Some(l), Some(c)) = (&local, copy) {
+            copy_range(&l.file, &out, c)
                 .await
                 .map_err(io_err("copying into"))?;
-            stats.chunks_copied += (from_local.len() - missed.len()) as u64;
-            wanted.extend(missed);
         }
-        fetch_block(repo, manifest, &block, &wanted, &out, limits, &mut stats)
-            .await
-            .map_err(|e| match e {
-                Error::Io { source, .. } => io_err("writing")(source),
-                other => other,
-            })?;
-        stats.blocks_fetched += 1;
-        if copy.is_none() {
-            write_behind.written_to(&out, at + b.bytes);
-        }
-    }
-    if let (Some(l), Some(c)) = (&local, copy) {
-        copy_range(&l.file, &out, c)
-            .await
-            .map_err(io_err("copying into"))?;
-    }
+        Ok::<_, Error>(stats)
+    };
+    let (planned, fetched) = tokio::join!(planner, fetcher);
+    let fetched = fetched.map_err(|e| match e {
+        Error::Io { source, .. } => Error::io(format!("writing {out_name}"), source),
+        other => other,
+    })?;
+    let mut stats = planned?;
+    stats.add(fetched);
     Ok(stats)
 }
 
@@ -373,17 +406,19 @@ async fn reuse_chunks(
 }
 
 /// Reads chunks `(index in block, offset in the file)` of a block from the store (coalesced
-/// ranges, a few in flight), checks each, and writes it at its offset.
+/// ranges), checks each, and writes it at its offset; returns what it read. Each range holds
+/// one of `ranges`' permits from its request until its chunks are written, so that the
+/// ranges of every block in flight together stay within that bound (memory: permits times
+/// the largest range).
 async fn fetch_block(
     repo: &Repo,
     manifest: &Manifest,
-    block: &Block,
-    wanted: &[(usize, u64)],
-    out: &Arc<File>,
+    block: Block,
+    wanted: Vec<(usize, u64)>,
+    out: Arc<File>,
     limits: RangeLimits,
-    stats: &mut AssembleStats,
-) -> Result<()> {
-    let sizes: HashMap<_, _> = manifest.packs.iter().map(|p| (p.id, p.size)).collect();
+    ranges_in_flight: &tokio::sync::Semaphore,
+) -> Result<AssembleStats> {
     let needed: Vec<Needed<(usize, u64)>> = wanted
         .iter()
         .map(|&(j, to)| {
@@ -397,45 +432,55 @@ async fn fetch_block(
         })
         .collect();
     let ranges = coalesce(&needed, limits);
-    stats.ranges_read += ranges.len() as u64;
-    stats.chunks_fetched += needed.len() as u64;
-    stats.bytes_fetched += wanted
-        .iter()
-        .map(|&(j, _)| block.chunks[j].plain_len as u64)
-        .sum::<u64>();
-    stats.bytes_read += ranges
-        .iter()
-        .map(|r| r.range.end - r.range.start)
-        .sum::<u64>();
+    let stats = AssembleStats {
+        ranges_read: ranges.len() as u64,
+        chunks_fetched: needed.len() as u64,
+        bytes_fetched: wanted
+            .iter()
+            .map(|&(j, _)| block.chunks[j].plain_len as u64)
+            .sum(),
+        bytes_read: ranges.iter().map(|r| r.range.end - r.range.start).sum(),
+        ..AssembleStats::default()
+    };
+    let block = &block;
     futures::stream::iter(ranges)
         .map(|r| {
             // A validated block names only packs of its manifest; 0 makes any other corrupt.
-            let size = sizes.get(&r.pack).copied().unwrap_or(0);
-            async move {
-                let bytes = repo.read_pack(&r.pack, size, r.range.clone()).await?;
-                Ok::<_, Error>((r, bytes))
-            }
-        })
-        .buffer_unordered(RANGES_IN_FLIGHT)
-        .map_ok(|(r, bytes)| {
-            let out = out.clone();
-            let chunks: Vec<_> = r
-                .blobs
+            let size = manifest
+                .packs
                 .iter()
-                .map(|&((j, to), start, len)| {
-                    let c = block.chunks[j];
-                    (c, to, bytes.slice(start..start + len as usize))
-                })
-                .collect();
+                .find(|p| p.id == r.pack)
+                .map_or(0, |p| p.size);
+            let out = out.clone();
             async move {
+                let _permit = ranges_in_flight
+                    .acquire()
+                    .await
+                    .map_err(|e| Error::io("range budget", std::io::Error::other(e)))?;
+                let bytes = repo.read_pack(&r.pack, size, r.range.clone()).await?;
+                let chunks: Vec<_> = r
+                    .blobs
+                    .iter()
+                    .map(|&((j, to), start, len)| {
+                        let c = block.chunks[j];
+                        (c, to, bytes.slice(start..start + len as usize))
+                    })
+                    .collect();
                 tokio::task::spawn_blocking(move || -> Result<()> {
                     for (c, to, stored) in chunks {
-                        let plain = decode_blob(&stored, c.encoding, c.plain_len, &c.id).map_err(
-                            |reason| Error::ChunkCorrupt {
-                                sha256: c.id.to_hex(),
-                                reason,
-                            },
-                        )?;
+                        let corrupt = |reason| Error::ChunkCorrupt {
+                            sha256: c.id.to_hex(),
+                            reason,
+                        };
+                        // A raw blob is checked and written where it lies in the range.
+                        let plain = match c.encoding {
+                            crate::pack::Encoding::Raw if stored.len() == c.plain_len as usize => {
+                                crate::pack::check_id(&stored, &c.id).map_err(corrupt)?;
+                                stored
+                            }
+                            _ => decode_blob(&stored, c.encoding, c.plain_len, &c.id)
+                                .map_err(corrupt)?,
+                        };
                         out.write_all_at(&plain, to)
                             .map_err(|e| Error::io("writing", e))?;
                     }
@@ -445,9 +490,24 @@ async fn fetch_block(
                 .map_err(|e| Error::io("verifying task", std::io::Error::other(e)))?
             }
         })
-        .try_buffer_unordered(RANGES_IN_FLIGHT)
+        .buffer_unordered(RANGES_IN_FLIGHT)
         .try_collect::<()>()
-        .await
+        .await?;
+    Ok(stats)
+}
+
+impl AssembleStats {
+    fn add(&mut self, o: AssembleStats) {
+        self.blocks_copied += o.blocks_copied;
+        self.bytes_copied += o.bytes_copied;
+        self.blocks_fetched += o.blocks_fetched;
+        self.chunks_copied += o.chunks_copied;
+        self.chunks_fetched += o.chunks_fetched;
+        self.bytes_fetched += o.bytes_fetched;
+        self.chunks_in_place += o.chunks_in_place;
+        self.bytes_read += o.bytes_read;
+        self.ranges_read += o.ranges_read;
+    }
 }
 
 #[cfg(test)]
