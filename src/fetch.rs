@@ -240,37 +240,19 @@ impl<'a> Fetcher<'a> {
         sources: &[ReuseSource],
     ) -> Result<FetchReport> {
         let started = Instant::now();
-        let (data_name, meta_name) =
-            snapdir::file_names(manifest.last_log_index, manifest.last_log_term);
-        let envelope = Envelope {
-            format: ENVELOPE_FORMAT,
-            last_log_index: manifest.last_log_index,
-            last_log_term: manifest.last_log_term,
-            data: data_name.clone(),
-            size: manifest.size,
-            raft_meta: manifest.raft_meta.clone(),
-            chunk_index: None,
-            // Verified against every chunk and the whole file before the envelope is
-            // committed; the node checks the file against it again and records it.
-            sha256: Some(manifest.sha256.to_hex()),
-        };
-        // Before anything is downloaded: the node would refuse (or worse, adopt) a snapshot
-        // whose raft_meta is not this snapshot's.
-        envelope
-            .validate()
-            .map_err(|reason| Error::InvalidManifest {
-                key: format!(
-                    "for snapshot {} (term {})",
-                    manifest.last_log_index, manifest.last_log_term
-                ),
-                reason,
-            })?;
-        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
-        let staging = Staging {
-            name: format!(".{data_name}.partial"),
-            path: dir.join(&format!(".{data_name}.partial")),
-        };
+        let Target {
+            dir,
+            staging,
+            envelope,
+            data_name,
+            meta_name,
+        } = Target::prepare(
+            dir,
+            (manifest.last_log_index, manifest.last_log_term),
+            manifest.size,
+            &manifest.raft_meta,
+            &manifest.sha256,
+        )?;
         // Chunks copied from the node's own snapshot are covered by the whole-file sha256
         // rather than hashed one by one (they do not arrive from anywhere; hashing them
         // twice cost a core-second per GiB). If the whole file then fails, a local copy was
@@ -507,6 +489,61 @@ enum Stop {
 
 /// The writer task is gone; its own result says why.
 struct WriterStopped;
+
+/// Where a fetch puts a snapshot: the target directory, opened; the staging file's name;
+/// the envelope it commits and the final names.
+struct Target {
+    dir: Dir,
+    staging: Staging,
+    envelope: Envelope,
+    data_name: String,
+    meta_name: String,
+}
+
+impl Target {
+    /// The envelope of the snapshot at `log_id` (checked before anything is downloaded: the
+    /// node would refuse, or worse adopt, a snapshot whose raft_meta is not this snapshot's),
+    /// and `dir`, created if needed and opened. The envelope's sha256 is verified by the
+    /// fetch before it is committed; the node checks the file against it again.
+    fn prepare(
+        dir: &Path,
+        (index, term): (u64, u64),
+        size: u64,
+        raft_meta: &serde_json::Value,
+        sha256: &Digest,
+    ) -> Result<Target> {
+        let (data_name, meta_name) = snapdir::file_names(index, term);
+        let envelope = Envelope {
+            format: ENVELOPE_FORMAT,
+            last_log_index: index,
+            last_log_term: term,
+            data: data_name.clone(),
+            size,
+            raft_meta: raft_meta.clone(),
+            chunk_index: None,
+            sha256: Some(sha256.to_hex()),
+        };
+        envelope
+            .validate()
+            .map_err(|reason| Error::InvalidManifest {
+                key: format!("for snapshot {index} (term {term})"),
+                reason,
+            })?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        let staging = Staging {
+            name: format!(".{data_name}.partial"),
+            path: dir.join(&format!(".{data_name}.partial")),
+        };
+        Ok(Target {
+            dir,
+            staging,
+            envelope,
+            data_name,
+            meta_name,
+        })
+    }
+}
 
 /// The hidden file a snapshot is assembled in, by its name in the target directory.
 struct Staging {

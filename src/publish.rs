@@ -46,6 +46,32 @@ mod packed;
 /// Times a publish takes its lease again when it lapses before the manifest is written.
 const COMMIT_ATTEMPTS: usize = 3;
 
+impl PublishReport {
+    /// The report of a publish that found its snapshot's manifest in the store already.
+    fn already_published(
+        env: &crate::snapdir::Envelope,
+        id: &ManifestId,
+        sent: Sent,
+        started: Instant,
+    ) -> PublishReport {
+        let (index, term) = env.log_id();
+        tracing::debug!(index, term, manifest = %id, "already published");
+        PublishReport {
+            index,
+            term,
+            size: env.size,
+            sha256: None,
+            manifest: id.to_string(),
+            chunk_index: false,
+            already_published: true,
+            chunks_total: 0,
+            chunks_transferred: sent.chunks.into_inner(),
+            bytes_transferred: sent.bytes.into_inner(),
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
 /// What a publish did.
 #[derive(Debug, Clone, Serialize)]
 pub struct PublishReport {
@@ -196,21 +222,8 @@ impl<'a> Publisher<'a> {
             early
         );
         if let Some(id) = existing? {
-            tracing::debug!(index, term, manifest = %id, "already published");
-            return Ok(PublishReport {
-                index,
-                term,
-                size: env.size,
-                sha256: None,
-                manifest: id.to_string(),
-                chunk_index: false,
-                already_published: true,
-                chunks_total: 0,
-                // Normally nothing: the early sends find their chunks present.
-                chunks_transferred: sent.chunks.into_inner(),
-                bytes_transferred: sent.bytes.into_inner(),
-                elapsed: started.elapsed(),
-            });
+            // Normally nothing was sent: the early sends find their chunks present.
+            return Ok(PublishReport::already_published(env, &id, sent, started));
         }
         let mut present = present?;
         present.extend(early?);

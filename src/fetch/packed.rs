@@ -18,14 +18,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{commit, hand_over, open_staging, FetchReport, Fetcher, Staging};
+use super::{commit, hand_over, open_staging, FetchReport, Fetcher, Staging, Target};
 use crate::assemble::{assemble, LocalSnapshot};
 use crate::chunk::Digest;
 use crate::error::{Error, Result};
 use crate::manifest_v2::Manifest;
 use crate::pack::plan::RangeLimits;
 use crate::repo::Repo;
-use crate::snapdir::{self, Envelope, ENVELOPE_FORMAT};
+use crate::snapdir;
 use snaprelay_contract::dir::{self as safe_dir, Dir};
 
 /// A local snapshot file and its manifest from the store, if it has one: what a pack fetch
@@ -96,30 +96,19 @@ impl Fetcher<'_> {
             reason: "a format-2 manifest, but the repository stores chunk objects".into(),
         })?;
         let (index, term) = (manifest.last_log_index, manifest.last_log_term);
-        let (data_name, meta_name) = snapdir::file_names(index, term);
-        let envelope = Envelope {
-            format: ENVELOPE_FORMAT,
-            last_log_index: index,
-            last_log_term: term,
-            data: data_name.clone(),
-            size: manifest.size,
-            raft_meta: manifest.raft_meta.clone(),
-            chunk_index: None,
-            sha256: Some(manifest.sha256.to_hex()),
-        };
-        envelope
-            .validate()
-            .map_err(|reason| Error::InvalidManifest {
-                key: format!("for snapshot {index} (term {term})"),
-                reason,
-            })?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
-        let staging = Staging {
-            name: format!(".{data_name}.partial"),
-            path: dir.join(&format!(".{data_name}.partial")),
-        };
+        let Target {
+            dir,
+            staging,
+            envelope,
+            data_name,
+            meta_name,
+        } = Target::prepare(
+            dir,
+            (index, term),
+            manifest.size,
+            &manifest.raft_meta,
+            &manifest.sha256,
+        )?;
         let result = self
             .assemble_packed(descriptor, manifest, &dir, &staging, source)
             .await;

@@ -41,20 +41,12 @@ impl Publisher<'_> {
         let env = &snapshot.envelope;
         let (index, term) = env.log_id();
         if let Some(id) = self.repo.manifest_for(index, term).await? {
-            tracing::debug!(index, term, manifest = %id, "already published");
-            return Ok(PublishReport {
-                index,
-                term,
-                size: env.size,
-                sha256: None,
-                manifest: id.to_string(),
-                chunk_index: false,
-                already_published: true,
-                chunks_total: 0,
-                chunks_transferred: 0,
-                bytes_transferred: 0,
-                elapsed: started.elapsed(),
-            });
+            return Ok(PublishReport::already_published(
+                env,
+                &id,
+                Sent::default(),
+                started,
+            ));
         }
         self.progress.begin(env.size);
         let used_index = node_index.is_some();

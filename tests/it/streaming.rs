@@ -39,7 +39,7 @@ fn params() -> ChunkParams {
 }
 
 /// The S3 server's store under a fresh prefix when there is one, else a file:// store.
-fn store(test: &str, work: &Path) -> Store {
+pub(crate) fn store(test: &str, work: &Path) -> Store {
     let settings = match support::s3(test) {
         Some(s3) => s3.settings(&support::unique("stream")),
         None => StoreSettings::for_url(
@@ -50,14 +50,14 @@ fn store(test: &str, work: &Path) -> Store {
 }
 
 /// The same store seen through a gate.
-fn gated(store: &Store, gate: &GateStore) -> Store {
+pub(crate) fn gated(store: &Store, gate: &GateStore) -> Store {
     Store {
         backend: Arc::new(gate.clone()),
         ..store.clone()
     }
 }
 
-fn sample(metrics: &Metrics, series: &str) -> f64 {
+pub(crate) fn sample(metrics: &Metrics, series: &str) -> f64 {
     metrics
         .encode()
         .lines()
@@ -65,7 +65,12 @@ fn sample(metrics: &Metrics, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn prefetch(repo: &Repo, id: (u64, u64), incoming: &Path, metrics: &Metrics) -> Prefetch {
+pub(crate) fn prefetch(
+    repo: &Repo,
+    id: (u64, u64),
+    incoming: &Path,
+    metrics: &Metrics,
+) -> Prefetch {
     Prefetch {
         repo: repo.clone(),
         id,
@@ -79,13 +84,13 @@ fn prefetch(repo: &Repo, id: (u64, u64), incoming: &Path, metrics: &Metrics) -> 
     }
 }
 
-fn staging(incoming: &Path, id: (u64, u64)) -> PathBuf {
+pub(crate) fn staging(incoming: &Path, id: (u64, u64)) -> PathBuf {
     incoming.join(format!(".{}.partial", snapdir::file_names(id.0, id.1).0))
 }
 
 /// A streaming publish of `meta`. (Polled by the test itself, not spawned: the publish
 /// future is not `Send` for every lifetime, and the test decides when it runs.)
-fn publish(
+pub(crate) fn publish(
     repo: Repo,
     meta: &Path,
     index: bool,
@@ -101,7 +106,7 @@ fn publish(
 }
 
 /// Runs the publish until its manifest's PUT reaches the gate (every chunk is stored).
-async fn until_gate<F: Future<Output = snaprelay::error::Result<PublishReport>>>(
+pub(crate) async fn until_gate<F: Future<Output = snaprelay::error::Result<PublishReport>>>(
     publishing: Pin<&mut F>,
     gate: &GateStore,
 ) {
@@ -112,7 +117,7 @@ async fn until_gate<F: Future<Output = snaprelay::error::Result<PublishReport>>>
 }
 
 /// Waits (bounded) until the prefetch has written `bytes`.
-async fn prefetched(metrics: &Metrics, bytes: u64) {
+pub(crate) async fn prefetched(metrics: &Metrics, bytes: u64) {
     let series = "snaprelay_prefetched_bytes_total";
     tokio::time::timeout(Duration::from_secs(30), async {
         while sample(metrics, series) < bytes as f64 {

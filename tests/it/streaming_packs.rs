@@ -9,10 +9,7 @@
 
 use crate::support;
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,12 +18,11 @@ use snaprelay::fetch::{self, Fetcher};
 use snaprelay::inprogress::{InProgress, PackRuns, Span, INPROGRESS_FORMAT};
 use snaprelay::manifest_v2::NewRepository;
 use snaprelay::metrics::Metrics;
-use snaprelay::prefetch::{Ended, Prefetch, PrefetchReport};
+use snaprelay::prefetch::{Ended, PrefetchReport};
 use snaprelay::progress::Silent;
-use snaprelay::publish::{PublishReport, Publisher};
+use snaprelay::publish::Publisher;
 use snaprelay::repo::Repo;
 use snaprelay::snapdir::{self, Snapshot};
-use snaprelay::store::{Store, StoreSettings, StoreUrl};
 use support::gate::GateStore;
 use tokio_util::sync::CancellationToken;
 
@@ -40,84 +36,8 @@ fn settings() -> NewRepository {
     }
 }
 
-fn store(test: &str, work: &Path) -> Store {
-    let settings = match support::s3(test) {
-        Some(s3) => s3.settings(&support::unique("stream")),
-        None => StoreSettings::for_url(
-            StoreUrl::parse(&format!("file://{}", work.join("store").display())).unwrap(),
-        ),
-    };
-    Store::open(&settings).unwrap()
-}
-
-fn gated(store: &Store, gate: &GateStore) -> Store {
-    Store {
-        backend: Arc::new(gate.clone()),
-        ..store.clone()
-    }
-}
-
-fn sample(metrics: &Metrics, series: &str) -> f64 {
-    metrics
-        .encode()
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn prefetch(repo: &Repo, id: (u64, u64), incoming: &Path, metrics: &Metrics) -> Prefetch {
-    Prefetch {
-        repo: repo.clone(),
-        id,
-        incoming: incoming.to_owned(),
-        local: Default::default(),
-        node: None,
-        poll_interval: Duration::from_millis(20),
-        stale_after: Duration::from_secs(10),
-        concurrency: 4,
-        metrics: metrics.clone(),
-    }
-}
-
-fn staging(incoming: &Path, id: (u64, u64)) -> PathBuf {
-    incoming.join(format!(".{}.partial", snapdir::file_names(id.0, id.1).0))
-}
-
-fn publish(
-    repo: Repo,
-    meta: &Path,
-    index: bool,
-) -> impl Future<Output = snaprelay::error::Result<PublishReport>> {
-    let snapshot = Snapshot::open(meta).unwrap();
-    async move {
-        Publisher::new(&repo, 4, Some(1), &Silent)
-            .streaming(true)
-            .use_chunk_index(index)
-            .publish(&snapshot)
-            .await
-    }
-}
-
-async fn until_gate<F: Future<Output = snaprelay::error::Result<PublishReport>>>(
-    publishing: Pin<&mut F>,
-    gate: &GateStore,
-) {
-    tokio::select! {
-        _ = gate.arrived() => {}
-        r = publishing => panic!("the publish ended before its manifest: {r:?}"),
-    }
-}
-
-async fn prefetched(metrics: &Metrics, bytes: u64) {
-    let series = "snaprelay_prefetched_bytes_total";
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while sample(metrics, series) < bytes as f64 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("prefetched {} of {bytes} bytes", sample(metrics, series)));
-}
+// The streaming tests' harness: stores, the gate, a prefetch and a streaming publish.
+use crate::streaming::{gated, prefetch, prefetched, publish, sample, staging, store, until_gate};
 
 /// A new snapshot (cut by the publisher, and from the node's chunk index): while the
 /// manifest's PUT is held, the follower's staging file holds every byte; after it, the
