@@ -29,13 +29,13 @@ use crate::chunk::Digest;
 use crate::error::{Error, Result};
 use crate::manifest_v2::{Manifest, Repository};
 use crate::pack::decode_blob;
+#[cfg(test)]
+use crate::pack::plan::MAX_RANGES_IN_FLIGHT;
 use crate::pack::plan::{coalesce, Needed, RangeLimits};
 use crate::repo::Repo;
 use crate::tree::Block;
 
-/// Ranged reads in flight at once.
-const RANGES_IN_FLIGHT: usize = 4;
-/// Blocks whose chunks are fetched at once (their ranges share [`RANGES_IN_FLIGHT`]).
+/// Blocks whose chunks are fetched at once (their ranges share `limits.in_flight`).
 const BLOCKS_IN_FLIGHT: usize = 4;
 /// Bytes of a local file read in one call when its chunks are checked.
 const RUN_BYTES: u64 = 8 << 20;
@@ -140,7 +140,7 @@ pub async fn assemble(
     // Blocks whose chunks are being read from the store, a few at once so that the next
     // block's ranges are requested while the last ones arrive; all their ranges share one
     // bound.
-    let ranges_in_flight = tokio::sync::Semaphore::new(RANGES_IN_FLIGHT);
+    let ranges_in_flight = tokio::sync::Semaphore::new(limits.in_flight.max(1));
     let (jobs, queued) = tokio::sync::mpsc::channel::<(Block, Vec<(usize, u64)>)>(BLOCKS_IN_FLIGHT);
     // Reads the queued blocks' chunks, BLOCKS_IN_FLIGHT at once, while the loop below plans
     // the next ones (both run in this task: `join!` polls them in turn).
@@ -165,6 +165,18 @@ pub async fn assemble(
             all.add(one);
             Ok(all)
         });
+    // A tree block is read under the same bound as the data ranges: with `in_flight` 1, one
+    // request at a time.
+    let read_block = |i: usize| {
+        let ranges_in_flight = &ranges_in_flight;
+        async move {
+            let _permit = ranges_in_flight
+                .acquire()
+                .await
+                .map_err(|e| Error::io("range budget", std::io::Error::other(e)))?;
+            repo.read_block(descriptor, manifest, i).await
+        }
+    };
     let planner = async {
         for (i, (at, b)) in manifest.block_offsets().enumerate() {
             if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
@@ -189,7 +201,7 @@ pub async fn assemble(
                 // Untrusted: each chunk is read, hashed and written from the bytes hashed (a
                 // copy by the kernel would copy whatever the file holds by then); the chunks
                 // that do not match are fetched.
-                let block = repo.read_block(descriptor, manifest, i).await?;
+                let block = read_block(i).await?;
                 let mut spans = Vec::with_capacity(block.chunks.len());
                 let (mut f, mut t) = (from, at);
                 for (j, c) in block.chunks.iter().enumerate() {
@@ -220,7 +232,7 @@ pub async fn assemble(
                 stats.blocks_fetched += 1;
                 continue;
             }
-            let block = repo.read_block(descriptor, manifest, i).await?;
+            let block = read_block(i).await?;
             // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
             let mut wanted = Vec::new();
             let mut from_local = Vec::new();
@@ -490,7 +502,7 @@ async fn fetch_block(
                 .map_err(|e| Error::io("verifying task", std::io::Error::other(e)))?
             }
         })
-        .buffer_unordered(RANGES_IN_FLIGHT)
+        .buffer_unordered(limits.in_flight.max(1))
         .try_collect::<()>()
         .await?;
     Ok(stats)
@@ -571,6 +583,133 @@ mod tests {
         };
         m.validate(d).unwrap();
         m
+    }
+
+    /// Counts the ranged reads in flight at once (each yields before it reads, so that the
+    /// reads a reader lets overlap do overlap on the test's single thread).
+    #[derive(Debug, Default)]
+    struct InFlight {
+        inner: object_store::memory::InMemory,
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl std::fmt::Display for InFlight {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "InFlight")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl object_store::ObjectStore for InFlight {
+        async fn put_opts(
+            &self,
+            location: &object_store::path::Path,
+            payload: object_store::PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &object_store::path::Path,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(
+            &self,
+            location: &object_store::path::Path,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if options.range.is_none() {
+                return self.inner.get_opts(location, options).await;
+            }
+            let now = self.now.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+            let result = self.inner.get_opts(location, options).await;
+            self.now.fetch_sub(1, SeqCst);
+            result
+        }
+
+        fn delete_stream(
+            &self,
+            locations: futures::stream::BoxStream<
+                'static,
+                object_store::Result<object_store::path::Path>,
+            >,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>
+        {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&object_store::path::Path>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(
+            &self,
+            from: &object_store::path::Path,
+            to: &object_store::path::Path,
+            options: object_store::CopyOptions,
+        ) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    /// `download.concurrency` bounds the ranged reads of packs in flight (so that one
+    /// range at a time is one range at a time), up to [`MAX_RANGES_IN_FLIGHT`].
+    #[tokio::test]
+    async fn ranged_reads_in_flight_follow_the_configured_concurrency() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let counted = Arc::new(InFlight::default());
+        let store = Store {
+            backend: counted.clone(),
+            prefix: object_store::path::Path::default(),
+            url: StoreUrl::Memory,
+        };
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let data = random(4 << 20, 7);
+        let m = publish(&repo, &d, None, &data, 1).await;
+        for (concurrency, expected) in [(1, 1), (2, 2), (64, MAX_RANGES_IN_FLIGHT)] {
+            counted.most.store(0, SeqCst);
+            let out = file_of(b"");
+            let limits = RangeLimits {
+                // Many small ranges, so that there is always another to start.
+                max_range: 64 << 10,
+                ..RangeLimits::with_concurrency(concurrency)
+            };
+            let s = assemble(&repo, &d, &m, out.clone(), "out", None, None, limits)
+                .await
+                .unwrap();
+            assert_eq!(contents(&out), data);
+            assert!(s.ranges_read > 16, "{s:?}");
+            assert_eq!(
+                counted.most.load(SeqCst),
+                expected,
+                "download.concurrency = {concurrency}"
+            );
+        }
     }
 
     /// A full assembly, then an incremental one from the first file: unchanged blocks are

@@ -41,9 +41,6 @@ use crate::pack::decode_blob;
 use crate::pack::plan::{coalesce, Needed, RangeLimits};
 use crate::repo::{InProgressRead, Repo};
 
-/// Ranged reads of packs in flight at once (repositories of packs).
-const RANGES_IN_FLIGHT: usize = 4;
-
 /// One prefetch: the snapshot at `id`, announced as in progress.
 pub struct Prefetch {
     pub repo: Repo,
@@ -332,7 +329,8 @@ impl Prefetch {
                     tag: k,
                 })
                 .collect();
-            let ranges = coalesce(&needed, RangeLimits::default());
+            let limits = RangeLimits::with_concurrency(self.concurrency);
+            let ranges = coalesce(&needed, limits);
             let trailer = &trailer;
             let wanted = &wanted;
             let reads = futures::stream::iter(ranges)
@@ -385,7 +383,7 @@ impl Prefetch {
                         })?
                     }
                 })
-                .buffer_unordered(RANGES_IN_FLIGHT);
+                .buffer_unordered(limits.in_flight);
             futures::pin_mut!(reads);
             let mut complete = true;
             while let Some(done) = reads.next().await {

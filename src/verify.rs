@@ -57,7 +57,7 @@ pub async fn verify(
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
     if let Some(descriptor) = repo.packs() {
-        return packed::verify_packed(repo, descriptor, ids, progress).await;
+        return packed::verify_packed(repo, descriptor, ids, concurrency, progress).await;
     }
     let started = Instant::now();
     let mut bad_manifests = Vec::new();

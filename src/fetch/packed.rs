@@ -226,7 +226,7 @@ impl Fetcher<'_> {
             &name,
             local,
             in_place,
-            RangeLimits::default(),
+            RangeLimits::with_concurrency(self.concurrency),
         )
         .await?;
         let verify = self.verify_file;

@@ -45,15 +45,33 @@ pub struct RangeLimits {
     pub max_range: u64,
     /// Two needed blobs at most this far apart are read in one range, the gap included.
     pub max_gap: u64,
+    /// Ranged reads a reader keeps in flight at once (not used by [`coalesce`]).
+    pub in_flight: usize,
 }
+
+/// The most ranged reads in flight at once, whatever the configured concurrency: four 8 MiB
+/// ranges keep a loopback server busy, and more only add memory.
+pub const MAX_RANGES_IN_FLIGHT: usize = 4;
 
 impl Default for RangeLimits {
     /// 8 MiB ranges (a few in flight keep a loopback server busy and memory small), gaps of
-    /// up to 64 KiB read through (four chunks' worth: cheaper than another request).
+    /// up to 64 KiB read through (four chunks' worth: cheaper than another request),
+    /// [`MAX_RANGES_IN_FLIGHT`] at once.
     fn default() -> Self {
         RangeLimits {
             max_range: 8 << 20,
             max_gap: 64 << 10,
+            in_flight: MAX_RANGES_IN_FLIGHT,
+        }
+    }
+}
+
+impl RangeLimits {
+    /// The default ranges, with at most `concurrency` (`download.concurrency`) in flight.
+    pub fn with_concurrency(concurrency: usize) -> Self {
+        RangeLimits {
+            in_flight: concurrency.clamp(1, MAX_RANGES_IN_FLIGHT),
+            ..RangeLimits::default()
         }
     }
 }
@@ -158,6 +176,7 @@ mod tests {
         let limits = RangeLimits {
             max_range: 100_000,
             max_gap: 1000,
+            ..RangeLimits::default()
         };
         let needed = [
             need(1, 0, 500, 0),
@@ -203,6 +222,7 @@ mod tests {
         let limits = RangeLimits {
             max_range: 1000,
             max_gap: 0,
+            ..RangeLimits::default()
         };
         // Ten adjacent 300-byte blobs: ranges of three (900 bytes), the last of one.
         let mut needed: Vec<_> = (0..10).map(|i| need(1, i * 300, 300, i as usize)).collect();

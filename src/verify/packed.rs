@@ -20,9 +20,6 @@ use crate::pack::PackId;
 use crate::progress::Progress;
 use crate::repo::{ManifestId, Repo};
 
-/// Ranged reads in flight at once.
-const RANGES_IN_FLIGHT: usize = 4;
-
 /// What was found wrong, by what it is about: a chunk id, a block id or a pack id.
 #[derive(Default)]
 struct Damage {
@@ -62,8 +59,10 @@ pub(super) async fn verify_packed(
     repo: &Repo,
     descriptor: &Repository,
     ids: &[ManifestId],
+    concurrency: usize,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
+    let limits = RangeLimits::with_concurrency(concurrency);
     let started = std::time::Instant::now();
     let mut bad_manifests = Vec::new();
     let mut damage = Damage::default();
@@ -133,7 +132,7 @@ pub(super) async fn verify_packed(
                     tag: j,
                 })
                 .collect();
-            for (what, reason) in check_blobs(repo, m, &block, &needed).await? {
+            for (what, reason) in check_blobs(repo, m, &block, &needed, limits).await? {
                 damage.add(what, reason, id);
             }
             bytes_checked += needed
@@ -169,9 +168,10 @@ async fn check_blobs(
     manifest: &Manifest,
     block: &crate::tree::Block,
     needed: &[Needed<usize>],
+    limits: RangeLimits,
 ) -> Result<Vec<(String, String)>> {
     let sizes: HashMap<_, _> = manifest.packs.iter().map(|p| (p.id, p.size)).collect();
-    let ranges = coalesce(needed, RangeLimits::default());
+    let ranges = coalesce(needed, limits);
     let found: Vec<Vec<(String, String)>> = futures::stream::iter(ranges)
         .map(|r| {
             let size = sizes.get(&r.pack).copied().unwrap_or(0);
@@ -207,7 +207,7 @@ async fn check_blobs(
                 .map_err(|e| Error::io("verifying task", std::io::Error::other(e)))
             }
         })
-        .buffer_unordered(RANGES_IN_FLIGHT)
+        .buffer_unordered(limits.in_flight)
         .try_collect()
         .await?;
     Ok(found.into_iter().flatten().collect())

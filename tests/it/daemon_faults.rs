@@ -640,9 +640,9 @@ async fn a_fetch_cut_in_the_middle_resumes_without_downloading_again(
     // the cut fails its fetch.
     c.sidecar_store
         .insert(victim, s3_through(s3, &prefix, &proxy, "max_retries = 0\n"));
-    // Of chunk objects, one chunk at a time, so that what the cut leaves is everything
-    // before the chunk it cut (with eight in flight, it can cut all eight half way). Of
-    // packs, the ranges of one block are in flight at a time.
+    // One request at a time (a chunk, or a ranged read of a pack), so that what the cut
+    // leaves is everything before the request it cut: with several in flight, it can cut
+    // all of them half way, and leave nothing to resume from.
     c.sidecar_config
         .insert(victim, "[download]\nconcurrency = 1\n".into());
     c.start_sidecar(leader);
