@@ -479,6 +479,7 @@ async fn fetch_block(
                     })
                     .collect();
                 tokio::task::spawn_blocking(move || -> Result<()> {
+                    let mut pieces = Vec::with_capacity(chunks.len());
                     for (c, to, stored) in chunks {
                         let corrupt = |reason| Error::ChunkCorrupt {
                             sha256: c.id.to_hex(),
@@ -493,10 +494,12 @@ async fn fetch_block(
                             _ => decode_blob(&stored, c.encoding, c.plain_len, &c.id)
                                 .map_err(corrupt)?,
                         };
-                        out.write_all_at(&plain, to)
-                            .map_err(|e| Error::io("writing", e))?;
+                        pieces.push((to, plain));
                     }
-                    Ok(())
+                    // Written once all are checked: a damaged chunk fails the range before
+                    // anything of it is written.
+                    crate::chunk::write_pieces_at(&out, &pieces)
+                        .map_err(|e| Error::io("writing", e))
                 })
                 .await
                 .map_err(|e| Error::io("verifying task", std::io::Error::other(e)))?

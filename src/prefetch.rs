@@ -362,6 +362,7 @@ impl Prefetch {
                             .collect();
                         tokio::task::spawn_blocking(move || {
                             let mut written = Vec::with_capacity(blobs.len());
+                            let mut pieces = Vec::with_capacity(blobs.len());
                             for (to, b, stored) in blobs {
                                 let plain = decode_blob(&stored, b.encoding, b.plain_len, &b.id)
                                     .map_err(|reason| {
@@ -370,11 +371,12 @@ impl Prefetch {
                                             b.id
                                         ))
                                     })?;
-                                file.write_all_at(&plain, to).map_err(|e| {
-                                    Stopped::Transient(Error::io("writing the staging file", e))
-                                })?;
+                                pieces.push((to, plain));
                                 written.push((to, b.id, b.plain_len as u64));
                             }
+                            crate::chunk::write_pieces_at(&file, &pieces).map_err(|e| {
+                                Stopped::Transient(Error::io("writing the staging file", e))
+                            })?;
                             Ok(written)
                         })
                         .await
