@@ -62,15 +62,17 @@ struct Planned {
 }
 
 /// Groups a chunk list into blocks by the tree rule, with their logical ids.
-fn plan(descriptor: &Repository, chunks: &[(Digest, u64)]) -> Vec<Planned> {
+fn plan(descriptor: &Repository, chunks: &dyn ChunkRecords) -> Result<Vec<Planned>> {
     let mut out = Vec::new();
     let mut grouper = Grouper::new(descriptor.tree);
     let mut hasher = LogicalHasher::new();
     let (mut first, mut offset, mut block_offset) = (0, 0u64, 0u64);
-    for (i, (id, len)) in chunks.iter().enumerate() {
-        hasher.push(id, *len as u32);
+    let total = chunks.count();
+    for (i, record) in chunks.records().enumerate() {
+        let (id, len) = record?;
+        hasher.push(&id, len as u32);
         offset += len;
-        if grouper.push(id) || i + 1 == chunks.len() {
+        if grouper.push(&id) || i as u64 + 1 == total {
             out.push(Planned {
                 first,
                 count: i + 1 - first,
@@ -81,7 +83,73 @@ fn plan(descriptor: &Repository, chunks: &[(Digest, u64)]) -> Vec<Planned> {
             block_offset = offset;
         }
     }
-    out
+    Ok(out)
+}
+
+/// A snapshot's chunk list, `(sha256, length)` in file order, read in passes: the plan
+/// reads it whole, in order, holding only a block at a time, and packing reads each
+/// block's records when it packs the block. A chunk index file is read from disk; a list
+/// in memory serves tests and small files.
+pub trait ChunkRecords: Sync {
+    fn count(&self) -> u64;
+    fn records(&self) -> Box<dyn Iterator<Item = Result<(Digest, u64)>> + '_>;
+    /// Records `first..first + count`.
+    fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>>;
+}
+
+fn index_error(e: snaprelay_contract::chunking::IndexError) -> Error {
+    Error::io("reading the chunk list", std::io::Error::other(e))
+}
+
+impl ChunkRecords for snaprelay_contract::chunking::IndexFile {
+    fn count(&self) -> u64 {
+        self.header().chunks
+    }
+
+    fn records(&self) -> Box<dyn Iterator<Item = Result<(Digest, u64)>> + '_> {
+        Box::new(
+            snaprelay_contract::chunking::IndexFile::records(self).map(|r| r.map_err(index_error)),
+        )
+    }
+
+    fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>> {
+        snaprelay_contract::chunking::IndexFile::read(self, first, count).map_err(index_error)
+    }
+}
+
+impl ChunkRecords for [(Digest, u64)] {
+    fn count(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn records(&self) -> Box<dyn Iterator<Item = Result<(Digest, u64)>> + '_> {
+        Box::new(self.iter().map(|&r| Ok(r)))
+    }
+
+    fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>> {
+        let first = first as usize;
+        self.get(first..first + count)
+            .map(<[_]>::to_vec)
+            .ok_or_else(|| index_error_text(format!("records {first}.. are past its end")))
+    }
+}
+
+impl ChunkRecords for Vec<(Digest, u64)> {
+    fn count(&self) -> u64 {
+        self.as_slice().count()
+    }
+
+    fn records(&self) -> Box<dyn Iterator<Item = Result<(Digest, u64)>> + '_> {
+        self.as_slice().records()
+    }
+
+    fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>> {
+        self.as_slice().read(first, count)
+    }
+}
+
+fn index_error_text(reason: String) -> Error {
+    Error::io("reading the chunk list", std::io::Error::other(reason))
 }
 
 /// The manifest's pack table, built as packs are used.
@@ -166,6 +234,57 @@ pub enum ChunkList<'a> {
     Index(&'a std::path::Path),
 }
 
+/// Chunks uploaded by one publish that it remembers, to store a chunk that repeats once:
+/// half a GiB's worth of 16 KiB chunks, about 5 MiB. A repeat further away is stored again, as a
+/// blob of its own (more bytes, never a wrong manifest); what a publish holds does not grow
+/// with the snapshot.
+const RECENT_UPLOADS: usize = 1 << 15;
+
+/// Where a publish finds the chunks it packs blocks of: the base's (from its blocks that
+/// changed) and the ones it uploaded itself, the most recent [`RECENT_UPLOADS`] of them.
+struct Known {
+    base: HashMap<Digest, Location>,
+    uploads: HashMap<Digest, Location>,
+    order: std::collections::VecDeque<Digest>,
+    recent: usize,
+}
+
+impl Known {
+    fn remembering(recent: usize) -> Known {
+        Known {
+            base: HashMap::new(),
+            uploads: HashMap::new(),
+            order: Default::default(),
+            recent,
+        }
+    }
+
+    fn get(&self, id: &Digest) -> Option<&Location> {
+        self.uploads.get(id).or_else(|| self.base.get(id))
+    }
+
+    /// Where this publish uploaded `id`, if it remembers: what an announcement lists (a
+    /// follower holds the others, from the base, or fetches them after the manifest).
+    fn uploaded_here(&self, id: &Digest) -> Option<&Location> {
+        self.uploads.get(id)
+    }
+
+    fn uploaded(&mut self, id: Digest, at: Location) {
+        if self.uploads.insert(id, at).is_none() {
+            self.order.push_back(id);
+        }
+    }
+
+    /// Called between blocks (a block's own chunks stay while it is built).
+    fn forget_old_uploads(&mut self) {
+        while self.order.len() > self.recent {
+            if let Some(id) = self.order.pop_front() {
+                self.uploads.remove(&id);
+            }
+        }
+    }
+}
+
 /// Where the chunks of `base`'s blocks that no planned block reuses whole are, by id.
 async fn base_chunks(
     repo: &Repo,
@@ -188,6 +307,57 @@ async fn base_chunks(
     Ok(known)
 }
 
+/// Plain bytes of missing chunks read and encoded at once, in a publish: one batch is what
+/// a publish holds besides the parts in flight.
+const BATCH_BYTES: u64 = 2 << 20;
+
+/// Reads, checks and encodes `batch` (`(id, file offset, length)`) off the reactor; gives
+/// the encoder back with the result.
+async fn encode_batch(
+    file: Arc<File>,
+    file_name: &str,
+    index: Option<&std::path::Path>,
+    mut enc: Encoder,
+    batch: Vec<(Digest, u64, u64)>,
+) -> Result<(Encoder, Result<Vec<(Digest, u32, Bytes, Encoding)>>)> {
+    let name = file_name.to_owned();
+    let index = index.map(std::path::Path::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let result: Result<Vec<(Digest, u32, Bytes, Encoding)>> = batch
+            .iter()
+            .map(|&(id, offset, len)| {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, offset)
+                    .map_err(|e| Error::io(format!("reading {name}"), e))?;
+                let actual = Digest::of(&buf);
+                if actual != id {
+                    return Err(match &index {
+                        Some(index) => Error::IndexMismatch {
+                            data: name.clone().into(),
+                            index: index.clone(),
+                            offset,
+                            len,
+                            reason: format!("the bytes hash to {actual}, expected {id}"),
+                        },
+                        None => Error::io(
+                            format!("reading {name}"),
+                            std::io::Error::other(format!(
+                                "the {len} bytes at offset {offset} do not hash to chunk {id}: \
+                                 the file changed after it was cut"
+                            )),
+                        ),
+                    });
+                }
+                let (stored, encoding) = enc.encode(Bytes::from(buf));
+                Ok((id, len as u32, stored, encoding))
+            })
+            .collect();
+        (enc, result)
+    })
+    .await
+    .map_err(|e| Error::io("packing task", std::io::Error::other(e)))
+}
+
 /// Writes the snapshot `file`, cut into `chunks` (id and length, in file order), into packs
 /// of `repo` (described by `descriptor`), reusing what `base` (a validated manifest of the
 /// same repository) already stores. Every chunk read from the file is checked against its id
@@ -201,12 +371,40 @@ pub async fn pack_snapshot(
     base: Option<&Manifest>,
     file: Arc<File>,
     file_name: &str,
-    chunks: &[(Digest, u64)],
+    chunks: &dyn ChunkRecords,
     listed: ChunkList<'_>,
     budget: PartBudget,
     announcer: Option<&Announcer>,
 ) -> Result<PackedSnapshot> {
-    let planned = plan(descriptor, chunks);
+    let snapshot = (base, file, file_name, chunks, listed);
+    pack(
+        repo,
+        descriptor,
+        snapshot,
+        budget,
+        announcer,
+        RECENT_UPLOADS,
+    )
+    .await
+}
+
+/// [`pack_snapshot`], remembering `recent_uploads` of the chunks it uploads.
+#[allow(clippy::type_complexity)]
+async fn pack(
+    repo: &Repo,
+    descriptor: &Repository,
+    (base, file, file_name, chunks, listed): (
+        Option<&Manifest>,
+        Arc<File>,
+        &str,
+        &dyn ChunkRecords,
+        ChunkList<'_>,
+    ),
+    budget: PartBudget,
+    announcer: Option<&Announcer>,
+    recent_uploads: usize,
+) -> Result<PackedSnapshot> {
+    let planned = plan(descriptor, chunks)?;
     let mut stats = PackStats::default();
 
     // Which base blocks match a new block by content; the chunks of the others, by id. A
@@ -214,7 +412,7 @@ pub async fn pack_snapshot(
     // there were none (more is uploaded, and no manifest names a pack that is gone). A pack
     // of it may be gone legitimately: once this publish's lease lapsed, a GC elsewhere may
     // have deleted the base manifest and the packs only it used.
-    let mut known: HashMap<Digest, Location> = HashMap::new();
+    let mut known = Known::remembering(recent_uploads);
     let base_logical = |m: &Manifest| -> HashMap<Digest, usize> {
         m.blocks
             .iter()
@@ -226,7 +424,7 @@ pub async fn pack_snapshot(
         None => None,
         Some(m) => match base_chunks(repo, descriptor, m, &base_logical(m), &planned).await {
             Ok(chunks) => {
-                known = chunks;
+                known.base = chunks;
                 Some(m)
             }
             Err(e) if e.is_transient() => return Err(e),
@@ -256,9 +454,6 @@ pub async fn pack_snapshot(
         written: Vec::new(),
         announcer: None,
     };
-    // What this publish uploaded: the chunks an announcement lists (a follower holds the
-    // others, from the base, or fetches them after the manifest).
-    let mut uploaded_here: std::collections::HashSet<Digest> = Default::default();
     let mut encoder = Some(Encoder::new(descriptor.compression()));
     for p in &planned {
         if let Some(&b) = base_logical.get(&p.logical) {
@@ -278,85 +473,61 @@ pub async fn pack_snapshot(
             stats.blocks_reused += 1;
             continue;
         }
-        // The chunks of this block the store lacks, read, checked and encoded off the
-        // reactor: one block's worth at a time.
-        let mine = &chunks[p.first..p.first + p.count];
+        known.forget_old_uploads();
+        // The chunks of this block the store lacks (each once, where it first occurs).
+        let mine = &chunks.read(p.first as u64, p.count)?;
         let mut missing = Vec::new();
+        let mut listed_here = std::collections::HashSet::new();
         let mut at = p.offset;
         for (id, len) in mine {
-            if !known.contains_key(id) && !missing.iter().any(|(m, _, _)| m == id) {
+            if known.get(id).is_none() && listed_here.insert(*id) {
                 missing.push((*id, at, *len));
             }
             at += len;
         }
-        let encoded = {
-            let file = file.clone();
-            let name = file_name.to_owned();
-            let index = match listed {
-                ChunkList::Index(path) => Some(path.to_owned()),
-                ChunkList::Cut => None,
-            };
-            let mut enc = encoder
-                .take()
-                .expect("the encoder is put back after each block");
-            let missing = missing.clone();
-            let (enc, result) = tokio::task::spawn_blocking(move || {
-                let result: Result<Vec<(Digest, u32, Bytes, Encoding)>> = missing
-                    .iter()
-                    .map(|&(id, offset, len)| {
-                        let mut buf = vec![0u8; len as usize];
-                        file.read_exact_at(&mut buf, offset)
-                            .map_err(|e| Error::io(format!("reading {name}"), e))?;
-                        let actual = Digest::of(&buf);
-                        if actual != id {
-                            return Err(match &index {
-                                Some(index) => Error::IndexMismatch {
-                                    data: name.clone().into(),
-                                    index: index.clone(),
-                                    offset,
-                                    len,
-                                    reason: format!("the bytes hash to {actual}, expected {id}"),
-                                },
-                                None => Error::io(
-                                    format!("reading {name}"),
-                                    std::io::Error::other(format!(
-                                        "the {len} bytes at offset {offset} do not hash to chunk {id}: \
-                                         the file changed after it was cut"
-                                    )),
-                                ),
-                            });
-                        }
-                        let (stored, encoding) = enc.encode(Bytes::from(buf));
-                        Ok((id, len as u32, stored, encoding))
-                    })
-                    .collect();
-                (enc, result)
-            })
-            .await
-            .map_err(|e| Error::io("packing task", std::io::Error::other(e)))?;
-            encoder = Some(enc);
-            result?
-        };
         // Appended in file order, each announced right after its append (before the next
-        // one can finish the pack), repeats of uploaded chunks wherever they occur.
-        let mut encoded = encoded.into_iter().peekable();
+        // one can finish the pack), repeats of uploaded chunks wherever they occur. The
+        // missing chunks are read and encoded a batch of at most BATCH_BYTES at a time,
+        // when the first of the batch is reached: what is held is one batch, not a block.
+        let index = match listed {
+            ChunkList::Index(path) => Some(path),
+            ChunkList::Cut => None,
+        };
+        let mut encoded: std::collections::VecDeque<(Digest, u32, Bytes, Encoding)> =
+            Default::default();
+        let mut next = 0;
         let mut offset = p.offset;
         for (id, len) in mine {
-            if encoded.peek().is_some_and(|(e, ..)| e == id) {
-                if let Some((id, plain_len, stored, encoding)) = encoded.next() {
+            if encoded.is_empty() && missing.get(next).is_some_and(|(m, _, _)| m == id) {
+                let mut end = next;
+                let mut bytes = 0u64;
+                while end < missing.len() && (end == next || bytes + missing[end].2 <= BATCH_BYTES)
+                {
+                    bytes += missing[end].2;
+                    end += 1;
+                }
+                let enc = encoder
+                    .take()
+                    .expect("the encoder is put back after each batch");
+                let batch = missing[next..end].to_vec();
+                let (enc, result) =
+                    encode_batch(file.clone(), file_name, index, enc, batch).await?;
+                encoder = Some(enc);
+                encoded = result?.into();
+                next = end;
+            }
+            if encoded.front().is_some_and(|(e, ..)| e == id) {
+                if let Some((id, plain_len, stored, encoding)) = encoded.pop_front() {
                     stats.chunks_uploaded += 1;
                     stats.bytes_uploaded += plain_len as u64;
                     stats.stored_uploaded += stored.len() as u64;
                     let at = data.append(repo, id, encoding, plain_len, stored).await?;
-                    known.insert(id, at);
-                    if announcer.is_some() {
-                        uploaded_here.insert(id);
-                    }
+                    known.uploaded(id, at);
                 }
             }
             if let Some(announcer) = announcer {
-                if uploaded_here.contains(id) {
-                    announcer.plan_blob(offset, *len, &known[id]);
+                if let Some(at) = known.uploaded_here(id) {
+                    announcer.plan_blob(offset, *len, at);
                 }
             }
             offset += len;
@@ -364,7 +535,13 @@ pub async fn pack_snapshot(
         stats.chunks_found += (p.count - missing.len()) as u64;
         let mut builder = BlockBuilder::default();
         for (id, len) in mine {
-            builder.push(*id, *len as u32, known[id]);
+            let at = known.get(id).ok_or_else(|| {
+                Error::io(
+                    "packing",
+                    std::io::Error::other(format!("chunk {id} was neither found nor uploaded")),
+                )
+            })?;
+            builder.push(*id, *len as u32, *at);
         }
         let block = builder.finish();
         let plain = Bytes::from(block.encode());
@@ -422,9 +599,9 @@ pub async fn pack_snapshot(
     }
     Ok(PackedSnapshot {
         packs: table.packs,
+        size: blocks.iter().map(|b| b.bytes).sum(),
         blocks,
-        chunks: chunks.len() as u64,
-        size: chunks.iter().map(|c| c.1).sum(),
+        chunks: chunks.count(),
         stats,
     })
 }
@@ -606,6 +783,57 @@ mod tests {
             assert!(p.used <= p.size, "{p:?}");
         }
         assert_eq!(read_back(&repo, &d, &m).await, a);
+    }
+
+    /// A publish remembers only its recent uploads: a chunk that repeats after it was
+    /// forgotten is stored again, and the manifest is still valid and reads back. With
+    /// room to remember, it is stored once.
+    #[tokio::test]
+    async fn a_chunk_repeated_after_it_was_forgotten_is_stored_again() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let x = random(256 << 10, 31);
+        let mut a = x.clone();
+        a.extend(random(4 << 20, 32));
+        a.extend(&x);
+        let ca = cut(&a, d.chunking);
+        let distinct = ca
+            .iter()
+            .map(|c| c.0)
+            .collect::<std::collections::HashSet<_>>()
+            .len() as u64;
+        assert!(distinct < ca.len() as u64, "x repeats");
+        for (recent, stored_twice) in [(8, true), (RECENT_UPLOADS, false)] {
+            let snapshot = (
+                None,
+                file_of(&a),
+                "a",
+                &ca as &dyn ChunkRecords,
+                ChunkList::Cut,
+            );
+            let packed = pack(
+                &repo,
+                &d,
+                snapshot,
+                PartBudget::new(2, 1 << 20),
+                None,
+                recent,
+            )
+            .await
+            .unwrap();
+            let m = manifest(&d, &packed, &a, 1);
+            m.validate(&d).unwrap();
+            assert_eq!(read_back(&repo, &d, &m).await, a);
+            let uploaded = packed.stats.chunks_uploaded;
+            assert_eq!(
+                uploaded > distinct,
+                stored_twice,
+                "remembering {recent}: {uploaded} of {distinct}"
+            );
+        }
     }
 
     /// A base whose tree pack is gone (a GC deleted it once the publish's lease lapsed, say)

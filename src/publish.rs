@@ -212,8 +212,11 @@ impl<'a> Publisher<'a> {
         // behind), and, with the node's index, sending the chunks that are new.
         let early = async {
             match &node_index {
-                Some(node_index) => self.send_new(snapshot, node_index, &sent).await,
-                None => Ok(HashMap::new()),
+                Some(NodeIndex {
+                    list: NodeList::Whole { index, previous },
+                    ..
+                }) => self.send_new(snapshot, index, previous, &sent).await,
+                _ => Ok(HashMap::new()),
             }
         };
         let (existing, present, early) = tokio::join!(
@@ -305,8 +308,18 @@ impl<'a> Publisher<'a> {
         let (index, term) = env.log_id();
         self.progress.begin(env.size);
         let used_index = node_index.is_some();
-        let (chunks, sha256) = match node_index {
-            Some(NodeIndex { index, .. }) => {
+        let (chunks, sha256) = match node_index.map(|n| n.list) {
+            Some(NodeList::File(file)) => {
+                let index = file.read_all().map_err(|e| {
+                    Error::io("reading the node's chunk index", std::io::Error::other(e))
+                })?;
+                let sha256 = index.sha256;
+                let chunks = self
+                    .upload_indexed(snapshot, index, present, sent, announcer)
+                    .await?;
+                (chunks, sha256)
+            }
+            Some(NodeList::Whole { index, .. }) => {
                 let sha256 = index.sha256;
                 let chunks = self
                     .upload_indexed(snapshot, index, present, sent, announcer)
@@ -352,14 +365,24 @@ impl<'a> Publisher<'a> {
             Some(Err(reason)) => Err(reason.clone()),
             None => Err("the envelope names no chunk index".into()),
         };
+        let packs = self.repo.packs().is_some();
         let read = tokio::task::spawn_blocking(move || -> Result<NodeIndex, String> {
             let index_file = index_file?;
             let modified_index = index_file.metadata().and_then(|m| m.modified());
             // Held in memory whole while this publish stores chunks as objects (a few
             // hundred per GiB at its chunking); the pack publisher streams it instead.
-            let index = IndexFile::from_file(index_file, &path, size)
-                .and_then(|f| f.read_all())
-                .map_err(|e| e.to_string())?;
+            let file = IndexFile::from_file(index_file, &path, size).map_err(|e| e.to_string())?;
+            let header = *file.header();
+            let list = match packs {
+                true => NodeList::File(file),
+                false => {
+                    let index = file.read_all().map_err(|e| e.to_string())?;
+                    NodeList::Whole {
+                        previous: previous_chunks(&this, index.chunking),
+                        index,
+                    }
+                }
+            };
             // The data file is immutable once committed; one written after its index is not
             // what the index describes. (Both as opened: fstat, never the paths again.)
             match (
@@ -373,17 +396,18 @@ impl<'a> Publisher<'a> {
                 )),
                 (Err(e), _) | (_, Err(e)) => Err(e.to_string()),
                 _ => Ok(NodeIndex {
-                    previous: previous_chunks(&this, index.chunking),
-                    index,
+                    chunking: header.chunking,
+                    sha256: header.sha256,
+                    list,
                 }),
             }
         })
         .await;
         let reason = match read {
-            Ok(Ok(node)) if node.index.chunking == self.repo.params() => return Some(node),
+            Ok(Ok(node)) if node.chunking == self.repo.params() => return Some(node),
             Ok(Ok(node)) => format!(
                 "it was cut with {:?}, the repository cuts with {:?}",
-                node.index.chunking,
+                node.chunking,
                 self.repo.params()
             ),
             Ok(Err(reason)) => reason,
@@ -404,19 +428,20 @@ impl<'a> Publisher<'a> {
     async fn send_new(
         &self,
         snapshot: &OpenSnapshot,
-        node: &NodeIndex,
+        index: &ChunkIndex,
+        previous: &HashSet<Digest>,
         sent: &Sent,
     ) -> Result<HashMap<Digest, StoredChunk>> {
         let mut seen = HashSet::new();
         let mut offset = 0u64;
         let mut new = Vec::new();
-        for &(sha256, len) in &node.index.chunks {
-            if !node.previous.contains(&sha256) && seen.insert(sha256) {
+        for &(sha256, len) in &index.chunks {
+            if !previous.contains(&sha256) && seen.insert(sha256) {
                 new.push((sha256, offset, len));
             }
             offset += len;
         }
-        if node.previous.is_empty() || new.len() * 4 > node.index.chunks.len() {
+        if previous.is_empty() || new.len() * 4 > index.chunks.len() {
             return Ok(HashMap::new());
         }
         chunk::advise_sequential(&snapshot.data, false);
@@ -764,9 +789,23 @@ impl Commit<'_> {
 
 /// The node's chunk index of a snapshot, and the chunks of the node's previous indexed
 /// snapshot in the same directory (empty if there is none).
-struct NodeIndex {
-    index: ChunkIndex,
-    previous: HashSet<Digest>,
+pub(super) struct NodeIndex {
+    chunking: chunk::ChunkParams,
+    sha256: Digest,
+    list: NodeList,
+}
+
+/// How a publish reads the node's chunk list.
+pub(super) enum NodeList {
+    /// Read whole, with the chunks of the node's previous indexed snapshot: a publish of
+    /// chunk objects (a few hundred chunks per GiB at its chunking).
+    Whole {
+        index: ChunkIndex,
+        previous: HashSet<Digest>,
+    },
+    /// Left on disk and read a block at a time: a publish into packs, whose memory does not
+    /// grow with the snapshot.
+    File(IndexFile),
 }
 
 /// The chunks of the newest snapshot older than `snapshot` in its directory that has a

@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 /// last, and a few parts of this size in flight keep a loopback server's two cores busy.
 pub const PART_SIZE: usize = 8 << 20;
 /// Parts in flight at once for one publish, all its packs together.
-pub const PARTS_IN_FLIGHT: usize = 3;
+pub const PARTS_IN_FLIGHT: usize = 2;
 
 /// The parts one publish may have in flight, shared by its pack writers.
 #[derive(Debug, Clone)]

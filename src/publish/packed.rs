@@ -19,15 +19,16 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-use super::{Commit, NodeIndex, OpenSnapshot, PublishReport, Publisher, Sent};
+use super::{Commit, NodeIndex, NodeList, OpenSnapshot, PublishReport, Publisher, Sent};
 use crate::chunk::{self, Digest};
 use crate::error::{Error, Result};
 use crate::inprogress::Announcer;
 use crate::lease::Lease;
 use crate::manifest_v2::{self as v2, Manifest};
 use crate::pack::upload::{PartBudget, PARTS_IN_FLIGHT, PART_SIZE};
-use crate::packer::{pack_snapshot, ChunkList};
+use crate::packer::{pack_snapshot, ChunkList, ChunkRecords};
 use crate::snapdir::SnapdirError;
+use snaprelay_contract::chunking::IndexFile;
 
 impl Publisher<'_> {
     pub(super) async fn publish_packed(
@@ -55,9 +56,17 @@ impl Publisher<'_> {
             Some(path) => ChunkList::Index(path),
             None => ChunkList::Cut,
         };
-        let (chunks, sha256) = match node_index {
-            Some(node) => (node.index.chunks, node.index.sha256),
-            None => self.cut(snapshot).await?,
+        // The chunk list stays on disk (the node's index, or the cut's scratch index), read
+        // a block at a time.
+        let (chunks, sha256): (Box<dyn ChunkRecords>, Digest) = match node_index {
+            Some(node) => match node.list {
+                NodeList::File(file) => (Box::new(file), node.sha256),
+                NodeList::Whole { index, .. } => (Box::new(index.chunks), node.sha256),
+            },
+            None => {
+                let (file, sha256) = self.cut(snapshot).await?;
+                (Box::new(file), sha256)
+            }
         };
         let sent = Sent::default();
         let mut base = self.base_manifest().await?;
@@ -66,7 +75,7 @@ impl Publisher<'_> {
             .pack_and_commit(
                 descriptor,
                 snapshot,
-                (chunks, sha256, listed),
+                (&*chunks, sha256, listed),
                 &mut base,
                 &sent,
                 lease,
@@ -116,7 +125,7 @@ impl Publisher<'_> {
         &self,
         descriptor: &v2::Repository,
         snapshot: &OpenSnapshot,
-        (chunks, sha256, listed): (Vec<(Digest, u64)>, Digest, ChunkList<'_>),
+        (chunks, sha256, listed): (&dyn ChunkRecords, Digest, ChunkList<'_>),
         base: &mut Option<Manifest>,
         sent: &Sent,
         lease: &mut Lease,
@@ -133,7 +142,7 @@ impl Publisher<'_> {
                 base.as_ref(),
                 snapshot.data.clone(),
                 &name,
-                &chunks,
+                chunks,
                 listed,
                 budget,
                 announcer,
@@ -200,29 +209,27 @@ impl Publisher<'_> {
     }
 
     /// Without the node's index: the file is read once, in order, cut with the repository's
-    /// parameters and hashed; the chunk list goes to a scratch file, then into memory.
-    async fn cut(&self, snapshot: &OpenSnapshot) -> Result<(Vec<(Digest, u64)>, Digest)> {
+    /// parameters and hashed; the chunk list goes to a scratch file, which packing reads.
+    async fn cut(&self, snapshot: &OpenSnapshot) -> Result<(IndexFile, Digest)> {
         let file = snapshot.data.clone();
         let params = self.repo.params();
         let path = snapshot.data_path.clone();
         let index = tokio::task::spawn_blocking(move || {
             chunk::advise_sequential(&file, true);
-            chunk::index_to_scratch(chunk::ReadAt::new(file, 0), params).and_then(|f| {
-                f.read_all()
-                    .map_err(|e| io::Error::other(format!("reading back the cut: {e}")))
-            })
+            chunk::index_to_scratch(chunk::ReadAt::new(file, 0), params)
         })
         .await
         .map_err(|e| Error::io("chunking task", io::Error::other(e)))?
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        if index.size != snapshot.envelope.size {
+        let header = *index.header();
+        if header.size != snapshot.envelope.size {
             return Err(Error::Snapdir(SnapdirError::SizeMismatch {
                 meta: snapshot.meta_path.clone(),
                 data: snapshot.data_path.clone(),
                 expected: snapshot.envelope.size,
-                actual: index.size,
+                actual: header.size,
             }));
         }
-        Ok((index.chunks, index.sha256))
+        Ok((index, header.sha256))
     }
 }
