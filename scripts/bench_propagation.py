@@ -24,9 +24,12 @@ also shows how much each follower prefetched before the manifest landed
 
 The store bill comes from each sidecar's `snaprelay_store_requests_total{kind}`, scraped from
 its /metrics before and after: per adopted snapshot and follower, the requests beyond the
-chunk reads (GETs minus `snaprelay_chunks_transferred_total{direction="download"}` and
-minus `snaprelay_prefetched_chunks_total`: what is left is what streaming and the rest of
-the protocol cost), and,
+data reads (what is left is what streaming and the rest of the protocol cost). Of chunk
+objects (`--layout chunks`), the data reads are a GET per chunk: GETs minus
+`snaprelay_chunks_transferred_total{direction="download"}` and minus
+`snaprelay_prefetched_chunks_total`. Of packs (the default), they are the ranged reads
+(`get_range`: data and tree blocks, which grow with what is downloaded), shown on their own
+beside the rest; and,
 after the rounds, an idle window (--idle-seconds, default 310: longer than the 5 min full
 listing) per follower, scaled to an hour, in request units (a GET or HEAD 1, a LIST or PUT
 12: S3's price ratio).
@@ -61,6 +64,8 @@ from kvcluster import Failed, describe, form_cluster, free_port, http, retry  # 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release")  # --bin-dir
 VALUE_BYTES = 1 << 20  # one value per MiB of state
+# The repository's object layout (--layout): what counts as a data read.
+LAYOUT = "packs"
 UNITS = {"get": 1, "get_range": 1, "head": 1, "put": 12, "list": 12, "copy": 12, "rename": 12,
          "delete": 0}
 
@@ -179,6 +184,7 @@ class Cluster:
                         f'[node]\nhook_socket = "{n["sock"]}"\n[daemon]\npoll_interval = "1s"\n'
                         + (f'peers = [{peers}]\n' if hints else '')
                         + ('' if streaming else 'streaming = false\n')
+                        + f'[repository]\nlayout = "{LAYOUT}"\n'
                         + f'[metrics]\nlisten = "{n["listen"]}"\n')
             n["log"] = os.path.join(n["dir"], "snaprelay.log")
             penv = dict(os.environ, **env)
@@ -278,12 +284,16 @@ def main():
                     help="port shift for our SeaweedFS when the default ports are busy (default 120)")
     ap.add_argument("--no-hints", action="store_true",
                     help="no daemon.peers: followers learn of snapshots from the fallbacks only")
+    ap.add_argument("--layout", choices=("packs", "chunks"), default="packs",
+                    help="the repository's object layout (default packs)")
     ap.add_argument("--no-streaming", action="store_true",
                     help="daemon.streaming = false: followers start fetching once the manifest exists")
     ap.add_argument("--keep", action="store_true", help="keep each cluster's work dir (logs) and say where")
     ap.add_argument("--idle-seconds", type=float, default=310.0,
                     help="idle window after the last size's rounds, for the idle bill (0: skip)")
     args = ap.parse_args()
+    global LAYOUT
+    LAYOUT = args.layout
     global BIN
     if args.bin_dir:
         BIN = os.path.abspath(args.bin_dir)
@@ -326,11 +336,16 @@ def main():
                         print(f"      {cluster.breakdown}", flush=True)
                         beyond = []
                         for i, (kinds, chunks) in sorted(cluster.bills.items()):
-                            extra = dict(kinds, get=kinds["get"] - chunks)
+                            if LAYOUT == "chunks":
+                                extra = dict(kinds, get=kinds["get"] - chunks)
+                                reads = f"{int(chunks)} chunk reads"
+                            else:
+                                extra = dict(kinds, get_range=0)
+                                reads = f"{int(kinds['get_range'])} ranged reads of packs ({int(chunks)} chunks)"
                             beyond.append(units(extra))
                             shown = ", ".join(f"{k} {int(n)}" for k, n in extra.items() if n)
-                            print(f"      node{i} requests beyond the {int(chunks)} chunk reads: "
-                                  f"{shown} = {units(extra):.0f} units", flush=True)
+                            print(f"      node{i} requests beyond the {reads}: "
+                                  f"{shown or 'none'} = {units(extra):.0f} units", flush=True)
                         starts = [v for _, v in sorted(cluster.fetch_starts.items())]
                         rows.append({"size": size_text, "kind": kind, "round": r + 1,
                                      "seconds": took, "downloaded_mib": mib, "prefetched_mib": pre,
@@ -355,7 +370,7 @@ def main():
     lines = ["| size | snapshot | median s (meta file → last follower adopted) | rounds (s) "
              "| publish s (ends at +s) | fetches start at +s | propagation / publish "
              "| MiB prefetched per follower (median) | MiB downloaded after the manifest (median) "
-             "| request units per follower beyond chunk reads |",
+             "| request units per follower beyond data reads |",
              "|---|---|---:|---|---|---|---:|---:|---:|---|"]
     for size_text in args.sizes.split(","):
         for kind in ("full", "incremental"):

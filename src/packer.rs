@@ -28,6 +28,7 @@ use crate::pack::upload::{PackWriter, PartBudget};
 use crate::pack::{Encoder, Encoding, PackId, PackKind};
 use crate::repo::Repo;
 use crate::tree::{BlockBuilder, Grouper, Location, LogicalHasher};
+use crate::window::Window;
 
 /// What [`pack_snapshot`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -240,10 +241,13 @@ pub enum ChunkList<'a> {
 /// with the snapshot.
 const RECENT_UPLOADS: usize = 1 << 15;
 
-/// Where a publish finds the chunks it packs blocks of: the base's (from its blocks that
-/// changed) and the ones it uploaded itself, the most recent [`RECENT_UPLOADS`] of them.
+/// Where a publish finds the chunks it packs blocks of: the base's, from its blocks that
+/// changed, held around the corresponding position ([`Window`]), and the ones it uploaded
+/// itself, the most recent [`RECENT_UPLOADS`] of them.
 struct Known {
-    base: HashMap<Digest, Location>,
+    base: Window<Location>,
+    /// The base block of each window candidate, and where it starts in the base's file.
+    candidates: Vec<(usize, u64)>,
     uploads: HashMap<Digest, Location>,
     order: std::collections::VecDeque<Digest>,
     recent: usize,
@@ -252,10 +256,54 @@ struct Known {
 impl Known {
     fn remembering(recent: usize) -> Known {
         Known {
-            base: HashMap::new(),
+            base: Window::new(Vec::new(), crate::window::SPAN),
+            candidates: Vec::new(),
             uploads: HashMap::new(),
             order: Default::default(),
             recent,
+        }
+    }
+
+    /// Looks in `base`'s blocks that no planned block reuses whole, through a window.
+    fn with_base(&mut self, base: &Manifest, reused: &std::collections::HashSet<usize>) {
+        let mut ranges = Vec::new();
+        for (i, (at, b)) in base.block_offsets().enumerate() {
+            if !reused.contains(&i) {
+                ranges.push((at, at + b.bytes));
+                self.candidates.push((i, at));
+            }
+        }
+        self.base = Window::new(ranges, crate::window::SPAN);
+    }
+
+    /// Loads the base blocks the window reaches for the new block at `start..end`, and
+    /// drops the ones far behind.
+    async fn follow(
+        &mut self,
+        repo: &Repo,
+        descriptor: &Repository,
+        base: &Manifest,
+        (start, end): (u64, u64),
+    ) -> Result<()> {
+        for c in self.base.to_request(end) {
+            let (i, mut at) = self.candidates[c];
+            let block = repo.read_block(descriptor, base, i).await?;
+            let mut chunks = Vec::with_capacity(block.chunks.len());
+            for (j, chunk) in block.chunks.iter().enumerate() {
+                chunks.push((chunk.id, at, block.location(j)));
+                at += chunk.plain_len as u64;
+            }
+            self.base.insert(c, chunks);
+        }
+        self.base.evict(start);
+        Ok(())
+    }
+
+    /// Where `id` is, for the new snapshot's position `at` (a base hit re-aligns the window).
+    fn find(&mut self, id: &Digest, at: u64) -> Option<&Location> {
+        match self.uploads.contains_key(id) {
+            true => self.uploads.get(id),
+            false => self.base.find(id, at),
         }
     }
 
@@ -283,28 +331,6 @@ impl Known {
             }
         }
     }
-}
-
-/// Where the chunks of `base`'s blocks that no planned block reuses whole are, by id.
-async fn base_chunks(
-    repo: &Repo,
-    descriptor: &Repository,
-    base: &Manifest,
-    base_logical: &HashMap<Digest, usize>,
-    planned: &[Planned],
-) -> Result<HashMap<Digest, Location>> {
-    let reused: std::collections::HashSet<usize> = planned
-        .iter()
-        .filter_map(|p| base_logical.get(&p.logical).copied())
-        .collect();
-    let mut known = HashMap::new();
-    for i in (0..base.blocks.len()).filter(|i| !reused.contains(i)) {
-        let block = repo.read_block(descriptor, base, i).await?;
-        for (j, c) in block.chunks.iter().enumerate() {
-            known.entry(c.id).or_insert_with(|| block.location(j));
-        }
-    }
-    Ok(known)
 }
 
 /// Plain bytes of missing chunks read and encoded at once, in a publish: one batch is what
@@ -376,16 +402,39 @@ pub async fn pack_snapshot(
     budget: PartBudget,
     announcer: Option<&Announcer>,
 ) -> Result<PackedSnapshot> {
-    let snapshot = (base, file, file_name, chunks, listed);
-    pack(
+    let snapshot = (base, file.clone(), file_name, chunks, listed);
+    match pack(
         repo,
         descriptor,
         snapshot,
-        budget,
+        budget.clone(),
         announcer,
         RECENT_UPLOADS,
     )
-    .await
+    .await?
+    {
+        Attempt::Done(packed) => Ok(packed),
+        Attempt::BaseGone(e) => {
+            // A pack of the base may be gone legitimately: once this publish's lease
+            // lapsed, a GC elsewhere may have deleted the base manifest and the packs only
+            // it used. Packed again as if there were no base (more is uploaded, and no
+            // manifest names a pack that is gone; what the first attempt uploaded is
+            // garbage for a GC). The retry announces nothing: its list would start over.
+            tracing::warn!(base = base.map(|m| m.last_log_index), error = %e, "not packing onto the base manifest, whose blocks do not read back; uploading every chunk");
+            let snapshot = (None, file, file_name, chunks, listed);
+            match pack(repo, descriptor, snapshot, budget, None, RECENT_UPLOADS).await? {
+                Attempt::Done(packed) => Ok(packed),
+                Attempt::BaseGone(e) => Err(e),
+            }
+        }
+    }
+}
+
+/// How one packing attempt ended.
+enum Attempt {
+    Done(PackedSnapshot),
+    /// A block of the base did not read back (not a transient failure).
+    BaseGone(Error),
 }
 
 /// [`pack_snapshot`], remembering `recent_uploads` of the chunks it uploads.
@@ -403,38 +452,32 @@ async fn pack(
     budget: PartBudget,
     announcer: Option<&Announcer>,
     recent_uploads: usize,
-) -> Result<PackedSnapshot> {
+) -> Result<Attempt> {
     let planned = plan(descriptor, chunks)?;
     let mut stats = PackStats::default();
 
-    // Which base blocks match a new block by content; the chunks of the others, by id. A
-    // base whose blocks do not read back is not packed onto: the snapshot is packed as if
-    // there were none (more is uploaded, and no manifest names a pack that is gone). A pack
-    // of it may be gone legitimately: once this publish's lease lapsed, a GC elsewhere may
-    // have deleted the base manifest and the packs only it used.
+    // Which base blocks match a new block by content; the chunks of the others are looked
+    // up near where they sit (a window over the base's blocks, loaded as packing moves on).
     let mut known = Known::remembering(recent_uploads);
-    let base_logical = |m: &Manifest| -> HashMap<Digest, usize> {
-        m.blocks
+    let base_logical: HashMap<Digest, usize> = base
+        .map(|m| {
+            m.blocks
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.logical, i))
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(m) = base {
+        let reused = planned
             .iter()
-            .enumerate()
-            .map(|(i, b)| (b.logical, i))
-            .collect()
-    };
-    let base = match base {
-        None => None,
-        Some(m) => match base_chunks(repo, descriptor, m, &base_logical(m), &planned).await {
-            Ok(chunks) => {
-                known.base = chunks;
-                Some(m)
-            }
-            Err(e) if e.is_transient() => return Err(e),
-            Err(e) => {
-                tracing::warn!(base = m.last_log_index, error = %e, "not packing onto the base manifest, whose blocks do not read back; uploading every chunk");
-                None
-            }
-        },
-    };
-    let base_logical = base.map(base_logical).unwrap_or_default();
+            .filter_map(|p| base_logical.get(&p.logical).copied())
+            .collect();
+        known.with_base(m, &reused);
+    }
+    let base_offsets: Vec<u64> = base
+        .map(|m| m.block_offsets().map(|(at, _)| at).collect())
+        .unwrap_or_default();
 
     let mut table = PackTable::default();
     let mut blocks = Vec::with_capacity(planned.len());
@@ -471,16 +514,25 @@ async fn pack(
             }
             blocks.push(new);
             stats.blocks_reused += 1;
+            known.base.anchor(p.offset, base_offsets[b]);
             continue;
         }
         known.forget_old_uploads();
         // The chunks of this block the store lacks (each once, where it first occurs).
         let mine = &chunks.read(p.first as u64, p.count)?;
+        if let Some(m) = base {
+            let end = p.offset + mine.iter().map(|c| c.1).sum::<u64>();
+            match known.follow(repo, descriptor, m, (p.offset, end)).await {
+                Ok(()) => {}
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => return Ok(Attempt::BaseGone(e)),
+            }
+        }
         let mut missing = Vec::new();
         let mut listed_here = std::collections::HashSet::new();
         let mut at = p.offset;
         for (id, len) in mine {
-            if known.get(id).is_none() && listed_here.insert(*id) {
+            if known.find(id, at).is_none() && listed_here.insert(*id) {
                 missing.push((*id, at, *len));
             }
             at += len;
@@ -597,13 +649,13 @@ async fn pack(
     for p in &mut table.packs {
         p.used = p.used.min(p.size);
     }
-    Ok(PackedSnapshot {
+    Ok(Attempt::Done(PackedSnapshot {
         packs: table.packs,
         size: blocks.iter().map(|b| b.bytes).sum(),
         blocks,
         chunks: chunks.count(),
         stats,
-    })
+    }))
 }
 
 #[cfg(test)]
@@ -824,6 +876,9 @@ mod tests {
             )
             .await
             .unwrap();
+            let Attempt::Done(packed) = packed else {
+                panic!("there is no base")
+            };
             let m = manifest(&d, &packed, &a, 1);
             m.validate(&d).unwrap();
             assert_eq!(read_back(&repo, &d, &m).await, a);

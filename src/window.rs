@@ -119,6 +119,11 @@ impl<V> Window<V> {
         self.map.get(id).map(|(_, _, v)| v)
     }
 
+    /// The chunk `id`, if the window holds it (without re-aligning the window).
+    pub fn get(&self, id: &Digest) -> Option<&V> {
+        self.map.get(id).map(|(_, _, v)| v)
+    }
+
     /// Chunks held now (for tests and reports).
     pub fn held(&self) -> usize {
         self.map.len()
