@@ -520,6 +520,22 @@ async fn pack(
         known.forget_old_uploads();
         // The chunks of this block the store lacks (each once, where it first occurs).
         let mine = &chunks.read(p.first as u64, p.count)?;
+        // The list is read twice (the plan, then here): a chunk index the node rewrote in
+        // between must not give a block other chunks than the ones it was planned with.
+        let mut logical = LogicalHasher::new();
+        for (id, len) in mine {
+            logical.push(id, *len as u32);
+        }
+        if logical.finish() != p.logical {
+            return Err(Error::io(
+                format!("reading the chunk list of {file_name}"),
+                std::io::Error::other(format!(
+                    "records {}..{} changed while the publish read them",
+                    p.first,
+                    p.first + p.count
+                )),
+            ));
+        }
         if let Some(m) = base {
             let end = p.offset + mine.iter().map(|c| c.1).sum::<u64>();
             match known.follow(repo, descriptor, m, (p.offset, end)).await {
@@ -889,6 +905,52 @@ mod tests {
                 "remembering {recent}: {uploaded} of {distinct}"
             );
         }
+    }
+
+    /// A chunk list that reads back otherwise the second time (a node rewriting its index
+    /// while the publish reads it) fails the publish; nothing is planned on one list and
+    /// packed from another.
+    #[tokio::test]
+    async fn a_chunk_list_that_changes_between_its_reads_is_refused() {
+        struct Changing(Vec<(Digest, u64)>);
+        impl ChunkRecords for Changing {
+            fn count(&self) -> u64 {
+                self.0.count()
+            }
+            fn records(&self) -> Box<dyn Iterator<Item = Result<(Digest, u64)>> + '_> {
+                self.0.records()
+            }
+            fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>> {
+                let mut r = self.0.read(first, count)?;
+                r[0].0 = Digest::of(b"another chunk");
+                Ok(r)
+            }
+        }
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", NewRepository::default());
+        let a = random(1 << 20, 41);
+        let list = Changing(cut(&a, d.chunking));
+        let e = pack_snapshot(
+            &repo,
+            &d,
+            None,
+            file_of(&a),
+            "a",
+            &list,
+            ChunkList::Cut,
+            PartBudget::new(2, 1 << 20),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("changed while the publish read them"),
+            "{e}"
+        );
     }
 
     /// A base whose tree pack is gone (a GC deleted it once the publish's lease lapsed, say)
