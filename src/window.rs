@@ -31,7 +31,10 @@ pub struct Window<V> {
     ranges: Vec<(u64, u64)>,
     /// Candidates `..requested` have been handed out to load.
     requested: usize,
-    map: HashMap<Digest, (u32, u64, V)>,
+    /// Chunk id → (candidate holding it, its position in the earlier file, value). The
+    /// position is `None` for an id more than one loaded candidate holds (a zero page,
+    /// say): it is found, but says nothing about where the new file is in the earlier one.
+    map: HashMap<Digest, (u32, Option<u64>, V)>,
     /// Loaded candidates, in order, with the ids they put in the map.
     loaded: VecDeque<(u32, Vec<Digest>)>,
     /// Earlier position minus new position, as last seen.
@@ -88,6 +91,12 @@ impl<V> Window<V> {
     pub fn insert(&mut self, c: usize, chunks: Vec<(Digest, u64, V)>) {
         let mut ids = Vec::with_capacity(chunks.len());
         for (id, at, value) in chunks {
+            // A later candidate takes the id over (so that evicting the earlier one keeps
+            // it); an id held twice no longer tells a position.
+            let at = match self.map.get(&id) {
+                Some((owner, _, _)) if *owner != c as u32 => None,
+                _ => Some(at),
+            };
             self.map.insert(id, (c as u32, at, value));
             ids.push(id);
         }
@@ -114,8 +123,9 @@ impl<V> Window<V> {
     /// The chunk `id` at new position `new`, if the window holds it; a hit re-aligns the
     /// window.
     pub fn find(&mut self, id: &Digest, new: u64) -> Option<&V> {
-        let old = self.map.get(id)?.1;
-        self.anchor(new, old);
+        if let Some(old) = self.map.get(id)?.1 {
+            self.anchor(new, old);
+        }
         self.map.get(id).map(|(_, _, v)| v)
     }
 
@@ -193,6 +203,40 @@ mod tests {
         w.evict(60_000);
         assert_eq!(w.find(&id(205), 60_500), Some(&205));
         assert!(w.needed(22, 61_000) && !w.needed(40, 61_000));
+    }
+
+    /// A chunk that many earlier blocks hold (a zero page) is found, but does not pull the
+    /// window to wherever its last copy was loaded: the blocks that correspond stay.
+    #[test]
+    fn a_chunk_held_by_many_candidates_does_not_move_the_window() {
+        let z = id(u64::MAX);
+        let mut w: Window<u64> = window(100, 5000);
+        let load = |w: &mut Window<u64>, r: std::ops::Range<usize>| {
+            for c in r {
+                let c = c as u64;
+                w.insert(
+                    c as usize,
+                    vec![(id(c), c * 1000, c), (z, c * 1000 + 500, 1000 + c)],
+                );
+            }
+        };
+        for pos in [0u64, 1000, 2000] {
+            let r = w.to_request(pos + 1000);
+            load(&mut w, r);
+            w.evict(pos);
+            assert!(w.find(&id(pos / 1000), pos).is_some());
+            assert!(
+                w.find(&z, pos + 500).is_some(),
+                "a shared chunk is still found"
+            );
+        }
+        let r = w.to_request(4000);
+        load(&mut w, r);
+        w.evict(3000);
+        assert!(
+            w.find(&id(3), 3000).is_some(),
+            "the corresponding candidate was dropped"
+        );
     }
 
     #[test]
