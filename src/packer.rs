@@ -98,7 +98,8 @@ pub trait ChunkRecords: Sync {
     fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>>;
 }
 
-fn index_error(e: snaprelay_contract::chunking::IndexError) -> Error {
+/// A chunk list that cannot be read (or read back).
+fn index_error(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
     Error::io("reading the chunk list", std::io::Error::other(e))
 }
 
@@ -131,7 +132,7 @@ impl ChunkRecords for [(Digest, u64)] {
         let first = first as usize;
         self.get(first..first + count)
             .map(<[_]>::to_vec)
-            .ok_or_else(|| index_error_text(format!("records {first}.. are past its end")))
+            .ok_or_else(|| index_error(format!("records {first}.. are past its end")))
     }
 }
 
@@ -147,10 +148,6 @@ impl ChunkRecords for Vec<(Digest, u64)> {
     fn read(&self, first: u64, count: usize) -> Result<Vec<(Digest, u64)>> {
         self.as_slice().read(first, count)
     }
-}
-
-fn index_error_text(reason: String) -> Error {
-    Error::io("reading the chunk list", std::io::Error::other(reason))
 }
 
 /// The manifest's pack table, built as packs are used.

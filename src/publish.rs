@@ -70,6 +70,31 @@ impl PublishReport {
             elapsed: started.elapsed(),
         }
     }
+
+    /// The report of a publish that committed a manifest: `(size, sha256, chunks)` of it.
+    fn committed(
+        env: &crate::snapdir::Envelope,
+        (size, sha256, chunks_total): (u64, &Digest, u64),
+        id: &ManifestId,
+        chunk_index: bool,
+        sent: Sent,
+        started: Instant,
+    ) -> PublishReport {
+        let (index, term) = env.log_id();
+        PublishReport {
+            index,
+            term,
+            size,
+            sha256: Some(sha256.to_hex()),
+            manifest: id.to_string(),
+            chunk_index,
+            already_published: false,
+            chunks_total,
+            chunks_transferred: sent.chunks.into_inner(),
+            bytes_transferred: sent.bytes.into_inner(),
+            elapsed: started.elapsed(),
+        }
+    }
 }
 
 /// What a publish did.
@@ -247,19 +272,12 @@ impl<'a> Publisher<'a> {
         }
         let (manifest, id, used_index) = result?;
         self.progress.finish();
-        let report = PublishReport {
-            index,
-            term,
-            size: manifest.size,
-            sha256: Some(manifest.sha256.to_hex()),
-            manifest: id.to_string(),
-            chunk_index: used_index,
-            already_published: false,
-            chunks_total: manifest.chunks.len() as u64,
-            chunks_transferred: sent.chunks.into_inner(),
-            bytes_transferred: sent.bytes.into_inner(),
-            elapsed: started.elapsed(),
-        };
+        let summary = (
+            manifest.size,
+            &manifest.sha256,
+            manifest.chunks.len() as u64,
+        );
+        let report = PublishReport::committed(env, summary, &id, used_index, sent, started);
         tracing::debug!(
             index,
             term,

@@ -88,19 +88,8 @@ impl Publisher<'_> {
         }
         let (manifest, id, stats) = result?;
         self.progress.finish();
-        let report = PublishReport {
-            index,
-            term,
-            size: manifest.size,
-            sha256: Some(manifest.sha256.to_hex()),
-            manifest: id.to_string(),
-            chunk_index: used_index,
-            already_published: false,
-            chunks_total: manifest.chunks,
-            chunks_transferred: sent.chunks.into_inner(),
-            bytes_transferred: sent.bytes.into_inner(),
-            elapsed: started.elapsed(),
-        };
+        let summary = (manifest.size, &manifest.sha256, manifest.chunks);
+        let report = PublishReport::committed(env, summary, &id, used_index, sent, started);
         tracing::debug!(
             index,
             term,
