@@ -200,6 +200,11 @@ pub struct Trailer {
 }
 
 impl Trailer {
+    /// Bytes the trailer and footer of a pack of `blobs` blobs take.
+    pub fn encoded_len(blobs: usize) -> u64 {
+        (TRAILER_HEAD + blobs * ENTRY_LEN + 32) as u64 + FOOTER_LEN
+    }
+
     /// The trailer and footer as they end a pack.
     pub fn encode(&self) -> Vec<u8> {
         let len = TRAILER_HEAD + self.blobs.len() * ENTRY_LEN + 32;

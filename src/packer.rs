@@ -8,10 +8,10 @@
 //! afterwards names only packs that exist.
 //!
 //! [`crate::publish`] packs a snapshot of a pack repository with this. Memory: the block plan
-//! (a few hundred bytes per block), the chunk map of the base's blocks that did not match,
-//! and one block's new chunks at a time. The chunk map is proportional to the change, which
-//! for scattered updates can be every block: [`crate::window`] is what would bound it (not
-//! used yet).
+//! (a few dozen bytes per block), the base's changed blocks within [`crate::window::SPAN`]
+//! of the position being packed, the chunks this publish uploaded last (at most
+//! [`RECENT_UPLOADS`]), one batch of new chunks being read and encoded, and the parts being
+//! filled and in flight ([`PartBudget`]); none of it grows with the snapshot.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -171,7 +171,8 @@ impl PackTable {
     }
 }
 
-/// The pack being filled of one kind, rotated at the repository's pack size.
+/// The pack being filled of one kind, rotated before it would outgrow `pack_size` (its
+/// trailer included).
 struct Filling<'a> {
     kind: PackKind,
     pack_size: u64,
@@ -194,7 +195,7 @@ impl Filling<'_> {
         let full = self
             .writer
             .as_ref()
-            .is_some_and(|w| w.is_full() || w.len() + stored.len() as u64 > self.pack_size);
+            .is_some_and(|w| w.is_full() || w.size_with(stored.len()) > self.pack_size);
         if full {
             self.finish_current().await?;
         }
@@ -486,9 +487,11 @@ async fn pack(
         written: Vec::new(),
         announcer,
     };
+    // Tree packs are one part at most, so each is a single PUT and the tree's pending bytes
+    // stay within a part however large the snapshot (its blocks are ~2.5 MB per GiB).
     let mut tree = Filling {
         kind: PackKind::Tree,
-        pack_size: descriptor.pack_size,
+        pack_size: descriptor.pack_size.min(budget.part_size() as u64),
         budget,
         writer: None,
         written: Vec::new(),
@@ -731,6 +734,61 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Packs never outgrow the repository's pack size, trailer included, and tree packs stay
+    /// within one part, so each is a single PUT and the tree's pending bytes are bounded by a
+    /// part however large the snapshot.
+    #[tokio::test]
+    async fn packs_keep_to_the_pack_size_and_tree_packs_to_one_part() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        // About 18 KB of tree blocks: several parts of 8 KiB.
+        let part = 8 << 10;
+        let a = random(6 << 20, 3);
+        let ca = cut(&a, d.chunking);
+        let packed = pack_snapshot(
+            &repo,
+            &d,
+            None,
+            file_of(&a),
+            "a",
+            &ca,
+            ChunkList::Cut,
+            PartBudget::new(2, part),
+            None,
+        )
+        .await
+        .unwrap();
+        let m = manifest(&d, &packed, &a, 1);
+        m.validate(&d).unwrap();
+        let tree: Vec<u64> = m
+            .packs
+            .iter()
+            .filter(|p| p.kind == PackKind::Tree)
+            .map(|p| p.size)
+            .collect();
+        assert!(tree.len() >= 2, "the tree spans several packs: {tree:?}");
+        assert!(tree.iter().all(|&s| s <= part as u64), "{tree:?}");
+        let data: Vec<u64> = m
+            .packs
+            .iter()
+            .filter(|p| p.kind == PackKind::Data)
+            .map(|p| p.size)
+            .collect();
+        assert!(data.len() >= 6, "{data:?}");
+        assert!(data.iter().all(|&s| s <= d.pack_size), "{data:?}");
+        assert!(
+            data.iter()
+                .filter(|&&s| s > d.pack_size - (64 << 10))
+                .count()
+                >= data.len() - 1,
+            "packs are filled close to the pack size: {data:?}"
+        );
+        assert_eq!(read_back(&repo, &d, &m).await, a);
     }
 
     /// A first snapshot, then one with scattered edits onto it: the second reuses every
