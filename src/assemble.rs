@@ -1,7 +1,8 @@
 //! Assembling a format-2 snapshot into a file: the data path of a follower's fetch. Blocks
 //! whose logical id a local snapshot has are copied from it with `copy_file_range` (a reflink
 //! where the file system has them, an in-kernel copy otherwise), neighbouring blocks in one
-//! call; every other block is read from its tree pack and checked against the manifest, its
+//! call; every other block is read from its tree pack (neighbouring blocks in one ranged
+//! GET, a few ranges ahead of their use) and checked against the manifest, its
 //! chunks that the local snapshot's other blocks hold are copied likewise, and the rest are
 //! read from the data packs in coalesced ranged GETs ([`crate::pack::plan`]),
 //! each blob decoded and checked against its id before it is written where it belongs.
@@ -14,7 +15,8 @@
 //! manifest names, in its order (see docs/format.md for why that needs no whole-file hash).
 //!
 //! [`crate::fetch`] assembles into its staging file with this (a resumed staging file is its
-//! own untrusted local snapshot). Memory: one block and the ranges of one block in flight,
+//! own untrusted local snapshot). Memory: [`TREE_RANGES_AHEAD`] ranges of tree blocks of at
+//! most [`TREE_RANGE`], a few blocks and their ranges in flight,
 //! plus the chunk map of the local snapshot's changed blocks (proportional to the change;
 //! [`crate::window`] is what would bound it, not used yet).
 
@@ -39,6 +41,11 @@ use crate::tree::Block;
 const BLOCKS_IN_FLIGHT: usize = 4;
 /// Bytes of a local file read in one call when its chunks are checked.
 const RUN_BYTES: u64 = 8 << 20;
+/// Tree blocks stored close together are read in ranges of at most this many bytes (about
+/// 70 blocks: a GiB's tree in a few requests instead of one per block)...
+const TREE_RANGE: u64 = 1 << 20;
+/// ...with at most this many ranges read ahead of the block being planned.
+const TREE_RANGES_AHEAD: usize = 2;
 
 /// A snapshot already on this machine: with its (validated) manifest, or with the chunks
 /// found by cutting it (a snapshot the node built itself, which the store has no manifest
@@ -119,11 +126,12 @@ pub async fn assemble(
         let logicals: std::collections::HashSet<Digest> =
             manifest.blocks.iter().map(|b| b.logical).collect();
         let offsets: Vec<u64> = lm.block_offsets().map(|(at, _)| at).collect();
-        for (i, b) in lm.blocks.iter().enumerate() {
-            if logicals.contains(&b.logical) {
-                continue;
-            }
-            let block = repo.read_block(descriptor, lm, i).await?;
+        let changed: Vec<usize> = (0..lm.blocks.len())
+            .filter(|&i| !logicals.contains(&lm.blocks[i].logical))
+            .collect();
+        let mut blocks = TreeReader::start(repo, descriptor, lm, &changed, None);
+        for &i in &changed {
+            let block = blocks.next(i).await?;
             let mut at = offsets[i];
             for c in &block.chunks {
                 local_chunks.entry(c.id).or_insert(at);
@@ -140,7 +148,7 @@ pub async fn assemble(
     // Blocks whose chunks are being read from the store, a few at once so that the next
     // block's ranges are requested while the last ones arrive; all their ranges share one
     // bound.
-    let ranges_in_flight = tokio::sync::Semaphore::new(limits.in_flight.max(1));
+    let ranges_in_flight = Arc::new(tokio::sync::Semaphore::new(limits.in_flight.max(1)));
     let (jobs, queued) = tokio::sync::mpsc::channel::<(Block, Vec<(usize, u64)>)>(BLOCKS_IN_FLIGHT);
     // Reads the queued blocks' chunks, BLOCKS_IN_FLIGHT at once, while the loop below plans
     // the next ones (both run in this task: `join!` polls them in turn).
@@ -165,18 +173,22 @@ pub async fn assemble(
             all.add(one);
             Ok(all)
         });
-    // A tree block is read under the same bound as the data ranges: with `in_flight` 1, one
-    // request at a time.
-    let read_block = |i: usize| {
-        let ranges_in_flight = &ranges_in_flight;
-        async move {
-            let _permit = ranges_in_flight
-                .acquire()
-                .await
-                .map_err(|e| Error::io("range budget", std::io::Error::other(e)))?;
-            repo.read_block(descriptor, manifest, i).await
-        }
+    // Every block but those copied whole from a trusted local snapshot is read, in order,
+    // ahead of the planner; its ranges share the data ranges' bound (with `in_flight` 1, one
+    // request at a time).
+    let copied_whole = |logical: &Digest| {
+        local.as_ref().is_some_and(|l| l.trusted) && local_at.contains_key(logical)
     };
+    let wanted: Vec<usize> = (0..manifest.blocks.len())
+        .filter(|&i| !copied_whole(&manifest.blocks[i].logical))
+        .collect();
+    let mut blocks = TreeReader::start(
+        repo,
+        descriptor,
+        manifest,
+        &wanted,
+        Some(ranges_in_flight.clone()),
+    );
     let planner = async {
         for (i, (at, b)) in manifest.block_offsets().enumerate() {
             if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
@@ -201,7 +213,7 @@ pub async fn assemble(
                 // Untrusted: each chunk is read, hashed and written from the bytes hashed (a
                 // copy by the kernel would copy whatever the file holds by then); the chunks
                 // that do not match are fetched.
-                let block = read_block(i).await?;
+                let block = blocks.next(i).await?;
                 let mut spans = Vec::with_capacity(block.chunks.len());
                 let (mut f, mut t) = (from, at);
                 for (j, c) in block.chunks.iter().enumerate() {
@@ -232,7 +244,7 @@ pub async fn assemble(
                 stats.blocks_fetched += 1;
                 continue;
             }
-            let block = read_block(i).await?;
+            let block = blocks.next(i).await?;
             // Chunks the local file has: copied (trusted) or hashed first; the rest fetched.
             let mut wanted = Vec::new();
             let mut from_local = Vec::new();
@@ -417,6 +429,135 @@ async fn reuse_chunks(
     .map_err(std::io::Error::other)?
 }
 
+/// One ranged read of a tree pack: the blocks it holds, `(index, start in the range, stored
+/// length)`, in the order they are taken.
+struct TreeRange {
+    pack: usize,
+    range: std::ops::Range<u64>,
+    blocks: Vec<(usize, usize, u32)>,
+}
+
+/// Groups `wanted` (block indexes, in the order they will be taken) into ranged reads: a
+/// block joins the range before it when it follows it in the same tree pack, at most
+/// [`TREE_RANGE`] from its start and 64 KiB from its end. Nothing is reordered, so a reader
+/// holds no block it is not about to hand out.
+fn tree_ranges(manifest: &Manifest, wanted: &[usize]) -> Vec<TreeRange> {
+    let mut out: Vec<TreeRange> = Vec::new();
+    for &i in wanted {
+        let b = &manifest.blocks[i];
+        let (start, end) = (b.offset as u64, b.offset as u64 + b.stored_len as u64);
+        if let Some(r) = out.last_mut() {
+            if r.pack == b.pack as usize
+                && start >= r.range.end
+                && start - r.range.end <= 64 << 10
+                && end - r.range.start <= TREE_RANGE
+            {
+                r.blocks
+                    .push((i, (start - r.range.start) as usize, b.stored_len));
+                r.range.end = end;
+                continue;
+            }
+        }
+        out.push(TreeRange {
+            pack: b.pack as usize,
+            range: start..end,
+            blocks: vec![(i, 0, b.stored_len)],
+        });
+    }
+    out
+}
+
+/// The tree blocks a fetch takes, in order, read ahead by a task of its own in ranges of
+/// neighbouring blocks ([`tree_ranges`]), at most [`TREE_RANGES_AHEAD`] ranges ahead of the
+/// one being taken; each block is decoded and checked against the manifest as it is taken.
+/// Dropping the reader stops the task.
+struct TreeReader<'a> {
+    descriptor: &'a Repository,
+    manifest: &'a Manifest,
+    ranges: tokio::sync::mpsc::Receiver<Result<(TreeRange, bytes::Bytes)>>,
+    current: Option<(TreeRange, bytes::Bytes, usize)>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl<'a> TreeReader<'a> {
+    /// Starts reading `wanted` of `manifest` (validated against `descriptor`); each request
+    /// holds one of `budget`'s permits, when there is one.
+    fn start(
+        repo: &Repo,
+        descriptor: &'a Repository,
+        manifest: &'a Manifest,
+        wanted: &[usize],
+        budget: Option<Arc<tokio::sync::Semaphore>>,
+    ) -> TreeReader<'a> {
+        let plan = tree_ranges(manifest, wanted);
+        let packs: Vec<(crate::pack::PackId, u64)> =
+            manifest.packs.iter().map(|p| (p.id, p.size)).collect();
+        let (tx, ranges) = tokio::sync::mpsc::channel(TREE_RANGES_AHEAD);
+        let repo = repo.clone();
+        let task = tokio::spawn(async move {
+            for r in plan {
+                let read = async {
+                    let _permit =
+                        match &budget {
+                            Some(b) => Some(b.acquire().await.map_err(|e| {
+                                Error::io("range budget", std::io::Error::other(e))
+                            })?),
+                            None => None,
+                        };
+                    let (id, size) = packs[r.pack];
+                    repo.read_pack(&id, size, r.range.clone()).await
+                };
+                let result = read.await;
+                let failed = result.is_err();
+                if tx.send(result.map(|bytes| (r, bytes))).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        TreeReader {
+            descriptor,
+            manifest,
+            ranges,
+            current: None,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Block `index`, which must be the next one `wanted` listed.
+    async fn next(&mut self, index: usize) -> Result<Block> {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|(r, _, taken)| *taken == r.blocks.len())
+        {
+            let next = self.ranges.recv().await.ok_or_else(|| {
+                Error::io(
+                    "reading tree blocks",
+                    std::io::Error::other("the reader stopped"),
+                )
+            })??;
+            self.current = Some((next.0, next.1, 0));
+        }
+        let (r, bytes, taken) = self.current.as_mut().expect("set above");
+        let (i, start, len) = r.blocks[*taken];
+        *taken += 1;
+        if i != index {
+            return Err(Error::io(
+                "reading tree blocks",
+                std::io::Error::other(format!("block {index} was asked for, {i} is next")),
+            ));
+        }
+        let b = &self.manifest.blocks[i];
+        self.manifest
+            .decode_block(self.descriptor, i, &bytes[start..start + len as usize])
+            .map_err(|reason| Error::BlockCorrupt {
+                block: b.id.to_hex(),
+                pack: self.manifest.packs[b.pack as usize].id.to_hex(),
+                reason,
+            })
+    }
+}
+
 /// Reads chunks `(index in block, offset in the file)` of a block from the store (coalesced
 /// ranges), checks each, and writes it at its offset; returns what it read. Each range holds
 /// one of `ranges`' permits from its request until its chunks are written, so that the
@@ -595,6 +736,8 @@ mod tests {
         inner: object_store::memory::InMemory,
         now: std::sync::atomic::AtomicUsize,
         most: std::sync::atomic::AtomicUsize,
+        /// The key of every ranged read.
+        ranged: std::sync::Mutex<Vec<String>>,
     }
 
     impl std::fmt::Display for InFlight {
@@ -631,6 +774,7 @@ mod tests {
             if options.range.is_none() {
                 return self.inner.get_opts(location, options).await;
             }
+            self.ranged.lock().unwrap().push(location.to_string());
             let now = self.now.fetch_add(1, SeqCst) + 1;
             self.most.fetch_max(now, SeqCst);
             for _ in 0..8 {
@@ -713,6 +857,78 @@ mod tests {
                 "download.concurrency = {concurrency}"
             );
         }
+    }
+
+    /// Tree blocks are read in ranges of neighbours, not one request each, whether the whole
+    /// snapshot is fetched or an untrusted local one is checked block by block.
+    #[tokio::test]
+    async fn tree_blocks_are_read_in_ranges_of_neighbours() {
+        let counted = Arc::new(InFlight::default());
+        let store = Store {
+            backend: counted.clone(),
+            prefix: object_store::path::Path::default(),
+            url: StoreUrl::Memory,
+        };
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let data = random(8 << 20, 11);
+        let m = publish(&repo, &d, None, &data, 1).await;
+        assert!(m.blocks.len() >= 30, "{} blocks", m.blocks.len());
+        let tree_reads = |m: &Manifest| {
+            let tree: Vec<String> = m
+                .packs
+                .iter()
+                .filter(|p| p.kind == crate::pack::PackKind::Tree)
+                .map(|p| p.id.to_hex())
+                .collect();
+            let ranged = std::mem::take(&mut *counted.ranged.lock().unwrap());
+            ranged
+                .iter()
+                .filter(|k| tree.iter().any(|t| k.contains(t.as_str())))
+                .count()
+        };
+        let tree_packs = m
+            .packs
+            .iter()
+            .filter(|p| p.kind == crate::pack::PackKind::Tree)
+            .count();
+
+        let out = file_of(b"");
+        assemble(
+            &repo,
+            &d,
+            &m,
+            out.clone(),
+            "out",
+            None,
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(contents(&out), data);
+        assert_eq!(tree_reads(&m), tree_packs, "{} blocks", m.blocks.len());
+
+        // Every block again, checked against an untrusted copy of the same file.
+        let local = file_of(&data);
+        let out = file_of(b"");
+        let s = assemble(
+            &repo,
+            &d,
+            &m,
+            out.clone(),
+            "out",
+            Some(LocalSnapshot::of_manifest(local, &m, false)),
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(contents(&out), data);
+        assert_eq!(s.blocks_copied as usize, m.blocks.len());
+        assert_eq!(tree_reads(&m), tree_packs);
     }
 
     /// A full assembly, then an incremental one from the first file: unchanged blocks are
