@@ -40,7 +40,7 @@ use crate::tree::Block;
 /// Blocks whose chunks are fetched at once (their ranges share `limits.in_flight`).
 const BLOCKS_IN_FLIGHT: usize = 4;
 /// Bytes of a local file read in one call when its chunks are checked.
-const RUN_BYTES: u64 = 8 << 20;
+const RUN_BYTES: u64 = 4 << 20;
 /// Tree blocks stored close together are read in ranges of at most this many bytes (about
 /// 70 blocks: a GiB's tree in a few requests instead of one per block)...
 const TREE_RANGE: u64 = 1 << 20;
@@ -142,9 +142,10 @@ pub async fn assemble(
     let mut stats = AssembleStats::default();
     // A pending copy from the local file: (from, to, len), grown while blocks follow on.
     let mut copy: Option<(u64, u64, u64)> = None;
-    // Blocks copied in file order while nothing is being fetched: the disk writes the front
-    // while the rest is read.
-    let mut write_behind = crate::chunk::WriteBehind::new();
+    // Checked local bytes are written by a thread of their own while the next are read and
+    // hashed; blocks copied in file order while nothing is being fetched also start their
+    // writeback there, so the disk writes the front while the rest is read.
+    let writer = LocalWriter::start(out.clone());
     // Blocks whose chunks are being read from the store, a few at once so that the next
     // block's ranges are requested while the last ones arrive; all their ranges share one
     // bound.
@@ -225,7 +226,7 @@ pub async fn assemble(
                     f += c.plain_len as u64;
                     t += c.plain_len as u64;
                 }
-                let missed = reuse_chunks(&l.file, false, &out, &block, &spans, &mut copy)
+                let missed = reuse_chunks(&l.file, false, &out, &writer, &block, &spans, &mut copy)
                     .await
                     .map_err(io_err("copying into"))?;
                 stats.chunks_copied += (spans.len() - missed.len()) as u64;
@@ -233,7 +234,7 @@ pub async fn assemble(
                     stats.blocks_copied += 1;
                     stats.bytes_copied += b.bytes;
                     if copy.is_none() && jobs.capacity() == BLOCKS_IN_FLIGHT {
-                        write_behind.written_to(&out, at + b.bytes);
+                        writer.written_to(at + b.bytes).await;
                     }
                     continue;
                 }
@@ -262,9 +263,17 @@ pub async fn assemble(
                 to += c.plain_len as u64;
             }
             if let Some(l) = &local {
-                let missed = reuse_chunks(&l.file, l.trusted, &out, &block, &from_local, &mut copy)
-                    .await
-                    .map_err(io_err("copying into"))?;
+                let missed = reuse_chunks(
+                    &l.file,
+                    l.trusted,
+                    &out,
+                    &writer,
+                    &block,
+                    &from_local,
+                    &mut copy,
+                )
+                .await
+                .map_err(io_err("copying into"))?;
                 stats.chunks_copied += (from_local.len() - missed.len()) as u64;
                 wanted.extend(missed);
             }
@@ -282,6 +291,9 @@ pub async fn assemble(
         Ok::<_, Error>(stats)
     };
     let (planned, fetched) = tokio::join!(planner, fetcher);
+    // Every checked local byte is written before the file is handed on; a failed write is
+    // the error to report (the planner only saw that the writer had stopped).
+    writer.finish().await.map_err(io_err("writing into"))?;
     let fetched = fetched.map_err(|e| match e {
         Error::Io { source, .. } => Error::io(format!("writing {out_name}"), source),
         other => other,
@@ -350,6 +362,7 @@ async fn reuse_chunks(
     file: &Arc<File>,
     trusted: bool,
     out: &Arc<File>,
+    writer: &LocalWriter,
     block: &Block,
     chunks: &[(usize, u64, u64)],
     copy: &mut Option<(u64, u64, u64)>,
@@ -369,16 +382,20 @@ async fn reuse_chunks(
         }
         return Ok(Vec::new());
     }
-    let (file, out) = (file.clone(), out.clone());
+    let same_file = Arc::ptr_eq(file, out);
+    let (file, queue) = (file.clone(), writer.queue.clone());
     let chunks: Vec<_> = chunks
         .iter()
         .map(|&(j, from, to)| (j, from, to, block.chunks[j].id, block.chunks[j].plain_len))
         .collect();
     // A resumed staging file is its own source: its verified chunks are already in place.
-    let same_file = Arc::ptr_eq(&file, &out);
     tokio::task::spawn_blocking(move || {
+        let write = |at: u64, bytes: Vec<u8>| {
+            queue
+                .blocking_send(Write::At(at, bytes))
+                .map_err(|_| std::io::Error::other("the writer stopped"))
+        };
         let mut missed = Vec::new();
-        let mut buf = Vec::new();
         // Runs of chunks contiguous in both files, read (and written) in one call each, up
         // to RUN_BYTES: a block is a few MiB of 16 KiB chunks.
         let mut i = 0;
@@ -394,31 +411,30 @@ async fn reuse_chunks(
                 len += chunks[j].4 as u64;
                 j += 1;
             }
-            buf.resize(len as usize, 0);
+            let mut buf = vec![0u8; len as usize];
             let read = file.read_exact_at(&mut buf, from0).is_ok();
-            // Verified stretches of the run, written as they end.
-            let mut good: Option<(u64, u64)> = None;
+            // Verified stretches of the run.
+            let mut good: Vec<(usize, usize)> = Vec::new();
             let mut at = 0usize;
             for &(k, _, to, id, clen) in &chunks[i..j] {
-                let piece = &buf[at..at + clen as usize];
-                if read && Digest::of(piece) == id {
-                    good = match good {
-                        Some((start, end)) => Some((start, end + clen as u64)),
-                        None => Some((at as u64, at as u64 + clen as u64)),
-                    };
-                } else {
-                    if let Some((start, end)) = good.take() {
-                        if !(same_file && from0 == to0) {
-                            out.write_all_at(&buf[start as usize..end as usize], to0 + start)?;
-                        }
+                let end = at + clen as usize;
+                if read && Digest::of(&buf[at..end]) == id {
+                    match good.last_mut() {
+                        Some((_, e)) if *e == at => *e = end,
+                        _ => good.push((at, end)),
                     }
+                } else {
                     missed.push((k, to));
                 }
-                at += clen as usize;
+                at = end;
             }
-            if let Some((start, end)) = good {
-                if !(same_file && from0 == to0) {
-                    out.write_all_at(&buf[start as usize..end as usize], to0 + start)?;
+            if !(same_file && from0 == to0) {
+                if good == [(0, buf.len())] {
+                    write(to0, buf)?;
+                } else {
+                    for (start, end) in good {
+                        write(to0 + start as u64, buf[start..end].to_vec())?;
+                    }
                 }
             }
             i = j;
@@ -427,6 +443,56 @@ async fn reuse_chunks(
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// What the [`LocalWriter`] is asked to do, in order.
+enum Write {
+    /// Checked bytes, to write at this offset.
+    At(u64, Vec<u8>),
+    /// The file holds its final bytes up to here: its writeback may start.
+    WrittenTo(u64),
+}
+
+/// Writes the local bytes [`reuse_chunks`] checked on a thread of its own, so that reading
+/// and hashing the next run and the kernel's copy of this one each take a core. At most
+/// [`WRITES_QUEUED`] runs wait (memory: that many runs of [`RUN_BYTES`] besides the one
+/// being written and the one being hashed). After a failed write it drops what comes and
+/// its queue closes; [`LocalWriter::finish`] reports the failure.
+struct LocalWriter {
+    queue: tokio::sync::mpsc::Sender<Write>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Runs of checked local bytes that wait for the writer.
+const WRITES_QUEUED: usize = 1;
+
+impl LocalWriter {
+    fn start(out: Arc<File>) -> LocalWriter {
+        let (queue, mut writes) = tokio::sync::mpsc::channel::<Write>(WRITES_QUEUED);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut write_behind = crate::chunk::WriteBehind::new();
+            while let Some(w) = writes.blocking_recv() {
+                match w {
+                    Write::At(at, bytes) => out.write_all_at(&bytes, at)?,
+                    Write::WrittenTo(end) => write_behind.written_to(&out, end),
+                }
+            }
+            Ok(())
+        });
+        LocalWriter { queue, task }
+    }
+
+    /// Every byte written so far is final up to `end`.
+    async fn written_to(&self, end: u64) {
+        // A writer that stopped has failed, which `finish` reports.
+        let _ = self.queue.send(Write::WrittenTo(end)).await;
+    }
+
+    /// Waits until everything queued is written.
+    async fn finish(self) -> std::io::Result<()> {
+        drop(self.queue);
+        self.task.await.map_err(std::io::Error::other)?
+    }
 }
 
 /// One ranged read of a tree pack: the blocks it holds, `(index, start in the range, stored
@@ -857,6 +923,34 @@ mod tests {
                 "download.concurrency = {concurrency}"
             );
         }
+    }
+
+    /// A write of checked local bytes that fails stops the writer: what is queued after it
+    /// is refused at once (the hashing side never waits on a writer that is gone), and
+    /// `finish` reports the failure itself.
+    #[tokio::test]
+    async fn a_failed_local_write_stops_the_writer_and_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let read_only = Arc::new(File::open(&path).unwrap());
+        let writer = LocalWriter::start(read_only);
+        let mut refused = 0;
+        for i in 0..4 {
+            if writer
+                .queue
+                .send(Write::At(i * 10, vec![1; 10]))
+                .await
+                .is_err()
+            {
+                refused += 1;
+            }
+        }
+        writer.written_to(40).await;
+        let e = writer.finish().await.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EBADF), "{e}");
+        assert!(refused >= 2, "{refused} of 4 writes refused");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; 4096]);
     }
 
     /// Tree blocks are read in ranges of neighbours, not one request each, whether the whole
