@@ -145,7 +145,7 @@ pub async fn assemble(
     // Checked local bytes are written by a thread of their own while the next are read and
     // hashed; blocks copied in file order while nothing is being fetched also start their
     // writeback there, so the disk writes the front while the rest is read.
-    let writer = LocalWriter::start(out.clone());
+    let writer = LocalWriter::start(out.clone()).map_err(io_err("starting a writer for"))?;
     // Blocks whose chunks are being read from the store, a few at once so that the next
     // block's ranges are requested while the last ones arrive; all their ranges share one
     // bound.
@@ -458,28 +458,42 @@ enum Write {
 /// [`WRITES_QUEUED`] runs wait (memory: that many runs of [`RUN_BYTES`] besides the one
 /// being written and the one being hashed). After a failed write it drops what comes and
 /// its queue closes; [`LocalWriter::finish`] reports the failure.
+///
+/// The thread is not one of the runtime's blocking pool: it lives as long as the fetch, and
+/// the fetch's hashing, copies and range checks need the pool meanwhile; a pool thread held
+/// for the whole fetch would leave a pool that is small or busy with none, and the fetch
+/// waiting forever.
 struct LocalWriter {
     queue: tokio::sync::mpsc::Sender<Write>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    done: tokio::sync::oneshot::Receiver<std::io::Result<()>>,
 }
 
 /// Runs of checked local bytes that wait for the writer.
 const WRITES_QUEUED: usize = 1;
 
 impl LocalWriter {
-    fn start(out: Arc<File>) -> LocalWriter {
+    fn start(out: Arc<File>) -> std::io::Result<LocalWriter> {
         let (queue, mut writes) = tokio::sync::mpsc::channel::<Write>(WRITES_QUEUED);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut write_behind = crate::chunk::WriteBehind::new();
-            while let Some(w) = writes.blocking_recv() {
-                match w {
-                    Write::At(at, bytes) => out.write_all_at(&bytes, at)?,
-                    Write::WrittenTo(end) => write_behind.written_to(&out, end),
-                }
-            }
-            Ok(())
-        });
-        LocalWriter { queue, task }
+        let (report, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("snaprelay-write".into())
+            .spawn(move || {
+                let result = (|| {
+                    let mut write_behind = crate::chunk::WriteBehind::new();
+                    while let Some(w) = writes.blocking_recv() {
+                        match w {
+                            Write::At(at, bytes) => out.write_all_at(&bytes, at)?,
+                            Write::WrittenTo(end) => write_behind.written_to(&out, end),
+                        }
+                    }
+                    Ok(())
+                })();
+                // The queue closes before the result is sent: a sender blocked on a failed
+                // writer is refused, not left waiting.
+                drop(writes);
+                let _ = report.send(result);
+            })?;
+        Ok(LocalWriter { queue, done })
     }
 
     /// Every byte written so far is final up to `end`.
@@ -491,7 +505,9 @@ impl LocalWriter {
     /// Waits until everything queued is written.
     async fn finish(self) -> std::io::Result<()> {
         drop(self.queue);
-        self.task.await.map_err(std::io::Error::other)?
+        self.done
+            .await
+            .map_err(|_| std::io::Error::other("the writer thread panicked"))?
     }
 }
 
@@ -934,7 +950,7 @@ mod tests {
         let path = dir.path().join("out");
         std::fs::write(&path, vec![0u8; 4096]).unwrap();
         let read_only = Arc::new(File::open(&path).unwrap());
-        let writer = LocalWriter::start(read_only);
+        let writer = LocalWriter::start(read_only).unwrap();
         let mut refused = 0;
         for i in 0..4 {
             if writer
@@ -1132,5 +1148,51 @@ mod tests {
         .await
         .unwrap_err();
         assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
+    }
+
+    /// The local writer does not hold a thread of the runtime's blocking pool for the whole
+    /// fetch: with a pool of one thread, a fetch (whose ranges, copies and hashing each
+    /// take that thread in turn) still completes instead of waiting forever for a thread the
+    /// idle writer keeps.
+    #[test]
+    fn a_fetch_completes_with_a_blocking_pool_of_one_thread() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+            let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+                .await
+                .unwrap();
+            let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+            let a = random(2 << 20, 41);
+            let ma = publish(&repo, &d, None, &a, 1).await;
+            let mut b = a.clone();
+            b[a.len() / 2] ^= 1;
+            let mb = publish(&repo, &d, Some(&ma), &b, 2).await;
+            for (what, local) in [("from the store", None), ("from a local one", Some(&a))] {
+                let out = file_of(b"");
+                let local = local.map(|a| LocalSnapshot::of_manifest(file_of(a), &ma, false));
+                let done = tokio::time::timeout(
+                    std::time::Duration::from_secs(30),
+                    assemble(
+                        &repo,
+                        &d,
+                        &mb,
+                        out.clone(),
+                        "b",
+                        local,
+                        None,
+                        RangeLimits::default(),
+                    ),
+                )
+                .await;
+                assert!(done.is_ok(), "{what}: no progress in 30 s");
+                done.unwrap().unwrap();
+                assert!(contents(&out) == b, "{what}");
+            }
+        });
     }
 }
