@@ -1150,6 +1150,174 @@ mod tests {
         assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
     }
 
+    /// A manifest whose tree blocks are out of order in their packs (a snapshot whose halves
+    /// swapped places, its blocks carried over from the base) and repeated (a quarter of it
+    /// twice): every way of assembling it gives exactly its bytes.
+    #[tokio::test]
+    async fn tree_blocks_out_of_order_and_repeated_assemble_every_way() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let a = random(4 << 20, 21);
+        let ma = publish(&repo, &d, None, &a, 1).await;
+        let (half, quarter) = (a.len() / 2, a.len() / 4);
+        let b = [&a[half..], &a[..half], &a[..quarter]].concat();
+        let mb = publish(&repo, &d, Some(&ma), &b, 2).await;
+        // The tree really is out of order and repeats blocks.
+        let descending = (0..mb.blocks.len()).any(|j| {
+            mb.blocks[j + 1..]
+                .iter()
+                .any(|l| l.pack == mb.blocks[j].pack && l.offset < mb.blocks[j].offset)
+        });
+        let logicals: std::collections::HashSet<_> = mb.blocks.iter().map(|b| b.logical).collect();
+        assert!(descending, "no block before its predecessor in a pack");
+        assert!(logicals.len() < mb.blocks.len(), "no repeated block");
+
+        let fa = file_of(&a);
+        let cases = [
+            ("store only", None),
+            ("trusted local", Some(true)),
+            ("untrusted local", Some(false)),
+        ];
+        for (what, local) in cases {
+            let out = file_of(b"");
+            let local = local.map(|t| LocalSnapshot::of_manifest(fa.clone(), &ma, t));
+            assemble(
+                &repo,
+                &d,
+                &mb,
+                out.clone(),
+                "b",
+                local,
+                None,
+                RangeLimits::default(),
+            )
+            .await
+            .unwrap();
+            assert!(contents(&out) == b, "{what}");
+        }
+        // A resumed staging file, its own source: every other 64 KiB of it lost.
+        let mut partial = b.clone();
+        for piece in partial.chunks_mut(64 << 10).step_by(2) {
+            piece.fill(0);
+        }
+        let out = file_of(&partial);
+        assemble(
+            &repo,
+            &d,
+            &mb,
+            out.clone(),
+            "b",
+            Some(LocalSnapshot::of_manifest(out.clone(), &mb, false)),
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap();
+        assert!(contents(&out) == b, "resumed");
+    }
+
+    /// A damaged tree block in the middle of a range of neighbours is refused by name (the
+    /// block and its pack), whichever reader meets it; a deleted tree pack is named missing.
+    #[tokio::test]
+    async fn a_damaged_or_missing_tree_pack_is_named() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let a = random(4 << 20, 31);
+        let ma = publish(&repo, &d, None, &a, 1).await;
+        let mut b = a.clone();
+        for k in 1..=7 {
+            let at = k * b.len() / 8;
+            b[at..at + 50].copy_from_slice(&random(50, 100 + k as u64));
+        }
+        let mb = publish(&repo, &d, Some(&ma), &b, 2).await;
+        // A block of `ma` in the middle of its tree pack, that `mb` does not have.
+        let mb_logicals: std::collections::HashSet<_> =
+            mb.blocks.iter().map(|b| b.logical).collect();
+        let k = (1..ma.blocks.len() - 1)
+            .find(|&k| {
+                !mb_logicals.contains(&ma.blocks[k].logical)
+                    && ma.blocks[k - 1].pack == ma.blocks[k].pack
+                    && ma.blocks[k + 1].pack == ma.blocks[k].pack
+            })
+            .expect("a changed block between neighbours");
+        let bad = &ma.blocks[k];
+        let tree = ma.packs[bad.pack as usize];
+        let original = repo
+            .read_pack(&tree.id, tree.size, 0..tree.size)
+            .await
+            .unwrap();
+        let mut body = original.to_vec();
+        body[bad.offset as usize + bad.stored_len as usize / 2] ^= 0x40;
+        repo.put_raw_pack(&tree.id, body.into()).await.unwrap();
+
+        // Fetched from the store: block k is the one refused.
+        let e = assemble(
+            &repo,
+            &d,
+            &ma,
+            file_of(b""),
+            "a",
+            None,
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap_err();
+        match &e {
+            Error::BlockCorrupt { block, pack, .. } => {
+                assert_eq!(block, &bad.id.to_hex(), "{e}");
+                assert_eq!(pack, &tree.id.to_hex(), "{e}");
+            }
+            other => panic!("{other}"),
+        }
+        // Read as a local snapshot's changed block: the same.
+        let e = assemble(
+            &repo,
+            &d,
+            &mb,
+            file_of(b""),
+            "b",
+            Some(LocalSnapshot::of_manifest(file_of(&a), &ma, false)),
+            None,
+            RangeLimits::default(),
+        )
+        .await
+        .unwrap_err();
+        match &e {
+            Error::BlockCorrupt { block, .. } => assert_eq!(block, &bad.id.to_hex(), "{e}"),
+            other => panic!("{other}"),
+        }
+        repo.put_raw_pack(&tree.id, original).await.unwrap();
+
+        // The last tree pack of `mb` deleted: named missing.
+        let last = &mb.packs[mb.blocks.last().unwrap().pack as usize];
+        repo.delete_pack(&last.id).await.unwrap();
+        for limits in [RangeLimits::default(), RangeLimits::with_concurrency(1)] {
+            let e = assemble(
+                &repo,
+                &d,
+                &mb,
+                file_of(b""),
+                "b",
+                Some(LocalSnapshot::of_manifest(file_of(&a), &ma, false)),
+                None,
+                limits,
+            )
+            .await
+            .unwrap_err();
+            match &e {
+                Error::PackMissing { pack } => assert_eq!(pack, &last.id.to_hex(), "{e}"),
+                other => panic!("{other}"),
+            }
+        }
+    }
+
     /// The local writer does not hold a thread of the runtime's blocking pool for the whole
     /// fetch: with a pool of one thread, a fetch (whose ranges, copies and hashing each
     /// take that thread in turn) still completes instead of waiting forever for a thread the
