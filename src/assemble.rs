@@ -15,8 +15,10 @@
 //! manifest names, in its order (see docs/format.md for why that needs no whole-file hash).
 //!
 //! [`crate::fetch`] assembles into its staging file with this (a resumed staging file is its
-//! own untrusted local snapshot). Memory: [`TREE_RANGES_AHEAD`] ranges of tree blocks of at
-//! most [`TREE_RANGE`], a few blocks and their ranges in flight,
+//! own untrusted local snapshot). Memory: at most [`TREE_RANGES_AHEAD`] + 2 ranges of tree
+//! blocks of at most [`TREE_RANGE`] (queued, one read and waiting for room, one being
+//! taken), a few blocks and their ranges in flight, [`WRITES_QUEUED`] + 2 runs of local
+//! bytes of at most [`RUN_BYTES`] (queued, being written, being hashed),
 //! plus the chunk map of the local snapshot's changed blocks (proportional to the change;
 //! [`crate::window`] is what would bound it, not used yet).
 
@@ -764,6 +766,27 @@ mod tests {
         v
     }
 
+    /// A repository of `store` with small tree blocks (dozens of blocks in a few MiB).
+    async fn small_repo(store: Store) -> (Repo, Repository) {
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        (repo, d)
+    }
+
+    /// [`small_repo`] in memory behind an [`InFlight`] store, which sees every ranged read.
+    async fn counted_repo() -> (Arc<InFlight>, Repo, Repository) {
+        let counted = Arc::new(InFlight::default());
+        let store = Store {
+            backend: counted.clone(),
+            prefix: object_store::path::Path::default(),
+            url: StoreUrl::Memory,
+        };
+        let (repo, d) = small_repo(store).await;
+        (counted, repo, d)
+    }
+
     async fn publish(
         repo: &Repo,
         d: &Repository,
@@ -908,16 +931,7 @@ mod tests {
     #[tokio::test]
     async fn ranged_reads_in_flight_follow_the_configured_concurrency() {
         use std::sync::atomic::Ordering::SeqCst;
-        let counted = Arc::new(InFlight::default());
-        let store = Store {
-            backend: counted.clone(),
-            prefix: object_store::path::Path::default(),
-            url: StoreUrl::Memory,
-        };
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
-        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let (counted, repo, d) = counted_repo().await;
         let data = random(4 << 20, 7);
         let m = publish(&repo, &d, None, &data, 1).await;
         for (concurrency, expected) in [(1, 1), (2, 2), (64, MAX_RANGES_IN_FLIGHT)] {
@@ -973,16 +987,7 @@ mod tests {
     /// snapshot is fetched or an untrusted local one is checked block by block.
     #[tokio::test]
     async fn tree_blocks_are_read_in_ranges_of_neighbours() {
-        let counted = Arc::new(InFlight::default());
-        let store = Store {
-            backend: counted.clone(),
-            prefix: object_store::path::Path::default(),
-            url: StoreUrl::Memory,
-        };
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
-        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let (counted, repo, d) = counted_repo().await;
         let data = random(8 << 20, 11);
         let m = publish(&repo, &d, None, &data, 1).await;
         assert!(m.blocks.len() >= 30, "{} blocks", m.blocks.len());
@@ -1046,11 +1051,8 @@ mod tests {
     /// damaged local file is not copied from, and a damaged pack is refused.
     #[tokio::test]
     async fn a_snapshot_assembles_from_the_store_and_from_a_local_one() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
-        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let (repo, d) =
+            small_repo(Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap()).await;
         let a = random(6 << 20, 1);
         let ma = publish(&repo, &d, None, &a, 1).await;
         let mut b = a.clone();
@@ -1155,11 +1157,8 @@ mod tests {
     /// twice): every way of assembling it gives exactly its bytes.
     #[tokio::test]
     async fn tree_blocks_out_of_order_and_repeated_assemble_every_way() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
-        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let (repo, d) =
+            small_repo(Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap()).await;
         let a = random(4 << 20, 21);
         let ma = publish(&repo, &d, None, &a, 1).await;
         let (half, quarter) = (a.len() / 2, a.len() / 4);
@@ -1223,11 +1222,8 @@ mod tests {
     /// block and its pack), whichever reader meets it; a deleted tree pack is named missing.
     #[tokio::test]
     async fn a_damaged_or_missing_tree_pack_is_named() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
-        let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+        let (repo, d) =
+            small_repo(Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap()).await;
         let a = random(4 << 20, 31);
         let ma = publish(&repo, &d, None, &a, 1).await;
         let mut b = a.clone();
@@ -1330,11 +1326,8 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-            let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-                .await
-                .unwrap();
-            let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
+            let (repo, d) =
+                small_repo(Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap()).await;
             let a = random(2 << 20, 41);
             let ma = publish(&repo, &d, None, &a, 1).await;
             let mut b = a.clone();
