@@ -182,14 +182,14 @@ pub async fn assemble(
     let copied_whole = |logical: &Digest| {
         local.as_ref().is_some_and(|l| l.trusted) && local_at.contains_key(logical)
     };
-    let wanted: Vec<usize> = (0..manifest.blocks.len())
+    let tree_blocks: Vec<usize> = (0..manifest.blocks.len())
         .filter(|&i| !copied_whole(&manifest.blocks[i].logical))
         .collect();
     let mut blocks = TreeReader::start(
         repo,
         descriptor,
         manifest,
-        &wanted,
+        &tree_blocks,
         Some(ranges_in_flight.clone()),
     );
     let planner = async {
@@ -631,14 +631,12 @@ impl<'a> TreeReader<'a> {
                 std::io::Error::other(format!("block {index} was asked for, {i} is next")),
             ));
         }
-        let b = &self.manifest.blocks[i];
-        self.manifest
-            .decode_block(self.descriptor, i, &bytes[start..start + len as usize])
-            .map_err(|reason| Error::BlockCorrupt {
-                block: b.id.to_hex(),
-                pack: self.manifest.packs[b.pack as usize].id.to_hex(),
-                reason,
-            })
+        crate::repo::checked_block(
+            self.descriptor,
+            self.manifest,
+            i,
+            &bytes[start..start + len as usize],
+        )
     }
 }
 

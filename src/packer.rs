@@ -691,6 +691,14 @@ mod tests {
             .chunks
     }
 
+    /// A new repository in memory.
+    async fn memory_repo() -> Repo {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap()
+    }
+
     fn manifest(d: &Repository, packed: &PackedSnapshot, data: &[u8], index: u64) -> Manifest {
         Manifest {
             format: v2::MANIFEST_FORMAT,
@@ -741,10 +749,7 @@ mod tests {
     /// part however large the snapshot.
     #[tokio::test]
     async fn packs_keep_to_the_pack_size_and_tree_packs_to_one_part() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
         // About 18 KB of tree blocks: several parts of 8 KiB.
         let part = 8 << 10;
@@ -795,10 +800,7 @@ mod tests {
     /// block the edits missed, uploads about the edited chunks, and both read back whole.
     #[tokio::test]
     async fn an_incremental_snapshot_reuses_blocks_and_uploads_the_change() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         // Small tree parameters, so that 8 MiB makes dozens of blocks.
         let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
         let budget = PartBudget::new(2, 1 << 20);
@@ -878,10 +880,7 @@ mod tests {
     /// manifest as invalid).
     #[tokio::test]
     async fn a_snapshot_of_repeated_chunks_validates() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         let d = v2::Repository::new("c", NewRepository::default());
         // 4 MiB of one 64 KiB pattern: the same few chunks over and over.
         let unit = random(64 << 10, 9);
@@ -913,10 +912,7 @@ mod tests {
     /// room to remember, it is stored once.
     #[tokio::test]
     async fn a_chunk_repeated_after_it_was_forgotten_is_stored_again() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
         let x = random(256 << 10, 31);
         let mut a = x.clone();
@@ -981,10 +977,7 @@ mod tests {
                 Ok(r)
             }
         }
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         let d = v2::Repository::new("c", NewRepository::default());
         let a = random(1 << 20, 41);
         let list = Changing(cut(&a, d.chunking));
@@ -1014,10 +1007,7 @@ mod tests {
     /// with "pack … is missing" instead of packing again).
     #[tokio::test]
     async fn a_base_whose_blocks_are_gone_is_not_packed_onto() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         let d = v2::Repository::new("c", crate::chunk::test_data::small_tree_settings());
         let budget = PartBudget::new(2, 1 << 20);
         let a = random(2 << 20, 5);
@@ -1072,10 +1062,7 @@ mod tests {
     /// A file that no longer matches its chunk list is refused, not stored.
     #[tokio::test]
     async fn a_chunk_that_does_not_match_its_id_is_not_stored() {
-        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
-        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
-            .await
-            .unwrap();
+        let repo = memory_repo().await;
         let d = v2::Repository::new("c", NewRepository::default());
         let a = random(300_000, 3);
         let chunks = cut(&a, d.chunking);

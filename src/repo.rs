@@ -1115,13 +1115,7 @@ impl Repo {
                 b.offset as u64..b.offset as u64 + b.stored_len as u64,
             )
             .await?;
-        manifest
-            .decode_block(descriptor, index, &stored)
-            .map_err(|reason| Error::BlockCorrupt {
-                block: b.id.to_hex(),
-                pack: pack.id.to_hex(),
-                reason,
-            })
+        checked_block(descriptor, manifest, index, &stored)
     }
 
     /// Deletes a pack (GC and tests). Missing is fine.
@@ -1407,6 +1401,24 @@ async fn get_limited(store: &Store, key: &Path, limit: u64) -> Result<Bytes> {
         }));
     }
     Ok(bytes)
+}
+
+/// Block `index` of `manifest` (validated against `descriptor`) from its stored bytes,
+/// decoded and checked against the manifest; damage is the block's and its pack's fault.
+pub fn checked_block(
+    descriptor: &crate::manifest_v2::Repository,
+    manifest: &crate::manifest_v2::Manifest,
+    index: usize,
+    stored: &[u8],
+) -> Result<Block> {
+    let b = &manifest.blocks[index];
+    manifest
+        .decode_block(descriptor, index, stored)
+        .map_err(|reason| Error::BlockCorrupt {
+            block: b.id.to_hex(),
+            pack: manifest.packs[b.pack as usize].id.to_hex(),
+            reason,
+        })
 }
 
 #[cfg(test)]
