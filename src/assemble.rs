@@ -305,8 +305,19 @@ pub async fn assemble(
     Ok(stats)
 }
 
+/// The file system block a reflink shares: 4 KiB on XFS and btrfs as they are made by
+/// default.
+const REFLINK_BLOCK: u64 = 4096;
+
 /// Copies `len` bytes at `from` in `src` to `to` in `dst`: `copy_file_range`, falling back
 /// to reads and writes where the kernel or file system does not do it.
+///
+/// Where the file system has reflinks, the kernel shares the blocks of a range instead of
+/// copying them only if the range starts on a block boundary in both files; it copies the
+/// bytes otherwise. Blocks of chunks start anywhere, but an unchanged stretch of a file
+/// rewritten in place sits at the same offset in both: its head up to the next boundary is
+/// copied on its own, so that the rest is shared, and the kernel copies the partial block at
+/// its tail.
 async fn copy_range(
     src: &Arc<File>,
     dst: &Arc<File>,
@@ -316,7 +327,11 @@ async fn copy_range(
     tokio::task::spawn_blocking(move || {
         let (mut off_in, mut off_out, mut left) = (from, to, len);
         while left > 0 {
-            let step = left.min(1 << 30) as usize;
+            let head = REFLINK_BLOCK - off_in % REFLINK_BLOCK;
+            let step = match off_in % REFLINK_BLOCK == off_out % REFLINK_BLOCK {
+                true if head < REFLINK_BLOCK => head.min(left),
+                _ => left.min(1 << 30),
+            } as usize;
             match rustix::fs::copy_file_range(
                 &src,
                 Some(&mut off_in),
@@ -762,6 +777,40 @@ mod tests {
         let mut v = vec![0u8; f.metadata().unwrap().len() as usize];
         f.read_exact_at(&mut v, 0).unwrap();
         v
+    }
+
+    /// Ranges in the same place of both files, on and off block boundaries, and ranges
+    /// that move: each lands whole and exactly where it belongs, whatever part of it the
+    /// file system shares and whatever part it copies.
+    #[tokio::test]
+    async fn copied_ranges_land_exactly_whether_aligned_or_not() {
+        let data = random(5 * REFLINK_BLOCK as usize + 1234, 8);
+        let src = file_of(&data);
+        let b = REFLINK_BLOCK;
+        for (from, to, len) in [
+            (0, 0, data.len() as u64),
+            (b, b, 2 * b),
+            (100, 100, 3 * b),
+            (b - 1, b - 1, 2),
+            (100, 100, 50),
+            (7, 7 + b, 2 * b + 9),
+            (3, 5, 3 * b),
+            (b + 10, 10, 2 * b),
+            (b + 10, b + 10, data.len() as u64 - b - 10),
+        ] {
+            let out = file_of(&vec![0xaa; data.len()]);
+            copy_range(&src, &out, (from, to, len)).await.unwrap();
+            let mut want = vec![0xaa; data.len()];
+            let (f, t, n) = (from as usize, to as usize, len as usize);
+            want[t..t + n].copy_from_slice(&data[f..f + n]);
+            assert!(contents(&out) == want, "({from}, {to}, {len})");
+        }
+        // A local file shorter than its manifest says.
+        let out = file_of(&vec![0; data.len()]);
+        let e = copy_range(&src, &out, (b, b, data.len() as u64))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
     /// A repository of `store` with small tree blocks (dozens of blocks in a few MiB).

@@ -160,6 +160,9 @@ pub struct Daemon {
     /// Follower: what the last prefetch that kept its staging file wrote there (offsets
     /// and digests), for the fetch of the same snapshot to take without hashing again.
     prefetched: Option<((u64, u64), Prefetched)>,
+    /// Follower: the snapshot whose file, built from a marked local snapshot's bytes, the
+    /// node found not to match its sha256: fetched again trusting no local byte.
+    distrusted: Option<(u64, u64)>,
     /// Follower: the chunks of the snapshot the node adopted last, which a prefetch need
     /// not download (the fetch copies them from the node's snapshot).
     adopted_chunks: Option<Arc<HashSet<Digest>>>,
@@ -341,6 +344,7 @@ impl Daemon {
             publishing: None,
             prefetch: None,
             prefetched: None,
+            distrusted: None,
             abandoned: None,
             adopted_chunks: None,
             hints: Arc::new(Notify::new()),
@@ -1153,7 +1157,8 @@ impl Daemon {
             .map(|(_, written)| written);
         let mut fetcher = Fetcher::new(repo, self.config.download.concurrency, &progress)
             .hand_over_to(node)
-            .resumable(true);
+            .resumable(true)
+            .trust_marked(self.distrusted != Some((id.index, id.term)));
         let report = match manifest {
             AnyManifest::Chunks(manifest) => {
                 let mut sources =
@@ -1207,6 +1212,24 @@ impl Daemon {
         };
         let saved = match saved {
             Ok(saved) => saved,
+            Err(HookError::Refused {
+                code: snaprelay_contract::ipc::ErrorCode::ChecksumMismatch,
+                message,
+                ..
+            }) if report.copied_unchecked_from.is_some() => {
+                // The file was built from a marked local snapshot's bytes, copied unread:
+                // those are what to doubt before the manifest. The source loses its mark,
+                // and the snapshot is fetched again (not quarantined) checking every byte.
+                self.release(&report, false);
+                let source = report.copied_unchecked_from.clone().unwrap_or_default();
+                tracing::warn!(index = id.index, path = %source.display(), node = %message, "the node found a file built from a marked local snapshot not to match; fetching it again, checking every local byte");
+                if let Err(e) = crate::verified::forget(&source) {
+                    tracing::warn!(path = %source.display(), error = %e, "cannot remove the mark of a local snapshot");
+                }
+                self.distrusted = Some((id.index, id.term));
+                self.schedule.wake();
+                return Ok(());
+            }
             Err(e @ HookError::Refused { code, .. }) => {
                 // Answered: the files go, but a refusal that is not the snapshot's leaves
                 // the data as the staging file, so the next attempt downloads nothing.

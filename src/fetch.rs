@@ -55,6 +55,10 @@ pub struct FetchReport {
     pub meta: PathBuf,
     #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
+    /// The local snapshot whose bytes were copied without being read (it carried this
+    /// user's mark, see [`crate::verified`]): if the whole file turns out wrong, its mark
+    /// is what to doubt.
+    pub copied_unchecked_from: Option<PathBuf>,
 }
 
 /// A local file whose chunks may be reused: a previous snapshot and its chunk list (from its
@@ -159,6 +163,8 @@ pub struct Fetcher<'a> {
     prefetched: Option<HashMap<u64, Digest>>,
     /// Hash the whole assembled file of a pack fetch too (see [`Fetcher::verify_file`]).
     verify_file: bool,
+    /// Copy a marked local snapshot's bytes unchecked (see [`Fetcher::trust_marked`]).
+    trust_marked: bool,
 }
 
 impl<'a> Fetcher<'a> {
@@ -171,7 +177,17 @@ impl<'a> Fetcher<'a> {
             resumable: false,
             prefetched: None,
             verify_file: false,
+            trust_marked: true,
         }
+    }
+
+    /// Whether a pack fetch copies the bytes of a local snapshot that carries this user's
+    /// mark for its manifest without reading them ([`crate::verified`]); on by default.
+    /// Off, every byte taken from a local file is read and hashed first: what a retry does
+    /// after the node found a file built from marked bytes to be wrong.
+    pub fn trust_marked(mut self, yes: bool) -> Self {
+        self.trust_marked = yes;
+        self
     }
 
     /// A pack fetch also hashes the whole assembled file and compares it with the
@@ -304,6 +320,7 @@ impl<'a> Fetcher<'a> {
             data,
             meta,
             elapsed: started.elapsed(),
+            copied_unchecked_from: None,
         };
         tracing::debug!(
             index = report.index,

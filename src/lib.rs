@@ -89,6 +89,7 @@ pub mod store;
 pub mod store_probe;
 pub mod systemd;
 pub mod tree;
+pub mod verified;
 pub mod verify;
 pub mod watch;
 pub mod window;

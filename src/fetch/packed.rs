@@ -6,10 +6,14 @@
 //! ([`Fetcher::prefetched`]: checked when they were written, left as they are); otherwise a
 //! staging file of the right size that an earlier attempt left (resumed: every chunk in it
 //! is hashed against its block before it stays); and the newest local snapshot, known by
-//! its manifest from the store or by cutting it. Local bytes are never trusted: each reused
-//! chunk is read, hashed and written from the bytes hashed. Every downloaded blob is checked
-//! against its id, and every tree block against its manifest, so the file is the chunks the
-//! manifest names, in its order; [`Fetcher::verify_file`] also hashes the whole file.
+//! its manifest from the store or by cutting it. That snapshot's bytes are copied without
+//! being read when a fetch of this user assembled it against the same manifest and nobody
+//! else can have written it since ([`crate::verified`]: the mark every pack fetch leaves on
+//! the file it commits); any other local byte is read, hashed and written from the bytes
+//! hashed. Every downloaded blob is checked against its id, and every tree block against
+//! its manifest, so the file is the chunks the manifest names, in its order;
+//! [`Fetcher::verify_file`] also hashes the whole file, and a whole file that does not
+//! match after marked bytes were copied is assembled again trusting no local byte.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -112,8 +116,8 @@ impl Fetcher<'_> {
         let result = self
             .assemble_packed(descriptor, manifest, &dir, &staging, source)
             .await;
-        let stats = match result {
-            Ok(stats) => stats,
+        let (stats, unchecked) = match result {
+            Ok(done) => done,
             Err(e) => {
                 if self.keeps_staging(&e) {
                     tracing::debug!(path = %staging.path.display(), error = %e, "keeping the staging file for the next attempt");
@@ -145,6 +149,7 @@ impl Fetcher<'_> {
             data,
             meta,
             elapsed: started.elapsed(),
+            copied_unchecked_from: unchecked,
         };
         tracing::debug!(
             index,
@@ -162,29 +167,44 @@ impl Fetcher<'_> {
         Ok(report)
     }
 
-    /// `source` opened (and cut, without a manifest); `None` if it cannot be read.
-    async fn open_source<'s>(&self, source: &'s PackedSource) -> Result<Option<LocalSnapshot<'s>>> {
+    /// `source` opened (and cut, without a manifest); `None` if it cannot be read. Its
+    /// bytes are trusted if `trust` and it carries this user's mark for its manifest.
+    async fn open_source<'s>(
+        &self,
+        source: &'s PackedSource,
+        trust: bool,
+    ) -> Result<Option<LocalSnapshot<'s>>> {
         let path = source.path.clone();
         let params = self.repo.params();
-        let cut = source.manifest.is_none();
-        let opened =
-            tokio::task::spawn_blocking(move || -> io::Result<(File, HashMap<Digest, u64>)> {
-                let file = safe_dir::open_regular(&path, false)?;
-                let chunks = match cut {
-                    true => cut_local(&file, params)?,
-                    false => HashMap::new(),
-                };
-                Ok((file, chunks))
-            })
-            .await
-            .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
+        let fingerprint = source.manifest.as_ref().map(crate::verified::fingerprint);
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<_> {
+            let file = safe_dir::open_regular(&path, false)?;
+            let (chunks, trusted) = match fingerprint {
+                None => (cut_local(&file, params)?, Err("no manifest".to_owned())),
+                Some(f) if trust => (HashMap::new(), crate::verified::check(&file, &f)),
+                Some(_) => (HashMap::new(), Err("not trusting marks now".to_owned())),
+            };
+            Ok((file, chunks, trusted))
+        })
+        .await
+        .map_err(|e| Error::io("chunking task", io::Error::other(e)))?;
         match opened {
-            Ok((file, cut)) => Ok(Some(LocalSnapshot {
-                file: Arc::new(file),
-                manifest: source.manifest.as_ref(),
-                cut,
-                trusted: false,
-            })),
+            Ok((file, cut, trusted)) => {
+                match &trusted {
+                    Ok(()) => {
+                        tracing::debug!(path = %source.path.display(), "copying a marked local snapshot's bytes unchecked")
+                    }
+                    Err(why) => {
+                        tracing::debug!(path = %source.path.display(), why = %why, "checking every byte taken from a local snapshot")
+                    }
+                }
+                Ok(Some(LocalSnapshot {
+                    file: Arc::new(file),
+                    manifest: source.manifest.as_ref(),
+                    cut,
+                    trusted: trusted.is_ok(),
+                }))
+            }
             Err(e) => {
                 tracing::warn!(path = %source.path.display(), error = %e, "cannot read a local snapshot for reuse");
                 Ok(None)
@@ -192,6 +212,8 @@ impl Fetcher<'_> {
         }
     }
 
+    /// Assembles, syncs and marks the staging file; with the local file whose marked bytes
+    /// were copied unchecked, if any.
     async fn assemble_packed(
         &self,
         descriptor: &crate::manifest_v2::Repository,
@@ -199,56 +221,81 @@ impl Fetcher<'_> {
         dir: &Dir,
         staging: &Staging,
         source: Option<&PackedSource>,
-    ) -> Result<crate::assemble::AssembleStats> {
+    ) -> Result<(crate::assemble::AssembleStats, Option<PathBuf>)> {
         let staging_err = |e| Error::io(format!("staging file {}", staging.path.display()), e);
-        let (file, resumable) = open_staging(dir, staging, manifest.size).map_err(staging_err)?;
-        if let Some(node) = self.node {
-            // A cheap probe on the empty file, before a byte is downloaded.
-            hand_over(&file, dir, node)?;
-        }
-        let file = Arc::new(file);
-        // A staging file a prefetch of this process wrote: what it wrote stays as it is, and
-        // the rest comes from the local snapshot and the store. One an earlier attempt left:
-        // its own (untrusted) local snapshot, every chunk hashed before it stays.
-        let in_place = self.prefetched.as_ref().filter(|_| resumable);
-        let local = match (resumable && in_place.is_none(), source) {
-            (true, _) => Some(LocalSnapshot::of_manifest(file.clone(), manifest, false)),
-            (false, Some(source)) => self.open_source(source).await?,
-            (false, None) => None,
-        };
-        self.progress.begin(manifest.size);
-        let name = staging.path.display().to_string();
-        let stats = assemble(
-            self.repo,
-            descriptor,
-            manifest,
-            file.clone(),
-            &name,
-            local,
-            in_place,
-            RangeLimits::with_concurrency(self.concurrency),
-        )
-        .await?;
-        let verify = self.verify_file;
-        let expected = manifest.sha256;
-        let synced = tokio::task::spawn_blocking(move || -> io::Result<Option<Digest>> {
-            let digest = match verify {
-                true => Some(crate::chunk::sha256_of(&file)?),
-                false => None,
+        let fingerprint = crate::verified::fingerprint(manifest);
+        let mut trust = self.trust_marked;
+        loop {
+            let (file, resumable) =
+                open_staging(dir, staging, manifest.size).map_err(staging_err)?;
+            if let Some(node) = self.node {
+                // A cheap probe on the empty file, before a byte is downloaded.
+                hand_over(&file, dir, node)?;
+            }
+            let file = Arc::new(file);
+            // A staging file a prefetch of this process wrote: what it wrote stays as it is,
+            // and the rest comes from the local snapshot and the store. One an earlier
+            // attempt left: its own (untrusted) local snapshot, every chunk hashed before it
+            // stays.
+            let in_place = self.prefetched.as_ref().filter(|_| resumable);
+            let local = match (resumable && in_place.is_none(), source) {
+                (true, _) => Some(LocalSnapshot::of_manifest(file.clone(), manifest, false)),
+                (false, Some(source)) => self.open_source(source, trust).await?,
+                (false, None) => None,
             };
-            file.sync_all()?;
-            Ok(digest)
-        })
-        .await
-        .map_err(|e| Error::io("syncing task", io::Error::other(e)))?
-        .map_err(staging_err)?;
-        if let Some(actual) = synced.filter(|d| *d != expected) {
+            let unchecked = match &local {
+                Some(l) if l.trusted => source.map(|s| s.path.clone()),
+                _ => None,
+            };
+            self.progress.begin(manifest.size);
+            let name = staging.path.display().to_string();
+            let stats = assemble(
+                self.repo,
+                descriptor,
+                manifest,
+                file.clone(),
+                &name,
+                local,
+                in_place,
+                RangeLimits::with_concurrency(self.concurrency),
+            )
+            .await?;
+            let verify = self.verify_file;
+            let expected = manifest.sha256;
+            let synced = tokio::task::spawn_blocking(move || -> io::Result<Option<Digest>> {
+                let actual = match verify {
+                    true => Some(crate::chunk::sha256_of(&file)?).filter(|d| *d != expected),
+                    false => None,
+                };
+                file.sync_all()?;
+                if actual.is_none() {
+                    // Synced first: a mark is only ever on durable bytes.
+                    crate::verified::mark(&file, &fingerprint)?;
+                }
+                Ok(actual)
+            })
+            .await
+            .map_err(|e| Error::io("syncing task", io::Error::other(e)))?
+            .map_err(staging_err)?;
+            let Some(actual) = synced else {
+                return Ok((stats, unchecked));
+            };
+            if let Some(path) = unchecked {
+                // Marked bytes that were not what their mark said (bit rot): the source
+                // loses its mark, and the file is assembled again from checked bytes only.
+                tracing::warn!(path = %path.display(), "a marked local snapshot did not hold what its mark said; assembling again, checking every local byte");
+                if let Err(e) = crate::verified::forget(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the mark of a local snapshot");
+                }
+                let _ = dir.remove(&staging.name);
+                trust = false;
+                continue;
+            }
             return Err(Error::FileCorrupt {
                 index: manifest.last_log_index,
                 expected: expected.to_hex(),
                 actual: actual.to_hex(),
             });
         }
-        Ok(stats)
     }
 }

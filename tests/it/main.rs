@@ -22,6 +22,7 @@ mod hostile_fs;
 mod incarnation;
 mod incremental;
 mod layout;
+mod marks;
 mod operate;
 mod packs;
 mod roundtrip;
