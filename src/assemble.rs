@@ -112,11 +112,25 @@ pub async fn assemble(
         move |e: std::io::Error| Error::io(what, e)
     };
     out.set_len(manifest.size).map_err(io_err("sizing"))?;
-    let local_at: HashMap<Digest, u64> = local
+    // Where each block of the local snapshot is, with its length: a block is taken from
+    // there only if the new manifest gives it the same length (two manifests that disagree
+    // on the length of the same logical block are not both right; the new one's blocks are
+    // then read from the store and checked).
+    let local_blocks: HashMap<Digest, (u64, u64)> = local
         .as_ref()
         .and_then(|l| l.manifest)
-        .map(|m| m.block_offsets().map(|(at, b)| (b.logical, at)).collect())
+        .map(|m| {
+            m.block_offsets()
+                .map(|(at, b)| (b.logical, (at, b.bytes)))
+                .collect()
+        })
         .unwrap_or_default();
+    let local_at = |b: &crate::manifest_v2::BlockRef| {
+        local_blocks
+            .get(&b.logical)
+            .filter(|(_, bytes)| *bytes == b.bytes)
+            .map(|(at, _)| *at)
+    };
     // The chunks of the local snapshot's blocks that the new one does not have as a whole:
     // where changed blocks find most of their chunks (a scattered update changes every
     // block, and only a few chunks of each). A local file without a manifest has only these.
@@ -179,11 +193,11 @@ pub async fn assemble(
     // Every block but those copied whole from a trusted local snapshot is read, in order,
     // ahead of the planner; its ranges share the data ranges' bound (with `in_flight` 1, one
     // request at a time).
-    let copied_whole = |logical: &Digest| {
-        local.as_ref().is_some_and(|l| l.trusted) && local_at.contains_key(logical)
+    let copied_whole = |b: &crate::manifest_v2::BlockRef| {
+        local.as_ref().is_some_and(|l| l.trusted) && local_at(b).is_some()
     };
     let tree_blocks: Vec<usize> = (0..manifest.blocks.len())
-        .filter(|&i| !copied_whole(&manifest.blocks[i].logical))
+        .filter(|&i| !copied_whole(&manifest.blocks[i]))
         .collect();
     let mut blocks = TreeReader::start(
         repo,
@@ -194,7 +208,7 @@ pub async fn assemble(
     );
     let planner = async {
         for (i, (at, b)) in manifest.block_offsets().enumerate() {
-            if let (Some(l), Some(&from)) = (&local, local_at.get(&b.logical)) {
+            if let (Some(l), Some(from)) = (&local, local_at(b)) {
                 if l.trusted {
                     stats.blocks_copied += 1;
                     stats.bytes_copied += b.bytes;

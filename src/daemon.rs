@@ -1216,16 +1216,14 @@ impl Daemon {
                 code: snaprelay_contract::ipc::ErrorCode::ChecksumMismatch,
                 message,
                 ..
-            }) if report.copied_unchecked_from.is_some() => {
+            }) if report.pending.as_ref().is_some_and(|p| p.refuted()) => {
                 // The file was built from a marked local snapshot's bytes, copied unread:
-                // those are what to doubt before the manifest. The source loses its mark,
-                // and the snapshot is fetched again (not quarantined) checking every byte.
+                // those are what to doubt before the manifest. The source has lost its mark
+                // (`refuted`), and the snapshot is fetched again (not quarantined) checking
+                // every byte.
                 self.release(&report, false);
                 let source = report.copied_unchecked_from.clone().unwrap_or_default();
                 tracing::warn!(index = id.index, path = %source.display(), node = %message, "the node found a file built from a marked local snapshot not to match; fetching it again, checking every local byte");
-                if let Err(e) = crate::verified::forget(&source) {
-                    tracing::warn!(path = %source.display(), error = %e, "cannot remove the mark of a local snapshot");
-                }
                 self.distrusted = Some((id.index, id.term));
                 self.schedule.wake();
                 return Ok(());
@@ -1256,6 +1254,11 @@ impl Daemon {
         let outcome = format!("{:?}", saved.outcome).to_lowercase();
         self.metrics.adopted(id.index, &outcome);
         if saved.outcome == SaveOutcome::Adopted {
+            // The node hashed the whole file against the manifest: the next fetch may copy
+            // its bytes unread.
+            if let Some(pending) = &report.pending {
+                pending.adopted();
+            }
             self.adopted_chunks = match manifest {
                 AnyManifest::Chunks(m) => Some(Arc::new(m.unique_chunks())),
                 AnyManifest::Packs(_) => None,

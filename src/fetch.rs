@@ -59,6 +59,9 @@ pub struct FetchReport {
     /// user's mark, see [`crate::verified`]): if the whole file turns out wrong, its mark
     /// is what to doubt.
     pub copied_unchecked_from: Option<PathBuf>,
+    /// Of a pack fetch handed to a node: what to mark, or doubt, once the node checked it.
+    #[serde(skip)]
+    pub pending: Option<crate::verified::Pending>,
 }
 
 /// A local file whose chunks may be reused: a previous snapshot and its chunk list (from its
@@ -321,6 +324,7 @@ impl<'a> Fetcher<'a> {
             meta,
             elapsed: started.elapsed(),
             copied_unchecked_from: None,
+            pending: None,
         };
         tracing::debug!(
             index = report.index,

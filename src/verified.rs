@@ -19,9 +19,11 @@
 //! file at all, only rename or delete it.
 //!
 //! What the mark does not cover is the disk: bit rot in a marked file would be copied into
-//! the next snapshot. The node's hook still hashes every file it is handed against the
-//! manifest's sha256, and a fetch whose file it refuses that way is done again trusting no
-//! local byte, after the source's mark is removed ([`forget`]).
+//! the next snapshot. So a file built from a marked file's bytes copied unread is marked only
+//! once its whole sha256 was checked: by the node's hook, which hashes every file it is
+//! handed before adopting it ([`Pending`]), or by `pull --verify-file`; a plain `pull` marks
+//! only files of which it checked every byte. A file that fails that check condemns the
+//! source's mark ([`forget`]), and the snapshot is assembled again trusting no local byte.
 //!
 //! File systems without user extended attributes (tmpfs before Linux 6.6, some network
 //! file systems) simply keep no marks: every local byte is then checked as before.
@@ -29,7 +31,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::chunk::Digest;
 use crate::manifest_v2::Manifest;
@@ -40,9 +43,12 @@ pub const XATTR: &str = "user.snaprelay.verified";
 const VERSION: &str = "v1";
 
 /// What identifies `manifest` in a mark: the sha256 of its JSON as this build writes it.
-pub fn fingerprint(manifest: &Manifest) -> Digest {
-    // Serialising a value of these types cannot fail (no maps with non-string keys).
-    Digest::of(&serde_json::to_vec(manifest).unwrap_or_default())
+/// (`None` only if it could not be serialised, which these types cannot fail; then nothing
+/// is marked or believed.)
+pub fn fingerprint(manifest: &Manifest) -> Option<Digest> {
+    serde_json::to_vec(manifest)
+        .ok()
+        .map(|json| Digest::of(&json))
 }
 
 fn value(fingerprint: &Digest, meta: &std::fs::Metadata) -> String {
@@ -110,13 +116,63 @@ pub fn check(file: &File, fingerprint: &Digest) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes the mark of the file at `path` (opened without following a symlink), if it has
-/// one: its bytes turned out not to be what the mark said.
-pub fn forget(path: &Path) -> io::Result<()> {
-    let file = snaprelay_contract::dir::open_regular(path, false)?;
-    match rustix::fs::fremovexattr(&file, XATTR) {
+/// Removes `file`'s mark, if it has one: its bytes turned out not to be what the mark said.
+pub fn forget(file: &File) -> io::Result<()> {
+    match rustix::fs::fremovexattr(file, XATTR) {
         Ok(()) | Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// [`mark`], for callers to whom a mark is only a speed-up: a failure (a full disk, a
+/// read-only or foreign file system, a security module) is logged, never an error.
+pub fn mark_or_log(file: &File, fingerprint: &Digest, shown: &Path) {
+    if let Err(e) = mark(file, fingerprint) {
+        tracing::warn!(path = %shown.display(), error = %e, "cannot mark a fetched snapshot as checked; the next fetch will check its bytes instead of copying them unread");
+    }
+}
+
+/// [`forget`], logged instead of failing.
+pub fn forget_or_log(file: &File, shown: &Path) {
+    if let Err(e) = forget(file) {
+        tracing::warn!(path = %shown.display(), error = %e, "cannot remove the mark of a local snapshot that did not hold what it said");
+    }
+}
+
+/// A fetch's file that its node is still to check (the hook hashes the whole file against
+/// the manifest's sha256 before adopting it): marked once the node adopted it, and, if it
+/// was built from a marked local snapshot's bytes copied unread and the node found it
+/// wrong, that snapshot is what loses its mark.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub(crate) file: Arc<File>,
+    pub(crate) shown: PathBuf,
+    pub(crate) fingerprint: Digest,
+    pub(crate) source: Option<(PathBuf, Arc<File>)>,
+}
+
+impl Pending {
+    /// The local snapshot whose bytes were copied unread, if any.
+    pub fn copied_unread_from(&self) -> Option<&Path> {
+        self.source.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// The node adopted the file, having checked its whole sha256: mark it (the same inode,
+    /// wherever the node put it).
+    pub fn adopted(&self) {
+        mark_or_log(&self.file, &self.fingerprint, &self.shown);
+    }
+
+    /// The node found the file not to match the manifest's sha256: if it was built from
+    /// marked bytes copied unread, those lose their mark. Returns whether they were.
+    pub fn refuted(&self) -> bool {
+        match &self.source {
+            Some((path, file)) => {
+                forget_or_log(file, path);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -129,7 +185,7 @@ mod tests {
     fn manifest(size: u64) -> Digest {
         let mut m = crate::manifest_v2::tests::manifest();
         m.size = size;
-        fingerprint(&m)
+        fingerprint(&m).unwrap()
     }
 
     fn file_of(dir: &Path, name: &str, bytes: &[u8]) -> File {
@@ -177,7 +233,7 @@ mod tests {
         let mut other = crate::manifest_v2::tests::manifest();
         other.size = 5;
         other.blocks.clear();
-        assert!(check(&f, &fingerprint(&other))
+        assert!(check(&f, &fingerprint(&other).unwrap())
             .unwrap_err()
             .contains("another manifest"));
         // A mode that lets the group write it.
@@ -195,9 +251,9 @@ mod tests {
         // Forgotten: no mark left.
         mark(&f, &m).unwrap();
         check(&f, &m).unwrap();
-        forget(&dir.path().join("b")).unwrap();
+        forget(&reopened).unwrap();
         assert_eq!(check(&f, &m).unwrap_err(), "no mark");
-        forget(&dir.path().join("b")).unwrap();
+        forget(&reopened).unwrap();
     }
 
     #[test]

@@ -116,7 +116,7 @@ impl Fetcher<'_> {
         let result = self
             .assemble_packed(descriptor, manifest, &dir, &staging, source)
             .await;
-        let (stats, unchecked) = match result {
+        let (stats, pending) = match result {
             Ok(done) => done,
             Err(e) => {
                 if self.keeps_staging(&e) {
@@ -149,7 +149,10 @@ impl Fetcher<'_> {
             data,
             meta,
             elapsed: started.elapsed(),
-            copied_unchecked_from: unchecked,
+            copied_unchecked_from: pending
+                .as_ref()
+                .and_then(|p| p.copied_unread_from().map(Path::to_path_buf)),
+            pending: pending.filter(|_| self.node.is_some()),
         };
         tracing::debug!(
             index,
@@ -176,13 +179,22 @@ impl Fetcher<'_> {
     ) -> Result<Option<LocalSnapshot<'s>>> {
         let path = source.path.clone();
         let params = self.repo.params();
-        let fingerprint = source.manifest.as_ref().map(crate::verified::fingerprint);
+        let cut = source.manifest.is_none();
+        let fingerprint = source
+            .manifest
+            .as_ref()
+            .and_then(crate::verified::fingerprint)
+            .filter(|_| trust);
         let opened = tokio::task::spawn_blocking(move || -> io::Result<_> {
             let file = safe_dir::open_regular(&path, false)?;
-            let (chunks, trusted) = match fingerprint {
-                None => (cut_local(&file, params)?, Err("no manifest".to_owned())),
-                Some(f) if trust => (HashMap::new(), crate::verified::check(&file, &f)),
-                Some(_) => (HashMap::new(), Err("not trusting marks now".to_owned())),
+            let chunks = match cut {
+                true => cut_local(&file, params)?,
+                false => HashMap::new(),
+            };
+            let trusted = match fingerprint {
+                Some(f) => crate::verified::check(&file, &f),
+                None if cut => Err("no manifest".to_owned()),
+                None => Err("not trusting marks now".to_owned()),
             };
             Ok((file, chunks, trusted))
         })
@@ -212,8 +224,10 @@ impl Fetcher<'_> {
         }
     }
 
-    /// Assembles, syncs and marks the staging file; with the local file whose marked bytes
-    /// were copied unchecked, if any.
+    /// Assembles and syncs the staging file, and marks it when every byte in it was
+    /// checked (or the whole file was); returns, with what it did, what is left to mark or
+    /// doubt once the node checked the file (always, with a node: the mark waits for its
+    /// check).
     async fn assemble_packed(
         &self,
         descriptor: &crate::manifest_v2::Repository,
@@ -221,7 +235,10 @@ impl Fetcher<'_> {
         dir: &Dir,
         staging: &Staging,
         source: Option<&PackedSource>,
-    ) -> Result<(crate::assemble::AssembleStats, Option<PathBuf>)> {
+    ) -> Result<(
+        crate::assemble::AssembleStats,
+        Option<crate::verified::Pending>,
+    )> {
         let staging_err = |e| Error::io(format!("staging file {}", staging.path.display()), e);
         let fingerprint = crate::verified::fingerprint(manifest);
         let mut trust = self.trust_marked;
@@ -243,13 +260,14 @@ impl Fetcher<'_> {
                 (false, Some(source)) => self.open_source(source, trust).await?,
                 (false, None) => None,
             };
-            let unchecked = match &local {
-                Some(l) if l.trusted => source.map(|s| s.path.clone()),
+            // The marked file whose bytes may be copied unread.
+            let marked = match (&local, source) {
+                (Some(l), Some(s)) if l.trusted => Some((s.path.clone(), l.file.clone())),
                 _ => None,
             };
             self.progress.begin(manifest.size);
             let name = staging.path.display().to_string();
-            let stats = assemble(
+            let assembled = assemble(
                 self.repo,
                 descriptor,
                 manifest,
@@ -259,34 +277,59 @@ impl Fetcher<'_> {
                 in_place,
                 RangeLimits::with_concurrency(self.concurrency),
             )
-            .await?;
+            .await;
+            let stats = match (assembled, &marked) {
+                (Ok(stats), _) => stats,
+                (Err(e @ Error::Io { .. }), Some((path, source))) => {
+                    // Copying marked bytes failed (a bad sector under the mark, a file
+                    // system that will not copy): once more, every local byte read and
+                    // checked, which fetches what cannot be read.
+                    tracing::warn!(path = %path.display(), error = %e, "copying a marked local snapshot failed; assembling again, checking every local byte");
+                    crate::verified::forget_or_log(source, path);
+                    let _ = dir.remove(&staging.name);
+                    trust = false;
+                    continue;
+                }
+                (Err(e), _) => return Err(e),
+            };
+            let copied_unread = marked.filter(|_| stats.blocks_copied + stats.chunks_copied > 0);
             let verify = self.verify_file;
             let expected = manifest.sha256;
+            let checked = file.clone();
             let synced = tokio::task::spawn_blocking(move || -> io::Result<Option<Digest>> {
                 let actual = match verify {
-                    true => Some(crate::chunk::sha256_of(&file)?).filter(|d| *d != expected),
+                    true => Some(crate::chunk::sha256_of(&checked)?).filter(|d| *d != expected),
                     false => None,
                 };
-                file.sync_all()?;
-                if actual.is_none() {
-                    // Synced first: a mark is only ever on durable bytes.
-                    crate::verified::mark(&file, &fingerprint)?;
-                }
+                checked.sync_all()?;
                 Ok(actual)
             })
             .await
             .map_err(|e| Error::io("syncing task", io::Error::other(e)))?
             .map_err(staging_err)?;
             let Some(actual) = synced else {
-                return Ok((stats, unchecked));
+                let Some(fingerprint) = fingerprint else {
+                    return Ok((stats, None));
+                };
+                // Synced first: a mark is only ever on durable bytes. Bytes copied unread
+                // are as good as their source's mark: the file is marked only once its
+                // whole sha256 matched (here, or in the node's check).
+                if self.node.is_none() && (verify || copied_unread.is_none()) {
+                    crate::verified::mark_or_log(&file, &fingerprint, &staging.path);
+                }
+                let pending = crate::verified::Pending {
+                    file,
+                    shown: staging.path.clone(),
+                    fingerprint,
+                    source: copied_unread,
+                };
+                return Ok((stats, Some(pending)));
             };
-            if let Some(path) = unchecked {
+            if let Some((path, source)) = copied_unread {
                 // Marked bytes that were not what their mark said (bit rot): the source
                 // loses its mark, and the file is assembled again from checked bytes only.
                 tracing::warn!(path = %path.display(), "a marked local snapshot did not hold what its mark said; assembling again, checking every local byte");
-                if let Err(e) = crate::verified::forget(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the mark of a local snapshot");
-                }
+                crate::verified::forget_or_log(&source, &path);
                 let _ = dir.remove(&staging.name);
                 trust = false;
                 continue;

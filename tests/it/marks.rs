@@ -88,7 +88,7 @@ async fn marks(test: &str) {
     // Nothing local: fetched whole, and marked.
     let first = fetch(&repo, 1, &dir, false).await;
     assert_eq!(first.copied_unchecked_from, None);
-    let fingerprint = verified::fingerprint(&manifest(&repo, 1).await);
+    let fingerprint = verified::fingerprint(&manifest(&repo, 1).await).unwrap();
     let marked = verified::check(&File::open(&first.data).unwrap(), &fingerprint);
     if marked == Err("the file system keeps no marks".into()) {
         eprintln!(
@@ -100,18 +100,29 @@ async fn marks(test: &str) {
     marked.unwrap();
 
     // Snapshot 2 onto it: the marked file's bytes are copied unread, the edits fetched.
+    // Without the whole-file check the new file is only as good as that mark: it is not
+    // marked in turn.
+    let fingerprint2 = verified::fingerprint(&manifest(&repo, 2).await).unwrap();
+    let unread = fetch(&repo, 2, &dir, false).await;
+    assert_eq!(
+        unread.copied_unchecked_from.as_deref(),
+        Some(first.data.as_path())
+    );
+    assert!(unread.bytes_transferred < 1 << 20, "{unread:?}");
+    assert_eq!(std::fs::read(&unread.data).unwrap(), two);
+    assert_eq!(
+        verified::check(&File::open(&unread.data).unwrap(), &fingerprint2),
+        Err("no mark".into())
+    );
+    remove(&unread);
+    // With it, the new file is marked.
     let second = fetch(&repo, 2, &dir, true).await;
     assert_eq!(
         second.copied_unchecked_from.as_deref(),
         Some(first.data.as_path())
     );
-    assert!(second.bytes_transferred < 1 << 20, "{second:?}");
     assert_eq!(std::fs::read(&second.data).unwrap(), two);
-    verified::check(
-        &File::open(&second.data).unwrap(),
-        &verified::fingerprint(&manifest(&repo, 2).await),
-    )
-    .unwrap();
+    verified::check(&File::open(&second.data).unwrap(), &fingerprint2).unwrap();
     remove(&second);
 
     // Written since (the modification time moved): every local byte is checked, and the
@@ -120,6 +131,8 @@ async fn marks(test: &str) {
     let checked = fetch(&repo, 2, &dir, false).await;
     assert_eq!(checked.copied_unchecked_from, None);
     assert_eq!(std::fs::read(&checked.data).unwrap(), two);
+    // Every byte of it was checked: marked.
+    verified::check(&File::open(&checked.data).unwrap(), &fingerprint2).unwrap();
     remove(&checked);
 
     // A mark that lies: bytes changed under it, the modification time put back (what bit
@@ -177,6 +190,7 @@ async fn snapshot(
 /// fetched again checking every local byte, and the node adopts it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_the_node_refuses_after_marked_bytes_were_copied_is_fetched_again_checked() {
+    use std::time::Duration;
     use support::cluster::{Cluster, StoreSection};
 
     let work = tempfile::tempdir().unwrap();
@@ -194,11 +208,26 @@ async fn a_file_the_node_refuses_after_marked_bytes_were_copied_is_fetched_again
     let first = snapshot(&c, leader, follower, None).await;
     let (name, _) = snaprelay_contract::snapdir::file_names(first.0, first.1);
     let data = c.node(follower).snapshot_dir().join(name);
-    let file = File::open(&data).unwrap();
-    if rustix::fs::fgetxattr(&file, verified::XATTR, &mut [0u8; 200][..]).is_err() {
-        eprintln!("skipped: the follower's file has no mark (no user extended attributes?)");
+    let probe = File::create(work.path().join("xattr-probe")).unwrap();
+    if rustix::fs::fsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty()).is_err() {
+        eprintln!(
+            "skipped: {} keeps no user extended attributes",
+            work.path().display()
+        );
         return;
     }
+    // The sidecar marks the file once the node answered that it adopted it.
+    let file = File::open(&data).unwrap();
+    c.wait_for(
+        "the adopted file's mark",
+        Duration::from_secs(10),
+        || async {
+            rustix::fs::fgetxattr(&file, verified::XATTR, &mut [0u8; 200][..])
+                .is_ok()
+                .then_some(())
+        },
+    )
+    .await;
     // One letter in the middle changed (the JSON stays valid), the time put back.
     let size = file.metadata().unwrap().len();
     let mut at = size / 3;
