@@ -19,7 +19,9 @@
 //! the staging file stays for the fetch), it stops changing for `stale_after`
 //! ([`Ended::Stale`]: the publisher died), it is refused ([`Ended::Refused`]), or it is
 //! cancelled ([`Ended::Cancelled`]: the daemon fetches a manifest now; the staging file is
-//! the fetch's to keep or clean).
+//! the fetch's to keep or clean). Whichever way it ends, [`Prefetch::run`] returns only once
+//! every write it started into the staging file is done: a write left on its blocking
+//! thread could otherwise land over what the fetch after it wrote there.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -112,6 +114,26 @@ struct Progress {
     /// The listed packs handled so far (repository of packs).
     handled_packs: Vec<PackRuns>,
     report: PrefetchReport,
+    /// Held by every write into the staging file while it runs on a blocking thread: a
+    /// cancelled poll drops its futures, not the threads, so [`Prefetch::run`] takes every
+    /// permit back before it returns, and no write of this prefetch lands in the staging
+    /// file after that (where the fetch, which knows only what the report lists, is writing).
+    writes: Arc<tokio::sync::Semaphore>,
+}
+
+/// Writes into the staging file at most in flight at once (more than any concurrency).
+const WRITES_IN_FLIGHT: u32 = 1024;
+
+/// A permit of `writes` for one write, to move into its blocking task.
+async fn write_permit(
+    writes: &Arc<tokio::sync::Semaphore>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Stopped> {
+    writes.clone().acquire_owned().await.map_err(|_| {
+        Stopped::Transient(Error::io(
+            "writing the staging file",
+            std::io::Error::other("the prefetch ended"),
+        ))
+    })
 }
 
 /// Why a batch of downloads stopped early.
@@ -142,11 +164,16 @@ impl Prefetch {
                 polls: 0,
                 written: Vec::new(),
             },
+            writes: Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT as usize)),
         };
         let ended = tokio::select! {
             _ = cancel.cancelled() => Ended::Cancelled,
             ended = self.poll(&mut state, &location) => ended,
         };
+        // Writes a cancelled poll left running finish first (the semaphore is never closed).
+        #[cfg(test)]
+        pause::reached(pause::Point::Draining);
+        let _drained = state.writes.acquire_many(WRITES_IN_FLIGHT).await;
         match &ended {
             Ended::Gone | Ended::Cancelled => {}
             Ended::Stale => {
@@ -333,9 +360,11 @@ impl Prefetch {
             let ranges = coalesce(&needed, limits);
             let trailer = &trailer;
             let wanted = &wanted;
+            let writes = state.writes.clone();
             let reads = futures::stream::iter(ranges)
                 .map(|r| {
                     let file = file.clone();
+                    let writes = writes.clone();
                     async move {
                         let bytes = match self
                             .repo
@@ -360,7 +389,11 @@ impl Prefetch {
                                 )
                             })
                             .collect();
+                        let permit = write_permit(&writes).await?;
                         tokio::task::spawn_blocking(move || {
+                            let _permit = permit;
+                            #[cfg(test)]
+                            pause::reached(pause::Point::Write);
                             let mut written = Vec::with_capacity(blobs.len());
                             let mut pieces = Vec::with_capacity(blobs.len());
                             for (to, b, stored) in blobs {
@@ -459,9 +492,11 @@ impl Prefetch {
             return self.take_packed(state, &file, object.size, &new).await;
         }
         let new = &object.chunks[handled..];
+        let writes = state.writes.clone();
         let downloads = futures::stream::iter(new.iter().copied())
             .map(|span| {
                 let file = file.clone();
+                let writes = writes.clone();
                 async move {
                     if self.local.contains(&span.sha256) {
                         return Ok((span, false));
@@ -477,14 +512,18 @@ impl Prefetch {
                         Err(e) => return Err(Stopped::Transient(e)),
                     };
                     // Checked by get_chunk: these bytes hash to span.sha256.
-                    tokio::task::spawn_blocking(move || file.write_all_at(&bytes, span.offset))
-                        .await
-                        .map_err(|e| {
-                            Stopped::Transient(Error::io("writing task", std::io::Error::other(e)))
-                        })?
-                        .map_err(|e| {
-                            Stopped::Transient(Error::io("writing the staging file", e))
-                        })?;
+                    let permit = write_permit(&writes).await?;
+                    tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        #[cfg(test)]
+                        pause::reached(pause::Point::Write);
+                        file.write_all_at(&bytes, span.offset)
+                    })
+                    .await
+                    .map_err(|e| {
+                        Stopped::Transient(Error::io("writing task", std::io::Error::other(e)))
+                    })?
+                    .map_err(|e| Stopped::Transient(Error::io("writing the staging file", e)))?;
                     Ok((span, true))
                 }
             })
@@ -512,5 +551,130 @@ impl Prefetch {
             }
         }
         Ok(())
+    }
+}
+
+/// Named points a test can hold a prefetch at (test builds only): a write into the staging
+/// file on its blocking thread, and [`Prefetch::run`] about to wait for such writes.
+#[cfg(test)]
+pub(crate) mod pause {
+    use std::sync::mpsc::{Receiver, Sender};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Point {
+        Write,
+        Draining,
+    }
+
+    /// An armed point: whom to tell it was reached, and what to wait on then (`Write`).
+    type Armed = (Point, Sender<()>, Option<Receiver<()>>);
+
+    /// Armed points: each says it was reached, then (for `Write`) waits to be let go.
+    static ARMED: Mutex<Vec<Armed>> = Mutex::new(Vec::new());
+
+    /// Arms `point` once: returns a receiver told when it is reached, and a sender that lets
+    /// it go on (dropping it does too).
+    pub fn arm(point: Point) -> (Receiver<()>, Sender<()>) {
+        let (reached_tx, reached_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        ARMED.lock().unwrap().push((point, reached_tx, Some(go_rx)));
+        (reached_rx, go_tx)
+    }
+
+    pub fn reached(point: Point) {
+        let taken = {
+            let mut armed = ARMED.lock().unwrap();
+            armed
+                .iter()
+                .position(|(p, _, _)| *p == point)
+                .map(|i| armed.remove(i))
+        };
+        if let Some((_, reached, go)) = taken {
+            let _ = reached.send(());
+            if let Some(go) = go.filter(|_| point == Point::Write) {
+                let _ = go.recv();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkParams;
+    use crate::inprogress::INPROGRESS_FORMAT;
+    use crate::store::{Store, StoreSettings, StoreUrl};
+
+    /// A prefetch cancelled while one of its writes is still on its blocking thread returns
+    /// only once that write is done: nothing it wrote can land in the staging file after
+    /// the fetch that follows has begun.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_prefetch_returns_only_after_its_writes() {
+        let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
+        let repo = Repo::open_or_create(store, "c", ChunkParams::default())
+            .await
+            .unwrap();
+        let data = crate::chunk::test_data::random(4 * 65536, 5);
+        let mut chunks = Vec::new();
+        for i in 0..4u64 {
+            let bytes = &data[(i * 65536) as usize..((i + 1) * 65536) as usize];
+            let sha256 = Digest::of(bytes);
+            repo.put_chunk(&sha256, bytes::Bytes::copy_from_slice(bytes))
+                .await
+                .unwrap();
+            chunks.push(Span {
+                offset: i * 65536,
+                len: 65536,
+                sha256,
+            });
+        }
+        let object = InProgress {
+            format: INPROGRESS_FORMAT,
+            cluster_id: "c".into(),
+            index: 7,
+            term: 1,
+            size: data.len() as u64,
+            written_at: chrono::Utc::now(),
+            chunks,
+            packs: Vec::new(),
+        };
+        repo.put_inprogress(7, 1, serde_json::to_vec(&object).unwrap().into())
+            .await
+            .unwrap();
+        let incoming = tempfile::tempdir().unwrap();
+        let prefetch = Prefetch {
+            repo: repo.clone(),
+            id: (7, 1),
+            incoming: incoming.path().to_owned(),
+            local: HashSet::new(),
+            node: None,
+            poll_interval: Duration::from_millis(20),
+            stale_after: Duration::from_secs(60),
+            concurrency: 1,
+            metrics: Metrics::new(),
+        };
+        let (write_reached, let_write_go) = pause::arm(pause::Point::Write);
+        let (draining, _) = pause::arm(pause::Point::Draining);
+        let cancel = CancellationToken::new();
+        let mut running = tokio::spawn(prefetch.run(cancel.clone()));
+        // A write is on its blocking thread, held; the daemon stops the prefetch then.
+        tokio::task::spawn_blocking(move || write_reached.recv().unwrap())
+            .await
+            .unwrap();
+        cancel.cancel();
+        let draining = tokio::task::spawn_blocking(move || draining.recv());
+        let returned_first = tokio::select! {
+            _ = &mut running => true,
+            _ = draining => false,
+        };
+        assert!(
+            !returned_first,
+            "the prefetch returned with a write still running"
+        );
+        assert!(!running.is_finished());
+        drop(let_write_go);
+        let report = running.await.unwrap();
+        assert_eq!(report.ended, Ended::Cancelled);
     }
 }
