@@ -827,6 +827,18 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
     }
 
+    /// [`assemble`] of `m` into `out`, with the default limits and nothing prefetched: what
+    /// most tests here do.
+    async fn assemble_into(
+        repo: &Repo,
+        d: &Repository,
+        m: &Manifest,
+        out: Arc<File>,
+        local: Option<LocalSnapshot<'_>>,
+    ) -> Result<AssembleStats> {
+        assemble(repo, d, m, out, "out", local, None, RangeLimits::default()).await
+    }
+
     /// A repository of `store` with small tree blocks (dozens of blocks in a few MiB).
     async fn small_repo(store: Store) -> (Repo, Repository) {
         let repo = Repo::open_or_create(store, "c", ChunkParams::default())
@@ -1072,33 +1084,21 @@ mod tests {
             .count();
 
         let out = file_of(b"");
-        assemble(
-            &repo,
-            &d,
-            &m,
-            out.clone(),
-            "out",
-            None,
-            None,
-            RangeLimits::default(),
-        )
-        .await
-        .unwrap();
+        assemble_into(&repo, &d, &m, out.clone(), None)
+            .await
+            .unwrap();
         assert_eq!(contents(&out), data);
         assert_eq!(tree_reads(&m), tree_packs, "{} blocks", m.blocks.len());
 
         // Every block again, checked against an untrusted copy of the same file.
         let local = file_of(&data);
         let out = file_of(b"");
-        let s = assemble(
+        let s = assemble_into(
             &repo,
             &d,
             &m,
             out.clone(),
-            "out",
             Some(LocalSnapshot::of_manifest(local, &m, false)),
-            None,
-            RangeLimits::default(),
         )
         .await
         .unwrap();
@@ -1124,18 +1124,9 @@ mod tests {
         let mb = publish(&repo, &d, Some(&ma), &b, 2).await;
 
         let fa = file_of(b"");
-        let s = assemble(
-            &repo,
-            &d,
-            &ma,
-            fa.clone(),
-            "a",
-            None,
-            None,
-            RangeLimits::default(),
-        )
-        .await
-        .unwrap();
+        let s = assemble_into(&repo, &d, &ma, fa.clone(), None)
+            .await
+            .unwrap();
         assert_eq!(contents(&fa), a);
         assert_eq!(s.blocks_copied, 0);
         assert!(s.ranges_read <= s.blocks_fetched * 2, "{s:?}");
@@ -1143,18 +1134,9 @@ mod tests {
         for trusted in [true, false] {
             let fb = file_of(b"");
             let local = LocalSnapshot::of_manifest(fa.clone(), &ma, trusted);
-            let s = assemble(
-                &repo,
-                &d,
-                &mb,
-                fb.clone(),
-                "b",
-                Some(local),
-                None,
-                RangeLimits::default(),
-            )
-            .await
-            .unwrap();
+            let s = assemble_into(&repo, &d, &mb, fb.clone(), Some(local))
+                .await
+                .unwrap();
             assert_eq!(contents(&fb), b, "trusted: {trusted}");
             assert!(
                 s.blocks_copied >= 2 * s.blocks_fetched && s.blocks_fetched <= 6,
@@ -1173,18 +1155,9 @@ mod tests {
         spoiled[100] ^= 1;
         let fb = file_of(b"");
         let local = LocalSnapshot::of_manifest(file_of(&spoiled), &ma, false);
-        assemble(
-            &repo,
-            &d,
-            &mb,
-            fb.clone(),
-            "b",
-            Some(local),
-            None,
-            RangeLimits::default(),
-        )
-        .await
-        .unwrap();
+        assemble_into(&repo, &d, &mb, fb.clone(), Some(local))
+            .await
+            .unwrap();
         assert_eq!(contents(&fb), b);
 
         // A data pack with a flipped byte in a blob: refused, naming the chunk.
@@ -1198,18 +1171,9 @@ mod tests {
             .to_vec();
         body[at.offset as usize] ^= 1;
         repo.put_raw_pack(&at.pack, body.into()).await.unwrap();
-        let e = assemble(
-            &repo,
-            &d,
-            &mb,
-            file_of(b""),
-            "b",
-            None,
-            None,
-            RangeLimits::default(),
-        )
-        .await
-        .unwrap_err();
+        let e = assemble_into(&repo, &d, &mb, file_of(b""), None)
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
     }
 
@@ -1244,18 +1208,9 @@ mod tests {
         for (what, local) in cases {
             let out = file_of(b"");
             let local = local.map(|t| LocalSnapshot::of_manifest(fa.clone(), &ma, t));
-            assemble(
-                &repo,
-                &d,
-                &mb,
-                out.clone(),
-                "b",
-                local,
-                None,
-                RangeLimits::default(),
-            )
-            .await
-            .unwrap();
+            assemble_into(&repo, &d, &mb, out.clone(), local)
+                .await
+                .unwrap();
             assert!(contents(&out) == b, "{what}");
         }
         // A resumed staging file, its own source: every other 64 KiB of it lost.
@@ -1264,15 +1219,12 @@ mod tests {
             piece.fill(0);
         }
         let out = file_of(&partial);
-        assemble(
+        assemble_into(
             &repo,
             &d,
             &mb,
             out.clone(),
-            "b",
             Some(LocalSnapshot::of_manifest(out.clone(), &mb, false)),
-            None,
-            RangeLimits::default(),
         )
         .await
         .unwrap();
@@ -1314,18 +1266,9 @@ mod tests {
         repo.put_raw_pack(&tree.id, body.into()).await.unwrap();
 
         // Fetched from the store: block k is the one refused.
-        let e = assemble(
-            &repo,
-            &d,
-            &ma,
-            file_of(b""),
-            "a",
-            None,
-            None,
-            RangeLimits::default(),
-        )
-        .await
-        .unwrap_err();
+        let e = assemble_into(&repo, &d, &ma, file_of(b""), None)
+            .await
+            .unwrap_err();
         match &e {
             Error::BlockCorrupt { block, pack, .. } => {
                 assert_eq!(block, &bad.id.to_hex(), "{e}");
@@ -1334,15 +1277,12 @@ mod tests {
             other => panic!("{other}"),
         }
         // Read as a local snapshot's changed block: the same.
-        let e = assemble(
+        let e = assemble_into(
             &repo,
             &d,
             &mb,
             file_of(b""),
-            "b",
             Some(LocalSnapshot::of_manifest(file_of(&a), &ma, false)),
-            None,
-            RangeLimits::default(),
         )
         .await
         .unwrap_err();
@@ -1399,16 +1339,7 @@ mod tests {
                 let local = local.map(|a| LocalSnapshot::of_manifest(file_of(a), &ma, false));
                 let done = tokio::time::timeout(
                     std::time::Duration::from_secs(30),
-                    assemble(
-                        &repo,
-                        &d,
-                        &mb,
-                        out.clone(),
-                        "b",
-                        local,
-                        None,
-                        RangeLimits::default(),
-                    ),
+                    assemble_into(&repo, &d, &mb, out.clone(), local),
                 )
                 .await;
                 assert!(done.is_ok(), "{what}: no progress in 30 s");

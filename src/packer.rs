@@ -691,6 +691,29 @@ mod tests {
             .chunks
     }
 
+    /// [`pack_snapshot`] of `data`, cut into `chunks`, onto `base`: what most tests here do.
+    async fn pack_cut(
+        repo: &Repo,
+        d: &Repository,
+        base: Option<&Manifest>,
+        data: &[u8],
+        chunks: &dyn ChunkRecords,
+        budget: PartBudget,
+    ) -> Result<PackedSnapshot> {
+        pack_snapshot(
+            repo,
+            d,
+            base,
+            file_of(data),
+            "snapshot",
+            chunks,
+            ChunkList::Cut,
+            budget,
+            None,
+        )
+        .await
+    }
+
     /// A new repository in memory.
     async fn memory_repo() -> Repo {
         let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
@@ -755,19 +778,9 @@ mod tests {
         let part = 8 << 10;
         let a = random(6 << 20, 3);
         let ca = cut(&a, d.chunking);
-        let packed = pack_snapshot(
-            &repo,
-            &d,
-            None,
-            file_of(&a),
-            "a",
-            &ca,
-            ChunkList::Cut,
-            PartBudget::new(2, part),
-            None,
-        )
-        .await
-        .unwrap();
+        let packed = pack_cut(&repo, &d, None, &a, &ca, PartBudget::new(2, part))
+            .await
+            .unwrap();
         let m = manifest(&d, &packed, &a, 1);
         m.validate(&d).unwrap();
         let tree: Vec<u64> = m
@@ -813,19 +826,9 @@ mod tests {
                 .take(4 << 20),
         );
         let ca = cut(&a, d.chunking);
-        let first = pack_snapshot(
-            &repo,
-            &d,
-            None,
-            file_of(&a),
-            "a",
-            &ca,
-            ChunkList::Cut,
-            budget.clone(),
-            None,
-        )
-        .await
-        .unwrap();
+        let first = pack_cut(&repo, &d, None, &a, &ca, budget.clone())
+            .await
+            .unwrap();
         let ma = manifest(&d, &first, &a, 1);
         ma.validate(&d).unwrap();
         assert_eq!(first.stats.blocks_reused, 0);
@@ -846,19 +849,9 @@ mod tests {
         }
         b.splice(6 << 20..6 << 20, random(3000, 20));
         let cb = cut(&b, d.chunking);
-        let second = pack_snapshot(
-            &repo,
-            &d,
-            Some(&ma),
-            file_of(&b),
-            "b",
-            &cb,
-            ChunkList::Cut,
-            budget,
-            None,
-        )
-        .await
-        .unwrap();
+        let second = pack_cut(&repo, &d, Some(&ma), &b, &cb, budget)
+            .await
+            .unwrap();
         let mb = manifest(&d, &second, &b, 2);
         mb.validate(&d).unwrap();
         let s = second.stats;
@@ -886,19 +879,9 @@ mod tests {
         let unit = random(64 << 10, 9);
         let a: Vec<u8> = unit.iter().copied().cycle().take(4 << 20).collect();
         let ca = cut(&a, d.chunking);
-        let packed = pack_snapshot(
-            &repo,
-            &d,
-            None,
-            file_of(&a),
-            "a",
-            &ca,
-            ChunkList::Cut,
-            PartBudget::new(2, 1 << 20),
-            None,
-        )
-        .await
-        .unwrap();
+        let packed = pack_cut(&repo, &d, None, &a, &ca, PartBudget::new(2, 1 << 20))
+            .await
+            .unwrap();
         let m = manifest(&d, &packed, &a, 1);
         m.validate(&d).unwrap();
         for p in &m.packs {
@@ -981,19 +964,9 @@ mod tests {
         let d = v2::Repository::new("c", NewRepository::default());
         let a = random(1 << 20, 41);
         let list = Changing(cut(&a, d.chunking));
-        let e = pack_snapshot(
-            &repo,
-            &d,
-            None,
-            file_of(&a),
-            "a",
-            &list,
-            ChunkList::Cut,
-            PartBudget::new(2, 1 << 20),
-            None,
-        )
-        .await
-        .unwrap_err();
+        let e = pack_cut(&repo, &d, None, &a, &list, PartBudget::new(2, 1 << 20))
+            .await
+            .unwrap_err();
         assert!(
             e.to_string()
                 .contains("changed while the publish read them"),
@@ -1012,19 +985,9 @@ mod tests {
         let budget = PartBudget::new(2, 1 << 20);
         let a = random(2 << 20, 5);
         let ca = cut(&a, d.chunking);
-        let first = pack_snapshot(
-            &repo,
-            &d,
-            None,
-            file_of(&a),
-            "a",
-            &ca,
-            ChunkList::Cut,
-            budget.clone(),
-            None,
-        )
-        .await
-        .unwrap();
+        let first = pack_cut(&repo, &d, None, &a, &ca, budget.clone())
+            .await
+            .unwrap();
         let ma = manifest(&d, &first, &a, 1);
         for p in ma.packs.iter().filter(|p| p.kind == PackKind::Tree) {
             repo.delete_pack(&p.id).await.unwrap();
@@ -1035,19 +998,9 @@ mod tests {
             b[k * (32 << 10)] ^= 1;
         }
         let cb = cut(&b, d.chunking);
-        let second = pack_snapshot(
-            &repo,
-            &d,
-            Some(&ma),
-            file_of(&b),
-            "b",
-            &cb,
-            ChunkList::Cut,
-            budget,
-            None,
-        )
-        .await
-        .unwrap();
+        let second = pack_cut(&repo, &d, Some(&ma), &b, &cb, budget)
+            .await
+            .unwrap();
         let mb = manifest(&d, &second, &b, 2);
         mb.validate(&d).unwrap();
         assert_eq!(second.stats.blocks_reused, 0, "{:?}", second.stats);
@@ -1068,16 +1021,13 @@ mod tests {
         let chunks = cut(&a, d.chunking);
         let mut changed = a.clone();
         changed[150_000] ^= 1;
-        let e = pack_snapshot(
+        let e = pack_cut(
             &repo,
             &d,
             None,
-            file_of(&changed),
-            "a",
+            &changed,
             &chunks,
-            ChunkList::Cut,
             PartBudget::new(2, 1 << 20),
-            None,
         )
         .await
         .unwrap_err();

@@ -9,7 +9,7 @@ use crate::support;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use snaprelay::fetch::{self, FetchReport, Fetcher};
 use snaprelay::manifest_v2::{Manifest, NewRepository};
@@ -40,14 +40,20 @@ fn remove(report: &FetchReport) {
     std::fs::remove_file(&report.meta).unwrap();
 }
 
-/// Overwrites one byte of `path` in place; with `keep_mtime`, puts its modification time
-/// back afterwards, as only its owner could.
-fn tamper(path: &PathBuf, at: u64, keep_mtime: bool) {
+/// Overwrites one byte of `path` in place (`b ^ 0x55`); with `keep_mtime`, puts its
+/// modification time back afterwards, as only its owner could.
+fn tamper(path: &Path, at: u64, keep_mtime: bool) {
+    rewrite_byte(path, at, |b| b ^ 0x55, keep_mtime);
+}
+
+/// Replaces the byte at `at` of `path` with `new(old byte)`, in place; with `keep_mtime`,
+/// puts the file's modification time back afterwards.
+fn rewrite_byte(path: &Path, at: u64, new: impl FnOnce(u8) -> u8, keep_mtime: bool) {
     let file = File::options().read(true).write(true).open(path).unwrap();
     let before = rustix::fs::fstat(&file).unwrap();
     let mut b = [0u8];
     file.read_exact_at(&mut b, at).unwrap();
-    file.write_all_at(&[b[0] ^ 0x55], at).unwrap();
+    file.write_all_at(&[new(b[0])], at).unwrap();
     if keep_mtime {
         let times = rustix::fs::Timestamps {
             last_access: rustix::fs::Timespec {
@@ -208,11 +214,13 @@ async fn a_file_the_node_refuses_after_marked_bytes_were_copied_is_fetched_again
     let first = snapshot(&c, leader, follower, None).await;
     let (name, _) = snaprelay_contract::snapdir::file_names(first.0, first.1);
     let data = c.node(follower).snapshot_dir().join(name);
-    let probe = File::create(work.path().join("xattr-probe")).unwrap();
+    // Probed beside the node's snapshot directory, on its file system.
+    let node_dir = &c.node(follower).dir;
+    let probe = File::create(node_dir.join("xattr-probe")).unwrap();
     if rustix::fs::fsetxattr(&probe, "user.probe", b"1", rustix::fs::XattrFlags::empty()).is_err() {
         eprintln!(
             "skipped: {} keeps no user extended attributes",
-            work.path().display()
+            node_dir.display()
         );
         return;
     }
@@ -239,22 +247,7 @@ async fn a_file_the_node_refuses_after_marked_bytes_were_copied_is_fetched_again
         }
         at += 1;
     }
-    let before = rustix::fs::fstat(&file).unwrap();
-    let rw = File::options().write(true).open(&data).unwrap();
-    rw.write_all_at(&[if b[0] == b'a' { b'b' } else { b'a' }], at)
-        .unwrap();
-    let keep = |sec, nsec: i64| rustix::fs::Timespec {
-        tv_sec: sec,
-        tv_nsec: nsec as _,
-    };
-    rustix::fs::futimens(
-        &rw,
-        &rustix::fs::Timestamps {
-            last_access: keep(before.st_atime, before.st_atime_nsec as i64),
-            last_modification: keep(before.st_mtime, before.st_mtime_nsec as i64),
-        },
-    )
-    .unwrap();
+    rewrite_byte(&data, at, |b| if b == b'a' { b'b' } else { b'a' }, true);
 
     c.write_random_keys("z", 5, 1000, 2).await;
     let second = snapshot(&c, leader, follower, Some(first)).await;
