@@ -10,7 +10,8 @@
 //! written last, so a node sees the snapshot whole or not at all. On an error the staging
 //! file is removed and the target directory is as it was; a daemon's fetcher
 //! ([`Fetcher::resumable`]) keeps it instead unless the manifest itself is at fault, so the
-//! next attempt resumes where this one stopped.
+//! next attempt resumes where this one stopped. One fetch (or prefetch) at a time writes
+//! into a directory: each holds an exclusive lock on it, and another is refused at once.
 //!
 //! [`clean_incoming`] and [`release`] keep a node's incoming directory to what a sidecar is
 //! doing right now: at most the one staging file it resumes, nothing once the node answered.
@@ -552,6 +553,7 @@ impl Target {
             })?;
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
         let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+        lock_exclusive(&dir)?;
         let staging = Staging {
             name: format!(".{data_name}.partial"),
             path: dir.join(&format!(".{data_name}.partial")),
@@ -563,6 +565,31 @@ impl Target {
             data_name,
             meta_name,
         })
+    }
+}
+
+/// Makes this the only fetch (or prefetch) writing into `dir` until `dir` is dropped: an
+/// exclusive lock on the directory, refused at once if another holds it.
+///
+/// Two fetchers running as the same user (a `snaprelay pull` into the directory a sidecar
+/// fetches into, or two sidecars given one node) would otherwise share a staging file,
+/// since its name is the snapshot's: the second takes the first's file as its own
+/// resumable one, and whichever commits first renames a file the other is still writing.
+/// What the other writes then lands in a committed snapshot after its checks, or a
+/// truncation empties it. The loser of the lock touches nothing in the directory.
+fn lock_exclusive(dir: &Dir) -> Result<()> {
+    let context = || format!("locking {} for a fetch", dir.path().display());
+    match dir.try_lock_exclusive() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::io(
+            context(),
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "another fetch into this directory is running (a `snaprelay pull` or a \
+                 sidecar, as this user); it was left alone: wait for it to end, or stop it",
+            ),
+        )),
+        Err(e) => Err(Error::io(context(), e)),
     }
 }
 
@@ -598,14 +625,18 @@ fn open_staging(dir: &Dir, staging: &Staging, size: u64) -> io::Result<(File, bo
 /// will use, for a prefetch to write verified chunks into ([`crate::prefetch`]): an
 /// existing one of that size is kept, anything else at its name is emptied or replaced, as
 /// for a fetch. The fetch that follows verifies every chunk in it again.
+///
+/// The directory comes back with the file, locked as a fetch locks it: hold it for as long
+/// as anything may still write the file.
 pub fn open_staging_for(
     dir: &Path,
     (index, term): (u64, u64),
     size: u64,
     node: Option<NodeAccess>,
-) -> Result<File> {
+) -> Result<(File, Dir)> {
     fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     let dir = Dir::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    lock_exclusive(&dir)?;
     let name = format!(".{}.partial", snapdir::file_names(index, term).0);
     let staging = Staging {
         path: dir.join(&name),
@@ -616,7 +647,7 @@ pub fn open_staging_for(
     if let Some(node) = node {
         hand_over(&file, &dir, node)?;
     }
-    Ok(file)
+    Ok((file, dir))
 }
 
 /// Removes the staging file of the snapshot at (index, term) from `dir`, if there is one.

@@ -108,6 +108,9 @@ pub struct PrefetchReport {
 struct Progress {
     /// The staging file, once the object told the size.
     file: Option<Arc<File>>,
+    /// The incoming directory, locked against other fetches while `file` is written
+    /// ([`crate::fetch::open_staging_for`]); released when the prefetch returns.
+    locked: Option<snaprelay_contract::dir::Dir>,
     size: Option<u64>,
     /// The listed prefix handled so far (downloaded or left to a local copy).
     handled: Vec<Span>,
@@ -152,6 +155,7 @@ impl Prefetch {
         let location = self.repo.inprogress_location(index, term);
         let mut state = Progress {
             file: None,
+            locked: None,
             size: None,
             handled: Vec::new(),
             handled_packs: Vec::new(),
@@ -179,7 +183,7 @@ impl Prefetch {
             Ended::Stale => {
                 tracing::info!(object = %location, stale_after_ms = self.stale_after.as_millis() as u64, "the publish in progress stopped changing; giving up prefetching it");
                 self.metrics.inprogress_refused("stale");
-                self.discard();
+                self.discard(&state);
             }
             Ended::Refused(reason) | Ended::BadChunk(reason) => {
                 tracing::warn!(object = %location, reason, "in-progress object refused; not prefetching that snapshot");
@@ -188,11 +192,11 @@ impl Prefetch {
                     _ => "invalid",
                 };
                 self.metrics.inprogress_refused(label);
-                self.discard();
+                self.discard(&state);
             }
             Ended::Failed(error) => {
                 tracing::warn!(object = %location, error, "cannot prefetch into the incoming directory");
-                self.discard();
+                self.discard(&state);
             }
         }
         state.report.ended = ended;
@@ -208,7 +212,12 @@ impl Prefetch {
         state.report
     }
 
-    fn discard(&self) {
+    /// Removes the staging file, if this prefetch holds it: one it never opened (another
+    /// fetch held the directory) is not its own to remove.
+    fn discard(&self, state: &Progress) {
+        if state.locked.is_none() {
+            return;
+        }
         if let Err(e) = fetch::discard_staging(&self.incoming, self.id) {
             tracing::warn!(dir = %self.incoming.display(), error = %e, "cannot remove a prefetch's staging file");
         }
@@ -471,7 +480,10 @@ impl Prefetch {
                 })
                 .await;
                 let file = match opened {
-                    Ok(Ok(file)) => Arc::new(file),
+                    Ok(Ok((file, locked))) => {
+                        state.locked = Some(locked);
+                        Arc::new(file)
+                    }
                     // Nothing to prefetch into; the fetch will say why again.
                     Ok(Err(e)) => return Err(Ended::Failed(e.to_string())),
                     Err(e) => return Err(Ended::Failed(e.to_string())),

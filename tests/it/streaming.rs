@@ -233,14 +233,15 @@ async fn prefetched_chunks_are_not_hashed_again_and_a_damaged_one_is_still_caugh
     ] {
         let incoming = work.path().join("incoming");
         // What a prefetch leaves: every chunk at its offset, perhaps one damaged since.
-        let file = snaprelay::fetch::open_staging_for(&incoming, (20, 1), data.len() as u64, None)
-            .unwrap();
+        let (file, locked) =
+            snaprelay::fetch::open_staging_for(&incoming, (20, 1), data.len() as u64, None)
+                .unwrap();
         let mut staged = data.clone();
         if damage {
             staged[damaged_at as usize + 5] ^= 0x40;
         }
         std::os::unix::fs::FileExt::write_all_at(&file, &staged, 0).unwrap();
-        drop(file);
+        drop((file, locked));
         let fetcher = Fetcher::new(&follower, 4, &Silent).resumable(true);
         let fetcher = match &trust {
             Some(written) => fetcher.prefetched(written.clone()),

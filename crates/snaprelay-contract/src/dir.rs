@@ -304,6 +304,19 @@ impl Dir {
         Ok(rustix::fs::renameat(&self.fd, from, &self.fd, to)?)
     }
 
+    /// Takes an exclusive `flock` on the directory through this descriptor, without waiting:
+    /// `Ok(false)` if another open of it (in this process or another) holds one. The lock
+    /// is advisory, held until this `Dir` is dropped, and lost with the process, so a
+    /// killed holder never leaves it behind.
+    pub fn try_lock_exclusive(&self) -> io::Result<bool> {
+        use rustix::fs::FlockOperation;
+        match rustix::fs::flock(&self.fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// fsyncs the directory, so that creations and renames in it survive a power loss.
     pub fn sync(&self) -> io::Result<()> {
         Ok(rustix::fs::fsync(&self.fd)?)

@@ -1,5 +1,6 @@
 //! A store that holds chosen operations at a gate the test controls: PUTs to keys containing
-//! a given part (say "manifests") wait until the test opens the gate, and the test learns
+//! a given part (say "manifests"), or GETs of keys containing one
+//! ([`GateStore::holding_gets`]), wait until the test opens the gate, and the test learns
 //! when one arrived; DELETEs of keys containing another part can be held forever (as if the
 //! process had died before it got there). Everything else passes straight through.
 
@@ -19,6 +20,7 @@ use tokio::sync::{watch, Notify};
 
 struct Rules {
     hold_put: &'static str,
+    hold_get: Option<&'static str>,
     hold_delete: Option<&'static str>,
     arrived: Notify,
     open: watch::Sender<bool>,
@@ -42,6 +44,7 @@ impl GateStore {
             inner,
             rules: Arc::new(Rules {
                 hold_put,
+                hold_get: None,
                 hold_delete,
                 arrived: Notify::new(),
                 open: watch::channel(false).0,
@@ -49,7 +52,22 @@ impl GateStore {
         }
     }
 
-    /// Waits until a held PUT reached the gate.
+    /// Holds GETs (whole or ranged) of keys containing `part` until [`GateStore::open`],
+    /// and nothing else.
+    pub fn holding_gets(inner: Arc<dyn ObjectStore>, part: &'static str) -> GateStore {
+        GateStore {
+            inner,
+            rules: Arc::new(Rules {
+                hold_put: "",
+                hold_get: Some(part),
+                hold_delete: None,
+                arrived: Notify::new(),
+                open: watch::channel(false).0,
+            }),
+        }
+    }
+
+    /// Waits until a held operation reached the gate.
     pub async fn arrived(&self) {
         self.rules.arrived.notified().await
     }
@@ -61,6 +79,18 @@ impl GateStore {
 
     fn held(key: &Path, part: &str) -> bool {
         key.parts().any(|p| p.as_ref() == part)
+    }
+
+    /// Waits at the gate if `key` is held (telling the test the first time it arrives
+    /// while the gate is shut).
+    async fn pass(&self, key: &Path, part: &str) {
+        if Self::held(key, part) {
+            let mut open = self.rules.open.subscribe();
+            if !*open.borrow() {
+                self.rules.arrived.notify_one();
+            }
+            let _ = open.wait_for(|open| *open).await;
+        }
     }
 }
 
@@ -84,13 +114,7 @@ impl ObjectStore for GateStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
-        if Self::held(location, self.rules.hold_put) {
-            let mut open = self.rules.open.subscribe();
-            if !*open.borrow() {
-                self.rules.arrived.notify_one();
-            }
-            let _ = open.wait_for(|open| *open).await;
-        }
+        self.pass(location, self.rules.hold_put).await;
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -103,10 +127,16 @@ impl ObjectStore for GateStore {
     }
 
     async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        if let Some(part) = self.rules.hold_get {
+            self.pass(location, part).await;
+        }
         self.inner.get_opts(location, options).await
     }
 
     async fn get_ranges(&self, location: &Path, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        if let Some(part) = self.rules.hold_get {
+            self.pass(location, part).await;
+        }
         self.inner.get_ranges(location, ranges).await
     }
 
