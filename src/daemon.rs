@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rand::Rng;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -167,7 +167,7 @@ pub struct Daemon {
     /// not download (the fetch copies them from the node's snapshot).
     adopted_chunks: Option<Arc<HashSet<Digest>>>,
     /// Notified by an accepted hint (the store probe looks at once).
-    hints: Arc<Notify>,
+    hints: Arc<crate::hint::Hints>,
     /// Leader: sends hints to `daemon.peers`.
     http: Option<reqwest::Client>,
     /// Every request made to the store.
@@ -347,7 +347,7 @@ impl Daemon {
             distrusted: None,
             abandoned: None,
             adopted_chunks: None,
-            hints: Arc::new(Notify::new()),
+            hints: Arc::new(crate::hint::Hints::new()),
             http,
             requests,
         })
@@ -1663,7 +1663,7 @@ mod tests {
                 interval: defaults.store_probe_interval,
                 timeout: defaults.store_probe_timeout,
                 changed,
-                hints: Arc::new(Notify::new()),
+                hints: Arc::new(crate::hint::Hints::new()),
             }
             .run(cancel.clone()),
         );

@@ -11,10 +11,18 @@
 //! costs at most `BURST` GETs plus one per `REFILL`, whatever its size. A lost hint costs
 //! latency only: the probe interval and the slow full listing still find every manifest.
 //!
+//! A hint that proved right costs nothing against the limit: when the look it woke finds
+//! `latest` changed, the tokens of the hints it answered are given back ([`Hints`]). A
+//! leader sends two hints per snapshot (its publish starting, its manifest landing), each
+//! followed by a rewrite of `latest`, so it is never held to the refill rate however often
+//! it snapshots, while a forger, who cannot change `latest` without write access to the
+//! bucket, still is.
+//!
 //! The body is a small JSON object, `{"cluster_id": "...", "manifest": "<file name>"}`
 //! (`manifest` optional, for logs). A hint for another cluster is refused.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +97,11 @@ impl Bucket {
         }
     }
 
+    /// Gives `n` tokens back, up to the burst.
+    fn refund(&mut self, n: u32) {
+        self.tokens = self.tokens.saturating_add(n).min(BURST);
+    }
+
     fn take(&mut self) -> bool {
         let now = Instant::now();
         if self.tokens < BURST {
@@ -111,22 +124,70 @@ impl Bucket {
     }
 }
 
+/// What the [`Inbox`] and the store watch share: the wake-up, the rate limit, and the
+/// hints taken since the watch last looked.
+#[derive(Debug)]
+pub struct Hints {
+    /// Wakes the store watch (one stored permit at most: wake-ups coalesce).
+    wake: Notify,
+    bucket: Mutex<Bucket>,
+    /// Hints accepted since the watch's last look began.
+    unlooked: AtomicU32,
+}
+
+impl Default for Hints {
+    fn default() -> Hints {
+        Hints::new()
+    }
+}
+
+impl Hints {
+    pub fn new() -> Hints {
+        Hints {
+            wake: Notify::new(),
+            bucket: Mutex::new(Bucket::new()),
+            unlooked: AtomicU32::new(0),
+        }
+    }
+
+    /// Waits for an accepted hint (returns at once if one came since the last wait).
+    pub async fn notified(&self) {
+        self.wake.notified().await
+    }
+
+    /// The watch begins a look: how many accepted hints it answers.
+    pub fn look_begins(&self) -> u32 {
+        self.unlooked.swap(0, Ordering::AcqRel)
+    }
+
+    /// The look that answered `hints` accepted hints found `latest` changed: they were
+    /// right, and their tokens are given back.
+    pub fn proved_right(&self, hints: u32) {
+        if hints > 0 {
+            self.bucket().refund(hints);
+        }
+    }
+
+    fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
+        self.bucket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Where hints arrive: the follower side. A cheap clone.
 #[derive(Clone, Debug)]
 pub struct Inbox {
     cluster_id: Arc<str>,
-    /// Wakes the store watch (one stored permit at most: wake-ups coalesce).
-    wake: Arc<Notify>,
-    bucket: Arc<Mutex<Bucket>>,
+    hints: Arc<Hints>,
     metrics: Metrics,
 }
 
 impl Inbox {
-    pub fn new(cluster_id: &str, wake: Arc<Notify>, metrics: Metrics) -> Inbox {
+    pub fn new(cluster_id: &str, hints: Arc<Hints>, metrics: Metrics) -> Inbox {
         Inbox {
             cluster_id: cluster_id.into(),
-            wake,
-            bucket: Arc::new(Mutex::new(Bucket::new())),
+            hints,
             metrics,
         }
     }
@@ -137,7 +198,8 @@ impl Inbox {
         match answer.label() {
             None => {
                 self.metrics.hint_received();
-                self.wake.notify_one();
+                self.hints.unlooked.fetch_add(1, Ordering::AcqRel);
+                self.hints.wake.notify_one();
             }
             Some(reason) => self.metrics.hint_ignored(reason),
         }
@@ -146,12 +208,7 @@ impl Inbox {
 
     fn judge(&self, body: &[u8]) -> Answer {
         // The rate limit comes first: parsing garbage is cheap, but so must be refusing it.
-        let taken = self
-            .bucket
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
-        if !taken {
+        if !self.hints.bucket().take() {
             return Answer::RateLimited;
         }
         if body.len() > MAX_BODY {
@@ -204,12 +261,12 @@ mod tests {
     use super::*;
     use crate::metrics::tests::sample;
 
-    fn inbox() -> (Inbox, Arc<Notify>, Metrics) {
-        let wake = Arc::new(Notify::new());
+    fn inbox() -> (Inbox, Arc<Hints>, Metrics) {
+        let hints = Arc::new(Hints::new());
         let metrics = Metrics::new();
         (
-            Inbox::new("c1", wake.clone(), metrics.clone()),
-            wake,
+            Inbox::new("c1", hints.clone(), metrics.clone()),
+            hints,
             metrics,
         )
     }
@@ -257,11 +314,13 @@ mod tests {
             assert_eq!(inbox.receive(body), answer);
         }
         let woken = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+        assert_eq!(wake.look_begins(), 0);
         assert!(woken.is_err(), "nothing woke the watch");
         assert_eq!(inbox.receive(br#"{"cluster_id":"c1"}"#), Answer::Accepted);
         tokio::time::timeout(Duration::from_secs(1), wake.notified())
             .await
             .expect("a good hint wakes the watch");
+        assert_eq!(wake.look_begins(), 1, "the look answers that hint");
         let text = metrics.encode();
         assert_eq!(
             sample(&text, "snaprelay_hints_ignored_total{reason=\"malformed\"}"),

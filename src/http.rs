@@ -148,7 +148,7 @@ mod tests {
             Some(5),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let wake = std::sync::Arc::new(crate::hint::Hints::new());
         let inbox = Inbox::new("c1", wake.clone(), metrics.clone());
         let server = tokio::spawn(serve(
             listener,

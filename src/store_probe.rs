@@ -15,11 +15,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::hint::Hints;
 use crate::latest::{Latest, Look, Watch};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -34,8 +35,9 @@ pub struct StoreProbe {
     pub timeout: Duration,
     /// Sent what `latest` says (`None`: unreadable or absent) each time it changed.
     pub changed: watch::Sender<Option<Latest>>,
-    /// Notified by an accepted hint: look now.
-    pub hints: Arc<Notify>,
+    /// Notified by an accepted hint: look now. A look that finds `latest` changed gives
+    /// the hints it answered their tokens back ([`crate::hint::Hints::proved_right`]).
+    pub hints: Arc<Hints>,
 }
 
 /// What one probe found.
@@ -62,11 +64,13 @@ impl StoreProbe {
                     tick.reset();
                 }
             }
+            let hinted = self.hints.look_begins();
             let answer = tokio::select! {
                 _ = cancel.cancelled() => return,
                 a = self.probe(&mut watch) => a,
             };
             if let Answer::Up(Look::Changed(latest)) = &answer {
+                self.hints.proved_right(hinted);
                 tracing::debug!(
                     manifest = latest.as_ref().map(|l| l.manifest.as_str()),
                     "the store's latest object changed; looking at the manifests"
@@ -146,7 +150,7 @@ mod tests {
             interval: Duration::from_millis(100),
             timeout: Duration::from_millis(300),
             changed: watch::channel(None).0,
-            hints: Arc::new(Notify::new()),
+            hints: Arc::new(Hints::new()),
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(probe.run(cancel.clone()));
@@ -160,6 +164,59 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(metrics.encode().contains("snaprelay_store_up 0\n"));
+        cancel.cancel();
+        task.await.unwrap();
+    }
+    /// A leader that snapshots more often than the hint limit refills (two hints a
+    /// snapshot: publish started, manifest landed) is never rate-limited, because each of
+    /// its hints is followed by a change of `latest` that the look it woke finds; forged
+    /// hints, which change nothing, are still held to the burst. Before, the ninth hint in a
+    /// burst was refused whatever it announced, and a follower learned of that snapshot at
+    /// its next periodic look.
+    #[tokio::test(start_paused = true)]
+    async fn hints_that_proved_right_are_not_held_to_the_limit_and_forged_ones_are() {
+        use crate::hint::{Answer, Inbox, BURST};
+        let store = Store::open(&StoreSettings::for_url(
+            StoreUrl::parse("memory://").unwrap(),
+        ))
+        .unwrap();
+        let hints = Arc::new(Hints::new());
+        let inbox = Inbox::new("c1", hints.clone(), Metrics::new());
+        let changed = watch::channel(None).0;
+        let mut seen = changed.subscribe();
+        let probe = StoreProbe {
+            store: store.clone(),
+            health: Health::new(Liveness::new(Duration::from_secs(600)), None),
+            metrics: Metrics::new(),
+            // Only hints make it look within the test's virtual time.
+            interval: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+            changed,
+            hints: hints.clone(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(probe.run(cancel.clone()));
+        // The first look, at start (nothing written yet: a change from "never looked").
+        seen.changed().await.unwrap();
+
+        let hint = br#"{"cluster_id":"c1"}"#;
+        for n in 0..4 * BURST {
+            crate::latest::write(&store, "c1", &format!("manifest-{n}"))
+                .await
+                .unwrap();
+            assert_eq!(inbox.receive(hint), Answer::Accepted, "hint {n}");
+            seen.changed().await.unwrap();
+        }
+
+        // Forged hints: nothing changed behind them.
+        let mut accepted = 0;
+        for _ in 0..4 * BURST {
+            if inbox.receive(hint) == Answer::Accepted {
+                accepted += 1;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(accepted, BURST, "forged hints are held to the burst");
         cancel.cancel();
         task.await.unwrap();
     }
