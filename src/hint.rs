@@ -16,7 +16,9 @@
 //! leader sends two hints per snapshot (its publish starting, its manifest landing), each
 //! followed by a rewrite of `latest`, so it is never held to the refill rate however often
 //! it snapshots, while a forger, who cannot change `latest` without write access to the
-//! bucket, still is.
+//! bucket, still is. Forged hints that happen to precede a real change are refunded with
+//! it, so a flood costs at most `BURST` GETs, plus one per `REFILL`, plus `BURST` per real
+//! change of `latest` (two per published snapshot).
 //!
 //! The body is a small JSON object, `{"cluster_id": "...", "manifest": "<file name>"}`
 //! (`manifest` optional, for logs). A hint for another cluster is refused.
