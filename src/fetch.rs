@@ -744,17 +744,23 @@ impl Ours {
 /// it is verified again before it is used). Files this module does not name are left
 /// alone. Returns how many files were removed.
 ///
-/// Call it only while no fetch into `dir` runs.
+/// It holds the directory's fetch lock while it works: if a fetch or prefetch (of this
+/// process or another) holds it, nothing is removed, since what is there may be that
+/// fetch's, and `Ok(0)` is returned.
 pub fn clean_incoming(dir: &Path, resume: &[(u64, u64)]) -> io::Result<usize> {
-    let names: Vec<String> = match fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect(),
+    let opened = match Dir::open(dir) {
+        Ok(opened) => opened,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
-    let opened = Dir::open(dir)?;
+    if !opened.try_lock_exclusive()? {
+        tracing::debug!(dir = %dir.display(), "another fetch holds the incoming directory; not cleaning it now");
+        return Ok(0);
+    }
+    let names: Vec<String> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
     let staging_of =
         |(index, term): (u64, u64)| format!(".{}.partial", snapdir::file_names(index, term).0);
     let ours: Vec<(&String, Ours)> = names
@@ -797,11 +803,18 @@ pub fn clean_incoming(dir: &Path, resume: &[(u64, u64)]) -> io::Result<usize> {
 /// data file if the node left it there, unless `resume` (the node will take the same
 /// snapshot later: it is renamed back to its staging file, which the next fetch reuses
 /// without downloading).
+///
+/// Like [`clean_incoming`], it touches nothing while another fetch holds the directory (the
+/// files at those names may be that fetch's by now); the next cleaning removes them.
 pub fn release(report: &FetchReport, resume: bool) -> io::Result<()> {
     let Some(dir) = report.data.parent() else {
         return Ok(());
     };
     let opened = Dir::open(dir)?;
+    if !opened.try_lock_exclusive()? {
+        tracing::debug!(dir = %dir.display(), "another fetch holds the incoming directory; leaving the handed-over files to the next cleaning");
+        return Ok(());
+    }
     let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_owned);
     if let Some(meta) = name(&report.meta) {
         opened.remove(&meta)?;

@@ -11,8 +11,9 @@
 //! costs at most `BURST` GETs plus one per `REFILL`, whatever its size. A lost hint costs
 //! latency only: the probe interval and the slow full listing still find every manifest.
 //!
-//! A hint that proved right costs nothing against the limit: when the look it woke finds
-//! `latest` changed, the tokens of the hints it answered are given back ([`Hints`]). A
+//! A hint that proved right costs nothing against the limit: when the store watch finds
+//! `latest` changed, the tokens of the hints accepted since it last did are given back
+//! ([`Hints::changed`]). A
 //! leader sends two hints per snapshot (its publish starting, its manifest landing), each
 //! followed by a rewrite of `latest`, so it is never held to the refill rate however often
 //! it snapshots, while a forger, who cannot change `latest` without write access to the
@@ -133,8 +134,8 @@ pub struct Hints {
     /// Wakes the store watch (one stored permit at most: wake-ups coalesce).
     wake: Notify,
     bucket: Mutex<Bucket>,
-    /// Hints accepted since the watch's last look began.
-    unlooked: AtomicU32,
+    /// Hints accepted since the watch last found `latest` changed.
+    unproved: AtomicU32,
 }
 
 impl Default for Hints {
@@ -148,7 +149,7 @@ impl Hints {
         Hints {
             wake: Notify::new(),
             bucket: Mutex::new(Bucket::new()),
-            unlooked: AtomicU32::new(0),
+            unproved: AtomicU32::new(0),
         }
     }
 
@@ -157,17 +158,21 @@ impl Hints {
         self.wake.notified().await
     }
 
-    /// The watch begins a look: how many accepted hints it answers.
-    pub fn look_begins(&self) -> u32 {
-        self.unlooked.swap(0, Ordering::AcqRel)
-    }
-
-    /// The look that answered `hints` accepted hints found `latest` changed: they were
-    /// right, and their tokens are given back.
-    pub fn proved_right(&self, hints: u32) {
+    /// The watch found `latest` changed: the hints accepted since it last did were right
+    /// (or came with a real change, which bounds what a forger gains to one burst per
+    /// change), and their tokens are given back. Counting since the last change, not since
+    /// the last look, keeps a leader's second hint of a snapshot from being lost when one
+    /// look already saw both of its rewrites and the second hint's look finds nothing new.
+    pub fn changed(&self) {
+        let hints = self.unproved.swap(0, Ordering::AcqRel);
         if hints > 0 {
             self.bucket().refund(hints);
         }
+    }
+
+    #[cfg(test)]
+    pub fn unproved(&self) -> u32 {
+        self.unproved.load(Ordering::Acquire)
     }
 
     fn bucket(&self) -> std::sync::MutexGuard<'_, Bucket> {
@@ -200,7 +205,7 @@ impl Inbox {
         match answer.label() {
             None => {
                 self.metrics.hint_received();
-                self.hints.unlooked.fetch_add(1, Ordering::AcqRel);
+                self.hints.unproved.fetch_add(1, Ordering::AcqRel);
                 self.hints.wake.notify_one();
             }
             Some(reason) => self.metrics.hint_ignored(reason),
@@ -316,13 +321,13 @@ mod tests {
             assert_eq!(inbox.receive(body), answer);
         }
         let woken = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
-        assert_eq!(wake.look_begins(), 0);
+        assert_eq!(wake.unproved(), 0);
         assert!(woken.is_err(), "nothing woke the watch");
         assert_eq!(inbox.receive(br#"{"cluster_id":"c1"}"#), Answer::Accepted);
         tokio::time::timeout(Duration::from_secs(1), wake.notified())
             .await
             .expect("a good hint wakes the watch");
-        assert_eq!(wake.look_begins(), 1, "the look answers that hint");
+        assert_eq!(wake.unproved(), 1, "that hint waits to be proved right");
         let text = metrics.encode();
         assert_eq!(
             sample(&text, "snaprelay_hints_ignored_total{reason=\"malformed\"}"),

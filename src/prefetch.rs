@@ -475,10 +475,20 @@ impl Prefetch {
             None => {
                 let (dir, id, size, node) =
                     (self.incoming.clone(), self.id, object.size, self.node);
+                // Under a write permit like every write: a cancelled prefetch returns only
+                // once this thread is done and what it opened is closed (a tuple drops its
+                // fields in order: the directory and its lock before the permit).
+                let permit = write_permit(&state.writes)
+                    .await
+                    .map_err(|_| Ended::Failed("the prefetch ended".into()))?;
                 let opened = tokio::task::spawn_blocking(move || {
-                    fetch::open_staging_for(&dir, id, size, node)
+                    let opened = fetch::open_staging_for(&dir, id, size, node);
+                    #[cfg(test)]
+                    pause::reached(pause::Point::Open);
+                    (opened, permit)
                 })
-                .await;
+                .await
+                .map(|(opened, _permit)| opened);
                 let file = match opened {
                     Ok(Ok((file, locked))) => {
                         state.locked = Some(locked);
@@ -576,10 +586,13 @@ pub(crate) mod pause {
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Point {
         Write,
+        /// The staging file is open (and the directory locked), on its blocking thread.
+        Open,
         Draining,
     }
 
-    /// An armed point: whom to tell it was reached, and what to wait on then (`Write`).
+    /// An armed point: whom to tell it was reached, and what to wait on then (`Write`,
+    /// `Open`).
     type Armed = (Point, Sender<()>, Option<Receiver<()>>);
 
     /// Armed points: each says it was reached, then (for `Write`) waits to be let go.
@@ -604,7 +617,7 @@ pub(crate) mod pause {
         };
         if let Some((_, reached, go)) = taken {
             let _ = reached.send(());
-            if let Some(go) = go.filter(|_| point == Point::Write) {
+            if let Some(go) = go.filter(|_| point != Point::Draining) {
                 let _ = go.recv();
             }
         }
@@ -623,6 +636,71 @@ mod tests {
     /// the fetch that follows has begun.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_prefetch_returns_only_after_its_writes() {
+        let _serial = SERIAL.lock().await;
+        let (prefetch, _incoming) = prefetch_of_four_chunks().await;
+        let (write_reached, let_write_go) = pause::arm(pause::Point::Write);
+        let (draining, _) = pause::arm(pause::Point::Draining);
+        let cancel = CancellationToken::new();
+        let mut running = tokio::spawn(prefetch.run(cancel.clone()));
+        // A write is on its blocking thread, held; the daemon stops the prefetch then.
+        tokio::task::spawn_blocking(move || write_reached.recv().unwrap())
+            .await
+            .unwrap();
+        cancel.cancel();
+        let draining = tokio::task::spawn_blocking(move || draining.recv());
+        let returned_first = tokio::select! {
+            _ = &mut running => true,
+            _ = draining => false,
+        };
+        assert!(
+            !returned_first,
+            "the prefetch returned with a write still running"
+        );
+        assert!(!running.is_finished());
+        drop(let_write_go);
+        let report = running.await.unwrap();
+        assert_eq!(report.ended, Ended::Cancelled);
+    }
+
+    /// The staging file is opened (and the incoming directory locked) on a blocking thread
+    /// too: a prefetch stopped meanwhile returns only once that thread is done and what it
+    /// opened is closed, so the fetch the daemon starts next finds the directory free.
+    /// Before, the thread kept the lock past the prefetch's return, and the daemon's own
+    /// fetch was refused as if another process were fetching.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_prefetch_returns_only_after_its_open_and_leaves_the_directory_free() {
+        let _serial = SERIAL.lock().await;
+        let (prefetch, incoming) = prefetch_of_four_chunks().await;
+        let (open_reached, let_open_go) = pause::arm(pause::Point::Open);
+        let (draining, _) = pause::arm(pause::Point::Draining);
+        let cancel = CancellationToken::new();
+        let running = tokio::spawn(prefetch.run(cancel.clone()));
+        tokio::task::spawn_blocking(move || open_reached.recv().unwrap())
+            .await
+            .unwrap();
+        cancel.cancel();
+        tokio::task::spawn_blocking(move || draining.recv().unwrap())
+            .await
+            .unwrap();
+        // What the daemon does next: wait for the prefetch, then fetch into the directory.
+        let dir = incoming.path().to_owned();
+        let next = tokio::spawn(async move {
+            let report = running.await.unwrap();
+            let fetch = fetch::open_staging_for(&dir, (7, 1), 4 * 65536, None).map(|_| ());
+            (report, fetch)
+        });
+        drop(let_open_go);
+        let (report, fetch) = next.await.unwrap();
+        assert_eq!(report.ended, Ended::Cancelled);
+        fetch.expect("the directory is free once the prefetch returned");
+    }
+
+    /// The pause points are global: the tests that arm them run one at a time.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// A prefetch of a publish in progress listing four 64 KiB chunks, into a fresh
+    /// incoming directory (returned to keep it).
+    async fn prefetch_of_four_chunks() -> (Prefetch, tempfile::TempDir) {
         let store = Store::open(&StoreSettings::for_url(StoreUrl::Memory)).unwrap();
         let repo = Repo::open_or_create(store, "c", ChunkParams::default())
             .await
@@ -666,27 +744,6 @@ mod tests {
             concurrency: 1,
             metrics: Metrics::new(),
         };
-        let (write_reached, let_write_go) = pause::arm(pause::Point::Write);
-        let (draining, _) = pause::arm(pause::Point::Draining);
-        let cancel = CancellationToken::new();
-        let mut running = tokio::spawn(prefetch.run(cancel.clone()));
-        // A write is on its blocking thread, held; the daemon stops the prefetch then.
-        tokio::task::spawn_blocking(move || write_reached.recv().unwrap())
-            .await
-            .unwrap();
-        cancel.cancel();
-        let draining = tokio::task::spawn_blocking(move || draining.recv());
-        let returned_first = tokio::select! {
-            _ = &mut running => true,
-            _ = draining => false,
-        };
-        assert!(
-            !returned_first,
-            "the prefetch returned with a write still running"
-        );
-        assert!(!running.is_finished());
-        drop(let_write_go);
-        let report = running.await.unwrap();
-        assert_eq!(report.ended, Ended::Cancelled);
+        (prefetch, incoming)
     }
 }

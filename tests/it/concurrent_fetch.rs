@@ -1,7 +1,8 @@
 //! Two fetchers running as the same user into one directory: a `snaprelay pull` into the
 //! directory a sidecar fetches into, or two sidecars configured for one node. Both would
 //! use the staging file named after the snapshot, so each must keep the directory to itself
-//! while it writes there, and the one that cannot must leave the other's files alone.
+//! while it writes there, and the one that cannot (a fetch, a prefetch, a daemon cleaning
+//! its incoming directory) must leave the other's files alone.
 //!
 //! Deterministic: the first fetch is held at a gate on its first pack read (its staging
 //! file is open by then), the second runs to its end, then the gate opens.
@@ -86,8 +87,10 @@ async fn a_second_fetch_into_the_same_directory_is_refused_and_leaves_the_first_
     );
 
     let second = fetch_into(&repos[1], &dir).await;
-    // A prefetch (the daemon's) is kept out the same way.
+    // A prefetch (the daemon's) is kept out the same way, and a daemon's cleaning of its
+    // incoming directory, which would remove the staging file as a leftover, does nothing.
     let prefetch = fetch::open_staging_for(&dir, (1, 1), 3 << 20, None);
+    assert_eq!(fetch::clean_incoming(&dir, &[]).unwrap(), 0);
     assert!(
         staging.exists(),
         "the refused fetches left the first one's staging file in place"
