@@ -13,11 +13,10 @@
 //!
 //! A hint that proved right costs nothing against the limit: when the store watch finds
 //! `latest` changed, the tokens of the hints accepted since it last did are given back
-//! ([`Hints::changed`]). A
-//! leader sends two hints per snapshot (its publish starting, its manifest landing), each
-//! followed by a rewrite of `latest`, so it is never held to the refill rate however often
-//! it snapshots, while a forger, who cannot change `latest` without write access to the
-//! bucket, still is. Forged hints that happen to precede a real change are refunded with
+//! ([`Hints::changed`]). A leader sends two hints per snapshot (its publish starting, its
+//! manifest landing), each followed by a rewrite of `latest`, so it is never held to the
+//! refill rate however often it snapshots, while a forger, who cannot change `latest`
+//! without write access to the bucket, still is. Forged hints that happen to precede a real change are refunded with
 //! it, so a flood costs at most `BURST` GETs, plus one per `REFILL`, plus `BURST` per real
 //! change of `latest` (two per published snapshot).
 //!
@@ -128,7 +127,7 @@ impl Bucket {
 }
 
 /// What the [`Inbox`] and the store watch share: the wake-up, the rate limit, and the
-/// hints taken since the watch last looked.
+/// count of hints accepted since the watch last found `latest` changed.
 #[derive(Debug)]
 pub struct Hints {
     /// Wakes the store watch (one stored permit at most: wake-ups coalesce).

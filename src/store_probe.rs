@@ -172,6 +172,7 @@ mod tests {
         cancel.cancel();
         task.await.unwrap();
     }
+
     /// A leader that snapshots more often than the hint limit refills (two hints a
     /// snapshot: publish started, manifest landed) is never rate-limited, because each of
     /// its hints comes with a change of `latest` that the watch finds, even when one look
@@ -203,22 +204,15 @@ mod tests {
         assert!(changed(&probe.look(&mut watch).await), "the first look");
 
         let hint = br#"{"cluster_id":"c1"}"#;
+        let accept = |what: String| assert_eq!(inbox.receive(hint), Hinted::Accepted, "{what}");
         for n in 0..4 * BURST {
             // One look after each hint.
             crate::latest::write(&store, "c1", &format!("manifest-{n}"))
                 .await
                 .unwrap();
-            assert_eq!(
-                inbox.receive(hint),
-                Hinted::Accepted,
-                "snapshot {n}, hint 1"
-            );
+            accept(format!("snapshot {n}, hint 1"));
             assert!(changed(&probe.look(&mut watch).await));
-            assert_eq!(
-                inbox.receive(hint),
-                Hinted::Accepted,
-                "snapshot {n}, hint 2"
-            );
+            accept(format!("snapshot {n}, hint 2"));
             assert!(!changed(&probe.look(&mut watch).await));
             // Both rewrites before one look, then both hints.
             crate::latest::write(&store, "c1", &format!("publishing-{n}"))
@@ -227,17 +221,9 @@ mod tests {
             crate::latest::write(&store, "c1", &format!("landed-{n}"))
                 .await
                 .unwrap();
-            assert_eq!(
-                inbox.receive(hint),
-                Hinted::Accepted,
-                "snapshot {n}, hint 3"
-            );
+            accept(format!("snapshot {n}, hint 3"));
             assert!(changed(&probe.look(&mut watch).await));
-            assert_eq!(
-                inbox.receive(hint),
-                Hinted::Accepted,
-                "snapshot {n}, hint 4"
-            );
+            accept(format!("snapshot {n}, hint 4"));
             assert!(!changed(&probe.look(&mut watch).await));
         }
         // The last hint is proved right by the next change.
