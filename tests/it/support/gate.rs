@@ -40,27 +40,27 @@ impl GateStore {
         hold_put: &'static str,
         hold_delete: Option<&'static str>,
     ) -> GateStore {
+        GateStore::with(inner, hold_put, None, hold_delete)
+    }
+
+    /// Holds GETs (whole or ranged) of keys containing `part` until [`GateStore::open`],
+    /// and nothing else (no key part is empty).
+    pub fn holding_gets(inner: Arc<dyn ObjectStore>, part: &'static str) -> GateStore {
+        GateStore::with(inner, "", Some(part), None)
+    }
+
+    fn with(
+        inner: Arc<dyn ObjectStore>,
+        hold_put: &'static str,
+        hold_get: Option<&'static str>,
+        hold_delete: Option<&'static str>,
+    ) -> GateStore {
         GateStore {
             inner,
             rules: Arc::new(Rules {
                 hold_put,
-                hold_get: None,
+                hold_get,
                 hold_delete,
-                arrived: Notify::new(),
-                open: watch::channel(false).0,
-            }),
-        }
-    }
-
-    /// Holds GETs (whole or ranged) of keys containing `part` until [`GateStore::open`],
-    /// and nothing else.
-    pub fn holding_gets(inner: Arc<dyn ObjectStore>, part: &'static str) -> GateStore {
-        GateStore {
-            inner,
-            rules: Arc::new(Rules {
-                hold_put: "",
-                hold_get: Some(part),
-                hold_delete: None,
                 arrived: Notify::new(),
                 open: watch::channel(false).0,
             }),
@@ -72,7 +72,7 @@ impl GateStore {
         self.rules.arrived.notified().await
     }
 
-    /// Lets every held PUT (and every later one) through.
+    /// Lets every held operation (and every later one) through.
     pub fn open(&self) {
         self.rules.open.send_replace(true);
     }
@@ -81,8 +81,8 @@ impl GateStore {
         key.parts().any(|p| p.as_ref() == part)
     }
 
-    /// Waits at the gate if `key` is held (telling the test the first time it arrives
-    /// while the gate is shut).
+    /// Waits at the gate if `key` is held, telling the test it arrived if the gate is
+    /// shut.
     async fn pass(&self, key: &Path, part: &str) {
         if Self::held(key, part) {
             let mut open = self.rules.open.subscribe();
