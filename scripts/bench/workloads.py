@@ -35,8 +35,8 @@ The workloads:
     kv-hot           5,000 updates + 500 insertions, all in one contiguous key range of 1/64
                      of the keys (at least twice as many records as change), at a seeded place
     kv-append        5,500 new keys after the last one (an append-only log or time series)
-- kv-json: the example kv node's snapshot file (examples/kv: serde_json of
-  {last_applied, last_membership, data: BTreeMap<String, String>}), keys "user/<12 digits>"
+- kv-json: the example kv node's snapshot file (examples/kv: a JSON header line
+  {last_applied, last_membership}, then a ["key","value"] line per entry), keys "user/<12 digits>"
   16 apart, values a seeded mix drawn from a table of 65,536 distinct values: 60% profile
   documents stored as JSON text (so escaped quotes; names, e-mail, plan, counters, a
   timestamp), 25% session tokens ("sess:" + 32 hex digits), 15% counters. Repeats of a table
@@ -360,8 +360,8 @@ JSON_TABLE = 1 << 16
 
 
 def _json_values() -> list[bytes]:
-    """The value table: serde_json string bodies, each followed by the closing quote and the
-    record separator."""
+    """The value table: serde_json string bodies, each followed by the closing quote, the
+    record's closing bracket and its newline."""
     rng = random.Random("kv-json-values")
     first = ["ana", "bruno", "chen", "dara", "emil", "fatima", "goran", "hana", "ivan", "julia", "kofi", "lena",
              "mateo", "nina", "omar", "priya", "quinn", "rosa", "sven", "tariq", "uma", "vera", "wei", "yusuf"]
@@ -381,20 +381,20 @@ def _json_values() -> list[bytes]:
             doc = "sess:" + rng.randbytes(16).hex()
         else:
             doc = str(rng.randrange(10 ** rng.randrange(1, 8)))
-        out.append(doc.encode() + b'",')
+        out.append(doc.encode() + b'"]\n')
     return out
 
 
 JSON_VALUES = _json_values()
-JSON_KEY = b'"user/%012d":"'
+JSON_KEY = b'["user/%012d","'
 
 
 def json_header(index: int) -> bytes:
-    """serde_json of KvState up to the data map: last_applied, a three-voter membership."""
+    """The header line: last_applied, a three-voter membership."""
     nodes = ",".join(f'"{i}":{{"addr":"127.0.0.1:{21000 + i}"}}' for i in (1, 2, 3))
     return (f'{{"last_applied":{{"leader_id":{{"term":{TERM},"node_id":1}},"index":{index}}},'
             f'"last_membership":{{"log_id":{{"leader_id":{{"term":1,"node_id":1}},"index":3}},'
-            f'"membership":{{"configs":[[1,2,3]],"nodes":{{{nodes}}}}}}},"data":{{').encode()
+            f'"membership":{{"configs":[[1,2,3]],"nodes":{{{nodes}}}}}}}}}\n').encode()
 
 
 def _table_indexes(seed: str, n: int) -> array.array:
@@ -408,7 +408,7 @@ class JsonState(Workload):
     def __init__(self, name: str, size: int, *, updates: int, inserts: int, seed: str = "kv-json"):
         self.name, self.size, self.seed = name, size, seed
         mean = sum(map(len, JSON_VALUES)) / len(JSON_VALUES) + len(JSON_KEY % 0)
-        self.n = max(1, int((size - len(json_header(A_INDEX)) - 2) / mean))
+        self.n = max(1, int((size - len(json_header(A_INDEX))) / mean))
         rng = random.Random(f"{seed}/{name}/changes")
         self.updates = sorted(rng.sample(range(self.n), min(updates, self.n)))
         self.inserts = sorted(rng.sample(range(self.n), min(inserts, self.n)))
@@ -439,8 +439,7 @@ class JsonState(Workload):
             if last is not None:
                 yield last
             last = b"".join(flat)
-        # The last record has no separator after it: the maps close instead.
-        yield last[:-1] + b"}}"
+        yield last
 
     def a_blocks(self) -> Iterator[bytes]:
         return self._blocks(A_INDEX, False)

@@ -184,7 +184,7 @@ async fn refused_snapshots_never_become_current_and_the_node_restarts() {
             hello,
             common::sha256_hex(hello),
             ErrorCode::InvalidSnapshot,
-            "missing field",
+            "does not end in a newline",
         ),
         (
             "relabelled genuine snapshot",
