@@ -707,13 +707,23 @@ fn forge(tool: &Target, work: &Path, from: u64, index: u64) -> (String, String) 
         "--json",
     ]);
     let data = PathBuf::from(pulled["data"].as_str().unwrap());
-    let mut state: Value = serde_json::from_slice(&std::fs::read(&data).unwrap()).unwrap();
-    state["data"]["pwned"] = json!("yes");
-    state["last_applied"]["index"] = json!(index);
+    // The kv example's snapshot: a header line, then a sorted [key, value] line per entry.
+    let text = String::from_utf8(std::fs::read(&data).unwrap()).unwrap();
+    let mut lines = text.lines();
+    let mut header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    header["last_applied"]["index"] = json!(index);
+    let mut records: std::collections::BTreeMap<String, String> =
+        lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    records.insert("pwned".into(), "yes".into());
     let term = pulled["term"].as_u64().unwrap();
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let bytes = serde_json::to_vec(&state).unwrap();
+    let mut bytes = serde_json::to_vec(&header).unwrap();
+    bytes.push(b'\n');
+    for record in &records {
+        bytes.extend(serde_json::to_vec(&record).unwrap());
+        bytes.push(b'\n');
+    }
     std::fs::write(out.join("forged.bin"), &bytes).unwrap();
     let meta: Value =
         serde_json::from_slice(&std::fs::read(pulled["meta"].as_str().unwrap()).unwrap()).unwrap();
