@@ -165,7 +165,6 @@ fn read_lines<V: for<'de> Deserialize<'de>>(
 ) -> io::Result<Header> {
     let mut input = io::BufReader::with_capacity(1 << 20, input);
     let mut line = Vec::new();
-    let mut number = 1u64;
     let mut next = |line: &mut Vec<u8>, number: u64| -> io::Result<bool> {
         line.clear();
         if input.read_until(b'\n', line)? == 0 {
@@ -176,15 +175,15 @@ fn read_lines<V: for<'de> Deserialize<'de>>(
         }
         Ok(true)
     };
-    if !next(&mut line, number)? {
-        return Err(invalid(number, "the file is empty, it has no header"));
+    if !next(&mut line, 1)? {
+        return Err(invalid(1, "the file is empty, it has no header"));
     }
-    let header: Header = serde_json::from_slice(&line).map_err(|e| invalid(number, e))?;
+    let header: Header = serde_json::from_slice(&line).map_err(|e| invalid(1, e))?;
     let mut previous: Option<String> = None;
-    while {
-        number += 1;
-        next(&mut line, number)?
-    } {
+    for number in 2.. {
+        if !next(&mut line, number)? {
+            break;
+        }
         let (key, value): (String, V) =
             serde_json::from_slice(&line).map_err(|e| invalid(number, e))?;
         if previous.as_ref().is_some_and(|p| *p >= key) {
