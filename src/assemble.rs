@@ -319,6 +319,27 @@ pub async fn assemble(
     Ok(stats)
 }
 
+/// Every chunk of `manifest` (validated against `descriptor`), in file order, as
+/// `(id, plain length)`: its tree blocks read from the store (a few coalesced ranges per
+/// GiB) and each checked against the manifest, so that the list is the manifest's. What a
+/// follower writes beside a snapshot it hands over, as its chunk index.
+pub async fn chunk_list(
+    repo: &Repo,
+    descriptor: &Repository,
+    manifest: &Manifest,
+    mut each: impl FnMut(Digest, u64) -> std::io::Result<()>,
+) -> Result<()> {
+    let all: Vec<usize> = (0..manifest.blocks.len()).collect();
+    let mut blocks = TreeReader::start(repo, descriptor, manifest, &all, None);
+    for i in all {
+        let block = blocks.next(i).await?;
+        for c in &block.chunks {
+            each(c.id, c.plain_len as u64).map_err(|e| Error::io("writing a chunk list", e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The file system block a reflink shares: 4 KiB on XFS and btrfs as they are made by
 /// default.
 const REFLINK_BLOCK: u64 = 4096;

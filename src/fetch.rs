@@ -54,6 +54,8 @@ pub struct FetchReport {
     pub bytes_reused: u64,
     pub data: PathBuf,
     pub meta: PathBuf,
+    /// The chunk index written beside the data (pack fetches), which the envelope names.
+    pub chunk_index: Option<PathBuf>,
     #[serde(rename = "elapsed_ms", serialize_with = "crate::progress::as_millis")]
     pub elapsed: Duration,
     /// The local snapshot whose bytes were copied without being read (it carried this
@@ -302,7 +304,9 @@ impl<'a> Fetcher<'a> {
                 return Err(e);
             }
         };
-        let committed = commit(&dir, &staging, &data_name, &meta_name, &envelope, self.node);
+        let committed = commit(
+            &dir, &staging, &data_name, &meta_name, &envelope, self.node, None,
+        );
         let (data, meta) = match committed {
             Ok(paths) => paths,
             Err(e) => {
@@ -323,6 +327,7 @@ impl<'a> Fetcher<'a> {
             bytes_reused: counts.bytes_reused,
             data,
             meta,
+            chunk_index: None,
             elapsed: started.elapsed(),
             copied_unchecked_from: None,
             pending: None,
@@ -601,7 +606,7 @@ struct Staging {
 
 /// The mode of every file a fetch creates: a node running as another user reads it through
 /// its group; nobody else needs to. Set explicitly, not left to the umask.
-const FILE_MODE: u32 = 0o640;
+pub(crate) const FILE_MODE: u32 = 0o640;
 
 /// Opens the staging file: the one a killed attempt left, if it is this process's own
 /// regular file of the right size (its verified chunks are reused), or a new one. Whatever
@@ -675,6 +680,7 @@ fn commit(
     meta_name: &str,
     envelope: &Envelope,
     node: Option<NodeAccess>,
+    index: Option<safe_dir::Pending<'_>>,
 ) -> Result<(PathBuf, PathBuf)> {
     let data = dir.join(data_name);
     let meta = dir.join(meta_name);
@@ -691,10 +697,22 @@ fn commit(
     }
     dir.rename(&staging.name, data_name)
         .map_err(|e| Error::io(format!("renaming {} into place", staging.path.display()), e))?;
+    let index_name = envelope.chunk_index.as_deref().filter(|_| index.is_some());
+    if let (Some(index), Some(name)) = (index, index_name) {
+        // Synced when it was written; in place before the envelope that names it. Without
+        // it the node hashes the whole file: not a reason to fail the fetch.
+        if let Err(e) = index.commit() {
+            tracing::warn!(index = %dir.join(name).display(), error = %e, "cannot put the chunk index in place; the node hashes the whole file");
+            let _ = dir.remove(name);
+        }
+    }
     if let Err(e) = pending.commit() {
         // Nothing may look like a snapshot: neither an envelope nor a final-named data file.
         let _ = dir.remove(meta_name);
         let _ = dir.remove(data_name);
+        if let Some(name) = index_name {
+            let _ = dir.remove(name);
+        }
         return Err(meta_err(e));
     }
     Ok((data, meta))
@@ -706,6 +724,7 @@ fn commit(
 enum Ours {
     Data(u64, u64),
     Meta(u64, u64),
+    Index,
     Staging(u64, u64),
     Temp,
 }
@@ -725,9 +744,14 @@ impl Ours {
         let index = digits.get(..20)?.parse().ok()?;
         let term = digits.get(21..41)?.parse().ok()?;
         let (data, meta) = snapdir::file_names(index, term);
+        let chunks = snapdir::index_file_name(index, term);
         match (hidden, rest) {
             (false, r) if r == data => Some(Ours::Data(index, term)),
             (false, r) if r == meta => Some(Ours::Meta(index, term)),
+            (false, r) if r == chunks => Some(Ours::Index),
+            (true, r) if r.starts_with(&format!("{chunks}.")) && r.ends_with(".tmp") => {
+                Some(Ours::Temp)
+            }
             (true, r) if r == format!("{data}.partial") => Some(Ours::Staging(index, term)),
             (true, r) if r.starts_with(&format!("{meta}.")) && r.ends_with(".tmp") => {
                 Some(Ours::Temp)
@@ -818,6 +842,9 @@ pub fn release(report: &FetchReport, resume: bool) -> io::Result<()> {
     let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_owned);
     if let Some(meta) = name(&report.meta) {
         opened.remove(&meta)?;
+    }
+    if let Some(index) = report.chunk_index.as_deref().and_then(name) {
+        opened.remove(&index)?;
     }
     let Some(data) = name(&report.data) else {
         return Ok(());
@@ -993,6 +1020,9 @@ mod tests {
             Some(Ours::Staging(12, 3))
         );
         assert_eq!(Ours::of(&format!(".{meta}.4242.tmp")), Some(Ours::Temp));
+        let index = snapdir::index_file_name(12, 3);
+        assert_eq!(Ours::of(&index), Some(Ours::Index));
+        assert_eq!(Ours::of(&format!(".{index}.4242.tmp")), Some(Ours::Temp));
         assert_eq!(
             Ours::of(".snaprelay-handover-probe.77.tmp"),
             Some(Ours::Temp)

@@ -157,8 +157,9 @@ impl Pending {
         self.source.as_ref().map(|(p, _)| p.as_path())
     }
 
-    /// The node adopted the file, having checked its whole sha256: mark it (the same inode,
-    /// wherever the node put it).
+    /// The node adopted the file, having checked it (its whole sha256, or every chunk it
+    /// did not share with its last checked snapshot against the manifest's chunk list):
+    /// mark it (the same inode, wherever the node put it).
     pub fn adopted(&self) {
         mark_or_log(&self.file, &self.fingerprint, &self.shown);
     }

@@ -103,7 +103,7 @@ impl Fetcher<'_> {
         let Target {
             dir,
             staging,
-            envelope,
+            mut envelope,
             data_name,
             meta_name,
         } = Target::prepare(
@@ -127,14 +127,43 @@ impl Fetcher<'_> {
                 return Err(e);
             }
         };
-        let (data, meta) =
-            match commit(&dir, &staging, &data_name, &meta_name, &envelope, self.node) {
-                Ok(paths) => paths,
-                Err(e) => {
-                    let _ = dir.remove(&staging.name);
-                    return Err(e);
+        // The manifest's chunk list, beside the data: the node checks the file against it
+        // chunk by chunk, and proves the chunks it shares with its last snapshot instead of
+        // hashing them. Without one the node hashes the whole file: a failure (the store
+        // gone between the assembly and this) only costs that. Written for a node only: a
+        // `pull` target holds the snapshot as the node wrote it.
+        let index_name = snapdir::index_file_name(index, term);
+        let chunk_index = match self.node {
+            None => None,
+            Some(_) => match self
+                .write_chunk_index(descriptor, manifest, &dir, &index_name)
+                .await
+            {
+                Ok(pending) => {
+                    envelope.chunk_index = Some(index_name.clone());
+                    Some(pending)
                 }
-            };
+                Err(e) => {
+                    tracing::warn!(index = %index_name, error = %e, "cannot write the chunk index; the node hashes the whole file");
+                    None
+                }
+            },
+        };
+        let (data, meta) = match commit(
+            &dir,
+            &staging,
+            &data_name,
+            &meta_name,
+            &envelope,
+            self.node,
+            chunk_index,
+        ) {
+            Ok(paths) => paths,
+            Err(e) => {
+                let _ = dir.remove(&staging.name);
+                return Err(e);
+            }
+        };
         self.progress.finish();
         let report = FetchReport {
             index,
@@ -146,6 +175,7 @@ impl Fetcher<'_> {
             chunks_reused: manifest.chunks.saturating_sub(stats.chunks_fetched),
             bytes_transferred: stats.bytes_read,
             bytes_reused: manifest.size.saturating_sub(stats.bytes_fetched),
+            chunk_index: envelope.chunk_index.as_ref().map(|name| dir.join(name)),
             data,
             meta,
             elapsed: started.elapsed(),
@@ -168,6 +198,40 @@ impl Fetcher<'_> {
             "fetched"
         );
         Ok(report)
+    }
+
+    /// Writes `manifest`'s chunk list as a chunk index (the contract's format 2) in a temp
+    /// file of `dir`, synced and readable by the node; committing it is the caller's.
+    async fn write_chunk_index<'d>(
+        &self,
+        descriptor: &crate::manifest_v2::Repository,
+        manifest: &Manifest,
+        dir: &'d Dir,
+        name: &str,
+    ) -> Result<safe_dir::Pending<'d>> {
+        use snaprelay_contract::chunking::{IndexWriter, RecordSink};
+        let io_err = |e| {
+            Error::io(
+                format!("writing the chunk index {}", dir.join(name).display()),
+                e,
+            )
+        };
+        let mut pending = dir.create_temp(name, super::FILE_MODE).map_err(io_err)?;
+        let mut writer =
+            IndexWriter::new(pending.file().try_clone().map_err(io_err)?).map_err(io_err)?;
+        crate::assemble::chunk_list(self.repo, descriptor, manifest, |id, len| {
+            writer.record(id, len)
+        })
+        .await?;
+        let (params, size, sha256) = (self.repo.params(), manifest.size, manifest.sha256);
+        let file = tokio::task::spawn_blocking(move || writer.finish(params, size, sha256))
+            .await
+            .map_err(|e| io_err(io::Error::other(e)))?
+            .map_err(io_err)?;
+        if let Some(node) = self.node {
+            hand_over(&file, dir, node)?;
+        }
+        Ok(pending)
     }
 
     /// `source` opened (and cut, without a manifest); `None` if it cannot be read. Its
@@ -313,7 +377,8 @@ impl Fetcher<'_> {
                 };
                 // Synced first: a mark is only ever on durable bytes. Bytes copied unread
                 // are as good as their source's mark: the file is marked only once its
-                // whole sha256 matched (here, or in the node's check).
+                // whole sha256 matched here, or the node checked it (whole, or chunk by
+                // chunk against the manifest's chunk list).
                 if self.node.is_none() && (verify || copied_unread.is_none()) {
                     crate::verified::mark_or_log(&file, &fingerprint, &staging.path);
                 }

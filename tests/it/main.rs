@@ -5,6 +5,7 @@
 mod support;
 
 mod chunk_index;
+mod chunk_proofs;
 mod concurrent_fetch;
 mod config_inputs;
 mod corruption;

@@ -163,12 +163,12 @@ async fn a_marked_snapshot_is_copied_unread_and_a_false_mark_is_caught() {
     marks("a_marked_snapshot_is_copied_unread_and_a_false_mark_is_caught").await;
 }
 
-fn log_id(v: &serde_json::Value) -> Option<(u64, u64)> {
+pub(crate) fn log_id(v: &serde_json::Value) -> Option<(u64, u64)> {
     Some((v["index"].as_u64()?, v["term"].as_u64()?))
 }
 
 /// Asks `leader` for a snapshot newer than `after` and waits for `follower` to adopt it.
-async fn snapshot(
+pub(crate) async fn snapshot(
     c: &support::cluster::Cluster,
     leader: u64,
     follower: u64,

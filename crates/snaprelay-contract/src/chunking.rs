@@ -382,6 +382,11 @@ impl IndexFile {
         &self.header
     }
 
+    /// The open index file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -74,6 +74,11 @@ pub enum Request {
     TriggerSnapshot {},
     /// Hand the node a verified snapshot to adopt.
     SaveSnapshot {
+        /// The snapshot's envelope. Its `chunk_index`, if set, names a chunk index (format
+        /// 2, the manifest's chunk list, header `size` and `sha256` those of the data file)
+        /// beside the data file in the incoming directory: a node may check the file chunk
+        /// by chunk against it instead of hashing it whole. A node that does not use it
+        /// ignores it; the sidecar removes it with the data file.
         envelope: Envelope,
         /// Absolute path of the verified data file, in the node's incoming directory.
         path: String,

@@ -17,7 +17,8 @@ use serde::de::DeserializeOwned;
 use snaprelay_contract::ipc::{ErrorCode, LogIdRef};
 use snaprelay_contract::snapdir::{self, Envelope};
 
-use crate::verify::{name_in, open_incoming, IncomingFile, Refusal};
+use crate::chunks::IncomingIndex;
+use crate::verify::{name_in, open_in, open_incoming, IncomingFile, Refusal};
 
 /// A verified snapshot the sidecar hands to the node.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +32,11 @@ pub struct Incoming {
     pub sha256: String,
     /// The data file, opened by the node: staging checks that the staged name is this inode.
     pub file: IncomingFile,
+    /// The chunk index the envelope names beside the data file (`chunk_index`), opened and
+    /// checked against the file's size and `sha256`: the node then checks the file chunk by
+    /// chunk ([`crate::chunks`]). `None` when the envelope names none, or names one that is
+    /// unusable (said in a warning): the whole file is hashed instead.
+    pub index: Option<IncomingIndex>,
 }
 
 impl Incoming {
@@ -51,11 +57,16 @@ impl Incoming {
             )
         })?;
         let file = open_incoming(incoming_dir, &name, envelope.size)?;
+        let index = envelope
+            .chunk_index
+            .as_deref()
+            .and_then(|index| open_index(incoming_dir, index, envelope.size, &sha256));
         Ok(Incoming {
             envelope,
             path,
             sha256,
             file,
+            index,
         })
     }
 
@@ -70,6 +81,24 @@ impl Incoming {
     /// (`SnapshotMeta<C>` / `SnapshotMetaOf<C>`).
     pub fn raft_meta<M: DeserializeOwned>(&self) -> Result<M, serde_json::Error> {
         serde_json::from_value(self.envelope.raft_meta.clone())
+    }
+}
+
+/// The chunk index `name` in `incoming_dir`, if it is usable for a data file of `size` bytes
+/// and `sha256`; an unusable one is only warned about (the whole file is hashed instead).
+fn open_index(incoming_dir: &Path, name: &str, size: u64, sha256: &str) -> Option<IncomingIndex> {
+    let path = incoming_dir.join(name);
+    let opened = open_in(incoming_dir, name)
+        .map_err(|r| r.message)
+        .and_then(|(file, _)| {
+            IncomingIndex::check(file, &path, size, sha256).map_err(|e| e.to_string())
+        });
+    match opened {
+        Ok(index) => Some(index),
+        Err(why) => {
+            tracing::warn!(index = %path.display(), error = %why, "not using the chunk index handed over; hashing the whole file");
+            None
+        }
     }
 }
 
@@ -91,8 +120,8 @@ pub trait AdoptSnapshot: Send + 'static {
     /// `Err` names the reason; the snapshot is refused (`invalid_snapshot`), its file removed.
     ///
     /// Runs on a blocking thread outside the state machine worker, after the hook has
-    /// checked the envelope against `raft_meta`, and beside the file's sha256 check (the
-    /// hash is taken from the bytes `data` yields): `data` reads the opened file from its
+    /// checked the envelope against `raft_meta`, and beside the file's sha256 check, whole
+    /// or chunk by chunk (the hash is taken from the bytes `data` yields): `data` reads the opened file from its
     /// start, and its bytes are not yet verified. A file that fails its sha256 is refused
     /// as `checksum_mismatch` whatever this answers, a panic included; but a validation
     /// that hangs or allocates without bound on arbitrary bytes holds the check up.
@@ -280,5 +309,43 @@ mod tests {
             incoming.raft_meta::<Meta>().unwrap(),
             Meta { last_log_id: None }
         );
+    }
+
+    /// An index is used only if it is a regular file (no symlink followed) of this data
+    /// file's size and the request's sha256; otherwise the whole file is hashed.
+    #[test]
+    fn only_a_usable_chunk_index_is_taken() {
+        use snaprelay_contract::chunking::{ChunkParams, IndexWriter, Indexer};
+        let f = fixture();
+        let params = ChunkParams::default();
+        let write_index = |path: &Path| {
+            let file = fs::File::create(path).unwrap();
+            let mut indexer = Indexer::with_sink(params, IndexWriter::new(file).unwrap());
+            indexer.feed(b"abc").unwrap();
+            let (writer, size, sha256) = indexer.end().unwrap();
+            writer.finish(params, size, sha256).unwrap();
+            sha256.to_hex()
+        };
+        let sha = write_index(&f.incoming.join("good.chunks"));
+        write_index(&f.outside.with_extension("chunks"));
+        std::os::unix::fs::symlink(
+            f.outside.with_extension("chunks"),
+            f.incoming.join("link.chunks"),
+        )
+        .unwrap();
+        let path = f.incoming.join("good.bin");
+        let open = |index: &str, sha256: &str| {
+            let mut e = envelope(3);
+            e.chunk_index = Some(index.to_owned());
+            Incoming::open(e, path.to_str().unwrap(), &f.incoming, sha256.to_owned())
+                .unwrap()
+                .index
+                .is_some()
+        };
+        assert!(open("good.chunks", &sha));
+        assert!(!open("good.chunks", &"00".repeat(32)), "another sha256");
+        assert!(!open("link.chunks", &sha), "a symlink");
+        assert!(!open("missing.chunks", &sha), "no such file");
+        assert!(!open("sub", &sha), "a directory");
     }
 }

@@ -50,6 +50,7 @@
 
 pub mod access;
 pub mod adopt;
+pub mod chunks;
 pub mod decision;
 pub mod node;
 pub mod raft;
@@ -60,6 +61,7 @@ pub mod verify;
 
 pub use access::{AllowList, AllowListError, PeerCredentials, Principal};
 pub use adopt::{AdoptSnapshot, Incoming, StageOutcome};
+pub use chunks::{Extent, ExtentSource, Fiemap, IncomingIndex};
 pub use decision::is_newer;
 pub use decision::{BuildDecision, BuildInputs, BuildPolicy};
 pub use node::{Node, NodeError, NodeState, RefusalCounts};

@@ -10,8 +10,11 @@
 //!    envelope's log id is `raft_meta.last_log_id`, with `raft_meta` read as the
 //!    application's `SnapshotMeta` (`invalid_snapshot`); log matching against the node's own
 //!    log: `L.index` at most the node's committed index (`not_committed`, transient, the
-//!    file is kept) and the node's entry at `L.index` exactly `L` (`log_mismatch`); the file's sha256, hashed by the node (`checksum_mismatch`,
-//!    unless turned off with [`RaftNode::without_sha256_verification`]); the application's
+//!    file is kept) and the node's entry at `L.index` exactly `L` (`log_mismatch`); the
+//!    file's sha256, hashed by the node, or with a chunk index each chunk's, those it shares
+//!    with the last snapshot it checked proven instead ([`crate::chunks`])
+//!    (`checksum_mismatch`, unless turned off with
+//!    [`RaftNode::without_sha256_verification`]); the application's
 //!    [`AdoptSnapshot::validate`] (`invalid_snapshot`). The file checks run on a blocking
 //!    thread, outside the state machine worker.
 //! 3. `with_state_machine` → [`AdoptSnapshot::force_save_snapshot`] stages the file, in order
@@ -39,6 +42,7 @@ use snaprelay_contract::ipc::{ErrorCode, LogIdRef, Role, SaveOutcome, SaveResult
 use tokio::time::Instant;
 
 use crate::adopt::{AdoptSnapshot, Incoming, StageOutcome};
+use crate::chunks::{Checked, ChunkCheck, ExtentSource, Fiemap};
 use crate::node::{Node, NodeError, NodeState, RefusalCounts};
 use crate::verify::Refusal;
 
@@ -112,6 +116,11 @@ where
     catch_up_timeout: Duration,
     verify_sha256: bool,
     refusals: RefusalCounts,
+    /// The last snapshot checked chunk by chunk and staged: what the next handover's chunks
+    /// are proven against ([`crate::chunks`]).
+    checked: std::sync::Mutex<Option<Checked>>,
+    extents: Arc<dyn ExtentSource>,
+    chunk_proofs: bool,
 }
 
 impl<C, SM, LR> RaftNode<C, SM, LR>
@@ -132,6 +141,9 @@ where
             catch_up_timeout: DEFAULT_CATCH_UP_TIMEOUT,
             verify_sha256: true,
             refusals: RefusalCounts::default(),
+            checked: std::sync::Mutex::new(None),
+            extents: Arc::new(Fiemap),
+            chunk_proofs: true,
         }
     }
 
@@ -143,6 +155,23 @@ where
     /// the other checks (label, validation, staged inode) stay.
     pub fn without_sha256_verification(mut self) -> RaftNode<C, SM, LR> {
         self.verify_sha256 = false;
+        self
+    }
+
+    /// Hashes every chunk of a handed-over file that comes with a chunk index, instead of
+    /// proving those it shares with the last snapshot checked ([`crate::chunks`]): damage
+    /// to a shared block is then caught at adoption rather than at the next start, for the
+    /// price of hashing the whole file each time (0.9 CPU-s per GiB).
+    pub fn without_chunk_proofs(mut self) -> RaftNode<C, SM, LR> {
+        self.chunk_proofs = false;
+        self
+    }
+
+    /// Where the chunk check learns which bytes two files share (default: the kernel's
+    /// `FIEMAP`). For tests only: a source that claims sharing the file system does not
+    /// have makes damaged chunks pass unhashed.
+    pub fn with_extent_source(mut self, source: Arc<dyn ExtentSource>) -> RaftNode<C, SM, LR> {
+        self.extents = source;
         self
     }
 
@@ -206,12 +235,20 @@ where
 
 /// The file checks: sha256 and the application's validation, in one pass over the file
 /// ([`crate::verify::IncomingFile::verify_sha256_while`]): the file is read once, and the
-/// hashing runs on another core beside the validation. Blocking.
+/// hashing runs on another core beside the validation. With a chunk index, the sha256 is
+/// checked chunk by chunk instead, and chunks shared with `against` (the snapshot checked
+/// last) are proven rather than hashed ([`crate::chunks`]); the answer is then what the next
+/// check proves against. Blocking.
 ///
 /// A checksum mismatch wins over a validation failure: garbage that does not validate
 /// because it is not the file the sidecar verified is a damaged handover, not a bad
 /// snapshot of the leader's.
-fn check_file<SM: AdoptSnapshot>(incoming: &Incoming, verify_sha256: bool) -> Result<(), Refusal> {
+fn check_file<SM: AdoptSnapshot>(
+    incoming: &Incoming,
+    verify_sha256: bool,
+    against: Option<&Checked>,
+    extents: &dyn ExtentSource,
+) -> Result<Option<(Checked, ChunkCheck)>, Refusal> {
     let validate = |data: &mut dyn std::io::Read| {
         SM::validate(data, incoming.log_id()).map_err(|reason| {
             Refusal::new(
@@ -225,17 +262,32 @@ fn check_file<SM: AdoptSnapshot>(incoming: &Incoming, verify_sha256: bool) -> Re
         })
     };
     if !verify_sha256 {
-        return validate(&mut incoming.file.reader());
+        return validate(&mut incoming.file.reader()).map(|()| None);
+    }
+    // The validation ran on bytes not yet verified: a mismatch is the answer whatever it
+    // made of them, a panic included. A panic on verified bytes is the application's bug,
+    // and stays a panic.
+    if let Some(index) = &incoming.index {
+        let (checked, validated) = crate::chunks::verify_chunks_while(
+            &incoming.file,
+            index,
+            against,
+            extents,
+            &incoming.path,
+            validate,
+        );
+        let checked = checked?;
+        validated.unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        return Ok(checked);
     }
     let (hashed, validated) =
         incoming
             .file
             .verify_sha256_while(&incoming.sha256, &incoming.path, validate);
-    // The validation ran on bytes not yet verified: a mismatch is the answer whatever it
-    // made of them, a panic included. A panic on verified bytes is the application's bug,
-    // and stays a panic.
     hashed?;
-    validated.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    validated
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        .map(|()| None)
 }
 
 /// Removes a refused file from the incoming directory, if it is still the one checked.
@@ -256,6 +308,18 @@ where
     SM: RaftStateMachine<C> + AdoptSnapshot,
     LR: RaftLogReader<C>,
 {
+    /// The snapshot checked last, if it still holds what was checked; one that was written
+    /// or removed since is forgotten, and its open files no longer keep it on disk. (This
+    /// runs at each status request and handover: a snapshot the node removes stays
+    /// allocated until the sidecar next asks, every second by default while it runs.)
+    fn last_checked(&self) -> Option<Checked> {
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if checked.as_ref().is_some_and(|c| !c.holds()) {
+            *checked = None;
+        }
+        checked.clone()
+    }
+
     fn current_snapshot(&self) -> Option<LogIdRef> {
         self.raft
             .metrics()
@@ -367,6 +431,8 @@ where
     LR: RaftLogReader<C>,
 {
     fn state(&self) -> NodeState {
+        // Polled by the sidecar: a removed snapshot's files are let go here.
+        let _ = self.last_checked();
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         let as_ref = |id: &Option<LogIdOf<C>>| id.as_ref().map(log_id_ref);
@@ -417,12 +483,26 @@ where
             .await
             .map_err(|r| refuse(&incoming, r))?;
         let (verify, checked) = (self.verify_sha256, incoming.clone());
+        let against = self.last_checked().filter(|_| self.chunk_proofs);
+        let extents = self.extents.clone();
         let started = Instant::now();
-        let checks = tokio::task::spawn_blocking(move || check_file::<SM>(&checked, verify))
-            .await
-            .map_err(|e| NodeError::Internal(format!("checking snapshot {target}: {e}")))?;
-        checks.map_err(|r| refuse(&incoming, r))?;
-        tracing::debug!(snapshot = %target, bytes = incoming.file.size(), elapsed_ms = started.elapsed().as_millis() as u64, "checked the leader's snapshot");
+        let checks = tokio::task::spawn_blocking(move || {
+            check_file::<SM>(&checked, verify, against.as_ref(), extents.as_ref())
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("checking snapshot {target}: {e}")))?;
+        let checked = checks.map_err(|r| refuse(&incoming, r))?;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let bytes = incoming.file.size();
+        match &checked {
+            Some((_, c)) => {
+                tracing::info!(snapshot = %target, bytes, elapsed_ms, chunks = c.chunks, proven_chunks = c.proven_chunks, proven_bytes = c.proven_bytes, "checked the leader's snapshot chunk by chunk")
+            }
+            None => {
+                tracing::debug!(snapshot = %target, bytes, elapsed_ms, "checked the leader's snapshot")
+            }
+        }
+        let checked = checked.map(|(checked, _)| checked);
         let started = Instant::now();
 
         let staged_incoming = incoming.clone();
@@ -439,6 +519,9 @@ where
             })?;
         if staged == StageOutcome::Stale {
             return Ok(self.result(SaveOutcome::Stale));
+        }
+        if let Some(checked) = checked {
+            *self.checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(checked);
         }
         {
             let mut last = self.staged.lock().unwrap_or_else(|p| p.into_inner());
@@ -584,32 +667,52 @@ mod tests {
     /// validation sees unverified bytes: one that panics on them must still end in
     /// `checksum_mismatch` (permanent for this file), not in a panic that the node answers
     /// `internal` (transient: the sidecar hands the same file over again).
+    /// With and without a chunk index beside the file.
     #[test]
     fn a_validation_that_panics_on_damaged_bytes_is_a_checksum_mismatch() {
-        let dir = tempfile::tempdir().unwrap();
-        let incoming_dir = dir.path().canonicalize().unwrap();
-        let path = incoming_dir.join("x.bin");
-        std::fs::write(&path, b"BAD!").unwrap();
-        // The sha256 the sidecar verified: that of the genuine file.
-        let genuine = crate::verify::sha256_of(&mut &b"GOOD"[..]).unwrap().0;
-        let envelope = snaprelay_contract::snapdir::Envelope {
-            format: 1,
-            last_log_index: 9,
-            last_log_term: 2,
-            data: "x.bin".into(),
-            size: 4,
-            raft_meta: serde_json::json!({"last_log_id": null}),
-            chunk_index: None,
-            sha256: None,
-        };
-        let incoming =
-            Incoming::open(envelope, path.to_str().unwrap(), &incoming_dir, genuine).unwrap();
-        let checked =
-            std::panic::catch_unwind(|| check_file::<DecoderThatPanicsOnGarbage>(&incoming, true));
-        let refusal = checked
-            .expect("the validation's panic escaped the check of a file that fails its sha256")
-            .unwrap_err();
-        assert_eq!(refusal.code, ErrorCode::ChecksumMismatch, "{refusal}");
+        use snaprelay_contract::chunking::{ChunkParams, IndexWriter, Indexer};
+        for with_index in [false, true] {
+            let root = tempfile::tempdir().unwrap();
+            let incoming_dir = root.path().canonicalize().unwrap();
+            let path = incoming_dir.join("x.bin");
+            std::fs::write(&path, b"BAD!").unwrap();
+            // The sha256 the sidecar verified: that of the genuine file.
+            let genuine = crate::verify::sha256_of(&mut &b"GOOD"[..]).unwrap().0;
+            if with_index {
+                let params = ChunkParams::default();
+                let file = std::fs::File::create(incoming_dir.join("x.chunks")).unwrap();
+                let mut indexer = Indexer::with_sink(params, IndexWriter::new(file).unwrap());
+                indexer.feed(b"GOOD").unwrap();
+                let (writer, size, sha256) = indexer.end().unwrap();
+                writer.finish(params, size, sha256).unwrap();
+            }
+            let envelope = snaprelay_contract::snapdir::Envelope {
+                format: 1,
+                last_log_index: 9,
+                last_log_term: 2,
+                data: "x.bin".into(),
+                size: 4,
+                raft_meta: serde_json::json!({"last_log_id": null}),
+                chunk_index: with_index.then(|| "x.chunks".to_owned()),
+                sha256: None,
+            };
+            let incoming =
+                Incoming::open(envelope, path.to_str().unwrap(), &incoming_dir, genuine).unwrap();
+            assert_eq!(incoming.index.is_some(), with_index);
+            let checked = std::panic::catch_unwind(|| {
+                check_file::<DecoderThatPanicsOnGarbage>(&incoming, true, None, &Fiemap)
+            });
+            let refusal = checked
+                .expect("the validation's panic escaped the check of a file that fails its sha256")
+                .unwrap_err();
+            assert_eq!(refusal.code, ErrorCode::ChecksumMismatch, "{refusal}");
+            if with_index {
+                assert!(
+                    refusal.message.contains("chunk 0 (4 bytes at offset 0)"),
+                    "{refusal}"
+                );
+            }
+        }
     }
 
     #[test]

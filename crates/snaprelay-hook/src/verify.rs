@@ -10,7 +10,9 @@
 //!
 //! Then [`IncomingFile::verify_sha256_while`] runs the application's validation on the
 //! opened file and, in the same pass (1 MiB positioned reads, bounded memory, hashing on a
-//! thread of its own), compares the file's sha256 with the one the sidecar claims. Staging
+//! thread of its own), compares the file's sha256 with the one the sidecar claims (or, when
+//! the sidecar handed over a chunk index, checks the file chunk by chunk: [`crate::chunks`]).
+//! Staging
 //! renames the file into the snapshot directory and checks, with [`IncomingFile::is_at`],
 //! that the staged name is the inode that was hashed.
 //!
@@ -129,17 +131,32 @@ impl IncomingFile {
         read: impl FnOnce(&mut dyn Read) -> R,
     ) -> (Result<(), Refusal>, std::thread::Result<R>) {
         use sha2::{Digest, Sha256};
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        std::thread::scope(|scope| {
-            let hashing = scope.spawn(move || {
+        let (hashed, answer) = self.tee_while(
+            |pieces| {
                 let mut hasher = Sha256::new();
                 let mut total = 0u64;
-                for piece in rx {
+                for piece in pieces {
                     hasher.update(&piece);
                     total += piece.len() as u64;
                 }
                 (hex(&hasher.finalize()), total)
-            });
+            },
+            read,
+        );
+        (self.compare(hashed, expected, shown), answer)
+    }
+
+    /// Runs `read` on a reader of the file from its start while `check` gets, on a thread
+    /// of its own, every byte `read` takes and then what it leaves (read after it returns),
+    /// in order. `read`'s panic is caught and returned; `check`'s is an error.
+    pub(crate) fn tee_while<R, H: Send>(
+        &self,
+        check: impl FnOnce(&mut dyn Iterator<Item = Vec<u8>>) -> H + Send,
+        read: impl FnOnce(&mut dyn Read) -> R,
+    ) -> (std::io::Result<H>, std::thread::Result<R>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        std::thread::scope(|scope| {
+            let checking = scope.spawn(move || check(&mut rx.into_iter()));
             let mut tee = TeeReader {
                 inner: self.reader(),
                 tx,
@@ -147,12 +164,16 @@ impl IncomingFile {
             let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&mut tee)));
             let drained = std::io::copy(&mut tee, &mut std::io::sink());
             drop(tee);
-            let hashed = hashing
+            let checked = checking
                 .join()
                 .map_err(|_| std::io::Error::other("the hashing thread panicked"));
-            let actual = drained.and(hashed);
-            (self.compare(actual, expected, shown), answer)
+            (drained.and(checked), answer)
         })
+    }
+
+    /// The open file, shared.
+    pub(crate) fn shared(&self) -> Arc<File> {
+        self.file.clone()
     }
 
     fn compare(
@@ -269,6 +290,28 @@ impl Read for PositionedReader<'_> {
 /// file of `size` bytes. A file the node cannot open is refused with [`ErrorCode::Unreadable`]
 /// and a message saying what the deployment must fix.
 pub fn open_incoming(dir: &Path, name: &str, size: u64) -> Result<IncomingFile, Refusal> {
+    let (file, meta) = open_in(dir, name)?;
+    if meta.size() != size {
+        return Err(Refusal::new(
+            ErrorCode::BadRequest,
+            format!(
+                "path {} is {} bytes, but the envelope says {size}",
+                dir.join(name).display(),
+                meta.size()
+            ),
+        ));
+    }
+    Ok(IncomingFile {
+        file: Arc::new(file),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size,
+    })
+}
+
+/// Opens `name` inside `dir` for reading as [`open_incoming`] does (no symlink, no
+/// blocking, a regular file), whatever its size.
+pub(crate) fn open_in(dir: &Path, name: &str) -> Result<(File, std::fs::Metadata), Refusal> {
     let path = dir.join(name);
     let shown = path.display();
     let dir_fd = open(
@@ -314,21 +357,7 @@ pub fn open_incoming(dir: &Path, name: &str, size: u64) -> Result<IncomingFile, 
             format!("path {shown} is not a regular file"),
         ));
     }
-    if meta.size() != size {
-        return Err(Refusal::new(
-            ErrorCode::BadRequest,
-            format!(
-                "path {shown} is {} bytes, but the envelope says {size}",
-                meta.size()
-            ),
-        ));
-    }
-    Ok(IncomingFile {
-        file: Arc::new(file),
-        dev: meta.dev(),
-        ino: meta.ino(),
-        size,
-    })
+    Ok((file, meta))
 }
 
 /// The file name of `path` inside `dir` (`path` canonical, directly inside `dir`).

@@ -144,7 +144,29 @@ impl Cluster {
         Cluster::start_nodes_with(kv_node_bin(), n, store, node_args).await
     }
 
+    /// [`Cluster::start_nodes`], with the nodes' directories in `root` (a file system of the
+    /// test's choosing) instead of the target's temp dir.
+    pub async fn start_nodes_in(
+        root: &Path,
+        n: u64,
+        store: StoreSection,
+        node_args: &[&str],
+    ) -> Cluster {
+        Cluster::start_nodes_with_in(root, kv_node_bin(), n, store, node_args).await
+    }
+
     async fn start_nodes_with(
+        node_bin: PathBuf,
+        n: u64,
+        store: StoreSection,
+        node_args: &[&str],
+    ) -> Cluster {
+        let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        Cluster::start_nodes_with_in(root, node_bin, n, store, node_args).await
+    }
+
+    async fn start_nodes_with_in(
+        root: &Path,
         node_bin: PathBuf,
         n: u64,
         store: StoreSection,
@@ -152,7 +174,7 @@ impl Cluster {
     ) -> Cluster {
         let work = tempfile::Builder::new()
             .prefix("snaprelay-e2e-")
-            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .tempdir_in(root)
             .unwrap();
         let mut cluster = Cluster {
             work,
