@@ -16,7 +16,10 @@
 //!   `checksum_mismatch`, naming the chunk.
 //!
 //! The application's validation still reads every byte, so the file is read once either way;
-//! what proofs save is the sha256 of the unchanged bytes (0.9 CPU-s per GiB with SHA-NI).
+//! what proofs save is the sha256 of the unchanged bytes (0.9 CPU-s per GiB with SHA-NI) and
+//! their copy for the hashing thread: the proofs are taken first (a walk of both indexes
+//! and both files' extent maps, before the pass), and the pass hands the hashing thread only
+//! the bytes outside the proven ranges.
 //!
 //! Why a proof holds. Physical bytes shared by two files are never written in place: a write
 //! to either file gets new blocks (copy on write), and moves that file's mapping and its
@@ -388,81 +391,113 @@ pub(crate) struct ChunkCheck {
     pub proofs_failed: Option<String>,
 }
 
-/// Checks the pieces of a file arriving in order on `pieces` against `index`, proving
-/// what it can against `against` (through `source`) and hashing the rest.
-pub(crate) fn check_pieces(
-    pieces: impl Iterator<Item = Vec<u8>>,
+/// Byte ranges `[start, end)` of a file, sorted and apart.
+type Ranges = Vec<(u64, u64)>;
+
+/// The ranges of the new file made of chunks proven against `old`, and why proving stopped,
+/// if it did: what the pass then neither copies for the hashing thread nor hashes. Memory:
+/// a range per run of proven chunks.
+fn plan(
     new: &File,
     index: &IndexFile,
-    against: Option<(&Checked, &dyn ExtentSource)>,
-) -> Result<ChunkCheck, IndexError> {
-    let mut prover = against.map(|(old, source)| Prover::new(source, new, old));
-    let mut records = index.records();
-    let mut check = ChunkCheck::default();
-    // The chunk being read: its id, where it starts, what is left of it, its hasher (None
-    // when proven).
-    let mut chunk: Option<(Digest, u64, u64, u64, Option<Sha256>)> = None;
-    for piece in pieces {
-        let mut rest = &piece[..];
-        while !rest.is_empty() {
-            if chunk.is_none() {
-                match records.next() {
-                    Some(r) => {
-                        let (id, len) = r?;
-                        let proven = prover
-                            .as_mut()
-                            .is_some_and(|p| p.proves(check.bytes, len, &id));
-                        chunk = Some((id, check.bytes, len, len, (!proven).then(Sha256::new)));
-                    }
-                    None => {
-                        // More bytes than the index's chunks: the size check says so.
-                        check.bytes += rest.len() as u64;
-                        break;
-                    }
-                }
-            }
-            let Some((id, start, len, left, hasher)) = chunk.as_mut() else {
-                break;
-            };
-            let take = rest.len().min(*left as usize);
-            if let Some(h) = hasher.as_mut() {
-                h.update(&rest[..take]);
-            }
-            rest = &rest[take..];
-            *left -= take as u64;
-            check.bytes += take as u64;
-            if *left == 0 {
-                check.chunks += 1;
-                match hasher.take() {
-                    None => {
-                        check.proven_chunks += 1;
-                        check.proven_bytes += *len;
-                    }
-                    Some(h) => {
-                        let actual = Digest(h.finalize().into());
-                        if actual != *id && check.mismatch.is_none() {
-                            check.mismatch = Some(format!(
-                                "chunk {} ({len} bytes at offset {start}) has sha256 {actual}, but the chunk index says {id}",
-                                check.chunks - 1
-                            ));
-                        }
-                    }
-                }
-                chunk = None;
+    old: &Checked,
+    source: &dyn ExtentSource,
+) -> Result<(Ranges, Option<String>), IndexError> {
+    let mut prover = Prover::new(source, new, old);
+    let mut proven: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    for r in index.records() {
+        let (id, len) = r?;
+        if prover.proves(at, len, &id) {
+            match proven.last_mut() {
+                Some(last) if last.1 == at => last.1 += len,
+                _ => proven.push((at, at + len)),
             }
         }
+        at += len;
     }
-    if let Some((_, start, len, left, _)) = chunk {
-        check.mismatch.get_or_insert(format!(
-            "the file ends {left} bytes into chunk {} ({len} bytes at offset {start})",
-            check.chunks
-        ));
+    Ok((proven, prover.failed))
+}
+
+/// Checks a file against `index`: the chunks inside the `proven` ranges are taken as they
+/// are, and every other chunk is hashed from the bytes arriving on `pieces` (`(offset,
+/// bytes)`, in order, none of the proven ranges' bytes).
+pub(crate) fn check_pieces(
+    pieces: impl Iterator<Item = (u64, Vec<u8>)>,
+    index: &IndexFile,
+    proven: &[(u64, u64)],
+) -> Result<ChunkCheck, IndexError> {
+    let mut pieces = pieces.peekable();
+    // The piece being consumed, and how far.
+    let mut piece: Option<(u64, Vec<u8>, usize)> = None;
+    let mut ranges = proven;
+    let mut check = ChunkCheck::default();
+    let mut at = 0u64;
+    let mut ended = false;
+    for r in index.records() {
+        let (id, len) = r?;
+        while ranges.first().is_some_and(|r| r.1 <= at) {
+            ranges = &ranges[1..];
+        }
+        check.chunks += 1;
+        if ranges.first().is_some_and(|r| r.0 <= at && at + len <= r.1) {
+            check.proven_chunks += 1;
+            check.proven_bytes += len;
+            check.bytes += len;
+            at += len;
+            continue;
+        }
+        let mut hasher = Sha256::new();
+        let mut left = len;
+        while left > 0 && !ended {
+            if piece
+                .as_ref()
+                .is_none_or(|(_, data, used)| *used == data.len())
+            {
+                piece = pieces.next().map(|(offset, data)| (offset, data, 0));
+            }
+            let Some((offset, data, used)) = piece.as_mut() else {
+                ended = true;
+                break;
+            };
+            let here = *offset + *used as u64;
+            let want = at + (len - left);
+            if here != want {
+                // Bytes the stream skipped, or sent twice: nothing to hash them from.
+                check.mismatch.get_or_insert(format!(
+                    "the check was given offset {here} where chunk {} needs offset {want}",
+                    check.chunks - 1
+                ));
+                ended = true;
+                break;
+            }
+            let take = (data.len() - *used).min(left as usize);
+            hasher.update(&data[*used..*used + take]);
+            *used += take;
+            left -= take as u64;
+            check.bytes += take as u64;
+        }
+        if left > 0 {
+            check.mismatch.get_or_insert(format!(
+                "the file ends {left} bytes into chunk {} ({len} bytes at offset {at})",
+                check.chunks - 1
+            ));
+        } else {
+            let actual = Digest(hasher.finalize().into());
+            if actual != id && check.mismatch.is_none() {
+                check.mismatch = Some(format!(
+                    "chunk {} ({len} bytes at offset {at}) has sha256 {actual}, but the chunk index says {id}",
+                    check.chunks - 1
+                ));
+            }
+        }
+        at += len;
     }
-    // The index's own last word: lengths that do not add up to its size.
-    for r in records {
-        r?;
+    // Bytes past the index's chunks: the size check says so.
+    if let Some((_, data, used)) = piece {
+        check.bytes += (data.len() - used) as u64;
     }
-    check.proofs_failed = prover.and_then(|p| p.failed);
+    check.bytes += pieces.map(|(_, data)| data.len() as u64).sum::<u64>();
     Ok(check)
 }
 
@@ -516,7 +551,13 @@ pub(crate) fn verify_chunks_while<R>(
     };
     // Physical addresses compare only within one file system.
     let against = against.filter(|c| c.dev == dev && c.holds());
-    let (first, answer) = file.tee_while(checker(file.file(), &index.index, against, source), read);
+    let planned = against.map(|old| plan(file.file(), &index.index, old, source));
+    let (proven, proofs_failed) = match planned {
+        Some(Ok(plan)) => plan,
+        Some(Err(e)) => (Vec::new(), Some(e.to_string())),
+        None => (Vec::new(), None),
+    };
+    let (first, answer) = file.tee_while(&proven, checker(&index.index, &proven), read);
     let result = (|| {
         // The new file must not have moved at all while it was checked: the validation
         // read it, and the proofs were taken of its mapping.
@@ -532,6 +573,10 @@ pub(crate) fn verify_chunks_while<R>(
             Err(e) => Err(internal(e)),
         };
         let mut check = match first.map_err(internal)? {
+            Ok(check) if proofs_failed.is_some() => ChunkCheck {
+                proofs_failed,
+                ..check
+            },
             Ok(check) => check,
             Err(e) => {
                 // An index found unusable part way (lengths that do not add up, a record
@@ -551,7 +596,7 @@ pub(crate) fn verify_chunks_while<R>(
         if check.proven_chunks > 0 && !against.is_some_and(Checked::holds) {
             tracing::info!(path = %shown.display(), "the snapshot chunks were proven against changed while they were; hashing every chunk");
             check = file
-                .tee_while(checker(file.file(), &index.index, None, source), |r| {
+                .tee_while(&[], checker(&index.index, &[]), |r| {
                     drop(io::copy(r, &mut io::sink()))
                 })
                 .0
@@ -576,12 +621,11 @@ pub(crate) fn verify_chunks_while<R>(
 
 /// [`check_pieces`] as the checking side of [`IncomingFile::tee_while`].
 fn checker<'a>(
-    file: &'a File,
     index: &'a IndexFile,
-    against: Option<&'a Checked>,
-    source: &'a dyn ExtentSource,
-) -> impl FnOnce(&mut dyn Iterator<Item = Vec<u8>>) -> Result<ChunkCheck, IndexError> + Send + 'a {
-    move |pieces| check_pieces(pieces, file, index, against.map(|c| (c, source)))
+    proven: &'a [(u64, u64)],
+) -> impl FnOnce(&mut dyn Iterator<Item = (u64, Vec<u8>)>) -> Result<ChunkCheck, IndexError> + Send + 'a
+{
+    move |pieces| check_pieces(pieces, index, proven)
 }
 
 #[cfg(test)]

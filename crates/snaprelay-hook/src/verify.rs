@@ -132,10 +132,11 @@ impl IncomingFile {
     ) -> (Result<(), Refusal>, std::thread::Result<R>) {
         use sha2::{Digest, Sha256};
         let (hashed, answer) = self.tee_while(
+            &[],
             |pieces| {
                 let mut hasher = Sha256::new();
                 let mut total = 0u64;
-                for piece in pieces {
+                for (_, piece) in pieces {
                     hasher.update(&piece);
                     total += piece.len() as u64;
                 }
@@ -148,18 +149,23 @@ impl IncomingFile {
 
     /// Runs `read` on a reader of the file from its start while `check` gets, on a thread
     /// of its own, every byte `read` takes and then what it leaves (read after it returns),
-    /// in order. `read`'s panic is caught and returned; `check`'s is an error.
+    /// in order, as `(offset, bytes)` pieces, except the bytes in the `skip` ranges
+    /// (`[start, end)`, sorted, apart), which are not copied for it. `read`'s panic is
+    /// caught and returned; `check`'s is an error.
     pub(crate) fn tee_while<R, H: Send>(
         &self,
-        check: impl FnOnce(&mut dyn Iterator<Item = Vec<u8>>) -> H + Send,
+        skip: &[(u64, u64)],
+        check: impl FnOnce(&mut dyn Iterator<Item = (u64, Vec<u8>)>) -> H + Send,
         read: impl FnOnce(&mut dyn Read) -> R,
     ) -> (std::io::Result<H>, std::thread::Result<R>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(4);
         std::thread::scope(|scope| {
             let checking = scope.spawn(move || check(&mut rx.into_iter()));
             let mut tee = TeeReader {
                 inner: self.reader(),
                 tx,
+                offset: 0,
+                skip,
             };
             let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(&mut tee)));
             let drained = std::io::copy(&mut tee, &mut std::io::sink());
@@ -247,23 +253,42 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads `inner` and sends a copy of every piece read to a hashing thread. A hashing thread
-/// that is gone (it cannot be, short of a panic, reported when it is joined) only stops
-/// the copies.
-struct TeeReader<R> {
+/// Reads `inner` and sends a copy of every piece read, with its offset, to a checking
+/// thread, less the parts in `skip`. A checking thread that is gone (it cannot be, short of a
+/// panic, reported when it is joined) only stops the copies.
+struct TeeReader<'s, R> {
     inner: R,
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    tx: std::sync::mpsc::SyncSender<(u64, Vec<u8>)>,
+    /// The file offset of the next byte read.
+    offset: u64,
+    /// Ranges not sent; those wholly behind `offset` are dropped as reading passes them.
+    skip: &'s [(u64, u64)],
 }
 
-impl<R: Read> Read for TeeReader<R> {
+impl<R: Read> Read for TeeReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         // At most 1 MiB a call: a caller reading to the end asks for its whole spare
-        // capacity, and each piece is copied for the hashing thread (4 in flight).
+        // capacity, and each piece is copied for the checking thread (4 in flight).
         let limit = buf.len().min(1 << 20);
         let n = self.inner.read(&mut buf[..limit])?;
-        if n > 0 {
-            let _ = self.tx.send(buf[..n].to_vec());
+        let (start, end) = (self.offset, self.offset + n as u64);
+        let mut at = start;
+        while at < end {
+            while self.skip.first().is_some_and(|r| r.1 <= at) {
+                self.skip = &self.skip[1..];
+            }
+            let (send_to, next) = match self.skip.first() {
+                Some(&(s, e)) if s <= at => (at, e.min(end)),
+                Some(&(s, _)) => (s.min(end), s.min(end)),
+                None => (end, end),
+            };
+            if send_to > at {
+                let piece = &buf[(at - start) as usize..(send_to - start) as usize];
+                let _ = self.tx.send((at, piece.to_vec()));
+            }
+            at = next.max(send_to);
         }
+        self.offset = end;
         Ok(n)
     }
 }
@@ -413,6 +438,66 @@ mod tests {
         fs::write(dir.path().join("a.bin"), b"abcd").unwrap();
         let err = file.verify_sha256(abc, &shown).unwrap_err();
         assert!(err.message.contains("changed size"), "{err}");
+    }
+
+    /// The checking side gets exactly the bytes outside the skipped ranges, each at its
+    /// offset, however the reader splits its reads, and the reader still gets every byte.
+    #[test]
+    fn the_tee_leaves_out_exactly_the_skipped_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.path().join("a.bin"), &data).unwrap();
+        let file = open_incoming(dir.path(), "a.bin", data.len() as u64).unwrap();
+        let skips: [&[(u64, u64)]; 4] = [
+            &[],
+            &[(0, 3_000_000)],
+            &[(0, 10), (1_048_570, 1_048_590), (2_999_999, 3_000_000)],
+            &[(5, 7), (7_000, 2_000_000)],
+        ];
+        for skip in skips {
+            for step in [1usize, 4093, 1 << 20, 3 << 20] {
+                let (got, read) = file.tee_while(
+                    skip,
+                    |pieces| pieces.collect::<Vec<_>>(),
+                    |r| {
+                        let mut all = Vec::new();
+                        let mut buf = vec![0u8; step];
+                        loop {
+                            let n = r.read(&mut buf).unwrap();
+                            if n == 0 || all.len() > 64 << 10 && step == 1 {
+                                break;
+                            }
+                            all.extend_from_slice(&buf[..n]);
+                        }
+                        all.len()
+                    },
+                );
+                let read = read.unwrap();
+                assert!(read == data.len() || step == 1, "{read}");
+                let mut expected = Vec::new();
+                let mut at = 0u64;
+                for &(s, e) in skip.iter().chain([(3_000_000, 3_000_000)].iter()) {
+                    if s > at {
+                        expected.push((at, s));
+                    }
+                    at = e;
+                }
+                let got = got.unwrap();
+                let mut covered: Vec<(u64, u64)> = Vec::new();
+                for (offset, bytes) in &got {
+                    assert_eq!(
+                        &bytes[..],
+                        &data[*offset as usize..*offset as usize + bytes.len()]
+                    );
+                    let end = offset + bytes.len() as u64;
+                    match covered.last_mut() {
+                        Some(last) if last.1 == *offset => last.1 = end,
+                        _ => covered.push((*offset, end)),
+                    }
+                }
+                assert_eq!(covered, expected, "skip {skip:?}, reads of {step}");
+            }
+        }
     }
 
     #[test]
