@@ -1254,8 +1254,9 @@ impl Daemon {
         let outcome = format!("{:?}", saved.outcome).to_lowercase();
         self.metrics.adopted(id.index, &outcome);
         if saved.outcome == SaveOutcome::Adopted {
-            // The node hashed the whole file against the manifest: the next fetch may copy
-            // its bytes unread.
+            // The node checked the file against the manifest (its whole sha256, or each
+            // chunk it did not share with its last checked snapshot): the next fetch may
+            // copy its bytes unread.
             if let Some(pending) = &report.pending {
                 pending.adopted();
             }

@@ -29,9 +29,9 @@ fn reflink_dir() -> Option<PathBuf> {
     }
 }
 
-/// `(chunks, proven_chunks)` of the node's chunk check of snapshot `(index, term)`, from its
-/// log.
-fn checked(c: &Cluster, node: u64, (index, term): (u64, u64)) -> (u64, u64) {
+/// `(chunks, proven_chunks, bytes read through an earlier snapshot)` of the node's chunk
+/// check of snapshot `(index, term)`, from its log.
+fn checked(c: &Cluster, node: u64, (index, term): (u64, u64)) -> (u64, u64, u64) {
     let log = std::fs::read_to_string(&c.node(node).log).unwrap();
     let line = log
         .lines()
@@ -50,7 +50,11 @@ fn checked(c: &Cluster, node: u64, (index, term): (u64, u64)) -> (u64, u64) {
             .and_then(|d| d.parse().ok())
             .unwrap_or_else(|| panic!("{name} in {line}"))
     };
-    (field("chunks"), field("proven_chunks"))
+    (
+        field("chunks"),
+        field("proven_chunks"),
+        field("read_through_earlier"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -74,14 +78,14 @@ async fn a_followers_next_snapshot_proves_the_chunks_it_shares_with_its_last() {
     // keeps its length and the entries their offsets.
     c.write_random_keys("a", 200, 10_000, 1).await;
     let first = snapshot(&c, leader, follower, None).await;
-    let (chunks, proven) = checked(&c, follower, first);
+    let (chunks, proven, elsewhere) = checked(&c, follower, first);
     assert!(chunks > 50, "{chunks} chunks");
-    assert_eq!(proven, 0, "nothing to prove against yet");
+    assert_eq!((proven, elsewhere), (0, 0), "nothing to prove against yet");
 
     // A few keys added at the end: the entries before them are where they were.
     c.write_random_keys("z", 3, 10_000, 2).await;
     let second = snapshot(&c, leader, follower, Some(first)).await;
-    let (chunks, proven) = checked(&c, follower, second);
+    let (chunks, proven, elsewhere) = checked(&c, follower, second);
     assert!(
         proven > 0 && proven + 2 < chunks,
         "{proven} of {chunks} chunks proven"
@@ -89,6 +93,11 @@ async fn a_followers_next_snapshot_proves_the_chunks_it_shares_with_its_last() {
     assert!(
         proven * 10 > chunks * 8,
         "{proven} of {chunks} chunks proven"
+    );
+    // The proven ranges were read through the first snapshot, which was read whole.
+    assert!(
+        elsewhere > 1 << 20,
+        "{elsewhere} bytes read through the first snapshot"
     );
 
     // The follower's current snapshot written since the node checked it (its mtime
@@ -125,10 +134,11 @@ async fn a_followers_next_snapshot_proves_the_chunks_it_shares_with_its_last() {
     .unwrap();
     c.write_random_keys("zz", 3, 10_000, 3).await;
     let third = snapshot(&c, leader, follower, Some(second)).await;
-    let (chunks, proven) = checked(&c, follower, third);
+    let (chunks, proven, elsewhere) = checked(&c, follower, third);
     assert!(chunks > 50);
     assert_eq!(
-        proven, 0,
+        (proven, elsewhere),
+        (0, 0),
         "proven against a snapshot written since its check"
     );
     c.stop_sidecar(1);

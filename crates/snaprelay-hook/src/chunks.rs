@@ -138,6 +138,84 @@ pub(crate) struct Checked {
     pub data_stamp: Stamp,
     pub index: Arc<IndexFile>,
     pub index_stamp: Stamp,
+    /// Where this file's bytes are in the page cache, in the ranges it shares with an
+    /// earlier snapshot: that one. `None`: the check read the whole file through it.
+    pub anchor: Option<Anchor>,
+}
+
+/// An earlier checked snapshot whose bytes a later one holds in `ranges`, proven (a chain of
+/// proofs, each against the one before), and whose page cache holds them: the check read
+/// the file through it. Reading those ranges through it instead of through the new file
+/// (whose page cache has none of its shared blocks) is what keeps a check of a 1%-changed
+/// snapshot from reading the other 99% from disk. Held open, so a snapshot the node has
+/// removed stays on disk while it anchors (its blocks are mostly shared with the newer
+/// ones; a check drops an anchor that covers less than [`ANCHOR_COVERAGE`] of the file).
+#[derive(Debug, Clone)]
+pub(crate) struct Anchor {
+    file: Arc<File>,
+    stamp: Stamp,
+    ranges: Arc<Ranges>,
+}
+
+/// The share of a file its anchor must cover (in quarters) to be kept: below, the check
+/// reads the whole file through itself, which then becomes what later checks read through.
+const ANCHOR_COVERAGE: u64 = 3;
+
+impl Anchor {
+    /// Unchanged since its check (it may have been removed: it is held open).
+    fn holds(&self) -> bool {
+        Stamp::of(&self.file).is_ok_and(|s| s.same_content(&self.stamp))
+    }
+}
+
+/// Ranges of a file to read through another file, which holds the same bytes there.
+type ReadsElsewhere = Vec<(u64, u64, Arc<File>)>;
+
+/// Where the check of a file reads its proven ranges `proven` from, and the anchor the
+/// file's own record keeps: the anchor of `against` where it still covers most of the file,
+/// else `against` itself if its check read it whole, else nothing (the file is read whole
+/// through itself, and anchors the next).
+fn read_plan(
+    against: Option<&Checked>,
+    proven: &Ranges,
+    size: u64,
+) -> (ReadsElsewhere, Option<Anchor>) {
+    let Some(old) = against else {
+        return (Vec::new(), None);
+    };
+    let (file, ranges, stamp) = match &old.anchor {
+        None => (old.data.clone(), proven.clone(), old.data_stamp),
+        Some(a) if a.holds() => (a.file.clone(), intersect(proven, &a.ranges), a.stamp),
+        Some(_) => return (Vec::new(), None),
+    };
+    let covered: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    if covered * 4 < size * ANCHOR_COVERAGE {
+        return (Vec::new(), None);
+    }
+    let reads = ranges.iter().map(|&(s, e)| (s, e, file.clone())).collect();
+    let anchor = Anchor {
+        file,
+        stamp,
+        ranges: Arc::new(ranges),
+    };
+    (reads, Some(anchor))
+}
+
+/// The ranges in both `a` and `b` (each sorted, apart).
+fn intersect(a: &Ranges, b: &Ranges) -> Ranges {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 impl Checked {
@@ -389,10 +467,12 @@ pub(crate) struct ChunkCheck {
     pub mismatch: Option<String>,
     /// Why proofs stopped, if they did.
     pub proofs_failed: Option<String>,
+    /// Bytes the validation read through an earlier snapshot (its page cache).
+    pub read_elsewhere: u64,
 }
 
 /// Byte ranges `[start, end)` of a file, sorted and apart.
-type Ranges = Vec<(u64, u64)>;
+pub(crate) type Ranges = Vec<(u64, u64)>;
 
 /// The ranges of the new file made of chunks proven against `old`, and why proving stopped,
 /// if it did: what the pass then neither copies for the hashing thread nor hashes. Memory:
@@ -557,7 +637,9 @@ pub(crate) fn verify_chunks_while<R>(
         Some(Err(e)) => (Vec::new(), Some(e.to_string())),
         None => (Vec::new(), None),
     };
-    let (first, answer) = file.tee_while(&proven, checker(&index.index, &proven), read);
+    let (reads, anchor) = read_plan(against, &proven, file.size());
+    let elsewhere: Vec<(u64, u64, &File)> = reads.iter().map(|(s, e, f)| (*s, *e, &**f)).collect();
+    let (first, answer) = file.tee_while(&proven, &elsewhere, checker(&index.index, &proven), read);
     let result = (|| {
         // The new file must not have moved at all while it was checked: the validation
         // read it, and the proofs were taken of its mapping.
@@ -592,11 +674,23 @@ pub(crate) fn verify_chunks_while<R>(
             tracing::debug!(path = %shown.display(), error = %why, "proving chunks stopped; hashed the rest");
         }
         unwritten()?;
-        // A proof holds only if the snapshot it was taken against did not move either.
-        if check.proven_chunks > 0 && !against.is_some_and(Checked::holds) {
+        // A proof holds only if the snapshot it was taken against did not move either; nor
+        // did the validation read what it was meant to from another file if that moved.
+        let moved =
+            !against.is_some_and(Checked::holds) || anchor.as_ref().is_some_and(|a| !a.holds());
+        if !elsewhere.is_empty() && moved {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                format!(
+                    "the snapshot {} was checked against changed during the check; hand it over again",
+                    shown.display()
+                ),
+            ));
+        }
+        if check.proven_chunks > 0 && moved {
             tracing::info!(path = %shown.display(), "the snapshot chunks were proven against changed while they were; hashing every chunk");
             check = file
-                .tee_while(&[], checker(&index.index, &[]), |r| {
+                .tee_while(&[], &[], checker(&index.index, &[]), |r| {
                     drop(io::copy(r, &mut io::sink()))
                 })
                 .0
@@ -607,12 +701,14 @@ pub(crate) fn verify_chunks_while<R>(
         if let Some(refused) = refusal(&check, file.size(), shown) {
             return Err(refused);
         }
+        check.read_elsewhere = elsewhere.iter().map(|(s, e, _)| e - s).sum();
         let checked = Checked {
             data: file.shared(),
             dev,
             data_stamp: before.0,
             index: index.index.clone(),
             index_stamp: before.1,
+            anchor,
         };
         Ok(Some((checked, check)))
     })();
@@ -1011,8 +1107,11 @@ mod tests {
         }
     }
 
+    /// The snapshot proven against, written during the check (whose validation read the
+    /// proven ranges through it): the handover is refused as transient, and the next one
+    /// proves nothing against it, reads the file through itself, and hashes every chunk.
     #[test]
-    fn a_checked_snapshot_written_while_it_proves_chunks_has_every_chunk_hashed_again() {
+    fn a_checked_snapshot_written_during_a_check_makes_it_be_handed_over_again() {
         let p = pair(None);
         let fake = shared_fake(&p);
         let (checked, _) = verify_chunks_while(
@@ -1026,7 +1125,10 @@ mod tests {
                 touch(&p.old.path);
             },
         );
-        let (_, c) = checked.unwrap().unwrap();
+        let refused = checked.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Internal, "{refused}");
+        assert!(refused.message.contains("hand it over again"), "{refused}");
+        let (_, c) = check(&p.new, Some(&p.checked), &fake).unwrap();
         assert_eq!((c.proven_chunks, c.chunks), (0, p.chunks.len() as u64));
     }
 
@@ -1194,5 +1296,97 @@ mod tests {
         assert!(!p.checked.holds());
         let (_, c) = check(&p.new, Some(&p.checked), &fake).unwrap();
         assert_eq!(c.proven_chunks, 0);
+    }
+
+    /// Checks `o` against `against`, returning what the validation read.
+    fn check_reading(
+        o: &Opened,
+        against: Option<&Checked>,
+        source: &dyn ExtentSource,
+    ) -> (Result<(Checked, ChunkCheck), Refusal>, Vec<u8>) {
+        let (checked, read) =
+            verify_chunks_while(&o.file, &o.index, against, source, &o.path, |r| {
+                let mut all = Vec::new();
+                r.read_to_end(&mut all).unwrap();
+                all
+            });
+        (
+            checked.map(|c| c.expect("checked chunk by chunk")),
+            read.unwrap(),
+        )
+    }
+
+    /// Where blocks are shared, the validation reads them through the file whose page cache
+    /// holds them (the one checked whole), along a chain of checks; an anchor that covers
+    /// too little of the file is dropped, and the file is read through itself again.
+    #[test]
+    fn proven_ranges_are_read_through_the_snapshot_read_whole_and_unproven_ones_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let size = 300_000usize;
+        let data = noise(size, 11);
+        let (_, sha) = write_indexed(d, "a", &data);
+        let a = open(d, "a", &sha);
+        let (a_checked, read) = check_reading(&a, None, &Fake::default());
+        let a_checked = a_checked.unwrap().0;
+        assert_eq!(read, data);
+        assert!(a_checked.anchor.is_none(), "read whole through itself");
+
+        // b and c hold a's bytes; the made-up map says they share a's blocks. The files on
+        // disk get a marker in their first bytes that the index does not know: what the
+        // validation reads there says which file it read.
+        let fake = Fake::default();
+        fake.set(a.file.file(), mapping(size as u64, 65536, 1 << 30, 0x2000));
+        let mut files = Vec::new();
+        for name in ["b", "c"] {
+            write_indexed(d, name, &data);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join(format!("{name}.bin")))
+                .unwrap();
+            f.write_all_at(name.as_bytes(), 100_000).unwrap();
+            f.sync_all().unwrap();
+            let opened = open(d, name, &sha);
+            fake.set(
+                opened.file.file(),
+                mapping(size as u64, 65536, 1 << 30, 0x2000),
+            );
+            files.push(opened);
+        }
+        let (b_checked, read) = check_reading(&files[0], Some(&a_checked), &fake);
+        let (b_checked, c) = b_checked.unwrap();
+        assert_eq!(c.proven_chunks, c.chunks);
+        assert_eq!(
+            read[100_000], data[100_000],
+            "b's proven bytes were read through a"
+        );
+        assert!(b_checked.anchor.is_some());
+        let (c_checked, read) = check_reading(&files[1], Some(&b_checked), &fake);
+        let (c_checked, _) = c_checked.unwrap();
+        assert_eq!(
+            read[100_000], data[100_000],
+            "c's through a too, b's anchor"
+        );
+        assert!(Arc::ptr_eq(
+            &c_checked.anchor.unwrap().file,
+            &a_checked.data
+        ));
+
+        // A file that shares only half of its blocks with b: the anchor covers too little,
+        // and the file is read through itself.
+        let mut half = data.clone();
+        half[..size / 2].copy_from_slice(&noise(size / 2, 12));
+        let (_, half_sha) = write_indexed(d, "h", &half);
+        let h = open(d, "h", &half_sha);
+        let mut map = mapping(size as u64, 65536, 1 << 30, 0x2000);
+        for e in map.iter_mut().filter(|e| e.logical < size as u64 / 2) {
+            e.physical += 1 << 40;
+        }
+        fake.set(h.file.file(), map);
+        let (h_checked, read) = check_reading(&h, Some(&b_checked), &fake);
+        let (h_checked, c) = h_checked.unwrap();
+        assert!(c.proven_chunks > 0 && c.proven_chunks < c.chunks, "{c:?}");
+        assert_eq!(read, half);
+        assert!(h_checked.anchor.is_none());
     }
 }

@@ -496,7 +496,7 @@ where
         let bytes = incoming.file.size();
         match &checked {
             Some((_, c)) => {
-                tracing::info!(snapshot = %target, bytes, elapsed_ms, chunks = c.chunks, proven_chunks = c.proven_chunks, proven_bytes = c.proven_bytes, "checked the leader's snapshot chunk by chunk")
+                tracing::info!(snapshot = %target, bytes, elapsed_ms, chunks = c.chunks, proven_chunks = c.proven_chunks, proven_bytes = c.proven_bytes, read_through_earlier = c.read_elsewhere, "checked the leader's snapshot chunk by chunk")
             }
             None => {
                 tracing::debug!(snapshot = %target, bytes, elapsed_ms, "checked the leader's snapshot")

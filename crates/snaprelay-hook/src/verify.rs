@@ -102,6 +102,7 @@ impl IncomingFile {
             file: &self.file,
             offset: 0,
             end: self.size.saturating_add(1),
+            elsewhere: &[],
         }
     }
 
@@ -133,6 +134,7 @@ impl IncomingFile {
         use sha2::{Digest, Sha256};
         let (hashed, answer) = self.tee_while(
             &[],
+            &[],
             |pieces| {
                 let mut hasher = Sha256::new();
                 let mut total = 0u64;
@@ -150,11 +152,14 @@ impl IncomingFile {
     /// Runs `read` on a reader of the file from its start while `check` gets, on a thread
     /// of its own, every byte `read` takes and then what it leaves (read after it returns),
     /// in order, as `(offset, bytes)` pieces, except the bytes in the `skip` ranges
-    /// (`[start, end)`, sorted, apart), which are not copied for it. `read`'s panic is
-    /// caught and returned; `check`'s is an error.
+    /// (`[start, end)`, sorted, apart), which are not copied for it. The bytes of the
+    /// `elsewhere` ranges are read from the file given with each, which the caller knows
+    /// holds the same bytes there (its page cache may have them). `read`'s panic is caught
+    /// and returned; `check`'s is an error.
     pub(crate) fn tee_while<R, H: Send>(
         &self,
         skip: &[(u64, u64)],
+        elsewhere: &[(u64, u64, &File)],
         check: impl FnOnce(&mut dyn Iterator<Item = (u64, Vec<u8>)>) -> H + Send,
         read: impl FnOnce(&mut dyn Read) -> R,
     ) -> (std::io::Result<H>, std::thread::Result<R>) {
@@ -162,7 +167,12 @@ impl IncomingFile {
         std::thread::scope(|scope| {
             let checking = scope.spawn(move || check(&mut rx.into_iter()));
             let mut tee = TeeReader {
-                inner: self.reader(),
+                inner: PositionedReader {
+                    file: &self.file,
+                    offset: 0,
+                    end: self.size.saturating_add(1),
+                    elsewhere,
+                },
                 tx,
                 offset: 0,
                 skip,
@@ -298,14 +308,25 @@ struct PositionedReader<'a> {
     offset: u64,
     /// Where the reader ends, whatever the file's length by then.
     end: u64,
+    /// Ranges `[start, end)` read from another file that holds the same bytes there
+    /// (sorted, apart); those wholly behind `offset` are dropped as reading passes them.
+    elsewhere: &'a [(u64, u64, &'a File)],
 }
 
 impl Read for PositionedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         use std::os::unix::fs::FileExt;
-        let room = usize::try_from(self.end.saturating_sub(self.offset)).unwrap_or(usize::MAX);
-        let len = buf.len().min(room);
-        let n = self.file.read_at(&mut buf[..len], self.offset)?;
+        while self.elsewhere.first().is_some_and(|r| r.1 <= self.offset) {
+            self.elsewhere = &self.elsewhere[1..];
+        }
+        let (file, limit) = match self.elsewhere.first() {
+            Some(&(start, end, other)) if start <= self.offset => (other, end - self.offset),
+            Some(&(start, _, _)) => (self.file, start - self.offset),
+            None => (self.file, u64::MAX),
+        };
+        let room = self.end.saturating_sub(self.offset).min(limit);
+        let len = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = file.read_at(&mut buf[..len], self.offset)?;
         self.offset += n as u64;
         Ok(n)
     }
@@ -458,6 +479,7 @@ mod tests {
             for step in [1usize, 4093, 1 << 20, 3 << 20] {
                 let (got, read) = file.tee_while(
                     skip,
+                    &[],
                     |pieces| pieces.collect::<Vec<_>>(),
                     |r| {
                         let mut all = Vec::new();
