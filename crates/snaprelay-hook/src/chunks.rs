@@ -24,9 +24,11 @@
 //! Why a proof holds. Physical bytes shared by two files are never written in place: a write
 //! to either file gets new blocks (copy on write), and moves that file's mapping and its
 //! modification time. The previous file is known by its open descriptor and its size and
-//! mtime when it was checked, and the new file by its size, mtime and ctime when its check
+//! mtime when it was checked, and the new file by its size and mtime when its check
 //! started; all are compared again once the pass ends. A new file (or index) that moved is
-//! refused; if the old one moved, every chunk is hashed in a second pass. (A write whose
+//! refused; if the old one moved, every chunk is hashed in a second pass, or, where the
+//! validation read proven ranges through it (see [`Anchor`]), the handover is refused as
+//! transient. (A write whose
 //! mtime is put back, which only the file's owner or root can do, is not seen: the same limit
 //! as the sidecar's mark on the files it assembles.) Extents the file system marks as
 //! anything but plain data (delayed allocation, unwritten, inline, encoded, encrypted,
@@ -188,8 +190,11 @@ fn read_plan(
         Some(a) if a.holds() => (a.file.clone(), intersect(proven, &a.ranges), a.stamp),
         Some(_) => return (Vec::new(), None),
     };
+    // Enough of both files, so that an anchor never keeps much more than itself on disk
+    // (a file that shrank leaves the anchor's tail unshared).
     let covered: u64 = ranges.iter().map(|(s, e)| e - s).sum();
-    if covered * 4 < size * ANCHOR_COVERAGE {
+    let most = size.max(stamp.size);
+    if most == 0 || u128::from(covered) * 4 < u128::from(most) * u128::from(ANCHOR_COVERAGE) {
         return (Vec::new(), None);
     }
     let reads = ranges.iter().map(|&(s, e)| (s, e, file.clone())).collect();
@@ -219,13 +224,18 @@ fn intersect(a: &Ranges, b: &Ranges) -> Ranges {
 }
 
 impl Checked {
-    /// Whether both files still hold what was checked (and the data file is still linked:
-    /// a removed snapshot is not kept alive for proofs).
+    /// Whether both files still hold what was checked, and the data file is still linked:
+    /// a removed snapshot is not kept alive for proofs.
     pub fn holds(&self) -> bool {
+        self.unchanged(true)
+    }
+
+    /// Whether both files still hold what was checked, removed or not.
+    fn unchanged(&self, linked: bool) -> bool {
         let data = Stamp::of(&self.data);
         let index = Stamp::of(self.index.file());
         matches!((data, index), (Ok(d), Ok(i))
-            if d.links > 0 && d.same_content(&self.data_stamp) && i.same_content(&self.index_stamp))
+            if (d.links > 0 || !linked) && d.same_content(&self.data_stamp) && i.same_content(&self.index_stamp))
     }
 }
 
@@ -644,7 +654,10 @@ pub(crate) fn verify_chunks_while<R>(
         // The new file must not have moved at all while it was checked: the validation
         // read it, and the proofs were taken of its mapping.
         let unwritten = || match stamps() {
-            Ok(now) if now == before => Ok(()),
+            // Size and mtime, as for the old snapshot: a rename or an unlink (the sidecar
+            // cleaning up) moves only ctime and is not a write; a write whose mtime is put
+            // back is its writer's, the sidecar's user, which could hand over anything.
+            Ok((d, i)) if d.same_content(&before.0) && i.same_content(&before.1) => Ok(()),
             Ok(_) => Err(Refusal::new(
                 ErrorCode::ChecksumMismatch,
                 format!(
@@ -654,6 +667,19 @@ pub(crate) fn verify_chunks_while<R>(
             )),
             Err(e) => Err(internal(e)),
         };
+        // Nor did the validation read what it was meant to from another file if that moved
+        // (removed is fine: it is held open).
+        let moved = !against.is_some_and(|c| c.unchanged(false))
+            || anchor.as_ref().is_some_and(|a| !a.holds());
+        if !elsewhere.is_empty() && moved {
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                format!(
+                    "the snapshot {} was checked against changed during the check; hand it over again",
+                    shown.display()
+                ),
+            ));
+        }
         let mut check = match first.map_err(internal)? {
             Ok(check) if proofs_failed.is_some() => ChunkCheck {
                 proofs_failed,
@@ -1388,5 +1414,96 @@ mod tests {
         assert!(c.proven_chunks > 0 && c.proven_chunks < c.chunks, "{c:?}");
         assert_eq!(read, half);
         assert!(h_checked.anchor.is_none());
+    }
+
+    /// A file that shares all but one chunk in its middle: the validation reads the shared
+    /// ranges on either side through the checked snapshot and the changed chunk through the
+    /// file itself. Markers written into the new file's shared ranges (which the made-up map
+    /// says are the old file's bytes) show where each byte was read from.
+    #[test]
+    fn a_check_reads_the_changed_chunk_through_the_file_and_the_rest_elsewhere() {
+        let p = pair(Some(10));
+        let size = p.new.file.size();
+        let fake = Fake::default();
+        fake.set(p.old.file.file(), mapping(size, 4096, 1 << 30, 0x2000));
+        let start: u64 = p.chunks[..10].iter().map(|c| c.1).sum();
+        let end = start + p.chunks[10].1;
+        let mut map = mapping(size, 4096, 1 << 30, 0x2000);
+        for e in map
+            .iter_mut()
+            .filter(|e| e.end() > start && e.logical < end)
+        {
+            e.physical += 1 << 40;
+        }
+        fake.set(p.new.file.file(), map);
+        let mut expected = vec![0u8; size as usize];
+        p.new.file.file().read_exact_at(&mut expected, 0).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p.new.path)
+            .unwrap();
+        for at in [1_000u64, size - 1_000] {
+            assert!(at + 2 < start || at > end);
+            f.write_all_at(b"!!", at).unwrap();
+        }
+        let reopened = open(
+            p._dir.path(),
+            "new",
+            &p.new.index.index().header().sha256.to_hex(),
+        );
+        // (The same inode: the made-up map still applies.)
+        let (checked, read) = check_reading(&reopened, Some(&p.checked), &fake);
+        let (_, c) = checked.unwrap();
+        assert!(
+            c.proven_chunks + 6 >= c.chunks && c.proven_chunks < c.chunks,
+            "{c:?}"
+        );
+        assert!(c.read_elsewhere > 0);
+        assert_eq!(read.len(), expected.len());
+        assert!(
+            read == expected,
+            "the bytes read are the old file's where shared and the new one's where changed"
+        );
+    }
+
+    /// The anchor (not the snapshot proven against) written during a check that read
+    /// through it: a transient refusal too.
+    #[test]
+    fn an_anchor_written_during_a_check_makes_it_be_handed_over_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let size = 300_000usize;
+        let data = noise(size, 13);
+        let (_, sha) = write_indexed(d, "a", &data);
+        let a = open(d, "a", &sha);
+        let a_checked = check(&a, None, &Fake::default()).unwrap().0;
+        let fake = Fake::default();
+        fake.set(a.file.file(), mapping(size as u64, 65536, 1 << 30, 0x2000));
+        let mut opened = Vec::new();
+        for name in ["b", "c"] {
+            write_indexed(d, name, &data);
+            let o = open(d, name, &sha);
+            fake.set(o.file.file(), mapping(size as u64, 65536, 1 << 30, 0x2000));
+            opened.push(o);
+        }
+        let b_checked = check(&opened[0], Some(&a_checked), &fake).unwrap().0;
+        let (checked, _) = verify_chunks_while(
+            &opened[1].file,
+            &opened[1].index,
+            Some(&b_checked),
+            &fake,
+            &opened[1].path,
+            |r| {
+                io::copy(r, &mut io::sink()).unwrap();
+                touch(&a.path);
+            },
+        );
+        let refused = checked.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Internal, "{refused}");
+        // The next check proves against b still, but reads nothing through a.
+        let (c_checked, c) = check(&opened[1], Some(&b_checked), &fake).unwrap();
+        assert_eq!(c.proven_chunks, c.chunks);
+        assert_eq!(c.read_elsewhere, 0);
+        assert!(c_checked.anchor.is_none());
     }
 }

@@ -309,9 +309,10 @@ where
     LR: RaftLogReader<C>,
 {
     /// The snapshot checked last, if it still holds what was checked; one that was written
-    /// or removed since is forgotten, and its open files no longer keep it on disk. (This
-    /// runs at each status request and handover: a snapshot the node removes stays
-    /// allocated until the sidecar next asks, every second by default while it runs.)
+    /// or removed since is forgotten, and its open files (with its anchor's, see
+    /// [`crate::chunks`]) no longer keep it on disk. This runs at each status request and
+    /// handover: a snapshot the node removes stays allocated until the sidecar next asks,
+    /// every second by default while it runs; an anchor, while the record holds it.
     fn last_checked(&self) -> Option<Checked> {
         let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
         if checked.as_ref().is_some_and(|c| !c.holds()) {

@@ -522,6 +522,49 @@ mod tests {
         }
     }
 
+    /// The reader takes the `elsewhere` ranges from their file and the rest from its own,
+    /// however it splits its reads; the checking side gets the file's own bytes outside
+    /// `skip`.
+    #[test]
+    fn the_reader_takes_the_elsewhere_ranges_from_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let own: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let other: Vec<u8> = (0..300_000u32).map(|i| (i % 13) as u8 + 100).collect();
+        fs::write(dir.path().join("own.bin"), &own).unwrap();
+        fs::write(dir.path().join("other.bin"), &other).unwrap();
+        let file = open_incoming(dir.path(), "own.bin", own.len() as u64).unwrap();
+        let other_file = fs::File::open(dir.path().join("other.bin")).unwrap();
+        let ranges = [(0u64, 10u64), (4_000, 150_000), (299_990, 300_000)];
+        let elsewhere: Vec<(u64, u64, &fs::File)> =
+            ranges.iter().map(|&(s, e)| (s, e, &other_file)).collect();
+        let mut expected = own.clone();
+        for (s, e) in ranges {
+            expected[s as usize..e as usize].copy_from_slice(&other[s as usize..e as usize]);
+        }
+        for step in [3usize, 4093, 1 << 20] {
+            let (got, read) = file.tee_while(
+                &ranges,
+                &elsewhere,
+                |pieces| pieces.map(|(_, b)| b.len()).sum::<usize>(),
+                |r| {
+                    let mut all = Vec::new();
+                    let mut buf = vec![0u8; step];
+                    loop {
+                        let n = r.read(&mut buf).unwrap();
+                        if n == 0 {
+                            break;
+                        }
+                        all.extend_from_slice(&buf[..n]);
+                    }
+                    all
+                },
+            );
+            assert!(read.unwrap() == expected, "reads of {step}");
+            let skipped: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+            assert_eq!(got.unwrap() as u64, own.len() as u64 - skipped);
+        }
+    }
+
     #[test]
     fn one_pass_hashes_the_whole_file_however_much_the_reader_takes() {
         let dir = tempfile::tempdir().unwrap();
