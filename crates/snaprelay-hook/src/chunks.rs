@@ -58,13 +58,12 @@ use snaprelay_contract::ipc::ErrorCode;
 
 use crate::verify::{IncomingFile, Refusal};
 
-/// A file's size and change stamps: any write moves `mtime` (and `ctime`); a rename moves
-/// only `ctime`.
+/// A file's size, modification time and link count: any write moves `mtime`; a rename
+/// (which moves only ctime) or an unlink does not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Stamp {
     pub size: u64,
     pub mtime: (i64, i64),
-    pub ctime: (i64, i64),
     pub links: u64,
 }
 
@@ -74,12 +73,11 @@ impl Stamp {
         Ok(Stamp {
             size: m.size(),
             mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
             links: m.nlink(),
         })
     }
 
-    /// Same size and content stamp (a rename, which moves only ctime, is not a change).
+    /// Same size and modification time: the link count aside.
     fn same_content(&self, other: &Stamp) -> bool {
         (self.size, self.mtime) == (other.size, other.mtime)
     }
@@ -517,7 +515,7 @@ pub(crate) fn check_pieces(
     index: &IndexFile,
     proven: &[(u64, u64)],
 ) -> Result<ChunkCheck, IndexError> {
-    let mut pieces = pieces.peekable();
+    let mut pieces = pieces;
     // The piece being consumed, and how far.
     let mut piece: Option<(u64, Vec<u8>, usize)> = None;
     let mut ranges = proven;
@@ -635,10 +633,11 @@ pub(crate) fn verify_chunks_while<R>(
     let stamps = || -> io::Result<(Stamp, Stamp)> {
         Ok((Stamp::of(file.file())?, Stamp::of(index.index.file())?))
     };
-    let (before, dev) = match stamps().and_then(|s| Ok((s, file.file().metadata()?.dev()))) {
+    let before = match stamps() {
         Ok(s) => s,
         Err(e) => return (Err(internal(e)), Ok(read(&mut io::empty()))),
     };
+    let dev = file.dev();
     // Physical addresses compare only within one file system.
     let against = against.filter(|c| c.dev == dev && c.holds());
     let planned = against.map(|old| plan(file.file(), &index.index, old, source));
@@ -681,11 +680,10 @@ pub(crate) fn verify_chunks_while<R>(
             ));
         }
         let mut check = match first.map_err(internal)? {
-            Ok(check) if proofs_failed.is_some() => ChunkCheck {
+            Ok(check) => ChunkCheck {
                 proofs_failed,
                 ..check
             },
-            Ok(check) => check,
             Err(e) => {
                 // An index found unusable part way (lengths that do not add up, a record
                 // out of range, a read error): the whole file is hashed instead, as
@@ -869,17 +867,42 @@ mod tests {
         out
     }
 
+    /// Checks `o` against `against` with a validation that reads the whole file and then
+    /// does `during` (before the check's end); returns the answer and what was read.
+    fn check_during(
+        o: &Opened,
+        against: Option<&Checked>,
+        source: &dyn ExtentSource,
+        during: impl FnOnce(),
+    ) -> (ChunkCheckResult, Vec<u8>) {
+        let (checked, read) =
+            verify_chunks_while(&o.file, &o.index, against, source, &o.path, |r| {
+                let mut all = Vec::new();
+                r.read_to_end(&mut all).unwrap();
+                during();
+                all
+            });
+        (checked, read.unwrap())
+    }
+
+    /// Checks `o` against `against`, returning what the validation read.
+    fn check_reading(
+        o: &Opened,
+        against: Option<&Checked>,
+        source: &dyn ExtentSource,
+    ) -> (Result<(Checked, ChunkCheck), Refusal>, Vec<u8>) {
+        let (checked, read) = check_during(o, against, source, || ());
+        (checked.map(|c| c.expect("checked chunk by chunk")), read)
+    }
+
     fn check(
         o: &Opened,
         against: Option<&Checked>,
         source: &dyn ExtentSource,
     ) -> Result<(Checked, ChunkCheck), Refusal> {
-        let (checked, read) =
-            verify_chunks_while(&o.file, &o.index, against, source, &o.path, |r| {
-                io::copy(r, &mut io::sink()).unwrap()
-            });
-        assert_eq!(read.unwrap(), o.file.size());
-        checked.map(|c| c.expect("checked chunk by chunk"))
+        let (checked, read) = check_reading(o, against, source);
+        assert_eq!(read.len() as u64, o.file.size());
+        checked
     }
 
     /// The old snapshot, checked; the new one, its copy with `changed` chunks rewritten.
@@ -1108,17 +1131,7 @@ mod tests {
         let p = pair(None);
         let fake = shared_fake(&p);
         for written in [p.new.path.clone(), p.new.path.with_extension("chunks")] {
-            let (checked, _) = verify_chunks_while(
-                &p.new.file,
-                &p.new.index,
-                Some(&p.checked),
-                &fake,
-                &p.new.path,
-                |r| {
-                    io::copy(r, &mut io::sink()).unwrap();
-                    touch(&written);
-                },
-            );
+            let (checked, _) = check_during(&p.new, Some(&p.checked), &fake, || touch(&written));
             let refused = checked.unwrap_err();
             assert_eq!(
                 refused.code,
@@ -1140,17 +1153,7 @@ mod tests {
     fn a_checked_snapshot_written_during_a_check_makes_it_be_handed_over_again() {
         let p = pair(None);
         let fake = shared_fake(&p);
-        let (checked, _) = verify_chunks_while(
-            &p.new.file,
-            &p.new.index,
-            Some(&p.checked),
-            &fake,
-            &p.new.path,
-            |r| {
-                io::copy(r, &mut io::sink()).unwrap();
-                touch(&p.old.path);
-            },
-        );
+        let (checked, _) = check_during(&p.new, Some(&p.checked), &fake, || touch(&p.old.path));
         let refused = checked.unwrap_err();
         assert_eq!(refused.code, ErrorCode::Internal, "{refused}");
         assert!(refused.message.contains("hand it over again"), "{refused}");
@@ -1189,15 +1192,8 @@ mod tests {
             .unwrap();
         let sha = p.new.index.index().header().sha256.to_hex();
         let reopened = open(d, "new", &sha);
-        let (checked, read) = verify_chunks_while(
-            &reopened.file,
-            &reopened.index,
-            None,
-            &Fake::default(),
-            &reopened.path,
-            |r| io::copy(r, &mut io::sink()).unwrap(),
-        );
-        assert_eq!(read.unwrap(), size);
+        let (checked, read) = check_during(&reopened, None, &Fake::default(), || ());
+        assert_eq!(read.len() as u64, size);
         assert!(checked.unwrap().is_none(), "hashed whole, no record");
         // ... and a damaged one still is.
         let data = std::fs::OpenOptions::new()
@@ -1206,14 +1202,7 @@ mod tests {
             .unwrap();
         data.write_all_at(b"X", 7).unwrap();
         let reopened = open(d, "new", &sha);
-        let (checked, _) = verify_chunks_while(
-            &reopened.file,
-            &reopened.index,
-            None,
-            &Fake::default(),
-            &reopened.path,
-            |r| io::copy(r, &mut io::sink()).unwrap(),
-        );
+        let (checked, _) = check_during(&reopened, None, &Fake::default(), || ());
         let refused = checked.unwrap_err();
         assert_eq!(refused.code, ErrorCode::ChecksumMismatch, "{refused}");
         assert!(refused.message.contains("has sha256"), "{refused}");
@@ -1322,24 +1311,6 @@ mod tests {
         assert!(!p.checked.holds());
         let (_, c) = check(&p.new, Some(&p.checked), &fake).unwrap();
         assert_eq!(c.proven_chunks, 0);
-    }
-
-    /// Checks `o` against `against`, returning what the validation read.
-    fn check_reading(
-        o: &Opened,
-        against: Option<&Checked>,
-        source: &dyn ExtentSource,
-    ) -> (Result<(Checked, ChunkCheck), Refusal>, Vec<u8>) {
-        let (checked, read) =
-            verify_chunks_while(&o.file, &o.index, against, source, &o.path, |r| {
-                let mut all = Vec::new();
-                r.read_to_end(&mut all).unwrap();
-                all
-            });
-        (
-            checked.map(|c| c.expect("checked chunk by chunk")),
-            read.unwrap(),
-        )
     }
 
     /// Where blocks are shared, the validation reads them through the file whose page cache
@@ -1487,17 +1458,7 @@ mod tests {
             opened.push(o);
         }
         let b_checked = check(&opened[0], Some(&a_checked), &fake).unwrap().0;
-        let (checked, _) = verify_chunks_while(
-            &opened[1].file,
-            &opened[1].index,
-            Some(&b_checked),
-            &fake,
-            &opened[1].path,
-            |r| {
-                io::copy(r, &mut io::sink()).unwrap();
-                touch(&a.path);
-            },
-        );
+        let (checked, _) = check_during(&opened[1], Some(&b_checked), &fake, || touch(&a.path));
         let refused = checked.unwrap_err();
         assert_eq!(refused.code, ErrorCode::Internal, "{refused}");
         // The next check proves against b still, but reads nothing through a.

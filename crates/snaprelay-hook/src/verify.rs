@@ -98,12 +98,22 @@ impl IncomingFile {
     /// file that grew shows it (a hash over one byte too many), and a writer appending to
     /// it cannot keep its reader reading.
     pub fn reader(&self) -> impl Read + '_ {
+        self.reader_with(&[])
+    }
+
+    /// [`IncomingFile::reader`], taking the `elsewhere` ranges from their files.
+    fn reader_with<'a>(&'a self, elsewhere: &'a [(u64, u64, &'a File)]) -> PositionedReader<'a> {
         PositionedReader {
             file: &self.file,
             offset: 0,
             end: self.size.saturating_add(1),
-            elsewhere: &[],
+            elsewhere,
         }
+    }
+
+    /// The device the file is on.
+    pub(crate) fn dev(&self) -> u64 {
+        self.dev
     }
 
     /// Hashes the file in one streaming pass and compares with `expected` (64 lowercase hex
@@ -167,12 +177,7 @@ impl IncomingFile {
         std::thread::scope(|scope| {
             let checking = scope.spawn(move || check(&mut rx.into_iter()));
             let mut tee = TeeReader {
-                inner: PositionedReader {
-                    file: &self.file,
-                    offset: 0,
-                    end: self.size.saturating_add(1),
-                    elsewhere,
-                },
+                inner: self.reader_with(elsewhere),
                 tx,
                 offset: 0,
                 skip,
